@@ -1,0 +1,1 @@
+"""tidar.export — see the repository README for what lives here."""

@@ -1,0 +1,1 @@
+"""tidar.plugins — see the repository README for what lives here."""

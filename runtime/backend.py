@@ -1,0 +1,62 @@
+"""The small protocol every executor implements, and the PyTorch reference backend.
+
+The decode loop (generate.py) needs only: the model config, a KV cache it can commit and
+truncate per row, and one forward over the new tokens of a `Layout` that returns their
+logits and writes their K/V after each row's cached length. ONNX Runtime, TensorRT and
+TensorRT-LLM backends implement the same three members.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from .cache import KVCache
+from .config import TiDARConfig
+from .layout import Layout
+from .model import TiDARModel
+
+BACKENDS = ("torch",)
+
+
+class Backend(Protocol):
+    config: TiDARConfig
+
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        """An empty cache for `batch` rows of `capacity` slots."""
+
+    def forward(self, input_ids: torch.Tensor, layout: Layout, cache: KVCache) -> torch.Tensor:
+        """Logits [B, layout.num_new, vocab] of the new tokens `input_ids` [B, num_new]."""
+
+
+class TorchBackend:
+    """The reference model in PyTorch (eager, SDPA or FlexAttention attention)."""
+
+    name = "torch"
+
+    def __init__(self, model: TiDARModel):
+        self.model = model
+        self.config = model.config
+
+    @classmethod
+    def load(cls, path: str | Path, dtype: str | None = None, attention: str = "eager",
+             device: str = "cpu") -> "TorchBackend":
+        from .checkpoint import load_model
+
+        return cls(load_model(path, dtype=dtype, attention=attention, device=device))
+
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        return self.model.new_cache(batch, capacity)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, layout: Layout, cache: KVCache) -> torch.Tensor:
+        return self.model(input_ids.to(self.model.device), layout, cache)
+
+
+def load_backend(name: str, path: str | Path, **options) -> Backend:
+    """Open the checkpoint or export at `path` with the executor `name`."""
+    if name == "torch":
+        return TorchBackend.load(path, **options)
+    raise ValueError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")

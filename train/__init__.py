@@ -1,0 +1,1 @@
+"""tidar.train — see the repository README for what lives here."""
