@@ -1,0 +1,95 @@
+"""Latency of one decode step (forward + verification + bookkeeping) by draft length.
+
+Runs the real `DecodeEngine` on a checkpoint: prefill a prompt, then time individual
+`step()` calls (median of repeats) for AR (draft length 0) and TiDAR draft lengths, with each
+attention implementation asked for. Prints JSON (and writes it with --out), with the
+machine, torch version and date, so figures can be quoted with their provenance.
+
+    python benchmarks/step_latency.py CHECKPOINT --draft-lens 0 4 8 16 --attention eager sdpa
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+from tidar.runtime.backend import TorchBackend
+from tidar.runtime.generate import DecodeEngine, Request
+
+
+def time_steps(backend: TorchBackend, draft_len: int, prompt_len: int, repeats: int, warmup: int) -> dict:
+    engine = DecodeEngine(backend, draft_len=draft_len)
+    prompt = [3 + (7 * i) % (backend.config.vocab_size - 3) for i in range(prompt_len)]
+    engine.add([Request(prompt, max_new_tokens=(repeats + warmup + 1) * max(draft_len, 1), eos_ids=())])
+    step_times, forward_times = [], []
+    forward = backend.forward
+
+    def timed_forward(*args, **kwargs):
+        start = time.perf_counter()
+        out = forward(*args, **kwargs)
+        forward_times.append(time.perf_counter() - start)
+        return out
+
+    backend.forward = timed_forward
+    try:
+        for i in range(warmup + repeats):
+            start = time.perf_counter()
+            engine.step()
+            if i >= warmup:
+                step_times.append(time.perf_counter() - start)
+    finally:
+        backend.forward = forward
+    forward_times = forward_times[warmup:]
+    return {
+        "draft_len": draft_len,
+        "query_tokens": engine.layout.num_new,
+        "step_ms_median": round(1000 * statistics.median(step_times), 3),
+        "forward_ms_median": round(1000 * statistics.median(forward_times), 3),
+        "repeats": repeats,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint")
+    parser.add_argument("--draft-lens", type=int, nargs="+", default=[0, 4, 8, 16])
+    parser.add_argument("--attention", nargs="+", default=["eager", "sdpa"])
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--out", help="also write the JSON here")
+    args = parser.parse_args()
+    results = []
+    for attention in args.attention:
+        backend = TorchBackend.load(args.checkpoint, dtype=args.dtype, attention=attention)
+        for draft_len in args.draft_lens:
+            row = time_steps(backend, draft_len, args.prompt_len, args.repeats, args.warmup)
+            results.append({"attention": attention, **row})
+    report = {
+        "benchmark": "step_latency",
+        "checkpoint": os.path.basename(os.path.normpath(args.checkpoint)),
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cpus, {platform.processor() or platform.system()}",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "dtype": args.dtype,
+        "prompt_len": args.prompt_len,
+        "results": results,
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as handle:
+            handle.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""The `tidar` command line: generate text, and write a random-weight tiny checkpoint to try things on.
+
+    tidar generate MODEL --prompt TEXT [--max-new-tokens N] [--mode tidar|ar] [--draft-len B]
+                   [--temperature T] [--top-p P] [--top-k K] [--seed S] [--stop S ...]
+                   [--backend NAME] [--attention IMPL] [--dtype D] [--beta X] [--json]
+    tidar init OUT [--family qwen2|qwen3|llama] [--block-size B] [--seed S]
+
+Bad input exits with status 2 and one line on stderr that names the problem; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+USAGE_ERROR = 2
+
+
+class CLIError(Exception):
+    """A problem with the user's input, printed as one line."""
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from tidar.runtime.backend import load_backend
+    from tidar.runtime.generate import DecodeEngine, Request
+    from tidar.runtime.sampling import SamplingParams
+    from tidar.runtime.tokenizer import Tokenizer
+
+    if args.mode == "ar":
+        if args.draft_len not in (None, 0):
+            raise CLIError("--draft-len applies to --mode tidar only (AR decoding drafts nothing)")
+        draft_len = 0
+    else:
+        if args.draft_len is not None and args.draft_len < 1:
+            raise CLIError(f"--draft-len must be at least 1 in tidar mode, got {args.draft_len} "
+                           "(use --mode ar for AR decoding)")
+        draft_len = args.draft_len
+    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    if args.prompt == "":
+        raise CLIError("--prompt is empty: at least one token is needed")
+    backend = load_backend(args.backend, args.model, dtype=args.dtype, attention=args.attention)
+    tokenizer = Tokenizer(args.model)
+    engine = DecodeEngine(backend, tokenizer, draft_len=draft_len, beta=args.beta)
+    prompt_ids = tokenizer.encode(args.prompt)
+    request = Request(prompt_ids, args.max_new_tokens, sampling, stop=tuple(args.stop or ()))
+    engine.check(request)
+    started = time.perf_counter()
+    for deltas in engine.stream([request]):
+        if not args.json:
+            for delta in deltas:
+                sys.stdout.write(delta.text)
+                sys.stdout.flush()
+    seconds = time.perf_counter() - started
+    result = engine.finished[-1]
+    stats = result.stats
+    if args.json:
+        print(json.dumps({
+            "text": result.text,
+            "token_ids": result.token_ids,
+            "prompt_token_ids": prompt_ids,
+            "finish_reason": result.finish_reason,
+            "forward_passes": stats.forward_passes,
+            "tokens_per_forward": round(result.tokens_per_forward, 4),
+            "tokens_per_second": round(len(result.token_ids) / seconds, 2) if seconds > 0 else None,
+            "seconds": round(seconds, 4),
+            "mode": args.mode,
+            "backend": args.backend,
+            "draft_len": engine.draft_len,
+            "draft_tokens": stats.draft_tokens,
+            "accepted_tokens": stats.accepted_tokens,
+            "accepted_per_position": stats.accepted_per_position,
+        }))
+    else:
+        print()
+        print(f"[{len(result.token_ids)} tokens, {stats.forward_passes} forwards, "
+              f"{result.tokens_per_forward:.2f} tokens/forward, {len(result.token_ids) / seconds:.1f} tokens/s, "
+              f"finish: {result.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def _init(args: argparse.Namespace) -> int:
+    from tidar.train.checkpoint import write_random_checkpoint
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise CLIError(f"{out}: exists and is not empty")
+    write_random_checkpoint(out, args.family, block_size=args.block_size, seed=args.seed)
+    print(f"wrote a random-weight tiny {args.family} TiDAR checkpoint (block size {args.block_size}) to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tidar", description="TiDAR runtime: generate text with the "
+                                     "draft-verify loop of a TiDAR model.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate a continuation of a prompt",
+                         description="Generate a continuation of --prompt with TiDAR (drafting by one-step "
+                                     "diffusion, verifying autoregressively) or with plain AR decoding. "
+                                     "Text streams to stdout as it is committed; statistics go to stderr.")
+    gen.add_argument("model", help="TiDAR checkpoint folder (config.json + safetensors + tokenizer.json)")
+    gen.add_argument("--prompt", required=True, help="prompt text")
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="upper bound on generated tokens (default 64)")
+    gen.add_argument("--mode", choices=("tidar", "ar"), default="tidar", help="decoding mode (default tidar)")
+    gen.add_argument("--draft-len", type=int, default=None,
+                     help="draft length b, 1..block_size (default: the model's block_size)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1)")
+    gen.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens; 0 = all (default)")
+    gen.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    gen.add_argument("--stop", action="append", help="stop string (repeatable); the text ends before it")
+    gen.add_argument("--beta", type=float, default=1.0,
+                     help="weight of AR logits in verification; 1 (default) is lossless")
+    gen.add_argument("--backend", default="torch", help="executor (default torch)")
+    gen.add_argument("--attention", default="eager", choices=("eager", "sdpa", "flex", "flex-compiled"),
+                     help="attention implementation of the torch backend (default eager)")
+    gen.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                     help="compute dtype (default: the checkpoint's)")
+    gen.add_argument("--json", action="store_true", help="print one JSON object with the output and statistics")
+    gen.set_defaults(run=_generate)
+
+    init = sub.add_parser("init", help="write a random-weight tiny TiDAR checkpoint",
+                          description="Write a random-weight tiny TiDAR checkpoint with a real byte-level BPE "
+                                      "tokenizer (trained on the Python standard library's source), so every "
+                                      "command can be tried before a trained model exists.")
+    init.add_argument("out", help="folder to create")
+    init.add_argument("--family", choices=("qwen2", "qwen3", "llama"), default="qwen2")
+    init.add_argument("--block-size", type=int, default=16, help="block size b of the model (default 16)")
+    init.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    init.set_defaults(run=_init)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from tidar.runtime.checkpoint import CheckpointError
+    from tidar.runtime.config import ConfigError
+
+    from tidar.runtime.generate import RequestError
+    from tidar.runtime.sampling import SamplingError
+    from tidar.runtime.tokenizer import TokenizerError
+
+    try:
+        return args.run(args)
+    except (CLIError, CheckpointError, ConfigError, RequestError, SamplingError, TokenizerError) as exc:
+        print(f"tidar {args.command}: error: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
