@@ -4,6 +4,7 @@
                    [--temperature T] [--top-p P] [--top-k K] [--seed S] [--stop S ...]
                    [--backend NAME] [--attention IMPL] [--dtype D] [--beta X] [--json]
     tidar init OUT [--family qwen2|qwen3|llama] [--block-size B] [--seed S]
+    tidar train --files GLOB [GLOB ...] --out OUT [--init-from CHECKPOINT] [--steps N] ... [--resume]
 
 Bad input exits with status 2 and one line on stderr that names the problem; no traceback.
 """
@@ -11,6 +12,7 @@ Bad input exits with status 2 and one line on stderr that names the problem; no 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -92,6 +94,45 @@ def _init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from tidar.train.trainer import Trainer, TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+    try:
+        trainer = Trainer(config, resume=args.resume)
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        raise CLIError(str(exc)) from None
+    print(f"training on {trainer.split['train_files']} files ({trainer.split['train_tokens']} tokens), "
+          f"held out {trainer.split['heldout_files']} files ({trainer.split['heldout_tokens']} tokens); "
+          f"{sum(p.numel() for p in trainer.model.parameters()):,} parameters", file=sys.stderr)
+    trainer.run()
+    print(f"checkpoint: {config.out}", file=sys.stderr)
+    return 0
+
+
+def _add_train_options(parser: argparse.ArgumentParser) -> None:
+    """One option per TrainConfig field (--files and --out required), typed from its default."""
+    from tidar.train.trainer import TrainConfig
+
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "files":
+            parser.add_argument(flag, nargs="+", required=True,
+                                help="glob patterns of the text corpus ('stdlib': Python's standard library)")
+        elif f.name == "out":
+            parser.add_argument("-o", flag, required=True, help="output folder")
+        elif isinstance(f.default, bool):
+            parser.add_argument(flag, type=lambda v: v.lower() in ("1", "true", "yes"), default=None,
+                                help=f"true/false (default {f.default})")
+        else:
+            kind = type(f.default) if f.default is not None else str
+            if f.name == "threads":
+                kind = int
+            parser.add_argument(flag, type=kind, default=None, help=f"default {f.default}")
+    parser.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tidar", description="TiDAR runtime: generate text with the "
                                      "draft-verify loop of a TiDAR model.")
@@ -131,6 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--block-size", type=int, default=16, help="block size b of the model (default 16)")
     init.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     init.set_defaults(run=_init)
+
+    train = sub.add_parser("train", help="train a TiDAR model with the full-mask objective",
+                           description="Train (or convert an AR checkpoint into) a TiDAR model with the full-mask "
+                                       "objective on plain-text files; resumable, with held-out AR and diffusion "
+                                       "losses and a loss-curve PNG in the output folder.")
+    _add_train_options(train)
+    train.set_defaults(run=_train)
     return parser
 
 

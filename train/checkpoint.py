@@ -42,12 +42,16 @@ def train_tokenizer(files: list[Path], vocab_size: int) -> Tokenizer:
     return tokenizer
 
 
-def save_tokenizer(tokenizer: Tokenizer, folder: Path, model_max_length: int) -> None:
-    """tokenizer.json plus the tokenizer_config.json that transformers' AutoTokenizer reads."""
+def save_tokenizer(tokenizer: Tokenizer, folder: Path, model_max_length: int, base_config: dict | None = None) -> None:
+    """tokenizer.json plus the tokenizer_config.json that transformers' AutoTokenizer reads
+    (`base_config`, e.g. a converted checkpoint's own, is kept and only gains the mask token)."""
     tokenizer.save(str(folder / "tokenizer.json"))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS_TOKEN, "pad_token": PAD_TOKEN,
-              "mask_token": MASK_TOKEN, "bos_token": None, "add_bos_token": False,
-              "model_max_length": model_max_length, "clean_up_tokenization_spaces": False}
+    if base_config is not None:
+        config = {**base_config, "mask_token": base_config.get("mask_token") or MASK_TOKEN}
+    else:
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS_TOKEN, "pad_token": PAD_TOKEN,
+                  "mask_token": MASK_TOKEN, "bos_token": None, "add_bos_token": False,
+                  "model_max_length": model_max_length, "clean_up_tokenization_spaces": False}
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 

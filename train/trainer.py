@@ -1,0 +1,293 @@
+"""A small, resumable trainer for the full-mask TiDAR objective on plain-text files.
+
+    OUT/                      a loadable TiDAR checkpoint at every save (config.json,
+                              model.safetensors, tokenizer.json, tokenizer_config.json)
+    OUT/train_config.json     the run's settings
+    OUT/train_state.pt        weights in fp32, optimizer state and step, for --resume
+    OUT/history.jsonl         one line per logged step and per evaluation
+    OUT/loss_curve.png        train loss and held-out AR / diffusion losses
+
+AdamW, linear warm-up then cosine decay to `min_lr`, gradient clipping. A new model gets a
+byte-level BPE tokenizer trained on the training split; `init_from` instead converts an
+existing AR checkpoint (the paper's recipe: continued pre-training), reusing one of its
+tokens as [MASK] or adding one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from tidar.runtime.checkpoint import load_state_dict
+from tidar.runtime.config import TiDARConfig
+from tidar.runtime.model import TiDARModel
+
+from .checkpoint import EOS_TOKEN, MASK_TOKEN, PAD_TOKEN, save_checkpoint, save_tokenizer, train_tokenizer
+from .data import Batches, expand_globs, split_files, token_stream
+from .objective import full_mask_loss
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run (written to OUT/train_config.json)."""
+
+    files: list[str]
+    """Glob patterns of the plain-text training corpus."""
+    out: str
+    """Output folder (a TiDAR checkpoint plus training state)."""
+    init_from: str | None = None
+    """An AR (or TiDAR) checkpoint to continue training from; None trains from scratch."""
+    mask_token: str | None = None
+    """With init_from: an existing token to reuse as [MASK] (e.g. '<|fim_pad|>'); None adds '[MASK]'."""
+    family: str = "qwen2"
+    """Backbone of a new model."""
+    vocab_size: int = 4096
+    """BPE vocabulary of a new model (special tokens included)."""
+    hidden_size: int = 256
+    intermediate_size: int = 768
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = True
+    block_size: int = 16
+    """Draft block size b of the objective."""
+    seq_len: int = 256
+    """Clean tokens per sequence S (the model sees 2S); a multiple of block_size."""
+    batch_size: int = 16
+    steps: int = 1000
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    alpha: float = 1.0
+    """Weight of the AR loss against the diffusion loss."""
+    heldout_percent: float = 5.0
+    """Share of files held out for evaluation."""
+    eval_every: int = 100
+    eval_batches: int = 4
+    save_every: int = 200
+    log_every: int = 10
+    seed: int = 0
+    save_dtype: str = "bfloat16"
+    """Dtype of the saved checkpoint's weights (training runs in fp32)."""
+    threads: int | None = None
+    """torch intra-op threads (None: torch's default)."""
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """Linear warm-up to `lr`, then cosine decay to `min_lr` at the last step."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(config.steps - config.warmup_steps, 1)
+    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def init_weights(model: TiDARModel, seed: int) -> None:
+    """GPT-2 style: N(0, 0.02), output projections scaled by 1/sqrt(2 * layers), norms 1, biases 0."""
+    generator = torch.Generator().manual_seed(seed)
+    residual_std = 0.02 / math.sqrt(2 * model.config.num_hidden_layers)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                param.fill_(1.0)
+            elif name.endswith(".bias"):
+                param.zero_()
+            else:
+                std = residual_std if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+
+
+def new_model(config: TrainConfig, tokenizer: Tokenizer) -> TiDARModel:
+    model_config = TiDARConfig(
+        model_type=config.family, vocab_size=tokenizer.get_vocab_size(), hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size, num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_key_value_heads,
+        head_dim=config.hidden_size // config.num_attention_heads,
+        max_position_embeddings=config.max_position_embeddings, rms_norm_eps=1e-6, rope_theta=config.rope_theta,
+        mask_token_id=tokenizer.token_to_id(MASK_TOKEN), block_size=config.block_size,
+        tie_word_embeddings=config.tie_word_embeddings, eos_token_ids=(tokenizer.token_to_id(EOS_TOKEN),),
+        pad_token_id=tokenizer.token_to_id(PAD_TOKEN), torch_dtype=config.save_dtype)
+    model_config.validate()
+    model = TiDARModel(model_config, attention="sdpa")
+    init_weights(model, config.seed)
+    return model
+
+
+def convert_checkpoint(config: TrainConfig) -> tuple[TiDARModel, Tokenizer]:
+    """Load an AR checkpoint as a TiDAR model: pick or add the [MASK] token, add the tidar block."""
+    source = Path(config.init_from)
+    raw = json.loads((source / "config.json").read_text())
+    tokenizer = Tokenizer.from_file(str(source / "tokenizer.json"))
+    if config.mask_token is not None:
+        mask_id = tokenizer.token_to_id(config.mask_token)
+        if mask_id is None:
+            raise ValueError(f"{source}/tokenizer.json: mask token {config.mask_token!r} is not in the vocabulary")
+    else:
+        mask_id = tokenizer.token_to_id(MASK_TOKEN)
+        if mask_id is None:
+            tokenizer.add_special_tokens([MASK_TOKEN])
+            mask_id = tokenizer.token_to_id(MASK_TOKEN)
+    source_vocab = raw["vocab_size"]
+    raw["vocab_size"] = max(source_vocab, mask_id + 1)
+    raw["tidar"] = {"mask_token_id": mask_id, "block_size": config.block_size}
+    model_config = TiDARConfig.from_dict(raw, source=str(source / "config.json"))
+    source_model = TiDARModel(dataclasses.replace(model_config, vocab_size=source_vocab))
+    source_model.load_state_dict(load_state_dict(source, source_model), strict=False)
+    model = TiDARModel(model_config, attention="sdpa")
+    state = source_model.state_dict()
+    if raw["vocab_size"] > source_vocab:  # new [MASK] row(s): the mean embedding, a neutral start
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            old = state[name]
+            extra = old.mean(0, keepdim=True).expand(raw["vocab_size"] - source_vocab, -1)
+            state[name] = torch.cat([old, extra])
+    model.load_state_dict(state, strict=False)
+    return model.float(), tokenizer
+
+
+def _plot(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [h for h in history if h["kind"] == "train"]
+    evals = [h for h in history if h["kind"] == "eval"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([h["step"] for h in train], [h["loss"] for h in train], label="train loss (total)", alpha=0.6)
+    if evals:
+        ax.plot([h["step"] for h in evals], [h["ar"] for h in evals], "o-", label="held-out AR loss")
+        ax.plot([h["step"] for h in evals], [h["diffusion"] for h in evals], "s-", label="held-out diffusion loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def evaluate(model: TiDARModel, batches: list[torch.Tensor], alpha: float) -> dict[str, float]:
+    model.eval()
+    ar = diffusion = 0.0
+    for batch in batches:
+        losses = full_mask_loss(model, batch, alpha)
+        ar += float(losses.ar)
+        diffusion += float(losses.diffusion)
+    model.train()
+    return {"ar": ar / len(batches), "diffusion": diffusion / len(batches)}
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, resume: bool = False):
+        if config.seq_len % config.block_size:
+            raise ValueError(f"seq_len {config.seq_len} must be a multiple of block_size {config.block_size}")
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.config = config
+        self.out = Path(config.out)
+        state_file = self.out / "train_state.pt"
+        if resume and not state_file.is_file():
+            raise FileNotFoundError(f"{state_file}: nothing to resume")
+        if not resume and state_file.exists():
+            raise FileExistsError(f"{self.out}: holds a training run; pass --resume to continue it")
+        self.out.mkdir(parents=True, exist_ok=True)
+
+        train_files, heldout_files = split_files(expand_globs(config.files), config.heldout_percent)
+        if resume:
+            self.tokenizer = Tokenizer.from_file(str(self.out / "tokenizer.json"))
+            self.model = TiDARModel(TiDARConfig.from_file(self.out), attention="sdpa")
+        elif config.init_from:
+            self.model, self.tokenizer = convert_checkpoint(config)
+        else:
+            self.tokenizer = train_tokenizer(train_files, config.vocab_size)
+            self.model = new_model(config, self.tokenizer)
+        eos = self.model.config.eos_token_ids[0] if self.model.config.eos_token_ids else 0
+        self.train_batches = Batches(token_stream(train_files, self.tokenizer, eos), config.seq_len,
+                                     config.batch_size, config.seed)
+        heldout = Batches(token_stream(heldout_files, self.tokenizer, eos), config.seq_len, config.batch_size,
+                          config.seed)
+        self.eval_batches = heldout.fixed(config.eval_batches)
+        self.split = {"train_files": len(train_files), "heldout_files": len(heldout_files),
+                      "train_tokens": int(self.train_batches.stream.numel()),
+                      "heldout_tokens": int(heldout.stream.numel())}
+        decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2]
+        no_decay = [p for n, p in self.model.named_parameters() if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                            {"params": no_decay, "weight_decay": 0.0}],
+                                           lr=config.lr, betas=(0.9, 0.95), eps=1e-8)
+        self.step = 0
+        self.history: list[dict] = []
+        if resume:
+            state = torch.load(state_file, weights_only=True)
+            self.model.load_state_dict(state["model"])
+            if self.model.config.tie_word_embeddings:
+                self.model.lm_head.weight = self.model.model.embed_tokens.weight
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.step = int(state["step"])
+            self.history = [json.loads(line) for line in (self.out / "history.jsonl").read_text().splitlines()]
+        else:
+            (self.out / "train_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+
+    def save(self) -> None:
+        """Write the loadable checkpoint and the resumable state (each file replaced atomically)."""
+        config = self.config
+        saved = TiDARModel(dataclasses.replace(self.model.config, torch_dtype=config.save_dtype))
+        saved.load_state_dict(self.model.state_dict())
+        saved.to(getattr(torch, config.save_dtype))
+        save_checkpoint(saved, self.out)
+        source_config = Path(config.init_from) / "tokenizer_config.json" if config.init_from else None
+        save_tokenizer(self.tokenizer, self.out, self.model.config.max_position_embeddings,
+                       json.loads(source_config.read_text()) if source_config and source_config.is_file() else None)
+        tmp = self.out / "train_state.pt.tmp"
+        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step},
+                   tmp)
+        tmp.replace(self.out / "train_state.pt")
+        (self.out / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in self.history))
+        _plot(self.history, self.out / "loss_curve.png")
+
+    def run(self, progress: bool = True, until: int | None = None) -> list[dict]:
+        """Train to `config.steps` (or stop after step `until`, saving, as an interrupted run would)."""
+        from tqdm import tqdm
+
+        config, model = self.config, self.model
+        model.train()
+        bar = tqdm(total=config.steps, initial=self.step, disable=not progress, unit="step", dynamic_ncols=True)
+        started = time.perf_counter()
+        last = min(config.steps, until) if until is not None else config.steps
+        while self.step < last:
+            lr = learning_rate(config, self.step)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            losses = full_mask_loss(model, self.train_batches.at_step(self.step), config.alpha)
+            self.optimizer.zero_grad(set_to_none=True)
+            losses.total.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            self.optimizer.step()
+            self.step += 1
+            bar.update(1)
+            if self.step % config.log_every == 0 or self.step == config.steps:
+                self.history.append({"kind": "train", "step": self.step, "loss": losses.total.item(),
+                                     "ar": losses.ar.item(), "diffusion": losses.diffusion.item(), "lr": lr,
+                                     "grad_norm": float(grad_norm),
+                                     "seconds": round(time.perf_counter() - started, 2)})
+                bar.set_postfix(loss=f"{losses.total.item():.3f}", lr=f"{lr:.2e}")
+            if self.step % config.eval_every == 0 or self.step == config.steps:
+                result = evaluate(model, self.eval_batches, config.alpha)
+                self.history.append({"kind": "eval", "step": self.step, **result})
+                bar.write(f"step {self.step}: held-out AR loss {result['ar']:.4f}, "
+                          f"diffusion loss {result['diffusion']:.4f}")
+            if self.step % config.save_every == 0 or self.step in (config.steps, last):
+                self.save()
+        bar.close()
+        return self.history
