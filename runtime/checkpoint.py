@@ -32,8 +32,10 @@ def weight_files(folder: Path) -> dict[str, Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{index}: not a safetensors index with a 'weight_map' ({exc})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names")
         files = {name: folder / shard for name, shard in weight_map.items()}
         for shard in sorted(set(files.values())):
             if not shard.is_file():
@@ -59,14 +61,26 @@ def expected_shapes(model: TiDARModel) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def ignorable_tensor(name: str, config: TiDARConfig) -> bool:
+    """Tensors a valid checkpoint may carry that the model does not read, as transformers
+    ignores them too: the RoPE table some Llama checkpoints store, and a tied LM head."""
+    return name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and config.tie_word_embeddings)
+
+
 def load_state_dict(folder: Path, model: TiDARModel) -> dict[str, torch.Tensor]:
-    """Read and check every tensor the model needs (present, right shape, float, finite)."""
+    """Read and check every tensor the model needs (present, right shape, float, finite), and
+    that the checkpoint holds no tensor the config does not account for (e.g. more layers)."""
     files = weight_files(folder)
     expected = expected_shapes(model)
     missing = sorted(set(expected) - set(files))
     if missing:
         raise CheckpointError(f"{folder}: missing tensor {missing[0]!r}"
                               + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    unexpected = sorted(name for name in set(files) - set(expected) if not ignorable_tensor(name, model.config))
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise CheckpointError(f"{files[unexpected[0]]}: tensor {unexpected[0]!r}{more} is not part of the model "
+                              "that config.json describes; config.json and the weights disagree")
     state: dict[str, torch.Tensor] = {}
     by_file: dict[Path, list[str]] = {}
     for name in expected:
@@ -77,12 +91,12 @@ def load_state_dict(folder: Path, model: TiDARModel) -> dict[str, torch.Tensor]:
                 for name in names:
                     tensor = handle.get_tensor(name)
                     if tuple(tensor.shape) != expected[name]:
-                        raise CheckpointError(f"{path.name}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                        raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, "
                                               f"config.json implies {expected[name]}")
                     if tensor.dtype not in SUPPORTED_WEIGHT_DTYPES:
-                        raise CheckpointError(f"{path.name}: tensor {name!r} has unsupported dtype {tensor.dtype}")
+                        raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {tensor.dtype}")
                     if not bool(torch.isfinite(tensor).all()):
-                        raise CheckpointError(f"{path.name}: tensor {name!r} contains NaN or Inf")
+                        raise CheckpointError(f"{path}: tensor {name!r} contains NaN or Inf")
                     state[name] = tensor
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None

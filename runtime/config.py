@@ -100,24 +100,37 @@ class TiDARConfig:
                 f"{source}: no 'tidar' block (with 'mask_token_id' and 'block_size'); "
                 "this is a plain AR checkpoint, not a TiDAR one"
             )
+        tidar = dict(tidar)  # fields are popped from it below; leave the caller's dict alone
 
         def take(name: str, kind: type, default: Any = ..., store: dict = raw) -> Any:
             value = store.pop(name, default)
+            field_name = f"tidar.{name}" if store is tidar else name  # as validate() spells it
             if value is ...:
-                raise ConfigError(f"{source}: missing field {name!r}")
+                raise ConfigError(f"{source}: missing field {field_name!r}")
             if value is None and default is None:
                 return None
             if kind is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
             if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-                raise ConfigError(f"{source}: field {name!r} must be {kind.__name__}, got {value!r}")
+                raise ConfigError(f"{source}: field {field_name!r} must be {kind.__name__}, got {value!r}")
             return value
+
+        # Backbone features the reference model does not implement: refuse them rather than
+        # compute something other than what transformers computes for the same checkpoint.
+        hidden_act = raw.get("hidden_act", "silu")
+        if hidden_act != "silu":
+            raise ConfigError(f"{source}: field 'hidden_act' is {hidden_act!r}; only 'silu' (SwiGLU) is supported")
+        for name in ("mlp_bias", "use_sliding_window"):
+            if raw.get(name):
+                raise ConfigError(f"{source}: field {name!r} is {raw[name]!r}; not supported by the TiDAR runtime")
 
         vocab_size = take("vocab_size", int)
         hidden_size = take("hidden_size", int)
         heads = take("num_attention_heads", int)
         kv_heads = take("num_key_value_heads", int, heads)
         head_dim = take("head_dim", int, None)
+        if head_dim is None and model_type == "qwen3":
+            head_dim = 128  # transformers' Qwen3Config default (not hidden_size // heads)
         if head_dim is None:
             if heads <= 0 or hidden_size % heads:
                 raise ConfigError(f"{source}: field 'hidden_size' ({hidden_size}) is not divisible by "
@@ -203,7 +216,8 @@ class TiDARConfig:
                     "block_size")
         for name in positive:
             if getattr(self, name) <= 0:
-                raise ConfigError(f"{source}: field {name!r} must be positive, got {getattr(self, name)}")
+                field_name = "tidar.block_size" if name == "block_size" else name
+                raise ConfigError(f"{source}: field {field_name!r} must be positive, got {getattr(self, name)}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(f"{source}: field 'num_key_value_heads' ({self.num_key_value_heads}) must divide "
                               f"'num_attention_heads' ({self.num_attention_heads})")
@@ -217,7 +231,7 @@ class TiDARConfig:
             if value is not None and not (0 <= value < self.vocab_size):
                 raise ConfigError(f"{source}: field {name!r} ({value}) is outside the vocabulary [0, {self.vocab_size})")
         for value in self.eos_token_ids:
-            if not isinstance(value, int) or not (0 <= value < self.vocab_size):
+            if not isinstance(value, int) or isinstance(value, bool) or not (0 <= value < self.vocab_size):
                 raise ConfigError(f"{source}: field 'eos_token_id' ({value!r}) is outside the vocabulary "
                                   f"[0, {self.vocab_size})")
         if self.mask_token_id in self.eos_token_ids:

@@ -207,20 +207,25 @@ class TiDARModel(nn.Module):
         return self.model.embed_tokens.weight.device
 
     def plan(self, layout: Layout, past_lens: torch.Tensor, cache: KVCache | None) -> AttentionPlan:
-        """Lower the layout once for all layers of a forward."""
+        """Lower the layout once for all layers of a forward. Without a cache the keys are the new
+        tokens alone, in slots [0, num_new): the mask then addresses slots with a past of 0, while
+        `past_lens` still offsets the position ids."""
         kv_len = (int(past_lens.max()) if cache is not None else 0) + layout.num_new
         write_slots = None
         if cache is not None:
             if kv_len > cache.capacity:
                 raise ValueError(f"KV cache capacity {cache.capacity} is too small for {kv_len} slots")
             write_slots = past_lens[:, None] + torch.arange(layout.num_new, device=past_lens.device)
+            slot_past = past_lens
+        else:
+            slot_past = torch.zeros_like(past_lens)
         if self.attention.startswith("flex"):
             from torch.nn.attention.flex_attention import create_block_mask
 
-            mask = create_block_mask(layout.mask_mod(past_lens), past_lens.shape[0], None, layout.num_new,
+            mask = create_block_mask(layout.mask_mod(slot_past), past_lens.shape[0], None, layout.num_new,
                                      kv_len, device=past_lens.device)
         else:
-            mask = layout.dense_mask(past_lens, kv_len)[:, None]
+            mask = layout.dense_mask(slot_past, kv_len)[:, None]
         return AttentionPlan(layout, past_lens, kv_len, mask, write_slots)
 
     def _attend(self) -> Callable:

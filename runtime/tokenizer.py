@@ -26,10 +26,17 @@ class Tokenizer:
         self.add_bos = False
         self.bos_token_id: int | None = None
         if config_file.is_file():
-            cfg = json.loads(config_file.read_text())
+            try:
+                cfg = json.loads(config_file.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise TokenizerError(f"{config_file}: not valid JSON ({exc})") from None
+            if not isinstance(cfg, dict):
+                raise TokenizerError(f"{config_file}: expected a JSON object, got {type(cfg).__name__}")
             self.add_bos = bool(cfg.get("add_bos_token", False))
             bos = cfg.get("bos_token")
             bos = bos.get("content") if isinstance(bos, dict) else bos
+            if bos is not None and not isinstance(bos, str):
+                raise TokenizerError(f"{config_file}: field 'bos_token' must be a token string, got {bos!r}")
             self.bos_token_id = self._tok.token_to_id(bos) if bos else None
 
     @property
