@@ -323,13 +323,14 @@ class DecodeEngine:
 
     def _drop_finished(self) -> None:
         keep = [i for i, row in enumerate(self.rows) if row.finish_reason is None]
-        if len(keep) != len(self.rows):
-            self.finished.extend(self._result(self.rows[i]) for i in range(len(self.rows)) if i not in keep)
-            self.rows = [self.rows[i] for i in keep]
-            if keep:
-                self.cache.keep_rows(keep)
-            else:
-                self.cache = None
+        if len(keep) == len(self.rows):
+            return
+        self.finished.extend(self._result(row) for row in self.rows if row.finish_reason is not None)
+        self.rows = [self.rows[i] for i in keep]
+        if keep:
+            self.cache.keep_rows(keep)
+        else:
+            self.cache = None
 
     def _result(self, row: _Row) -> Result:
         return Result(row.request.request_id, row.prompt_ids, list(row.tokens), row.text, row.finish_reason,

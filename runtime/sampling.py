@@ -62,7 +62,10 @@ class SamplingParams:
 
 
 def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """The processed distribution (float32) over the last dim: temperature, then top-k, then top-p."""
+    """The processed distribution (float32) over the last dim: temperature, then top-k, then top-p.
+    Greedy settings (temperature 0) give the one-hot distribution of the argmax."""
+    if params.greedy:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
     logits = logits.float() / params.temperature
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
