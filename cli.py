@@ -32,19 +32,26 @@ def _generate(args: argparse.Namespace) -> int:
     from tidar.runtime.tokenizer import Tokenizer
 
     if args.mode == "ar":
-        if args.draft_len not in (None, 0):
+        if args.draft_len not in ("auto", "0"):
             raise CLIError("--draft-len applies to --mode tidar only (AR decoding drafts nothing)")
-        draft_len = 0
+        draft_len: int | None = 0
+    elif args.draft_len == "auto":
+        draft_len = None
     else:
-        if args.draft_len is not None and args.draft_len < 1:
-            raise CLIError(f"--draft-len must be at least 1 in tidar mode, got {args.draft_len} "
+        try:
+            draft_len = int(args.draft_len)
+        except ValueError:
+            raise CLIError(f"--draft-len must be an integer or 'auto', got {args.draft_len!r}") from None
+        if draft_len < 1:
+            raise CLIError(f"--draft-len must be at least 1 in tidar mode, got {draft_len} "
                            "(use --mode ar for AR decoding)")
-        draft_len = args.draft_len
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     if args.prompt == "":
         raise CLIError("--prompt is empty: at least one token is needed")
     backend = load_backend(args.backend, args.model, dtype=args.dtype, attention=args.attention)
     tokenizer = Tokenizer(args.model)
+    if draft_len is None:
+        draft_len = _auto_draft_len(backend, tokenizer, args.model)
     engine = DecodeEngine(backend, tokenizer, draft_len=draft_len, beta=args.beta)
     prompt_ids = tokenizer.encode(args.prompt)
     request = Request(prompt_ids, args.max_new_tokens, sampling, stop=tuple(args.stop or ()))
@@ -80,6 +87,31 @@ def _generate(args: argparse.Namespace) -> int:
         print(f"[{len(result.token_ids)} tokens, {stats.forward_passes} forwards, "
               f"{result.tokens_per_forward:.2f} tokens/forward, {len(result.token_ids) / seconds:.1f} tokens/s, "
               f"finish: {result.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def _auto_draft_len(backend, tokenizer, model: str) -> int:
+    """The draft length with the best expected tokens/s on this machine (may be 0: AR, when
+    drafting does not pay, as with random weights)."""
+    from tidar.runtime import autotune
+
+    acceptance = autotune.load_acceptance(model, backend.config.block_size)
+    if acceptance is None:
+        acceptance = autotune.calibrate_acceptance(backend, tokenizer)
+    return autotune.choose_draft_len(backend, acceptance).draft_len
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from tidar.bench import bench, table
+
+    report = bench(args.model, args.out, prompts=args.prompts, prompt_tokens=args.prompt_tokens,
+                   max_new_tokens=args.max_new_tokens, repeats=args.repeats, draft_lens=tuple(args.draft_lens),
+                   peers=not args.no_peers, write_acceptance=args.write_acceptance,
+                   progress=lambda name: print(f"running {name}", file=sys.stderr))
+    print(table(report))
+    print(f"\n{report['date']}, {report['machine']}, torch {report['torch']}, {report['threads']} threads; "
+          f"{report['prompts']} prompts x {report['max_new_tokens']} new tokens; "
+          f"written to {Path(args.out) / 'bench.json'} and bench.png")
     return 0
 
 
@@ -146,12 +178,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True, help="prompt text")
     gen.add_argument("--max-new-tokens", type=int, default=64, help="upper bound on generated tokens (default 64)")
     gen.add_argument("--mode", choices=("tidar", "ar"), default="tidar", help="decoding mode (default tidar)")
-    gen.add_argument("--draft-len", type=int, default=None,
-                     help="draft length b, 1..block_size (default: the model's block_size)")
+    gen.add_argument("--draft-len", default="auto",
+                     help="draft length b in 1..block_size, or 'auto' (default): the length with the best "
+                          "expected tokens/s from this machine's measured step latency and the model's "
+                          "acceptance (MODEL/acceptance.json, written by `tidar bench --write-acceptance`, "
+                          "else a short calibration run); auto may choose 0 (AR) when drafting does not pay")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1)")
     gen.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens; 0 = all (default)")
-    gen.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    gen.add_argument("--seed", type=int, default=None,
+                     help="random seed for sampling; the same seed and the same --draft-len give the same output "
+                          "(with --draft-len auto the chosen length, and so the random stream, may vary)")
     gen.add_argument("--stop", action="append", help="stop string (repeatable); the text ends before it")
     gen.add_argument("--beta", type=float, default=1.0,
                      help="weight of AR logits in verification; 1 (default) is lossless")
@@ -172,6 +209,23 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--block-size", type=int, default=16, help="block size b of the model (default 16)")
     init.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     init.set_defaults(run=_init)
+
+    ben = sub.add_parser("bench", help="benchmark TiDAR against AR and its peers",
+                         description="Greedy decoding of held-out prompts by AR (this runtime), TiDAR at several "
+                                     "draft lengths and at the autotuned one, transformers generate() and its "
+                                     "prompt-lookup speculation; tokens/s, T/NFE, step latency, acceptance per "
+                                     "position and an equal-to-AR check. Writes bench.json and bench.png.")
+    ben.add_argument("model", help="TiDAR checkpoint folder")
+    ben.add_argument("-o", "--out", default="bench-out", help="output folder (default bench-out)")
+    ben.add_argument("--prompts", type=int, default=8, help="held-out prompts (default 8)")
+    ben.add_argument("--prompt-tokens", type=int, default=64, help="tokens per prompt (default 64)")
+    ben.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per prompt (default 128)")
+    ben.add_argument("--repeats", type=int, default=3, help="runs per prompt; the median counts (default 3)")
+    ben.add_argument("--draft-lens", type=int, nargs="+", default=[4, 8, 16], help="TiDAR draft lengths")
+    ben.add_argument("--no-peers", action="store_true", help="skip the transformers peers")
+    ben.add_argument("--write-acceptance", action="store_true",
+                     help="store the measured acceptance in MODEL/acceptance.json for the draft-length autotuner")
+    ben.set_defaults(run=_bench)
 
     train = sub.add_parser("train", help="train a TiDAR model with the full-mask objective",
                            description="Train (or convert an AR checkpoint into) a TiDAR model with the full-mask "

@@ -43,7 +43,8 @@ def test_generate_streams_text_and_stats(tiny_checkpoints, capsys):
 
 
 def test_sampling_is_reproducible_from_the_seed(tiny_checkpoints, capsys):
-    args = (tiny_checkpoints["qwen3"], "--prompt", "for i in", "--max-new-tokens", 16, "--temperature", 1.0)
+    args = (tiny_checkpoints["qwen3"], "--prompt", "for i in", "--max-new-tokens", 16, "--temperature", 1.0,
+            "--draft-len", 8)
     first = run_json(capsys, *args, "--seed", 7)
     again = run_json(capsys, *args, "--seed", 7)
     other = run_json(capsys, *args, "--seed", 8)
@@ -52,6 +53,7 @@ def test_sampling_is_reproducible_from_the_seed(tiny_checkpoints, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--draft-len", "17"], "draft_len"),
+    (["--draft-len", "many"], "--draft-len"),
     (["--draft-len", "-1"], "--draft-len"),
     (["--draft-len", "0"], "--draft-len"),
     (["--mode", "ar", "--draft-len", "4"], "--draft-len"),
@@ -108,8 +110,10 @@ def test_init_refuses_a_non_empty_folder_and_writes_a_loadable_checkpoint(tmp_pa
     out = tmp_path / "ck"
     assert main(["init", str(out), "--family", "qwen3", "--block-size", "4", "--seed", "1"]) == 0
     capsys.readouterr()
-    result = run_json(capsys, out, "--prompt", "x", "--max-new-tokens", 5)
+    result = run_json(capsys, out, "--prompt", "x", "--max-new-tokens", 5, "--draft-len", 4)
     assert result["draft_len"] == 4 and len(result["token_ids"]) == 5
+    auto = run_json(capsys, out, "--prompt", "x", "--max-new-tokens", 5)  # draft length chosen by measurement
+    assert 0 <= auto["draft_len"] <= 4 and auto["token_ids"] == result["token_ids"]
     assert main(["init", str(out)]) == 2
     assert "not empty" in capsys.readouterr().err
 
