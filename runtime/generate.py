@@ -160,10 +160,9 @@ class DecodeEngine:
                 or request.max_new_tokens < 1:
             raise RequestError(f"max_new_tokens must be a positive integer, got {request.max_new_tokens!r}")
         limit = self.config.max_position_embeddings
-        if len(prompt) + self._span() > limit:
-            raise RequestError(f"prompt of {len(prompt)} tokens is too long: with draft length {self.draft_len} "
-                               f"it must be at most {limit - self._span()} tokens "
-                               f"(max_position_embeddings = {limit})")
+        if len(prompt) >= limit:
+            raise RequestError(f"prompt of {len(prompt)} tokens is too long: it must be shorter than "
+                               f"max_position_embeddings = {limit}, leaving room for a new token")
         if not isinstance(request.sampling, SamplingParams):
             raise RequestError(f"sampling must be SamplingParams, got {type(request.sampling).__name__}")
         if isinstance(request.stop, str) or any(not isinstance(s, str) or not s for s in request.stop):
@@ -173,10 +172,6 @@ class DecodeEngine:
         eos = request.eos_ids if request.eos_ids is not None else ()
         if any(not isinstance(t, int) or not 0 <= t < vocab for t in eos):
             raise RequestError(f"eos_ids {list(eos)!r} must be token ids in [0, {vocab})")
-
-    def _span(self) -> int:
-        """Positions one step needs past the cached length: drafts plus the last block."""
-        return max(2 * self.draft_len, 1)
 
     def _capacity(self, request: Request) -> int:
         return len(request.prompt_ids) + request.max_new_tokens + self.layout.num_new
@@ -286,18 +281,15 @@ class DecodeEngine:
         """Append committed tokens to `row`, apply the stop conditions, return the delta."""
         request = row.request
         before = len(row.tokens)
+        limit = self.config.max_position_embeddings
         for token in new_tokens:
             row.tokens.append(token)
             if token in row.eos_ids:
                 row.finish_reason = "stop"
                 break
-            if len(row.tokens) >= request.max_new_tokens:
+            if len(row.tokens) >= request.max_new_tokens or len(row.prompt_ids) + len(row.tokens) >= limit:
                 row.finish_reason = "length"
                 break
-        if row.finish_reason is None and self.cache is not None:
-            cached = len(row.prompt_ids) + len(row.tokens) - 1
-            if cached + self._span() > self.config.max_position_embeddings:
-                row.finish_reason = "length"  # the next step would pass the position limit
         if self.tokenizer is not None:
             row.text = self.tokenizer.decode(row.tokens)
             if request.stop:

@@ -577,3 +577,16 @@ def test_bad_draft_len_is_rejected(draft_len, tiny_backends):
 @pytest.mark.parametrize("draft_len", [0, 16])
 def test_draft_len_bounds_are_accepted(draft_len, tiny_backends):
     assert DecodeEngine(tiny_backends["qwen2"], draft_len=draft_len).draft_len == draft_len
+
+
+@pytest.mark.parametrize("draft_len", [4, 16])
+def test_lossless_up_to_the_position_limit(draft_len, tiny_backends, hf_models):
+    """Near max_position_embeddings the masks of a step may sit past the limit (they only
+    draft); the committed tokens still equal AR right up to a total length of the limit."""
+    backend, hf = tiny_backends["qwen2"], hf_models["qwen2"]
+    limit = backend.config.max_position_embeddings
+    prompt = [3 + (11 * i) % 500 for i in range(limit - 37)]
+    reference = hf_greedy(hf, prompt, 37, eos_id=-1)
+    result = DecodeEngine(backend, draft_len=draft_len).generate([Request(prompt, 100, eos_ids=())])[0]
+    assert result.token_ids == reference and len(prompt) + len(result.token_ids) == limit
+    assert result.finish_reason == "length"
