@@ -7,4 +7,9 @@ Subpackages (each in its own top-level folder of the repository):
   tidar.train    the full-mask training objective and trainer
 """
 
+from pathlib import Path
+
 __version__ = "0.1.0"
+
+BUNDLED_MODEL = Path(__file__).resolve().parent / "models" / "tidar-stdlib-qwen2"
+"""The trained TiDAR checkpoint shipped in models/: every command's default MODEL."""

@@ -174,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Generate a continuation of --prompt with TiDAR (drafting by one-step "
                                      "diffusion, verifying autoregressively) or with plain AR decoding. "
                                      "Text streams to stdout as it is committed; statistics go to stderr.")
-    gen.add_argument("model", help="TiDAR checkpoint folder (config.json + safetensors + tokenizer.json)")
+    gen.add_argument("model", nargs="?", default=None,
+                     help="TiDAR checkpoint folder (config.json + safetensors + tokenizer.json); "
+                          "default: the bundled model in models/")
     gen.add_argument("--prompt", required=True, help="prompt text")
     gen.add_argument("--max-new-tokens", type=int, default=64, help="upper bound on generated tokens (default 64)")
     gen.add_argument("--mode", choices=("tidar", "ar"), default="tidar", help="decoding mode (default tidar)")
@@ -215,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "draft lengths and at the autotuned one, transformers generate() and its "
                                      "prompt-lookup speculation; tokens/s, T/NFE, step latency, acceptance per "
                                      "position and an equal-to-AR check. Writes bench.json and bench.png.")
-    ben.add_argument("model", help="TiDAR checkpoint folder")
+    ben.add_argument("model", nargs="?", default=None, help="TiDAR checkpoint folder (default: the bundled model)")
     ben.add_argument("-o", "--out", default="bench-out", help="output folder (default bench-out)")
     ben.add_argument("--prompts", type=int, default=8, help="held-out prompts (default 8)")
     ben.add_argument("--prompt-tokens", type=int, default=64, help="tokens per prompt (default 64)")
@@ -245,6 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     from tidar.runtime.sampling import SamplingError
     from tidar.runtime.tokenizer import TokenizerError
 
+    if getattr(args, "model", "") is None:
+        from tidar import BUNDLED_MODEL
+
+        args.model = str(BUNDLED_MODEL)
     try:
         return args.run(args)
     except (CLIError, CheckpointError, ConfigError, RequestError, SamplingError, TokenizerError) as exc:
