@@ -5,7 +5,7 @@ Runs the real `DecodeEngine` on a checkpoint: prefill a prompt, then time indivi
 attention implementation asked for. Prints JSON (and writes it with --out), with the
 machine, torch version and date, so figures can be quoted with their provenance.
 
-    python benchmarks/step_latency.py CHECKPOINT --draft-lens 0 4 8 16 --attention eager sdpa
+    python benchmarks/step_latency.py CHECKPOINT --draft-lens 0 4 8 16 --attention eager sdpa flex --threads 1
 """
 
 from __future__ import annotations
@@ -65,8 +65,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     results = []
     for attention in args.attention:
         backend = TorchBackend.load(args.checkpoint, dtype=args.dtype, attention=attention)
@@ -77,7 +80,7 @@ def main() -> None:
         "benchmark": "step_latency",
         "checkpoint": os.path.basename(os.path.normpath(args.checkpoint)),
         "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cpus, {platform.processor() or platform.system()}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cpus, {platform.system()}",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "dtype": args.dtype,
