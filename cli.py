@@ -104,6 +104,12 @@ def _auto_draft_len(backend, tokenizer, model: str) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from tidar.bench import bench, table
 
+    if not args.no_peers:
+        try:
+            import transformers  # noqa: F401  (the peers run on it)
+        except ImportError:
+            raise CLIError("the transformers peers need `pip install transformers` (or pass --no-peers)") from None
+
     report = bench(args.model, args.out, prompts=args.prompts, prompt_tokens=args.prompt_tokens,
                    max_new_tokens=args.max_new_tokens, repeats=args.repeats, draft_lens=tuple(args.draft_lens),
                    peers=not args.no_peers, write_acceptance=args.write_acceptance,
