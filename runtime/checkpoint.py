@@ -67,20 +67,26 @@ def ignorable_tensor(name: str, config: TiDARConfig) -> bool:
     return name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and config.tie_word_embeddings)
 
 
-def load_state_dict(folder: Path, model: TiDARModel) -> dict[str, torch.Tensor]:
-    """Read and check every tensor the model needs (present, right shape, float, finite), and
-    that the checkpoint holds no tensor the config does not account for (e.g. more layers)."""
-    files = weight_files(folder)
-    expected = expected_shapes(model)
+def check_tensor_names(folder: Path, files: dict[str, Path], expected: dict[str, tuple[int, ...]],
+                       config: TiDARConfig) -> None:
+    """Every tensor the model needs is present, and no tensor the config does not account for
+    (e.g. more layers) is: config.json and the weights agree."""
     missing = sorted(set(expected) - set(files))
     if missing:
         raise CheckpointError(f"{folder}: missing tensor {missing[0]!r}"
                               + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    unexpected = sorted(name for name in set(files) - set(expected) if not ignorable_tensor(name, model.config))
+    unexpected = sorted(name for name in set(files) - set(expected) if not ignorable_tensor(name, config))
     if unexpected:
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
         raise CheckpointError(f"{files[unexpected[0]]}: tensor {unexpected[0]!r}{more} is not part of the model "
                               "that config.json describes; config.json and the weights disagree")
+
+
+def load_state_dict(folder: Path, model: TiDARModel) -> dict[str, torch.Tensor]:
+    """Read and check every tensor the model needs (present, right shape, float, finite)."""
+    files = weight_files(folder)
+    expected = expected_shapes(model)
+    check_tensor_names(folder, files, expected, model.config)
     state: dict[str, torch.Tensor] = {}
     by_file: dict[Path, list[str]] = {}
     for name in expected:
