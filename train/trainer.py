@@ -236,6 +236,10 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
             self.step = int(state["step"])
             self.history = [json.loads(line) for line in (self.out / "history.jsonl").read_text().splitlines()]
+            self.history = [h for h in self.history if h["step"] <= self.step]  # logged after the last save
+            saved = json.loads((self.out / "train_config.json").read_text())
+            changed = {k: v for k, v in dataclasses.asdict(config).items() if saved.get(k) != v}
+            self.history.append({"kind": "resume", "step": self.step, "changed": changed})
         else:
             (self.out / "train_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
 
