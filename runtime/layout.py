@@ -101,12 +101,7 @@ class Layout:
 
     def position_offsets(self, device: torch.device | str | None = None) -> torch.Tensor:
         """Position id of every new token minus the row's cached length: shape [num_new]."""
-        causal = torch.arange(self.causal_len, device=device)
-        if not self.num_blocks:
-            return causal
-        block = torch.arange(self.num_blocks, device=device)[:, None]
-        mask = self.first_visible + block * self.visible_stride + torch.arange(self.block_len, device=device)
-        return torch.cat([causal, mask.reshape(-1)])
+        return position_offset(torch.arange(self.num_new, device=device), **self.kernel_scalars())
 
     def position_ids(self, past_lens: torch.Tensor) -> torch.Tensor:
         """Position ids of the new tokens for rows with cached lengths `past_lens`: [B, num_new]."""
@@ -116,21 +111,8 @@ class Layout:
     def visible(self, q_idx: torch.Tensor, kv_slot: torch.Tensor, past_len: torch.Tensor) -> torch.Tensor:
         """Whether new token `q_idx` may attend to KV slot `kv_slot` of a row whose cache holds
         `past_len` tokens. Pure elementwise tensor code, so it broadcasts for the dense mask and
-        traces inside FlexAttention's `mask_mod`."""
-        c = self.causal_len
-        k_idx = kv_slot - past_len  # index of the key among the new tokens (< 0: cached)
-        q_causal = q_idx < c
-        k_causal = (k_idx >= 0) & (k_idx < c)
-        causal_to_causal = q_causal & k_causal & (k_idx <= q_idx)
-        if not self.num_blocks:
-            return (kv_slot < past_len) | causal_to_causal
-        step = self.block_len
-        q_block = torch.div(q_idx - c, step, rounding_mode="floor")
-        k_block = torch.div(k_idx - c, step, rounding_mode="floor")
-        sees = self.first_visible + q_block * self.visible_stride
-        block_to_causal = ~q_causal & k_causal & (k_idx < sees)
-        block_to_own_block = ~q_causal & (k_idx >= c) & (k_idx < self.num_new) & (k_block == q_block)
-        return (kv_slot < past_len) | causal_to_causal | block_to_causal | block_to_own_block
+        traces inside FlexAttention's `mask_mod` (see `visible`, the module-level rule)."""
+        return visible(q_idx, kv_slot, past_len, **self.kernel_scalars())
 
     # ------------------------------------------------------------ lowerings
     def dense_mask(self, past_lens: torch.Tensor, kv_len: int) -> torch.Tensor:
@@ -158,3 +140,38 @@ class Layout:
             "first_visible": self.first_visible,
             "visible_stride": self.visible_stride,
         }
+
+
+# ---------------------------------------------------------------- the rule, on scalar arguments
+# The layout's two elementwise rules, written once on the layout scalars (`kernel_scalars`).
+# The scalars are Python ints (the `Layout` methods above) or 0-d integer tensors (an exported
+# graph, where the layout is a runtime input), so the code uses no Python branching on them.
+
+
+def position_offset(q_idx, causal_len, num_blocks, block_len, first_visible, visible_stride):
+    """Position id of new token `q_idx` minus the row's cached length."""
+    step = block_len + (block_len == 0)  # max(block_len, 1): no blocks means no mask tokens
+    in_block = q_idx - causal_len
+    block = torch.div(in_block, step, rounding_mode="floor")
+    mask_position = first_visible + block * visible_stride + in_block - block * step
+    return torch.where(q_idx < causal_len, q_idx, mask_position)
+
+
+def visible(q_idx, kv_slot, past_len, causal_len, num_blocks, block_len, first_visible, visible_stride):
+    """Whether new token `q_idx` may attend to KV slot `kv_slot` of a row whose cache holds
+    `past_len` tokens (see the module docstring)."""
+    c = causal_len
+    k_idx = kv_slot - past_len  # index of the key among the new tokens (< 0: cached)
+    q_causal = q_idx < c
+    k_causal = (k_idx >= 0) & (k_idx < c)
+    causal_to_causal = q_causal & k_causal & (k_idx <= q_idx)
+    if isinstance(num_blocks, int) and not num_blocks:  # shortcut when the layout is known
+        return (kv_slot < past_len) | causal_to_causal
+    step = block_len + (block_len == 0)  # max(block_len, 1): no blocks means no mask tokens
+    q_block = torch.div(q_idx - c, step, rounding_mode="floor")
+    k_block = torch.div(k_idx - c, step, rounding_mode="floor")
+    sees = first_visible + q_block * visible_stride
+    num_new = c + num_blocks * block_len
+    block_to_causal = ~q_causal & k_causal & (k_idx < sees)
+    block_to_own_block = ~q_causal & (k_idx >= c) & (k_idx < num_new) & (k_block == q_block)
+    return (kv_slot < past_len) | causal_to_causal | block_to_causal | block_to_own_block

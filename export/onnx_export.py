@@ -1,0 +1,255 @@
+"""The ONNX graph of one TiDAR forward (decode step, prefill or AR step) over a KV cache.
+
+`export_decode_step(model, path)` writes one graph that serves every `Layout`: the layout is a
+runtime input, so the same file runs prefill, TiDAR decode steps of any draft length and plain
+AR decoding.
+
+Graph inputs
+    input_ids        int64 [batch, new]                  the new tokens of the layout
+    past_lens        int64 [batch]                       each row's cached length
+    causal_len, num_blocks, block_len, first_visible, visible_stride
+                     int64 []                            `Layout.kernel_scalars()`
+    past_key_{i}, past_value_{i}
+                     float [batch, kv_heads, past, head_dim]   per layer; past = the padded
+                                                         maximum of past_lens (may be 0)
+Graph outputs
+    logits           float [batch, new, vocab]
+    present_key_{i}, present_value_{i}
+                     float [batch, kv_heads, past + new, head_dim]
+
+Slot convention (the one of runtime/cache.py): `present` is `past` followed by `new` free slots,
+and the new tokens of row r are written to slots past_lens[r] .. past_lens[r] + new - 1, so a
+row shorter than the padded past overwrites its padding. Slots of `present` past
+past_lens[r] + new hold whatever `past` held there; the mask never reads them. Dynamic axes:
+batch, new and past.
+
+Position ids and the hybrid mask are computed inside the graph from past_lens and the layout
+scalars with the same code as the runtime (`runtime.layout.position_offset` / `visible`), and
+the rest of the forward is the reference model's own `TiDARModel.hidden_states`, so the graph
+cannot drift from the runtime. Two lowerings of attention:
+
+- "standard": the dense boolean mask and eager attention (MatMul, Where, Softmax, ...): plain
+  ONNX that ONNX Runtime runs (runtime/onnx_backend.py).
+- "plugin": one `tidar::hybrid_attention` node per layer with inputs (query [B, heads, new, D],
+  key and value [B, kv_heads, past + new, D] with the new tokens already written, past_lens and
+  the five layout scalars) and attributes num_heads, num_kv_heads, head_dim, scale; its output
+  is the attention output [B, heads, new, D]. This is the signature of the TensorRT plugin
+  `tidar::hybrid_attention`; ONNX Runtime cannot run the node.
+
+Exporter: torch.onnx.export with dynamo=True (torch.export + onnxscript), the default and
+maintained path of torch 2.13. Dynamic dimensions are declared with `torch.export.Dim`; the
+plugin node is a `torch.library` custom op (whose eager body is the standard lowering, so
+tracing has a reference implementation) translated to the custom-domain node through
+`custom_translation_table`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..runtime.layout import Layout, position_offset, visible
+from ..runtime.model import AttentionPlan, TiDARModel, eager_attention
+
+ATTENTION_LOWERINGS = ("standard", "plugin")
+LAYOUT_SCALARS = ("causal_len", "num_blocks", "block_len", "first_visible", "visible_stride")
+PLUGIN_DOMAIN = "tidar"
+PLUGIN_OP = "hybrid_attention"
+DEFAULT_OPSET = 18
+
+
+def input_names(num_layers: int) -> list[str]:
+    """Names of the graph inputs, in order."""
+    return ["input_ids", "past_lens", *LAYOUT_SCALARS, *_per_layer("past", num_layers)]
+
+
+def output_names(num_layers: int) -> list[str]:
+    """Names of the graph outputs, in order."""
+    return ["logits", *_per_layer("present", num_layers)]
+
+
+def _per_layer(prefix: str, num_layers: int) -> list[str]:
+    return [f"{prefix}_{kind}_{i}" for i in range(num_layers) for kind in ("key", "value")]
+
+
+# ---------------------------------------------------------------- the layout as graph values
+class GraphLayout:
+    """A `Layout` whose scalars are 0-d int64 tensors (graph inputs). It offers the members the
+    reference forward uses (`num_new`, `position_ids`) plus the mask, from the shared rule."""
+
+    def __init__(self, num_new, scalars: dict[str, torch.Tensor]):
+        self.num_new = num_new  # the (symbolic) new-token count of input_ids
+        self.scalars = scalars
+
+    def position_ids(self, past_lens: torch.Tensor) -> torch.Tensor:
+        q_idx = torch.arange(self.num_new, device=past_lens.device)
+        return past_lens[:, None] + position_offset(q_idx, **self.scalars)[None, :]
+
+    def dense_mask(self, past_lens: torch.Tensor, kv_len) -> torch.Tensor:
+        """Boolean mask [B, 1, new, kv_len] over KV slots (True = attend)."""
+        q = torch.arange(self.num_new, device=past_lens.device)[None, :, None]
+        s = torch.arange(kv_len, device=past_lens.device)[None, None, :]
+        return visible(q, s, past_lens[:, None, None], **self.scalars)[:, None]
+
+
+class PresentCache:
+    """Stands in for `KVCache` during export: `write` puts the new K/V of each layer into
+    `past` + new free slots at the rows' slots and keeps the result as that layer's present."""
+
+    def __init__(self, past: list[torch.Tensor]):
+        self.past = past  # past_key_0, past_value_0, past_key_1, ...
+        self.present: list[torch.Tensor] = []
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len):
+        index = slots[:, None, :, None].expand_as(k)  # [B, kv_heads, new, D]
+        written = []
+        for past, new in ((self.past[2 * layer], k), (self.past[2 * layer + 1], v)):
+            present = torch.cat([past, torch.zeros_like(new)], dim=2)
+            written.append(present.scatter(2, index, new))
+        self.present.extend(written)
+        return written[0], written[1]
+
+
+# ---------------------------------------------------------------- the plugin op
+@torch.library.custom_op(f"{PLUGIN_DOMAIN}::{PLUGIN_OP}", mutates_args=())
+def hybrid_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past_lens: torch.Tensor,
+                     causal_len: torch.Tensor, num_blocks: torch.Tensor, block_len: torch.Tensor,
+                     first_visible: torch.Tensor, visible_stride: torch.Tensor,
+                     num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> torch.Tensor:
+    """Attention of `query` over `key`/`value` under the hybrid mask: the plugin's contract, with
+    the standard lowering as its reference body."""
+    scalars = dict(causal_len=causal_len, num_blocks=num_blocks, block_len=block_len,
+                   first_visible=first_visible, visible_stride=visible_stride)
+    mask = GraphLayout(query.shape[2], scalars).dense_mask(past_lens, key.shape[2])
+    return eager_attention(query, key, value, mask, scale)
+
+
+@hybrid_attention.register_fake
+def _(query, key, value, past_lens, causal_len, num_blocks, block_len, first_visible, visible_stride,
+      num_heads, num_kv_heads, head_dim, scale):
+    return torch.empty_like(query)
+
+
+def plugin_schema():
+    """The ONNX schema of the plugin node (registered once with onnx, so that onnxscript can emit
+    the node and onnx.checker validates it): the contract of the TensorRT plugin."""
+    import onnx
+    from onnx.defs import OpSchema
+
+    if onnx.defs.has(PLUGIN_OP, PLUGIN_DOMAIN):
+        return onnx.defs.get_schema(PLUGIN_OP, 1, PLUGIN_DOMAIN)
+    tensor = OpSchema.FormalParameter
+    inputs = [tensor("query", "T", "[batch, num_heads, new, head_dim], RoPE applied"),
+              tensor("key", "T", "[batch, num_kv_heads, kv_len, head_dim], new tokens written"),
+              tensor("value", "T", "[batch, num_kv_heads, kv_len, head_dim], new tokens written"),
+              tensor("past_lens", "I", "[batch] cached length of each row (new tokens follow it)"),
+              *(tensor(name, "I", "layout scalar (Layout.kernel_scalars)") for name in LAYOUT_SCALARS)]
+    attribute = OpSchema.Attribute
+    schema = OpSchema(
+        PLUGIN_OP, PLUGIN_DOMAIN, 1,
+        doc="Attention under TiDAR's hybrid mask (runtime/layout.py); output [batch, num_heads, new, head_dim].",
+        inputs=inputs, outputs=[tensor("output", "T", "[batch, num_heads, new, head_dim]")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "activations"),
+                          ("I", ["tensor(int64)"], "lengths and layout scalars")],
+        attributes=[attribute("num_heads", OpSchema.AttrType.INT, "query heads"),
+                    attribute("num_kv_heads", OpSchema.AttrType.INT, "key/value heads (GQA)"),
+                    attribute("head_dim", OpSchema.AttrType.INT, "width of one head"),
+                    attribute("scale", OpSchema.AttrType.FLOAT, "softmax scale")])
+    onnx.defs.register_schema(schema)
+    return schema
+
+
+def _plugin_translation(query, key, value, past_lens, causal_len, num_blocks, block_len, first_visible,
+                        visible_stride, num_heads, num_kv_heads, head_dim, scale):
+    """onnxscript translation of the custom op: one node of the plugin's domain."""
+    from onnxscript.values import Op, Opset
+
+    plugin = Op(Opset(PLUGIN_DOMAIN, 1), PLUGIN_OP, plugin_schema())
+    return plugin(query, key, value, past_lens, causal_len, num_blocks, block_len, first_visible, visible_stride,
+                  num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, scale=scale)
+
+
+# ---------------------------------------------------------------- the exported module
+class DecodeStep(nn.Module):
+    """One forward of a TiDAR model with graph inputs only (see the module docstring).
+
+    It borrows the reference `TiDARModel.hidden_states` unchanged and replaces only the two
+    steps that need concrete sizes: `plan` (the mask and the write slots) and `_attend`."""
+
+    hidden_states = TiDARModel.hidden_states
+
+    def __init__(self, model: TiDARModel, attention: str = "standard"):
+        super().__init__()
+        if attention not in ATTENTION_LOWERINGS:
+            raise ValueError(f"unknown attention lowering {attention!r}; "
+                             f"choose one of {', '.join(ATTENTION_LOWERINGS)}")
+        self.config, self.attention = model.config, attention
+        self.model, self.lm_head, self.inv_freq = model.model, model.lm_head, model.inv_freq
+        self.dtype = model.dtype
+
+    def plan(self, layout: GraphLayout, past_lens: torch.Tensor, cache: PresentCache) -> AttentionPlan:
+        kv_len = cache.past[0].shape[2] + layout.num_new
+        write_slots = past_lens[:, None] + torch.arange(layout.num_new, device=past_lens.device)
+        if self.attention == "plugin":
+            mask = (past_lens, *layout.scalars.values())  # the plugin builds the mask itself
+        else:
+            mask = layout.dense_mask(past_lens, kv_len)
+        return AttentionPlan(layout, past_lens, kv_len, mask, write_slots)
+
+    def _attend(self):
+        if self.attention == "standard":
+            return eager_attention
+        c = self.config
+
+        def plugin(q, k, v, mask, scale):
+            return hybrid_attention(q, k, v, *mask, num_heads=c.num_attention_heads,
+                                    num_kv_heads=c.num_key_value_heads, head_dim=c.head_dim, scale=scale)
+
+        return plugin
+
+    def forward(self, input_ids, past_lens, causal_len, num_blocks, block_len, first_visible, visible_stride,
+                *past_key_values):
+        scalars = dict(causal_len=causal_len, num_blocks=num_blocks, block_len=block_len,
+                       first_visible=first_visible, visible_stride=visible_stride)
+        layout = GraphLayout(input_ids.shape[1], scalars)
+        cache = PresentCache(list(past_key_values))
+        logits = self.lm_head(self.hidden_states(input_ids, layout, cache, past_lens))
+        return (logits, *cache.present)
+
+
+def example_inputs(config, batch: int = 2, past: int = 3, draft_len: int = 2,
+                   dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
+    """Inputs of a decode step of `draft_len`, used to trace the graph (sizes >= 2 so that no
+    dynamic dimension is specialized)."""
+    layout = Layout.decode(draft_len)
+    input_ids = torch.zeros(batch, layout.num_new, dtype=torch.long)
+    past_lens = torch.full((batch,), past, dtype=torch.long)
+    scalars = [torch.tensor(value, dtype=torch.long) for value in layout.kernel_scalars().values()]
+    cache_shape = (batch, config.num_key_value_heads, past, config.head_dim)
+    caches = [torch.zeros(cache_shape, dtype=dtype) for _ in range(2 * config.num_hidden_layers)]
+    return (input_ids, past_lens, *scalars, *caches)
+
+
+def export_decode_step(model: TiDARModel, path: str | Path, attention: str = "standard",
+                       opset: int = DEFAULT_OPSET) -> Path:
+    """Write the ONNX graph of one forward of `model` to `path` (see the module docstring);
+    `attention` is "standard" (runs in ONNX Runtime) or "plugin" (tidar::hybrid_attention nodes)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    step = DecodeStep(model, attention).eval()
+    layers = model.config.num_hidden_layers
+    batch, new, past = torch.export.Dim("batch"), torch.export.Dim("new"), torch.export.Dim("past")
+    cache_shape = {0: batch, 2: past}
+    dynamic_shapes = ({0: batch, 1: new}, {0: batch}, *([None] * len(LAYOUT_SCALARS)),
+                      tuple([cache_shape] * (2 * layers)))  # *past_key_values: one tuple
+    translations = {torch.ops.tidar.hybrid_attention.default: _plugin_translation} if attention == "plugin" else None
+    with torch.no_grad():
+        program = torch.onnx.export(
+            step, example_inputs(model.config, dtype=model.dtype), dynamo=True, opset_version=opset,
+            input_names=input_names(layers), output_names=output_names(layers),
+            dynamic_shapes=dynamic_shapes, custom_translation_table=translations,
+            external_data=False, optimize=True)
+    program.save(str(path), external_data=False)
+    return path

@@ -1,0 +1,143 @@
+"""The ONNX graph of a decode step (export/onnx_export.py) and its ONNX Runtime backend.
+
+Oracle: the torch reference backend. The graph's logits and present K/V match it within 1e-4
+for prefill, AR and TiDAR decode layouts with ragged cached lengths, one file serves every
+batch size / new-token count / past length, and greedy decoding through ONNX Runtime gives
+the torch backend's tokens (SPEC invariant I5). The plugin lowering is checked structurally
+(ONNX Runtime cannot run tidar::hybrid_attention).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("onnxscript")
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+from tidar.export.onnx_export import LAYOUT_SCALARS, PLUGIN_DOMAIN, PLUGIN_OP, export_decode_step  # noqa: E402
+from tidar.runtime.generate import DecodeEngine, Request  # noqa: E402
+from tidar.runtime.layout import Layout  # noqa: E402
+from tidar.runtime.onnx_backend import OnnxRuntimeBackend  # noqa: E402
+from tidar.runtime.tokenizer import Tokenizer  # noqa: E402
+
+FAMILIES = ("qwen2", "qwen3", "llama")
+TOLERANCE = 1e-4
+PROMPTS = ("def main():", "import os\nimport sys", "class Stack:\n    def push(self, x):", "x = [")
+
+
+@pytest.fixture(scope="module")
+def onnx_backends(tiny_backends, tmp_path_factory):
+    """{family: OnnxRuntimeBackend} of the standard export of each tiny checkpoint."""
+    root = tmp_path_factory.mktemp("onnx")
+    backends = {}
+    for family, torch_backend in tiny_backends.items():
+        path = export_decode_step(torch_backend.model, root / f"{family}.onnx")
+        backends[family] = OnnxRuntimeBackend(path, torch_backend.config, threads=1)
+    return backends
+
+
+def _run_both(torch_backend, onnx_backend, layout: Layout, past_lens: list[int], seed: int):
+    """One forward of `layout` on both backends over the same random cached prefixes; returns
+    (torch logits, ORT logits, torch cache, ORT cache)."""
+    generator = torch.Generator().manual_seed(seed)
+    vocab, batch, capacity = torch_backend.config.vocab_size, len(past_lens), max(past_lens) + layout.num_new + 3
+    reference, candidate = torch_backend.new_cache(batch, capacity), onnx_backend.new_cache(batch, capacity)
+    if max(past_lens):
+        prefix = torch.randint(0, vocab, (batch, max(past_lens)), generator=generator)
+        torch_backend.forward(prefix, Layout.autoregressive(prefix.shape[1]), reference)
+        reference.commit([prefix.shape[1]] * batch)
+        reference.truncate(past_lens)
+        candidate.keys.copy_(reference.keys)
+        candidate.values.copy_(reference.values)
+        candidate.lengths.copy_(reference.lengths)
+    input_ids = torch.randint(0, vocab, (batch, layout.num_new), generator=generator)
+    return (torch_backend.forward(input_ids, layout, reference), onnx_backend.forward(input_ids, layout, candidate),
+            reference, candidate)
+
+
+CASES = {  # name: (layout, past_lens); batch sizes, new-token counts and past lengths all vary
+    "prefill": (Layout.prefill(9, 16), [0, 0]),
+    "ar-ragged": (Layout.decode(0), [3, 11, 7]),
+    "decode4-ragged": (Layout.decode(4), [12, 5]),
+    "decode16": (Layout.decode(16), [6]),
+    "decode16-ragged": (Layout.decode(16), [2, 17, 9]),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_and_cache_match_torch(family, tiny_backends, onnx_backends):
+    worst = 0.0
+    for seed, (name, (layout, past_lens)) in enumerate(CASES.items()):
+        expected, actual, reference, candidate = _run_both(tiny_backends[family], onnx_backends[family],
+                                                           layout, past_lens, seed)
+        assert actual.shape == expected.shape, name
+        difference = (actual - expected).abs().max().item()
+        worst = max(worst, difference)
+        assert difference < TOLERANCE, f"{family} {name}: logits differ by {difference}"
+        for row, past in enumerate(past_lens):  # committed prefix and the new tokens' K/V
+            slots = slice(0, past + layout.num_new)
+            for ours, theirs in ((candidate.keys, reference.keys), (candidate.values, reference.values)):
+                kv_difference = (ours[:, row, :, slots] - theirs[:, row, :, slots]).abs().max().item()
+                assert kv_difference < TOLERANCE, f"{family} {name} row {row}: K/V differ by {kv_difference}"
+        assert torch.equal(candidate.lengths, reference.lengths)  # forward commits nothing
+    print(f"{family}: max |logit difference| {worst:.2e}")
+
+
+def test_graph_axes_are_dynamic(onnx_backends):
+    session = onnx_backends["llama"].session
+    shapes = {graph_input.name: graph_input.shape for graph_input in session.get_inputs()}
+    assert shapes["input_ids"] == ["batch", "new"]
+    assert shapes["past_lens"] == ["batch"]
+    assert all(shapes[name] == [] for name in LAYOUT_SCALARS)
+    assert shapes["past_key_0"][0] == "batch" and shapes["past_key_0"][2] == "past"
+    logits, present = session.get_outputs()[0], session.get_outputs()[1]
+    assert logits.shape[:2] == ["batch", "new"]
+    assert isinstance(present.shape[2], str)  # past + new
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_tokens_match_torch(family, tiny_backends, onnx_backends, tiny_checkpoints):
+    """SPEC I5: the same greedy tokens on every backend, for AR and TiDAR decoding, batched."""
+    tokenizer = Tokenizer(tiny_checkpoints[family])
+    requests = [Request(tokenizer.encode(prompt), max_new_tokens=20, eos_ids=()) for prompt in PROMPTS]
+    for draft_len in (0, 4, 16):
+        expected = DecodeEngine(tiny_backends[family], tokenizer, draft_len=draft_len).generate(requests)
+        actual = DecodeEngine(onnx_backends[family], tokenizer, draft_len=draft_len).generate(requests)
+        assert [r.token_ids for r in actual] == [r.token_ids for r in expected], f"{family} b={draft_len}"
+        assert [r.stats.forward_passes for r in actual] == [r.stats.forward_passes for r in expected]
+
+
+def test_plugin_export_structure(tiny_backends, tmp_path):
+    model = tiny_backends["qwen3"].model  # GQA: 4 query heads over 1 key/value head
+    config = model.config
+    graph = onnx.load(export_decode_step(model, tmp_path / "plugin.onnx", attention="plugin"))
+    onnx.checker.check_model(graph, full_check=True)
+    plugins = [node for node in graph.graph.node if node.domain == PLUGIN_DOMAIN]
+    assert len(plugins) == config.num_hidden_layers
+    assert {node.op_type for node in plugins} == {PLUGIN_OP}
+    assert {(o.domain, o.version) for o in graph.opset_import} >= {(PLUGIN_DOMAIN, 1)}
+    for layer, node in enumerate(plugins):
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attributes.keys() == {"num_heads", "num_kv_heads", "head_dim", "scale"}
+        assert (attributes["num_heads"], attributes["num_kv_heads"], attributes["head_dim"]) == (
+            config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+        assert attributes["scale"] == pytest.approx(config.head_dim ** -0.5)
+        assert list(node.input[1:]) == [f"present_key_{layer}", f"present_value_{layer}", "past_lens",
+                                        *LAYOUT_SCALARS]
+    # the plugin replaces the whole attention: no softmax is left in the graph
+    assert not [node for node in graph.graph.node if node.op_type == "Softmax"]
+
+
+def test_export_rejects_unknown_attention(tiny_backends, tmp_path):
+    with pytest.raises(ValueError, match="unknown attention lowering"):
+        export_decode_step(tiny_backends["qwen2"].model, tmp_path / "x.onnx", attention="flash")
+
+
+def test_missing_onnxruntime_is_a_clear_error(monkeypatch, tmp_path, tiny_backends):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(ImportError, match="pip install"):
+        OnnxRuntimeBackend(tmp_path / "missing.onnx", tiny_backends["qwen2"].config)
