@@ -250,6 +250,6 @@ def export_decode_step(model: TiDARModel, path: str | Path, attention: str = "st
             step, example_inputs(model.config, dtype=model.dtype), dynamo=True, opset_version=opset,
             input_names=input_names(layers), output_names=output_names(layers),
             dynamic_shapes=dynamic_shapes, custom_translation_table=translations,
-            external_data=False, optimize=True)
+            external_data=False, optimize=True, verbose=False)
     program.save(str(path), external_data=False)
     return path

@@ -18,7 +18,7 @@ from .config import TiDARConfig
 from .layout import Layout
 from .model import TiDARModel
 
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "onnxruntime")
 
 
 class Backend(Protocol):
@@ -59,4 +59,28 @@ def load_backend(name: str, path: str | Path, **options) -> Backend:
     """Open the checkpoint or export at `path` with the executor `name`."""
     if name == "torch":
         return TorchBackend.load(path, **options)
+    if name == "onnxruntime":
+        return load_onnxruntime(path, **options)
     raise ValueError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")
+
+
+def load_onnxruntime(path: str | Path, dtype: str | None = None, attention: str = "eager", threads: int = 0):
+    """The ONNX Runtime backend of a `tidar-export build` output: OUT/onnx/decode_step.onnx
+    (standard lowering) with OUT/config.json. The graph fixes dtype and attention: `dtype` may
+    only name the graph's own, `attention` only "eager" (the graph's dense-mask attention)."""
+    from .checkpoint import CheckpointError
+    from .onnx_backend import OnnxRuntimeBackend
+
+    folder = Path(path)
+    graph = folder / "onnx" / "decode_step.onnx"
+    if not graph.is_file():
+        raise CheckpointError(f"{folder}: no onnx/decode_step.onnx; the onnxruntime backend opens the output "
+                              "folder of `tidar-export build`")
+    if attention != "eager":
+        raise CheckpointError(f"{graph}: attention {attention!r} is a torch backend option; the graph has its "
+                              "own (eager) attention")
+    backend = OnnxRuntimeBackend(graph, TiDARConfig.from_file(folder), threads=threads)
+    if dtype is not None and backend.dtype != getattr(torch, dtype, None):
+        raise CheckpointError(f"{graph}: the graph computes in {str(backend.dtype).removeprefix('torch.')}, "
+                              f"not {dtype}")
+    return backend

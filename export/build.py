@@ -1,0 +1,372 @@
+"""`tidar-export build`: one checkpoint in, one self-describing export folder out.
+
+    build(checkpoint, out, tp=1, dtype=None, draft_len=None, engine="auto", force=False) -> manifest
+
+Steps, in order (each is an existing function; this module only sequences and records them):
+
+1. validate   the checkpoint, before anything is written: config.json, every tensor present with
+              the right shape and dtype and finite, config and weights consistent
+              (`runtime.checkpoint.load_model`); tokenizer.json readable, its vocabulary no larger
+              than config.json's and holding the mask id; pickle-only weights refused. The options
+              are checked too (tp against the heads, dtype, draft length, the engine request).
+2. copy       config.json and the tokenizer files, so OUT is itself a model folder the runtime
+              opens (`tidar generate OUT --backend onnxruntime`).
+3. trtllm/    the TensorRT-LLM checkpoint (`export.trtllm_checkpoint.convert`) and
+              `build_engine.sh`, the exact `trtllm-build` command for a GPU host.
+4. onnx/      `decode_step.onnx` (standard lowering, runs in ONNX Runtime) and
+              `decode_step_plugin.onnx` (tidar::hybrid_attention nodes, the TensorRT plugin's
+              contract), both float32 (`export.onnx_export.export_decode_step`).
+5. engine/    only where TensorRT-LLM can build one; otherwise the step is recorded as skipped
+              with the reason (engine="auto"), or the build fails with it (engine="require").
+6. triton_repo/  rendered from the repository's triton_repo/ templates; skipped (with the reason)
+              while they are not part of the release.
+7. manifest.json  inputs and their sha256, library versions, options, every artifact's size and
+              sha256, skipped steps and why, and the TiDAR config summary.
+
+Atomicity: everything is written into a temporary sibling folder `.OUT.partial-<random>` that is
+renamed to OUT only once complete, and removed on any failure, so no OUT that looks valid is ever
+left behind. An existing OUT is refused unless `force`; then it is replaced only after the new one
+is complete, and only if it is itself an export (has manifest.json) or empty.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import importlib
+import importlib.metadata
+import json
+import os
+import platform
+import secrets
+import shutil
+import subprocess
+import sys
+import warnings
+from contextlib import contextmanager, redirect_stdout
+from pathlib import Path
+from typing import Iterator
+
+import tidar
+from tidar.runtime.checkpoint import CheckpointError, load_model, weight_files
+from tidar.runtime.config import ConfigError, TiDARConfig
+from tidar.runtime.layout import Layout
+from tidar.runtime.tokenizer import Tokenizer, TokenizerError
+
+from .trtllm_checkpoint import ConversionError, convert, trtllm_config
+
+ENGINE_MODES = ("auto", "skip", "require")
+MANIFEST = "manifest.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+MODEL_FILES = ("config.json", *TOKENIZER_FILES, "generation_config.json", "acceptance.json")
+"""Files copied from the checkpoint into OUT when present (config.json and tokenizer.json always are)."""
+ONNX_GRAPHS = {"standard": "onnx/decode_step.onnx", "plugin": "onnx/decode_step_plugin.onnx"}
+ONNX_DTYPE = "float32"  # ONNX Runtime's CPU provider has no bfloat16 kernels; the graphs are the fp32 reference
+VERSIONED_PACKAGES = ("torch", "safetensors", "tokenizers", "onnx", "onnxruntime", "onnxscript", "tensorrt_llm")
+
+# The engine (TensorRT-LLM 1.2.x, the last release with the `trtllm-build` engine flow).
+TRTLLM_MODEL_CLASS = "TiDARForCausalLM"
+TRTLLM_MODEL_FILE = "export/trtllm_model.py"
+"""Where the TensorRT-LLM model definition of TiDARForCausalLM lives, relative to the tidar package."""
+ENGINE_MAX_BATCH_SIZE = 8
+ENGINE_SCRIPT = "trtllm/build_engine.sh"
+TRITON_TEMPLATES = Path(tidar.__file__).resolve().parent / "triton_repo"
+
+
+class ExportError(ValueError):
+    """A build that cannot be done as asked (existing OUT, bad option, an engine that cannot be
+    built under engine="require"); the message names the problem."""
+
+
+# ---------------------------------------------------------------- validation
+def validate_checkpoint(folder: Path) -> tuple[TiDARConfig, object]:
+    """(config, fp32 reference model) of the checkpoint `folder`, after every check of the module
+    docstring's step 1; raises CheckpointError / TokenizerError naming the file, tensor or field."""
+    model = load_model(folder, dtype="float32")  # config, every tensor, config/weights consistency
+    config = model.config
+    tokenizer = Tokenizer(folder)
+    source = folder / "tokenizer.json"
+    if tokenizer.vocab_size > config.vocab_size:
+        raise TokenizerError(f"{source}: vocabulary of {tokenizer.vocab_size} tokens is larger than "
+                             f"config.json's vocab_size {config.vocab_size}")
+    if config.mask_token_id >= tokenizer.vocab_size:
+        raise TokenizerError(f"{source}: has no token with the mask id tidar.mask_token_id = "
+                             f"{config.mask_token_id} (vocabulary of {tokenizer.vocab_size} tokens)")
+    return config, model
+
+
+def check_options(config: TiDARConfig, tp: int, dtype: str, draft_len: int, engine: str) -> None:
+    """Raise ExportError / ConversionError naming the option that does not fit the model."""
+    if engine not in ENGINE_MODES:
+        raise ExportError(f"engine must be one of {', '.join(ENGINE_MODES)}, got {engine!r}")
+    if isinstance(draft_len, bool) or not isinstance(draft_len, int) or not 0 <= draft_len <= config.block_size:
+        raise ExportError(f"draft length must be an integer in [0, block_size={config.block_size}], "
+                          f"got {draft_len!r}")
+    trtllm_config(config, tp, dtype)  # tp against the heads, and the dtype
+
+
+# ---------------------------------------------------------------- hashes, versions
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def input_files(folder: Path) -> list[Path]:
+    """The checkpoint files an export depends on: config, index, weight files, tokenizer files."""
+    files = [folder / "config.json", folder / "model.safetensors.index.json"]
+    files += sorted(set(weight_files(folder).values()))
+    files += [folder / name for name in TOKENIZER_FILES]
+    return [path for path in dict.fromkeys(files) if path.is_file()]
+
+
+def artifact_records(out: Path) -> list[dict]:
+    """{path (relative, POSIX), size, sha256} of every file under `out` but the manifest."""
+    return [{"path": path.relative_to(out).as_posix(), "size": path.stat().st_size, "sha256": sha256(path)}
+            for path in sorted(out.rglob("*")) if path.is_file() and path.relative_to(out).as_posix() != MANIFEST]
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of Python and of the libraries an export depends on (None: not installed)."""
+    found: dict[str, str | None] = {"python": platform.python_version(), "tidar": tidar.__version__}
+    for package in VERSIONED_PACKAGES:
+        try:
+            found[package] = importlib.metadata.version(package.replace("_", "-"))
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def config_summary(config: TiDARConfig) -> dict:
+    return {"model_type": config.model_type, "vocab_size": config.vocab_size,
+            "num_hidden_layers": config.num_hidden_layers, "hidden_size": config.hidden_size,
+            "block_size": config.block_size, "mask_token_id": config.mask_token_id,
+            "max_position_embeddings": config.max_position_embeddings, "torch_dtype": config.torch_dtype}
+
+
+# ---------------------------------------------------------------- engine
+def engine_unavailable_reason() -> str | None:
+    """Why no TensorRT-LLM engine can be built here (None: it can)."""
+    try:
+        importlib.import_module("tensorrt_llm")
+    except ImportError as exc:
+        return f"tensorrt_llm is not importable: {exc}"
+    if not (Path(tidar.__file__).resolve().parent / TRTLLM_MODEL_FILE).is_file():
+        return (f"the TensorRT-LLM model definition {TRTLLM_MODEL_CLASS} ({TRTLLM_MODEL_FILE}) is not part "
+                f"of tidar {tidar.__version__} yet")
+    return None
+
+
+def engine_limits(config: TiDARConfig, draft_len: int) -> dict[str, int]:
+    """trtllm-build sizes: a prefill is the prompt plus a block of masks, a decode step
+    `Layout.decode(draft_len).num_new` tokens per row, and the KV cache holds the committed tokens
+    plus one step's new tokens."""
+    step_tokens = Layout.decode(draft_len).num_new
+    max_input_len = config.max_position_embeddings - 1
+    return {"max_batch_size": ENGINE_MAX_BATCH_SIZE, "max_input_len": max_input_len,
+            "max_seq_len": config.max_position_embeddings + step_tokens,
+            "max_num_tokens": max(max_input_len + draft_len, ENGINE_MAX_BATCH_SIZE * step_tokens)}
+
+
+def engine_script(config: TiDARConfig, tp: int, draft_len: int) -> str:
+    """build_engine.sh: the trtllm-build command that turns OUT/trtllm into OUT/engine."""
+    flags = [("--checkpoint_dir", "trtllm"), ("--output_dir", "engine"),
+             ("--model_cls_file", '"$MODEL_CLS_FILE"'), ("--model_cls_name", TRTLLM_MODEL_CLASS),
+             *((f"--{key}", value) for key, value in engine_limits(config, draft_len).items()),
+             ("--workers", tp)]
+    command = "trtllm-build " + " \\\n    ".join(f"{flag} {value}" for flag, value in flags)
+    pending = not (Path(tidar.__file__).resolve().parent / TRTLLM_MODEL_FILE).is_file()
+    note = (f"# NOTE: {TRTLLM_MODEL_CLASS} is not part of tidar {tidar.__version__} yet: this script stops\n"
+            f"# with an error until {TRTLLM_MODEL_FILE} exists.\n" if pending else "")
+    return f"""#!/usr/bin/env bash
+# Build the TensorRT-LLM engine of this export on a GPU host (TensorRT-LLM 1.2.x, the last
+# release with the trtllm-build engine flow): reads trtllm/ (tp={tp}), writes engine/.
+# Sizes: draft length {draft_len} (one decode step = {Layout.decode(draft_len).num_new} tokens per row).
+{note}set -euo pipefail
+cd "$(dirname "$0")/.."
+TIDAR_ROOT="${{TIDAR_ROOT:-$(python3 -c 'import pathlib, tidar; print(pathlib.Path(tidar.__file__).parent)')}}"
+MODEL_CLS_FILE="$TIDAR_ROOT/{TRTLLM_MODEL_FILE}"
+if [ ! -f "$MODEL_CLS_FILE" ]; then
+    echo "build_engine.sh: $MODEL_CLS_FILE does not exist: {TRTLLM_MODEL_CLASS} is not part of this tidar release yet" >&2
+    exit 1
+fi
+{command}
+"""
+
+
+def build_engine(folder: Path) -> None:
+    """Run build_engine.sh in the export folder being written (a GPU host with TensorRT-LLM)."""
+    result = subprocess.run(["bash", ENGINE_SCRIPT], cwd=folder, capture_output=True, text=True)
+    if result.returncode:
+        tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise ExportError(f"trtllm-build failed (exit {result.returncode}): {tail[0]}")
+
+
+def triton_skip_reason() -> str:
+    """Why triton_repo/ is not rendered (always, in this release)."""
+    if not TRITON_TEMPLATES.is_dir() or not any(TRITON_TEMPLATES.iterdir()):
+        return f"the Triton model-repository templates ({TRITON_TEMPLATES.name}/ at the repository top) are " \
+               f"not part of tidar {tidar.__version__} yet"
+    return f"rendering the Triton model repository is not part of tidar {tidar.__version__} yet"
+
+
+# ---------------------------------------------------------------- atomic output
+def check_out(out: Path, force: bool) -> None:
+    """Refuse an existing OUT unless `force`, and even then anything that is not an export."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if not force:
+        raise ExportError(f"{out}: already exists; pass --force (force=True) to replace it")
+    if not out.is_dir() or out.is_symlink() or (any(out.iterdir()) and not (out / MANIFEST).is_file()):
+        raise ExportError(f"{out}: exists and is not a tidar-export output (no {MANIFEST}); "
+                          "refusing to replace it even with --force")
+
+
+@contextmanager
+def staging(out: Path, force: bool) -> Iterator[Path]:
+    """A temporary sibling of `out` to build into; renamed to `out` when the block succeeds
+    (replacing an old `out` only then), removed when it fails."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
+    partial.mkdir()  # with the umask's permissions, which OUT keeps
+    try:
+        yield partial
+        check_out(out, force)  # again: something may have appeared at `out` meanwhile
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
+            out.rename(old)
+            partial.rename(out)
+            shutil.rmtree(old)
+        else:
+            partial.rename(out)
+    finally:
+        if partial.exists():
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- progress
+class _Steps:
+    """Progress on stderr: a tqdm bar over the build's steps on a terminal, plain numbered lines
+    otherwise (logs); files written are noted one per line."""
+
+    def __init__(self, total: int, enabled: bool):
+        from tqdm import tqdm
+
+        self.total, self.count, self.enabled = total, 0, enabled
+        self.bar = tqdm(total=total, file=sys.stderr, disable=not (enabled and sys.stderr.isatty()),
+                        unit="step", bar_format="{desc:<40} {n_fmt}/{total_fmt} [{elapsed}]")
+
+    def start(self, description: str) -> None:
+        self.bar.set_description_str(description)
+        if self.enabled and self.bar.disable:
+            print(f"[{self.count + 1}/{self.total}] {description}", file=sys.stderr, flush=True)
+
+    def done(self) -> None:
+        self.count += 1
+        self.bar.update(1)
+
+    def note(self, line: str) -> None:
+        if self.enabled:
+            self.bar.write(f"    {line}", file=sys.stderr)
+
+    @contextmanager
+    def quiet_library(self) -> Iterator[None]:
+        """The exporter's own chatter (torch.onnx prints and warns) goes to stderr while
+        progress is on, nowhere otherwise; stdout stays the command's."""
+        with open(os.devnull, "w") as devnull, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with redirect_stdout(sys.stderr if self.enabled else devnull):
+                yield
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+# ---------------------------------------------------------------- the build
+def build(checkpoint: str | Path, out: str | Path, tp: int = 1, dtype: str | None = None,
+          draft_len: int | None = None, engine: str = "auto", force: bool = False,
+          progress: bool = True) -> dict:
+    """Export the TiDAR checkpoint folder `checkpoint` into `out` (see the module docstring) and
+    return the manifest. `dtype` (TRT-LLM checkpoint and engine) defaults to the checkpoint's;
+    `draft_len` (engine sizes) to its block size. Raises CheckpointError / TokenizerError /
+    ExportError / ConversionError naming the problem; nothing is left at `out` then."""
+    folder, out = Path(checkpoint), Path(out)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a checkpoint folder")
+    check_out(out, force)
+    steps = _Steps(total=7, enabled=progress)
+    try:
+        steps.start("validating the checkpoint")
+        hashes = {path.name: sha256(path) for path in input_files(folder)}
+        try:
+            config, model = validate_checkpoint(folder)
+        except ConfigError as exc:
+            raise CheckpointError(str(exc)) from None
+        dtype = dtype or config.torch_dtype
+        draft_len = config.block_size if draft_len is None else draft_len
+        check_options(config, tp, dtype, draft_len, engine)
+        engine_reason = "not requested" if engine == "skip" else engine_unavailable_reason()
+        if engine == "require" and engine_reason:
+            raise ExportError(f"an engine was required but cannot be built: {engine_reason}")
+        steps.done()
+        skipped, built = [], []
+        with staging(out, force) as partial:
+            steps.start("copying config and tokenizer")
+            for name in MODEL_FILES:
+                if (folder / name).is_file():
+                    shutil.copy2(folder / name, partial / name)
+            steps.done()
+
+            steps.start(f"TensorRT-LLM checkpoint (tp={tp}, {dtype})")
+            convert(folder, partial / "trtllm", tp, dtype, progress=steps.note)
+            script = partial / ENGINE_SCRIPT
+            script.write_text(engine_script(config, tp, draft_len))
+            script.chmod(0o755)
+            built.append("trtllm")
+            steps.done()
+
+            from .onnx_export import export_decode_step
+
+            for attention, relative in ONNX_GRAPHS.items():
+                steps.start(f"ONNX decode step ({attention})")
+                with steps.quiet_library():
+                    export_decode_step(model, partial / relative, attention=attention)
+                steps.note(f"wrote {partial / relative}")
+                steps.done()
+            built.append("onnx")
+
+            steps.start("TensorRT-LLM engine")
+            if engine_reason:
+                skipped.append({"step": "engine", "reason": engine_reason})
+                steps.note(f"engine skipped: {engine_reason}")
+            else:
+                build_engine(partial)
+                built.append("engine")
+            skipped.append({"step": "triton_repo", "reason": triton_skip_reason()})
+            steps.done()
+
+            steps.start("manifest")
+            manifest = {
+                "tidar_version": tidar.__version__,
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "inputs": {"checkpoint": str(checkpoint), "checkpoint_resolved": str(folder.resolve()),
+                           "sha256": hashes},
+                "versions": versions(),
+                "options": {"tp": tp, "dtype": dtype, "draft_len": draft_len, "engine": engine,
+                            "onnx_dtype": ONNX_DTYPE},
+                "config": config_summary(config),
+                "built": built,
+                "skipped": skipped,
+                "artifacts": artifact_records(partial),
+            }
+            (partial / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            steps.done()
+        steps.note(f"wrote {out}")
+        return manifest
+    except ConversionError as exc:
+        raise ExportError(str(exc)) from None
+    finally:
+        steps.close()
+

@@ -1,0 +1,245 @@
+"""`tidar-export build` and `verify` (export/build.py, export/verify.py, export/cli.py), through the CLI.
+
+One export of the tiny Qwen2 checkpoint at tp 2 is shared by the module (ONNX export is the slow
+part). Checked: the OUT layout and manifest fields; `verify` passes, and fails naming the
+artifact when a rank file or an ONNX graph is tampered with; `tidar generate OUT --backend
+onnxruntime` gives the torch backend's tokens on the source; --engine require fails and leaves
+nothing; an existing OUT is refused (and kept) without --force and replaced with it; damaged
+checkpoints are refused with exit status 2, one line naming the problem, and nothing left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+pytest.importorskip("onnxscript")
+pytest.importorskip("onnxruntime")
+
+from tidar.cli import main as tidar_main  # noqa: E402
+from tidar.export.build import engine_unavailable_reason  # noqa: E402
+from tidar.export.cli import main  # noqa: E402
+
+Q_PROJ = "model.layers.1.self_attn.q_proj.weight"
+WEIGHTS = "model.safetensors"
+TP = 2
+
+
+def build_cli(capsys, checkpoint, out, *options) -> tuple[int, str, str]:
+    status = main(["build", str(checkpoint), "-o", str(out), "-q", *map(str, options)])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def verify_cli(capsys, out) -> tuple[int, str, str]:
+    status = main(["verify", str(out), "--threads", "1"])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def assert_one_line_error(err: str, *fragments: str) -> None:
+    assert err.startswith("tidar-export build: error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err, f"{fragment!r} not in {err!r}"
+
+
+def leftovers(parent: Path, keep: set[str]) -> list[str]:
+    """Entries of `parent` other than `keep`: an OUT or a .OUT.partial-* folder left behind."""
+    return sorted(p.name for p in parent.iterdir() if p.name not in keep)
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_checkpoints, tmp_path_factory):
+    """(OUT, manifest) of the tiny Qwen2 checkpoint exported at tp 2 (built once)."""
+    out = tmp_path_factory.mktemp("export") / "out"
+    assert main(["build", str(tiny_checkpoints["qwen2"]), "-o", str(out), "--tp", str(TP), "-q"]) == 0
+    return out, json.loads((out / "manifest.json").read_text())
+
+
+def test_layout_and_manifest(exported, tiny_checkpoints):
+    out, manifest = exported
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert files == ["config.json", "manifest.json", "onnx/decode_step.onnx", "onnx/decode_step_plugin.onnx",
+                     "tokenizer.json", "tokenizer_config.json", "trtllm/build_engine.sh", "trtllm/config.json",
+                     "trtllm/rank0.safetensors", "trtllm/rank1.safetensors"]
+    assert not [p.name for p in out.parent.iterdir() if p.name != "out"]  # no temporary folder left
+    source = tiny_checkpoints["qwen2"]
+    assert (out / "config.json").read_bytes() == (source / "config.json").read_bytes()
+    assert manifest["inputs"]["checkpoint"] == str(source)
+    assert set(manifest["inputs"]["sha256"]) >= {"config.json", WEIGHTS, "tokenizer.json"}
+    assert manifest["options"] == {"tp": TP, "dtype": "float32", "draft_len": 16, "engine": "auto",
+                                   "onnx_dtype": "float32"}
+    assert {"python", "torch", "safetensors", "onnx", "onnxruntime", "onnxscript"} <= manifest["versions"].keys()
+    assert manifest["config"]["model_type"] == "qwen2" and manifest["config"]["block_size"] == 16
+    assert manifest["config"]["mask_token_id"] == 2 and manifest["config"]["num_hidden_layers"] == 2
+    assert sorted(a["path"] for a in manifest["artifacts"]) == [f for f in files if f != "manifest.json"]
+    assert all(a["size"] == (out / a["path"]).stat().st_size and len(a["sha256"]) == 64
+               for a in manifest["artifacts"])
+    skipped = {entry["step"]: entry["reason"] for entry in manifest["skipped"]}
+    assert "triton_repo" in skipped and "not part of" in skipped["triton_repo"]
+    reason = engine_unavailable_reason()
+    if reason:  # no TensorRT-LLM here: the engine step is skipped with the reason
+        assert skipped["engine"] == reason and not (out / "engine").exists()
+    script = (out / "trtllm" / "build_engine.sh").read_text()
+    for flag in ("trtllm-build", "--checkpoint_dir trtllm", "--output_dir engine", "--model_cls_file",
+                 "--model_cls_name TiDARForCausalLM", "--max_batch_size", "--max_input_len", "--max_seq_len",
+                 "--max_num_tokens"):
+        assert flag in script
+
+
+def test_verify_passes(exported, capsys):
+    status, out, err = verify_cli(capsys, exported[0])
+    assert status == 0, out + err
+    lines = {line.split()[1].rstrip(":"): line.split()[0] for line in out.splitlines()}
+    assert lines["trtllm"] == lines["onnx:standard"] == lines["onnx:plugin"] == lines["source"] == "ok"
+    assert lines["triton_repo"] == "skipped"
+    assert "identical greedy tokens at draft lengths 0, 4, 16" in out
+
+
+def _tamper_rank(path: Path) -> None:
+    state = load_file(str(path))
+    name = sorted(state)[0]
+    state[name] = state[name] + 1e-3
+    save_file(state, str(path), metadata={"format": "pt"})
+
+
+def _tamper_bytes(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x40  # a weight byte in the middle of the graph file
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("artifact, tamper", [("trtllm/rank1.safetensors", _tamper_rank),
+                                              ("onnx/decode_step.onnx", _tamper_bytes)], ids=["rank", "onnx"])
+def test_verify_fails_on_a_tampered_artifact(exported, tmp_path, capsys, artifact, tamper):
+    out = Path(shutil.copytree(exported[0], tmp_path / "out"))
+    tamper(out / artifact)
+    status, stdout, err = verify_cli(capsys, out)
+    assert status == 1
+    assert f"failed   artifact:{artifact}: sha256 differs" in stdout
+    assert "FAILED" in err and f"artifact:{artifact}" in err
+    if artifact.startswith("trtllm"):
+        assert "failed   trtllm: " in stdout  # the reassembled weights are no longer the source's
+
+
+def test_generate_from_out_with_onnxruntime(exported, tiny_checkpoints, capsys):
+    args = ["--prompt", "def main():", "--max-new-tokens", "16", "--draft-len", "4", "--json"]
+    assert tidar_main(["generate", str(exported[0]), "--backend", "onnxruntime", *args]) == 0
+    onnx_result = json.loads(capsys.readouterr().out)
+    assert tidar_main(["generate", str(tiny_checkpoints["qwen2"]), *args]) == 0
+    torch_result = json.loads(capsys.readouterr().out)
+    assert onnx_result["backend"] == "onnxruntime" and onnx_result["token_ids"]
+    assert onnx_result["token_ids"] == torch_result["token_ids"]
+
+
+def test_engine_require_fails_and_leaves_nothing(tiny_checkpoints, tmp_path, capsys):
+    reason = engine_unavailable_reason()
+    if reason is None:
+        pytest.skip("TensorRT-LLM is available here: --engine require would build an engine")
+    status, _, err = build_cli(capsys, tiny_checkpoints["qwen2"], tmp_path / "out", "--engine", "require")
+    assert status == 2
+    assert_one_line_error(err, "engine", reason)
+    assert leftovers(tmp_path, set()) == []
+
+
+def test_existing_out_refused_then_replaced_with_force(exported, tiny_checkpoints, tmp_path, capsys):
+    out = Path(shutil.copytree(exported[0], tmp_path / "out"))
+    before = (out / "manifest.json").read_text()
+    status, _, err = build_cli(capsys, tiny_checkpoints["qwen2"], out)
+    assert status == 2
+    assert_one_line_error(err, str(out), "already exists", "--force")
+    assert (out / "manifest.json").read_text() == before and len(list(out.rglob("*"))) > 5
+
+    stranger = tmp_path / "notes"
+    stranger.mkdir()
+    (stranger / "keep.txt").write_text("mine")
+    status, _, err = build_cli(capsys, tiny_checkpoints["qwen2"], stranger, "--force")
+    assert status == 2 and (stranger / "keep.txt").read_text() == "mine"
+    assert_one_line_error(err, "not a tidar-export output")
+
+    status, stdout, _ = build_cli(capsys, tiny_checkpoints["qwen2"], out, "--force", "--tp", 1, "--engine", "skip")
+    assert status == 0, stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["options"]["tp"] == 1 and manifest["options"]["engine"] == "skip"
+    assert {"step": "engine", "reason": "not requested"} in manifest["skipped"]
+    assert (out / "trtllm" / "rank0.safetensors").is_file() and not (out / "trtllm" / "rank1.safetensors").exists()
+    assert leftovers(tmp_path, {"out", "notes"}) == []
+
+
+# ---------------------------------------------------------------- bad input
+def _edit_config(**changes):
+    def edit(folder: Path) -> None:
+        raw = json.loads((folder / "config.json").read_text())
+        for key, value in changes.items():
+            if key == "mask_token_id":
+                raw["tidar"][key] = value
+            else:
+                raw[key] = value
+        (folder / "config.json").write_text(json.dumps(raw))
+    return edit
+
+
+def _edit_weights(change):
+    def edit(folder: Path) -> None:
+        state = load_file(str(folder / WEIGHTS))
+        change(state)
+        save_file(state, str(folder / WEIGHTS), metadata={"format": "pt"})
+    return edit
+
+
+def _truncate(folder: Path) -> None:
+    data = (folder / WEIGHTS).read_bytes()
+    (folder / WEIGHTS).write_bytes(data[: len(data) // 2])
+
+
+def _pickle_only(folder: Path) -> None:
+    (folder / WEIGHTS).unlink()
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps({"x": 1}))
+
+
+def _nan(state) -> None:
+    state[Q_PROJ][0, 0] = float("nan")
+
+
+BAD_INPUTS = {  # name: (damage, fragments the error names)
+    "truncated-safetensors": (_truncate, [WEIGHTS, "safetensors"]),
+    "missing-tensor": (_edit_weights(lambda s: s.pop(Q_PROJ)), ["missing tensor", Q_PROJ]),
+    "wrong-shape": (_edit_weights(lambda s: s.__setitem__(Q_PROJ, s[Q_PROJ][:, :-1].contiguous())),
+                    [WEIGHTS, Q_PROJ, "shape"]),
+    "nan-weights": (_edit_weights(_nan), [Q_PROJ, "NaN"]),
+    "more-layers-in-config": (_edit_config(num_hidden_layers=3), ["missing tensor", "model.layers.2."]),
+    "mask-id-outside-vocab": (_edit_config(mask_token_id=10**6), ["config.json", "mask_token_id", str(10**6)]),
+    "unknown-model-type": (_edit_config(model_type="gpt2"), ["config.json", "model_type", "gpt2"]),
+    "pickle-only": (_pickle_only, ["pytorch_model.bin", "pickle"]),
+    "tokenizer-missing": (lambda folder: (folder / "tokenizer.json").unlink(), ["tokenizer.json"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_checkpoint_is_refused(case, tiny_checkpoints, tmp_path, capsys):
+    damage, fragments = BAD_INPUTS[case]
+    checkpoint = Path(shutil.copytree(tiny_checkpoints["qwen2"], tmp_path / "ckpt"))
+    damage(checkpoint)
+    status, stdout, err = build_cli(capsys, checkpoint, tmp_path / "out")
+    assert status == 2 and stdout == ""
+    assert_one_line_error(err, *fragments)
+    assert leftovers(tmp_path, {"ckpt"}) == []
+
+
+def test_bad_options_are_refused(tiny_checkpoints, tmp_path, capsys):
+    checkpoint = tiny_checkpoints["qwen2"]
+    for options, fragments in ((["--tp", 3], ["tp_size", "3"]), (["--draft-len", 17], ["draft length", "17"]),
+                               (["--tp", 8], ["num_attention_heads"])):
+        status, _, err = build_cli(capsys, checkpoint, tmp_path / "out", *options)
+        assert status == 2
+        assert_one_line_error(err, *fragments)
+    status, _, err = build_cli(capsys, tmp_path / "nowhere", tmp_path / "out")
+    assert status == 2
+    assert_one_line_error(err, "nowhere", "not a checkpoint folder")
+    assert leftovers(tmp_path, set()) == []
