@@ -48,22 +48,26 @@ def expected_tokens(acceptance: list[float], draft_len: int) -> float:
 
 
 def measure_step_seconds(backend: Backend, draft_lens: list[int], batch: int = 1, past_len: int = 128,
-                         repeats: int = 5) -> dict[int, float]:
-    """Median latency of one decode forward per draft length, on a cache holding `past_len` tokens."""
+                         repeats: int = 15) -> dict[int, float]:
+    """Median latency of one decode forward per draft length, on a cache holding `past_len` tokens.
+    The draft lengths are timed round-robin, so drift of the machine's speed during the
+    measurement falls on all of them alike."""
     config = backend.config
-    seconds = {}
+    setups = {}
     for b in draft_lens:
         layout = Layout.decode(b)
         cache = backend.new_cache(batch, past_len + layout.num_new)
         cache.commit([past_len] * batch)
         tokens = torch.full((batch, layout.num_new), config.mask_token_id, dtype=torch.long)
-        times = []
-        for _ in range(repeats + 1):  # the first run warms up
+        backend.forward(tokens, layout, cache)  # warm-up
+        setups[b] = (tokens, layout, cache)
+    times: dict[int, list[float]] = {b: [] for b in draft_lens}
+    for _ in range(repeats):
+        for b, (tokens, layout, cache) in setups.items():
             start = time.perf_counter()
             backend.forward(tokens, layout, cache)
-            times.append(time.perf_counter() - start)
-        seconds[b] = statistics.median(times[1:])
-    return seconds
+            times[b].append(time.perf_counter() - start)
+    return {b: statistics.median(t) for b, t in times.items()}
 
 
 def acceptance_from_stats(accepted_per_position: list[int], drafts: int) -> list[float]:
