@@ -59,16 +59,6 @@ vocabulary of 512 at temperature 1 only about 85% of a sampled proposal's mass (
 so sampled rows still draw random proposals from their own generators."""
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """The tiny model's matrices are far too small for two threads to help, and on a shared
-    machine two spinning threads per op slow this module down many times over."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 # ---------------------------------------------------------------------------- oracle
 @dataclass
 class Case:

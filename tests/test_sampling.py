@@ -60,16 +60,6 @@ ENGINE_SAMPLES = 4000  # rows per engine case (one batch)
 VERIFY_DRAWS = 12_000  # single-position speculative steps per verify_sampled check
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Every op here is tiny: one intra-op thread is as fast alone and far faster when other
-    processes share the cores (OpenMP threads spinning against each other)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def model() -> TiDARModel:
     """A one-layer Llama-family TiDAR model with 6 tokens; weights large enough that the AR and

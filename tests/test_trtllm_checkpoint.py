@@ -33,14 +33,6 @@ SOURCES = ("qwen2", "qwen3", "llama", WIDE)
 WIDE_VOCAB = 301
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def sources(tiny_checkpoints, tmp_path_factory):
     """{name: HF checkpoint folder}: the family fixtures plus WIDE, which tp = 8 can split
