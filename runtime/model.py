@@ -7,10 +7,12 @@ fp32), so logits agree with `AutoModelForCausalLM` to fp32 round-off.
 One forward runs over the new tokens of a `Layout` on top of an optional `KVCache`: the new
 tokens' keys and values are written into the cache slots after each row's cached length
 (nothing is committed; see cache.py) and attention uses the layout's mask. Attention has
-three interchangeable implementations, all lowered from the same layout:
-  eager  dense boolean mask, explicit softmax (the reference)
-  sdpa   dense boolean mask through torch's scaled_dot_product_attention
-  flex   FlexAttention with the layout's mask_mod (optionally torch.compile'd)
+four interchangeable implementations, all lowered from the same layout:
+  eager   dense boolean mask, explicit softmax (the reference)
+  sdpa    dense boolean mask through torch's scaled_dot_product_attention
+  flex    FlexAttention with the layout's mask_mod (optionally torch.compile'd)
+  triton  the hybrid-mask kernel of tidar.plugins, given the layout's scalars and the rows'
+          past lengths (CUDA; on the CPU only under TRITON_INTERPRET=1, slowly, for tests)
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from .cache import KVCache
 from .config import TiDARConfig
 from .layout import Layout
 
-ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flex", "flex-compiled")
+ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flex", "flex-compiled", "triton")
 
 
 class RMSNorm(nn.Module):
@@ -77,7 +79,7 @@ class AttentionPlan:
     layout: Layout
     past_lens: torch.Tensor  # [B] cached length of each row (slots before the new tokens)
     kv_len: int  # slots attended over: max(past_lens) + num_new
-    mask: Any  # dense bool [B, 1, Q, kv_len] or a FlexAttention BlockMask
+    mask: Any  # dense bool [B, 1, Q, kv_len], a FlexAttention BlockMask, or (past_lens, *layout scalars)
     write_slots: torch.Tensor | None  # [B, Q] cache slot of each new token (None: no cache)
 
 
@@ -178,6 +180,16 @@ def _flex_attention(compiled: bool):
     return _compiled_flex
 
 
+def _triton_kernel():
+    """The plugin module of the hybrid-mask kernel (imported on first use: it needs triton)."""
+    try:
+        from ..plugins import hybrid_attention
+    except ImportError as error:
+        raise RuntimeError(f"attention 'triton' needs the triton package (pip install 'tidar-trt[kernel]'): "
+                           f"{error}") from error
+    return hybrid_attention
+
+
 class TiDARModel(nn.Module):
     """The TiDAR transformer: one LM head for AR and diffusion logits alike."""
 
@@ -196,6 +208,8 @@ class TiDARModel(nn.Module):
         if attention not in ATTENTION_IMPLEMENTATIONS:
             raise ValueError(f"unknown attention implementation {attention!r}; "
                              f"choose one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
+        if attention == "triton":
+            _triton_kernel()
         self.attention = attention
 
     @property
@@ -224,6 +238,9 @@ class TiDARModel(nn.Module):
 
             mask = create_block_mask(layout.mask_mod(slot_past), past_lens.shape[0], None, layout.num_new,
                                      kv_len, device=past_lens.device)
+        elif self.attention == "triton":
+            _triton_kernel().check_device(past_lens.device)
+            mask = (slot_past, *layout.kernel_scalars().values())  # the kernel computes the mask itself
         else:
             mask = layout.dense_mask(slot_past, kv_len)[:, None]
         return AttentionPlan(layout, past_lens, kv_len, mask, write_slots)
@@ -233,6 +250,9 @@ class TiDARModel(nn.Module):
             return eager_attention
         if self.attention == "sdpa":
             return sdpa_attention
+        if self.attention == "triton":
+            kernel = _triton_kernel().hybrid_attention
+            return lambda q, k, v, mask, scale: kernel(q, k, v, *mask, scale=scale)
         flex = _flex_attention(self.attention == "flex-compiled")
         return lambda q, k, v, mask, scale: flex(q, k, v, block_mask=mask, scale=scale, enable_gqa=True)
 
