@@ -5,6 +5,8 @@
                    [--backend NAME] [--attention IMPL] [--dtype D] [--beta X] [--json]
     tidar init OUT [--family qwen2|qwen3|llama] [--block-size B] [--seed S]
     tidar train --files GLOB [GLOB ...] --out OUT [--init-from CHECKPOINT] [--steps N] ... [--resume]
+    tidar serve REPO [--grpc-port P] [--http-port P] [--metrics-port P] [-- COMMAND ...]
+    tidar client [--url HOST:PORT] [--max-tokens N] [--no-stream] TEXT
 
 Bad input exits with status 2 and one line on stderr that names the problem; no traceback.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -149,6 +152,48 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from tidar.serve import ServeError, serve
+
+    try:
+        return serve(args.repo, args.grpc_port, args.http_port, args.metrics_port,
+                     command=args.command_after or None, verbose=args.verbose)
+    except ServeError as exc:
+        raise CLIError(str(exc)) from None
+    except FileNotFoundError as exc:
+        raise CLIError(f"cannot run the command after --: {exc.strerror}: {exc.filename}") from None
+
+
+def _client(args: argparse.Namespace) -> int:
+    from tidar.client import ClientError, request
+
+    options = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, random_seed=args.seed,
+                   stop_words=args.stop, mode=args.mode, draft_len=args.draft_len, timeout=args.timeout)
+    printer = None if (args.json or args.no_stream) else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+    try:
+        result = request(args.url, args.text, args.max_tokens, stream=not args.no_stream, on_text=printer,
+                         model=args.model_name, **options)
+    except ClientError as exc:
+        raise CLIError(f"the server refused the request: {exc}") from None
+    except Exception as exc:  # connection problems from grpc / tritonclient
+        raise CLIError(f"cannot reach a tidar model at {args.url}: {exc}") from None
+    summary = {"text": result.text, "token_ids": result.token_ids, "finish_reason": result.finish_reason,
+               "tokens": len(result.token_ids), "forward_passes": result.forward_passes,
+               "tokens_per_forward": round(result.tokens_per_forward, 4),
+               "tokens_per_second": round(result.tokens_per_second, 2),
+               "time_to_first_token": round(result.time_to_first_token or 0.0, 4),
+               "draft_tokens": result.draft_tokens, "accepted_draft_tokens": result.accepted_draft_tokens}
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    if args.no_stream:
+        sys.stdout.write(result.text)
+    print(f"\n[{summary['tokens']} tokens in {result.seconds:.2f} s: {summary['tokens_per_second']} tokens/s, "
+          f"T/NFE {summary['tokens_per_forward']} ({result.forward_passes} forwards), accepted drafts "
+          f"{result.accepted_draft_tokens}/{result.draft_tokens}, finish: {result.finish_reason}]", file=sys.stderr)
+    return 0
+
+
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
     """One option per TrainConfig field (--files and --out required), typed from its default."""
     from tidar.train.trainer import TrainConfig
@@ -241,11 +286,53 @@ def build_parser() -> argparse.ArgumentParser:
                                        "losses and a loss-curve PNG in the output folder.")
     _add_train_options(train)
     train.set_defaults(run=_train)
+
+    srv = sub.add_parser("serve", help="run Triton Inference Server on a model repository",
+                         description="Run Triton Inference Server (the `tritonserver` on PATH, or the one bundled "
+                                     "in nvidia-pytriton) on REPO, the repository `tidar-export build` writes to "
+                                     "OUT/triton_repo; print the endpoints once every model is ready and serve "
+                                     "until SIGINT/SIGTERM. With a COMMAND after `--`, run it once the server is "
+                                     "ready (TIDAR_GRPC_URL and TIDAR_METRICS_URL set), then stop the server and "
+                                     "exit with the command's status.")
+    srv.add_argument("repo", help="rendered model repository (OUT/triton_repo)")
+    srv.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001; 0 = any free port)")
+    srv.add_argument("--http-port", type=int, default=8000, help="HTTP port (default 8000; 0 = any free port)")
+    srv.add_argument("--metrics-port", type=int, default=8002,
+                     help="Prometheus metrics port (default 8002; 0 = any free port)")
+    srv.add_argument("--verbose", action="store_true", help="verbose server log")
+    srv.set_defaults(run=_serve)
+
+    cli = sub.add_parser("client", help="send a prompt to a served tidar model (gRPC, streaming)",
+                         description="Send TEXT to the `tidar` model of a Triton server over gRPC, print the "
+                                     "text as it streams in, then a stats line on stderr (tokens, tokens/s, "
+                                     "T/NFE, accepted drafts, finish reason).")
+    cli.add_argument("text", help="prompt text")
+    cli.add_argument("--url", default=os.environ.get("TIDAR_GRPC_URL", "localhost:8001"),
+                     help="server gRPC address (default $TIDAR_GRPC_URL or localhost:8001)")
+    cli.add_argument("--max-tokens", type=int, default=64, help="upper bound on generated tokens (default 64)")
+    cli.add_argument("--no-stream", action="store_true", help="one response with the whole output")
+    cli.add_argument("--mode", choices=("tidar", "ar"), default=None, help="decoding mode (server default tidar)")
+    cli.add_argument("--draft-len", type=int, default=None, help="fixed draft length (default: the server's)")
+    cli.add_argument("--temperature", type=float, default=None, help="0 = greedy (the default)")
+    cli.add_argument("--top-p", type=float, default=None)
+    cli.add_argument("--top-k", type=int, default=None)
+    cli.add_argument("--seed", type=int, default=None)
+    cli.add_argument("--stop", action="append", help="stop string (repeatable)")
+    cli.add_argument("--timeout", type=float, default=None, help="seconds before the server ends the request")
+    cli.add_argument("--model-name", default="tidar", help="Triton model name (default tidar)")
+    cli.add_argument("--json", action="store_true", help="print one JSON object with the output and statistics")
+    cli.set_defaults(run=_client)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command_after = []
+    if argv[:1] == ["serve"] and "--" in argv:  # `tidar serve REPO [options] -- COMMAND ...`
+        split = argv.index("--")
+        argv, command_after = argv[:split], argv[split + 1:]
     args = build_parser().parse_args(argv)
+    args.command_after = command_after
     from tidar.runtime.checkpoint import CheckpointError
     from tidar.runtime.config import ConfigError
 

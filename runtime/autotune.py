@@ -98,6 +98,32 @@ def calibrate_acceptance(backend: Backend, tokenizer, max_new_tokens: int = 48) 
     return acceptance_from_stats(totals, drafts)
 
 
+@dataclass
+class BatchDraftPolicy:
+    """The best draft length for each batch size, from step latencies measured per batch size
+    (a server's rows share one forward, so the query tokens of a step grow with the batch and the
+    best draft length shrinks; 0, plain AR, is a candidate)."""
+
+    acceptance: list[float]
+    step_seconds: dict[int, dict[int, float]]
+    """step_seconds[batch][b]: measured latency of one step of `batch` rows at draft length b."""
+
+    @classmethod
+    def measure(cls, backend: Backend, acceptance: list[float], batch_sizes: list[int],
+                draft_lens: list[int], repeats: int = 5) -> "BatchDraftPolicy":
+        table = {batch: measure_step_seconds(backend, draft_lens, batch=batch, repeats=repeats)
+                 for batch in sorted(set(batch_sizes))}
+        return cls(acceptance, table)
+
+    def best(self, batch: int) -> int:
+        """The draft length with the best expected tokens per second for `batch` rows, using the
+        smallest measured batch size that holds them (the largest one beyond the table)."""
+        measured = sorted(self.step_seconds)
+        size = next((m for m in measured if m >= batch), measured[-1])
+        seconds = self.step_seconds[size]
+        return max(sorted(seconds), key=lambda b: expected_tokens(self.acceptance, b) / seconds[b])
+
+
 def choose_draft_len(backend: Backend, acceptance: list[float], batch: int = 1,
                      step_seconds: dict[int, float] | None = None) -> DraftChoice:
     """The draft length (0 = AR included) with the best expected tokens per second."""

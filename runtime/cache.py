@@ -74,6 +74,11 @@ class KVCache:
         self.values = self.values.index_select(1, index)
         self.lengths = self.lengths.index_select(0, index)
 
+    def reserve(self, capacity: int) -> None:
+        """Grow every row to at least `capacity` slots (committed contents are kept)."""
+        if capacity > self.capacity:
+            self.keys, self.values = _pad_slots(self.keys, capacity), _pad_slots(self.values, capacity)
+
     def concat(self, other: "KVCache") -> "KVCache":
         """A cache holding this cache's rows followed by `other`'s (capacities padded to the larger)."""
         capacity = max(self.capacity, other.capacity)

@@ -16,7 +16,8 @@ output, and sampled output is distributed as AR sampling (exact speculative samp
 
 Rows are independent: each has its own cached length, sampling settings, random generator,
 stop conditions and statistics; finished rows leave the batch, new rows may join between
-steps (`add`).
+steps (`add`), rows may be ended early (`finish`: cancellation, timeout) and the draft length
+may change between steps (`set_draft_len`), which is how a server adapts it to the batch.
 """
 
 from __future__ import annotations
@@ -84,6 +85,8 @@ class Delta:
     text: str
     finished: bool = False
     finish_reason: str | None = None
+    stats: Stats | None = field(default=None, repr=False, compare=False)
+    """The request's counters so far (cumulative; the final delta carries the totals)."""
 
 
 @dataclass
@@ -129,20 +132,24 @@ class DecodeEngine:
     def __init__(self, backend: Backend, tokenizer: Tokenizer | None = None, draft_len: int | None = None,
                  beta: float = 1.0):
         config = backend.config
+        self.backend, self.config, self.tokenizer = backend, config, tokenizer
         if draft_len is None:
             draft_len = config.block_size
-        if isinstance(draft_len, bool) or not isinstance(draft_len, int) or not 0 <= draft_len <= config.block_size:
-            raise RequestError(f"draft_len must be an integer in [0, block_size={config.block_size}] "
-                               f"(0 = AR decoding), got {draft_len!r}")
+        self._check_draft_len(draft_len)
         if not 0.0 <= beta <= 1.0:
             raise RequestError(f"beta must be in [0, 1], got {beta!r}")
-        self.backend, self.config, self.tokenizer = backend, config, tokenizer
         self.draft_len, self.beta = draft_len, beta
         self.layout = Layout.decode(draft_len)
         self.cache: KVCache | None = None
         self.rows: list[_Row] = []
         self.finished: list[Result] = []
         """Results of rows that finished, in finishing order (drivers take theirs out)."""
+
+    def _check_draft_len(self, draft_len: int) -> None:
+        block = self.config.block_size
+        if isinstance(draft_len, bool) or not isinstance(draft_len, int) or not 0 <= draft_len <= block:
+            raise RequestError(f"draft_len must be an integer in [0, block_size={block}] "
+                               f"(0 = AR decoding), got {draft_len!r}")
 
     # ------------------------------------------------------------------ admission
     def check(self, request: Request) -> None:
@@ -191,6 +198,49 @@ class DecodeEngine:
         self.cache = cache if self.cache is None else self.cache.concat(cache)
         self.rows.extend(rows)
         deltas = [self._emit(row, [row.drafts[0]]) for row in rows]
+        self._drop_finished()
+        return deltas
+
+    def set_draft_len(self, draft_len: int) -> None:
+        """Use draft length `draft_len` from the next step on. Rows keep their output; their pending
+        proposals are cut to the new length, or padded with repeats of the last one. A padded
+        proposal's distribution is a point mass, so verification stays exact (speculative
+        sampling is lossless for any proposal whose distribution is known)."""
+        self._check_draft_len(draft_len)
+        if draft_len == self.draft_len:
+            return
+        self.draft_len, self.layout = draft_len, Layout.decode(draft_len)
+        for row in self.rows:
+            wanted = max(draft_len, 1)
+            missing = wanted - len(row.drafts)
+            if missing <= 0:
+                row.drafts = row.drafts[:wanted]
+                if row.proposal_probs is not None:
+                    row.proposal_probs = row.proposal_probs[: wanted - 1]
+            else:
+                row.drafts = row.drafts + [row.drafts[-1]] * missing
+                if row.generator is not None:
+                    point = torch.zeros(missing, self.config.vocab_size)
+                    point[:, row.drafts[-1]] = 1.0
+                    known = row.proposal_probs if row.proposal_probs is not None else point[:0]
+                    row.proposal_probs = torch.cat([known, point.to(known.dtype)])
+            positions = row.stats.accepted_per_position
+            positions.extend([0] * (draft_len - 1 - len(positions)))
+        if self.cache is not None:
+            self.cache.reserve(max(self._capacity(row.request) for row in self.rows))
+
+    def finish(self, request_ids: Sequence[object], reason: str) -> list[Delta]:
+        """End the rows of `request_ids` now with finish reason `reason` (e.g. "cancelled",
+        "timeout"); their cache rows are freed and their results join `finished`. Returns the
+        final delta of each (the text held back for stop strings, flushed)."""
+        wanted = set(request_ids)
+        deltas = []
+        for row in self.rows:
+            if row.request.request_id in wanted and row.finish_reason is None:
+                row.finish_reason = reason
+                row.stats.decode_seconds = time.perf_counter() - row.started - row.stats.prefill_seconds
+                text = row.detokenizer.delta(row.text, final=True) if row.detokenizer else ""
+                deltas.append(Delta(row.request.request_id, [], text, True, reason, row.stats))
         self._drop_finished()
         return deltas
 
@@ -298,7 +348,7 @@ class DecodeEngine:
             row.stats.decode_seconds = time.perf_counter() - row.started - row.stats.prefill_seconds
         text = row.detokenizer.delta(row.text, final=row.finish_reason is not None) if row.detokenizer else ""
         return Delta(request.request_id, row.tokens[before:], text, row.finish_reason is not None,
-                     row.finish_reason)
+                     row.finish_reason, row.stats)
 
     def _apply_stop_strings(self, row: _Row, before: int) -> None:
         hits = [(row.text.find(s), s) for s in row.request.stop if s in row.text]

@@ -1,0 +1,141 @@
+"""`tidar client`: send a prompt to a served `tidar` model over gRPC (tritonclient), streaming.
+
+    result = request("localhost:8001", "def main():", max_tokens=48, on_text=print)
+
+`request` builds the input tensors of the `tidar` model (DESIGN.md contract), opens a gRPC
+stream, collects one response per decode step (text, token ids, counters, arrival times)
+and returns a `ClientResult` with the whole output, the finish reason and timing (time to
+first token, inter-token gaps). An error response raises `ClientError` with the server's
+message. The CLI prints the text as it arrives and then one stats line.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+DEFAULT_URL = "localhost:8001"
+MODEL = "tidar"
+
+
+class ClientError(RuntimeError):
+    """The server answered with an error (the message is the server's)."""
+
+
+@dataclass
+class ClientResult:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = ""
+    forward_passes: int = 0
+    draft_tokens: int = 0
+    accepted_draft_tokens: int = 0
+    started: float = 0.0
+    arrivals: list[float] = field(default_factory=list)
+    """perf_counter() of every response that carried tokens."""
+    finished: float = 0.0
+
+    @property
+    def seconds(self) -> float:
+        return self.finished - self.started
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        return self.arrivals[0] - self.started if self.arrivals else None
+
+    @property
+    def inter_token_latencies(self) -> list[float]:
+        """Gaps between consecutive responses that carried tokens (one response per decode step)."""
+        return list(np.diff(self.arrivals)) if len(self.arrivals) > 1 else []
+
+    @property
+    def tokens_per_second(self) -> float:
+        return len(self.token_ids) / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return len(self.token_ids) / self.forward_passes if self.forward_passes else 0.0
+
+
+def build_inputs(text: str, max_tokens: int, stream: bool = True, **options) -> list:
+    """The gRPC input tensors; `options` are the optional inputs of the contract by name
+    (temperature, top_p, top_k, random_seed, stop_words, end_id, draft_len, mode, timeout)."""
+    import tritonclient.grpc as grpcclient
+
+    types = {"temperature": ("FP32", np.float32), "top_p": ("FP32", np.float32), "timeout": ("FP32", np.float32),
+             "top_k": ("INT32", np.int32), "end_id": ("INT32", np.int32), "draft_len": ("INT32", np.int32),
+             "random_seed": ("UINT64", np.uint64), "mode": ("BYTES", np.object_)}
+    values = {"text_input": ("BYTES", np.array([text.encode()], dtype=np.object_)),
+              "max_tokens": ("INT32", np.array([max_tokens], dtype=np.int32)),
+              "stream": ("BOOL", np.array([stream], dtype=bool))}
+    for name, value in options.items():
+        if value is None:
+            continue
+        if name == "stop_words":
+            values[name] = ("BYTES", np.array([w.encode() for w in value], dtype=np.object_))
+        elif name in types:
+            kind, dtype = types[name]
+            values[name] = (kind, np.array([value.encode() if isinstance(value, str) else value], dtype=dtype))
+        else:
+            raise ValueError(f"unknown request option {name!r}")
+    inputs = []
+    for name, (kind, array) in values.items():
+        tensor = grpcclient.InferInput(name, list(array.shape), kind)
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+def request(url: str, text: str, max_tokens: int = 64, stream: bool = True, on_text=None, model: str = MODEL,
+            timeout: float = 600.0, **options) -> ClientResult:
+    """One generation over a gRPC stream; see the module docstring."""
+    import tritonclient.grpc as grpcclient
+
+    responses: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(url)
+    result = ClientResult()
+    try:
+        client.start_stream(callback=lambda result, error: responses.put((result, error, time.perf_counter())))
+        result.started = time.perf_counter()
+        client.async_stream_infer(model, build_inputs(text, max_tokens, stream, **options),
+                                  enable_empty_final_response=True)
+        while True:
+            try:
+                response, error, arrived = responses.get(timeout=timeout)
+            except queue.Empty:
+                raise ClientError(f"no response from {url} within {timeout:.0f} s") from None
+            if error is not None:
+                raise ClientError(str(error.message() if hasattr(error, "message") else error))
+            final = response.get_response().parameters["triton_final_response"].bool_param
+            if response.as_numpy("text_output") is not None:
+                _absorb(result, response, arrived, on_text)
+            if final:
+                result.finished = arrived
+                return result
+    finally:
+        client.stop_stream(cancel_requests=True)
+        client.close()
+
+
+def _absorb(result: ClientResult, response, arrived: float, on_text) -> None:
+    piece = response.as_numpy("text_output")[0].decode("utf-8")
+    ids = response.as_numpy("output_ids").tolist()
+    result.text += piece
+    result.token_ids += ids
+    if ids:
+        result.arrivals.append(arrived)
+    reason = response.as_numpy("finish_reason")[0].decode()
+    result.finish_reason = reason or result.finish_reason
+    result.forward_passes = int(response.as_numpy("num_forward_passes")[0])
+    result.draft_tokens = int(response.as_numpy("num_draft_tokens")[0])
+    result.accepted_draft_tokens = int(response.as_numpy("num_accepted_draft_tokens")[0])
+    if on_text and piece:
+        on_text(piece)
+
+
+def default_url() -> str:
+    return os.environ.get("TIDAR_GRPC_URL", DEFAULT_URL)

@@ -1,0 +1,73 @@
+"""Render the Triton Inference Server model repository from the templates in `triton_repo/`.
+
+    render_repository(dest, model_dir="../..", backend="onnxruntime", ...) -> dest
+
+Copies every template model folder (today: `tidar`, the Python-backend model) to `dest` and
+fills the `${...}` fields of its config.pbtxt with `string.Template` (the convention of
+tensorrtllm_backend's fill_template.py); a field left unfilled, or a value that would break
+the config, is an error. `tidar-export build` renders OUT/triton_repo with `model_dir` = the
+export folder as a path relative to the model folder, so OUT can be moved as a whole.
+"""
+
+from __future__ import annotations
+
+import shutil
+import string
+from pathlib import Path
+
+import tidar
+
+TEMPLATES = Path(tidar.__file__).resolve().parent / "triton_repo"
+SERVING_BACKENDS = ("torch", "onnxruntime", "tensorrt", "trtllm")
+INSTANCE_KINDS = ("KIND_CPU", "KIND_GPU")
+
+
+class RenderError(ValueError):
+    """A template that cannot be filled as asked; the message names the field."""
+
+
+def template_fields(templates: Path = TEMPLATES) -> set[str]:
+    """The `${...}` fields the templates use."""
+    fields = set()
+    for config in templates.glob("*/config.pbtxt"):
+        for match in string.Template.pattern.finditer(config.read_text()):
+            name = match.group("named") or match.group("braced")
+            if name:
+                fields.add(name)
+    return fields
+
+
+def render_repository(dest: str | Path, *, model_dir: str, backend: str = "onnxruntime", draft_len: str = "auto",
+                      max_batch_size: int = 16, max_queue_size: int = 64, max_tokens_limit: int = 0,
+                      default_timeout: float = 0, instance_count: int = 1, instance_kind: str = "KIND_CPU",
+                      autotune_batch_sizes: str = "1,2,4,8,16", autotune_draft_lens: str = "0,1,2,3,4,6,8",
+                      autotune_repeats: int = 5, threads: int = 0, templates: Path = TEMPLATES) -> Path:
+    """Write the rendered repository to `dest` (which must not exist). `model_dir` is the model
+    or export folder, absolute or relative to dest/tidar; `draft_len` is "auto" or an integer;
+    `instance_kind` KIND_GPU puts `instance_count` instances on every GPU."""
+    dest = Path(dest)
+    if backend not in SERVING_BACKENDS:
+        raise RenderError(f"backend must be one of {', '.join(SERVING_BACKENDS)}, got {backend!r}")
+    if instance_kind not in INSTANCE_KINDS:
+        raise RenderError(f"instance_kind must be one of {', '.join(INSTANCE_KINDS)}, got {instance_kind!r}")
+    if draft_len != "auto" and not str(draft_len).isdigit():
+        raise RenderError(f"draft_len must be 'auto' or a non-negative integer, got {draft_len!r}")
+    for name, value in (("instance_count", instance_count), ("max_batch_size", max_batch_size)):
+        if not isinstance(value, int) or value < 1:
+            raise RenderError(f"{name} must be a positive integer, got {value!r}")
+    if '"' in str(model_dir) or "\n" in str(model_dir):
+        raise RenderError(f"model_dir {model_dir!r} cannot be written into config.pbtxt")
+    values = dict(model_dir=model_dir, backend=backend, draft_len=draft_len, max_batch_size=max_batch_size,
+                  max_queue_size=max_queue_size, max_tokens_limit=max_tokens_limit,
+                  default_timeout=default_timeout, instance_count=instance_count, instance_kind=instance_kind,
+                  autotune_batch_sizes=autotune_batch_sizes, autotune_draft_lens=autotune_draft_lens,
+                  autotune_repeats=autotune_repeats, threads=threads)
+    missing = template_fields(templates) - set(values)
+    if missing:
+        raise RenderError(f"{templates}: template fields without a value: {sorted(missing)}")
+    rendered = {config.relative_to(templates): string.Template(config.read_text()).substitute(values)
+                for config in templates.glob("*/config.pbtxt")}
+    shutil.copytree(templates, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "README.md"))
+    for relative, text in rendered.items():
+        (dest / relative).write_text(text)
+    return dest

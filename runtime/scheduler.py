@@ -1,0 +1,353 @@
+"""Continuous batching for a server: many concurrent requests share the decode steps.
+
+    scheduler = Scheduler(backend, tokenizer, SchedulerConfig(max_batch_size=16, max_queue_size=64))
+    handle = scheduler.submit(request, on_delta, on_error, draft_len=None, timeout=30.0)
+    scheduler.cancel(handle)          # or: is_cancelled() of the submission returns True
+    scheduler.close()
+
+One background thread runs the loop. Between two steps it
+  1. ends rows whose caller cancelled (or whose stream broke) and rows past their deadline
+     (finish reason "cancelled" / "timeout"; the partial output is delivered, the cache row freed);
+  2. admits queued requests while the batch has room: each is validated (`DecodeEngine.check`;
+     a bad one gets `on_error` and never touches the batch) and prefilled, then joins;
+  3. adapts the draft length of the shared batch to its size (`BatchDraftPolicy`: the measured
+     step latency per batch size times the model's acceptance; 0 = AR is a candidate);
+  4. runs one step of every engine that has rows and hands each row's delta to its caller.
+
+Requests that ask for a fixed draft length (or AR, `draft_len=0`) run in an engine of their
+own for that length, since one forward has one layout; requests without one share the
+adaptive engine. Rows of one engine keep their own lengths, sampling settings and stop
+conditions (SPEC I4: each row's output equals the request served alone).
+
+The queue is bounded: `submit` raises `Overloaded` when `max_queue_size` requests wait.
+Counters (`SchedulerCounters`) follow vLLM's speculative-decoding metrics; a server publishes
+them after every loop iteration through the `publish` callback.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .autotune import BatchDraftPolicy
+from .backend import Backend
+from .generate import DecodeEngine, Delta, Request, RequestError
+from .tokenizer import Tokenizer
+
+
+class Overloaded(RuntimeError):
+    """The queue is full; the caller should retry later."""
+
+
+@dataclass
+class SchedulerConfig:
+    max_batch_size: int = 16
+    """Most rows decoded together (across all engines)."""
+    max_queue_size: int = 64
+    """Most requests waiting for a row; more are refused with `Overloaded`."""
+    draft_len: int | None = None
+    """Draft length of requests that do not ask for one; None = adapt to the batch size."""
+    default_timeout: float | None = None
+    """Seconds a request may take from submission (None = no limit) unless it sets its own."""
+
+
+@dataclass
+class SchedulerCounters:
+    """Totals since start (counters) and the current state (gauges)."""
+
+    requests: collections.Counter = field(default_factory=collections.Counter)
+    """Finished requests by outcome: stop, length, cancelled, timeout, invalid, overloaded, error."""
+    forward_passes: int = 0
+    """Model forwards: one per prefill and one per engine step."""
+    row_forwards: int = 0
+    """Rows summed over forwards (a step of 8 rows counts 8)."""
+    generated_tokens: int = 0
+    drafts: int = 0
+    """Row steps that verified proposals."""
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
+    tokens_per_forward: list[int] = field(default_factory=list)
+    """Tokens committed per row forward since the last `drain_observations` (for a histogram)."""
+    queue_depth: int = 0
+    active_rows: int = 0
+    draft_len: int = 0
+    """Draft length of the adaptive engine."""
+
+    def drain_observations(self) -> list[int]:
+        values, self.tokens_per_forward = self.tokens_per_forward, []
+        return values
+
+
+@dataclass
+class _Submission:
+    request: Request
+    on_delta: Callable[[Delta], None]
+    on_error: Callable[[str, str], None]
+    is_cancelled: Callable[[], bool]
+    engine_key: object
+    deadline: float | None
+    cancelled: bool = False
+    seen: dict = field(default_factory=lambda: dict(drafts=0, draft_tokens=0, accepted_tokens=0,
+                                                     accepted_per_position=[]))
+
+
+ADAPTIVE = "adaptive"
+
+
+class Scheduler:
+    """See the module docstring."""
+
+    def __init__(self, backend: Backend, tokenizer: Tokenizer | None, config: SchedulerConfig | None = None,
+                 policy: BatchDraftPolicy | None = None, publish: Callable[[SchedulerCounters], None] | None = None):
+        self.backend, self.tokenizer = backend, tokenizer
+        self.config = config or SchedulerConfig()
+        if self.config.max_batch_size < 1 or self.config.max_queue_size < 0:
+            raise ValueError(f"max_batch_size must be >= 1 and max_queue_size >= 0: {self.config}")
+        if self.config.draft_len is None and policy is None:
+            raise ValueError("an adaptive draft length (draft_len=None) needs a BatchDraftPolicy")
+        self.policy, self.publish = policy, publish
+        self.counters = SchedulerCounters()
+        initial = self.config.draft_len if self.config.draft_len is not None else policy.best(1)
+        self.counters.draft_len = initial
+        self.engines: dict[object, DecodeEngine] = {ADAPTIVE: DecodeEngine(backend, tokenizer, draft_len=initial)}
+        self._queue: collections.deque[_Submission] = collections.deque()
+        self._running: dict[object, _Submission] = {}  # request_id -> submission
+        self._ids = itertools.count()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._loop, name="tidar-scheduler", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ callers
+    def submit(self, request: Request, on_delta: Callable[[Delta], None], on_error: Callable[[str, str], None],
+               *, draft_len: int | None = None, timeout: float | None = None,
+               is_cancelled: Callable[[], bool] = lambda: False) -> object:
+        """Queue `request`; its deltas go to `on_delta` (the last has `finished`), or one call of
+        `on_error(kind, message)` (kind "invalid" or "error") if it cannot be served. Returns a
+        handle for `cancel`. Raises `Overloaded` if the queue is full, RequestError if
+        `draft_len` or `timeout` is invalid."""
+        if draft_len is not None:
+            self.engines[ADAPTIVE]._check_draft_len(draft_len)
+        timeout = timeout if timeout is not None else self.config.default_timeout
+        if timeout is not None and not timeout > 0:
+            raise RequestError(f"timeout must be positive seconds, got {timeout!r}")
+        handle = next(self._ids)
+        request.request_id = handle
+        deadline = time.monotonic() + timeout if timeout is not None else None
+        key = ADAPTIVE if draft_len is None else draft_len
+        submission = _Submission(request, on_delta, on_error, is_cancelled, key, deadline)
+        with self._cond:
+            if self._closing:
+                raise Overloaded("the scheduler is shutting down")
+            if len(self._queue) >= self.config.max_queue_size:
+                self.counters.requests["overloaded"] += 1
+                raise Overloaded(f"server overloaded: {len(self._queue)} requests are queued "
+                                 f"(max_queue_size = {self.config.max_queue_size}); retry later")
+            self._queue.append(submission)
+            self.counters.queue_depth = len(self._queue)
+            self._cond.notify()
+        return handle
+
+    def cancel(self, handle: object) -> None:
+        """End request `handle`: its row leaves at the next step (or it leaves the queue)."""
+        with self._cond:
+            for submission in itertools.chain(self._queue, self._running.values()):
+                if submission.request.request_id == handle:
+                    submission.cancelled = True
+            self._cond.notify()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the loop; queued and running requests end with finish reason "cancelled"."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    @property
+    def idle(self) -> bool:
+        with self._cond:
+            return not self._queue and not self._running
+
+    # ------------------------------------------------------------------ the loop
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._closing or self._queue or self._running):
+                    self._cond.wait()
+                closing = self._closing
+            try:
+                if closing:
+                    self._end_all("cancelled")
+                    return
+                self._reap()
+                self._admit()
+                self._adapt()
+                self._step()
+            except Exception:  # a bug must not kill the server: fail the running requests, go on
+                self._end_all("error", traceback.format_exc(limit=3))
+            if self.publish is not None:
+                _safe(self.publish, self.counters)
+
+    def _reap(self) -> None:
+        """End cancelled and timed-out requests, queued or running."""
+        now = time.monotonic()
+
+        def reason(sub: _Submission) -> str | None:
+            if sub.cancelled or _safe(sub.is_cancelled):
+                return "cancelled"
+            return "timeout" if sub.deadline is not None and now >= sub.deadline else None
+
+        with self._cond:
+            waiting = [(sub, reason(sub)) for sub in self._queue]
+            self._queue = collections.deque(sub for sub, why in waiting if why is None)
+            self.counters.queue_depth = len(self._queue)
+        for sub, why in waiting:
+            if why is not None:
+                self.counters.requests[why] += 1
+                self._deliver(sub, Delta(sub.request.request_id, [], "", True, why))
+        ending: dict[str, list[_Submission]] = collections.defaultdict(list)
+        for sub in list(self._running.values()):
+            why = reason(sub)
+            if why is not None:
+                ending[why].append(sub)
+        for why, subs in ending.items():
+            by_engine = collections.defaultdict(list)
+            for sub in subs:
+                by_engine[sub.engine_key].append(sub.request.request_id)
+            for key, ids in by_engine.items():
+                self._dispatch(self.engines[key].finish(ids, why))
+                self._collect(self.engines[key])
+
+    def _admit(self) -> None:
+        while len(self._running) < self.config.max_batch_size:
+            with self._cond:
+                if not self._queue:
+                    return
+                sub = self._queue.popleft()
+                self.counters.queue_depth = len(self._queue)
+            engine = self._engine(sub.engine_key)
+            try:
+                engine.check(sub.request)
+            except RequestError as error:
+                self.counters.requests["invalid"] += 1
+                _safe(sub.on_error, "invalid", str(error))
+                continue
+            self._running[sub.request.request_id] = sub
+            self.counters.forward_passes += 1
+            self.counters.row_forwards += 1
+            self._dispatch(engine.add([sub.request]))
+            self._collect(engine)
+
+    def _adapt(self) -> None:
+        if self.config.draft_len is not None:
+            return
+        engine = self.engines[ADAPTIVE]
+        if engine.rows:
+            engine.set_draft_len(self.policy.best(sum(len(e.rows) for e in self.engines.values())))
+        self.counters.draft_len = engine.draft_len
+
+    def _step(self) -> None:
+        for engine in list(self.engines.values()):
+            if engine.rows:
+                self.counters.forward_passes += 1
+                self.counters.row_forwards += len(engine.rows)
+                self._dispatch(engine.step())
+                self._collect(engine)
+        self.counters.active_rows = len(self._running)
+
+    # ------------------------------------------------------------------ plumbing
+    def _engine(self, key: object) -> DecodeEngine:
+        if key not in self.engines:
+            self.engines[key] = DecodeEngine(self.backend, self.tokenizer, draft_len=key)
+        return self.engines[key]
+
+    def _dispatch(self, deltas: list[Delta]) -> None:
+        for delta in deltas:
+            sub = self._running.get(delta.request_id)
+            if sub is None:
+                continue
+            self._count(sub, delta)
+            self._deliver(sub, delta)
+            if delta.finished:
+                del self._running[delta.request_id]
+                self.counters.requests[delta.finish_reason] += 1
+        self.counters.active_rows = len(self._running)
+
+    def _deliver(self, sub: _Submission, delta: Delta) -> None:
+        """Hand `delta` to the caller; a caller that raises (a broken stream) is cancelled."""
+        if _safe(sub.on_delta, delta) is _FAILED:
+            sub.cancelled = True
+
+    def _count(self, sub: _Submission, delta: Delta) -> None:
+        c = self.counters
+        c.generated_tokens += len(delta.token_ids)
+        if delta.token_ids:
+            c.tokens_per_forward.append(len(delta.token_ids))
+        stats = delta.stats
+        if stats is None:
+            return
+        seen = sub.seen
+        c.drafts += stats.drafts - seen["drafts"]
+        c.draft_tokens += stats.draft_tokens - seen["draft_tokens"]
+        c.accepted_tokens += stats.accepted_tokens - seen["accepted_tokens"]
+        positions = stats.accepted_per_position
+        c.accepted_per_position.extend([0] * (len(positions) - len(c.accepted_per_position)))
+        before = seen["accepted_per_position"] + [0] * (len(positions) - len(seen["accepted_per_position"]))
+        for i, count in enumerate(positions):
+            c.accepted_per_position[i] += count - before[i]
+        sub.seen = dict(drafts=stats.drafts, draft_tokens=stats.draft_tokens,
+                        accepted_tokens=stats.accepted_tokens, accepted_per_position=list(positions))
+
+    def _collect(self, engine: DecodeEngine) -> None:
+        """Results of finished rows are delivered through deltas; drop them from the engine."""
+        engine.finished.clear()
+
+    def _end_all(self, reason: str, detail: str = "") -> None:
+        with self._cond:
+            queued, self._queue = list(self._queue), collections.deque()
+        for sub in queued:
+            self.counters.requests[reason] += 1
+            self._end(sub, reason, detail)
+        for key, engine in self.engines.items():
+            ids = [row.request.request_id for row in engine.rows]
+            try:
+                deltas = engine.finish(ids, reason)
+            except Exception:
+                deltas = []
+                engine.rows, engine.cache = [], None
+            engine.finished.clear()
+            if reason == "error":
+                for sub in [self._running.pop(i) for i in ids if i in self._running]:
+                    self.counters.requests[reason] += 1
+                    _safe(sub.on_error, "error", f"internal error, the request was ended: {detail}")
+            else:
+                self._dispatch(deltas)
+        for sub in list(self._running.values()):  # rows lost with a broken engine
+            self._running.pop(sub.request.request_id)
+            self.counters.requests[reason] += 1
+            self._end(sub, reason, detail)
+        self.counters.active_rows = 0
+        self.counters.queue_depth = 0
+
+    def _end(self, sub: _Submission, reason: str, detail: str) -> None:
+        if reason == "error":
+            _safe(sub.on_error, "error", f"internal error, the request was ended: {detail}")
+        else:
+            self._deliver(sub, Delta(sub.request.request_id, [], "", True, reason))
+
+
+_FAILED = object()
+
+
+def _safe(function: Callable, *args):
+    """Call a caller's callback; its failure is the caller's problem, never the loop's."""
+    try:
+        return function(*args)
+    except Exception:
+        return _FAILED

@@ -1,0 +1,222 @@
+"""`tidar serve REPO`: run Triton Inference Server on a rendered model repository.
+
+    with TritonServer(repo, grpc_port=8001, http_port=8000, metrics_port=8002) as server:
+        ...  # server.grpc_url, server.metrics_url
+
+Finds `tritonserver` (on PATH, or the one bundled in the `nvidia-pytriton` wheel), prepares a
+backend folder whose Python backend runs this interpreter (the wheel's stub for this Python
+version; PATH and LD_LIBRARY_PATH point at this environment, so the model imports `tidar`
+and its dependencies from it), checks that the ports are free, starts the server, waits
+until the models are ready and stops it cleanly (SIGINT, then SIGKILL after a grace period).
+The server's log goes to a file; on a failed start its tail is part of the error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+
+class ServeError(RuntimeError):
+    """The server cannot be started (no binary, a port taken, a repository that fails to load)."""
+
+
+def find_tritonserver() -> tuple[Path, Path | None, Path | None]:
+    """(tritonserver binary, its Python backend folder, its stub for this Python) — from
+    nvidia-pytriton when installed, else `tritonserver` on PATH with the backends of a standard
+    install (/opt/tritonserver/backends)."""
+    try:
+        import pytriton
+    except ImportError:
+        pytriton = None
+    if pytriton is not None:
+        root = Path(pytriton.__file__).resolve().parent / "tritonserver"
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+        binary = root / "bin" / "tritonserver"
+        if binary.is_file():
+            if not stub.is_file():
+                raise ServeError(f"nvidia-pytriton has no Python backend stub for Python {version}")
+            return binary, root / "backends" / "python", stub
+    on_path = shutil.which("tritonserver")
+    if on_path:
+        return Path(on_path), None, None
+    raise ServeError("no Triton Inference Server found: install the serve extra "
+                     "(`pip install -e \".[serve]\"`, which brings nvidia-pytriton's tritonserver) "
+                     "or put `tritonserver` on PATH")
+
+
+def check_repository(repo: Path) -> None:
+    if not repo.is_dir():
+        raise ServeError(f"{repo}: no such model repository")
+    configs = list(repo.glob("*/config.pbtxt"))
+    if not configs:
+        raise ServeError(f"{repo}: not a model repository (no <model>/config.pbtxt)")
+    for config in configs:
+        if "${" in config.read_text():
+            raise ServeError(f"{config}: an unrendered template; serve the repository that `tidar-export build` "
+                             "writes to OUT/triton_repo")
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class TritonServer:
+    """One tritonserver process on `repo`; a context manager. Port 0 picks a free port."""
+
+    def __init__(self, repo: str | Path, grpc_port: int = 8001, http_port: int = 8000, metrics_port: int = 8002,
+                 log_file: str | Path | None = None, verbose: bool = False, ready_timeout: float = 300.0):
+        self.repo = Path(repo).resolve()
+        check_repository(self.repo)
+        self.grpc_port, self.http_port, self.metrics_port = (p or free_port() for p in (grpc_port, http_port,
+                                                                                          metrics_port))
+        for name, port in (("gRPC", self.grpc_port), ("HTTP", self.http_port), ("metrics", self.metrics_port)):
+            if not port_is_free(port):
+                raise ServeError(f"{name} port {port} is already in use; choose another with "
+                                 f"--{name.lower()}-port (or stop what listens there)")
+        self.verbose, self.ready_timeout = verbose, ready_timeout
+        self._workdir = Path(tempfile.mkdtemp(prefix="tidar-serve-"))
+        self.log_file = Path(log_file) if log_file else self._workdir / "tritonserver.log"
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def grpc_url(self) -> str:
+        return f"localhost:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://localhost:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://localhost:{self.metrics_port}/metrics"
+
+    def _command_and_env(self) -> tuple[list[str], dict[str, str]]:
+        binary, python_backend, stub = find_tritonserver()
+        command = [str(binary), "--model-repository", str(self.repo), f"--grpc-port={self.grpc_port}",
+                   f"--http-port={self.http_port}", f"--metrics-port={self.metrics_port}",
+                   "--allow-gpu-metrics=false", f"--log-verbose={1 if self.verbose else 0}"]
+        env = dict(os.environ)
+        if python_backend is not None:  # nvidia-pytriton: a backend folder with this Python's stub
+            backends = self._workdir / "backends"
+            shutil.copytree(python_backend, backends / "python", ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.copy2(stub, backends / "python" / "triton_python_backend_stub")
+            command.append(f"--backend-directory={backends}")
+            libs = Path(binary).resolve().parents[2].parent / "nvidia_pytriton.libs"
+            library_path = [sysconfig.get_config_var("LIBDIR") or "", str(libs), env.get("LD_LIBRARY_PATH", "")]
+            env["LD_LIBRARY_PATH"] = ":".join(p for p in library_path if p)
+        # The Python backend's stub finds its interpreter (and site-packages) through PATH.
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        return command, env
+
+    def start(self) -> "TritonServer":
+        command, env = self._command_and_env()
+        log = open(self.log_file, "wb")
+        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                        start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + self.ready_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServeError(f"tritonserver exited with status {self.process.returncode} while starting:\n"
+                                 f"{self.log_tail()}")
+            if self._ready():
+                return self
+            time.sleep(0.25)
+        self.stop()
+        raise ServeError(f"tritonserver was not ready after {self.ready_timeout:.0f} s:\n{self.log_tail()}")
+
+    def _ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=2) as response:
+                return response.status == 200
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            return False
+
+    def log_tail(self, lines: int = 25) -> str:
+        try:
+            text = self.log_file.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self, grace: float = 15.0) -> int | None:
+        """SIGINT (Triton unloads the models and exits), SIGKILL after `grace` seconds."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGINT)
+            try:
+                self.process.wait(grace)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        code = self.process.returncode
+        shutil.rmtree(self._workdir / "backends", ignore_errors=True)
+        return code
+
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def serve(repo: str | Path, grpc_port: int, http_port: int, metrics_port: int, command: list[str] | None = None,
+          verbose: bool = False) -> int:
+    """Run the server until SIGINT/SIGTERM; or, with `command`, run it once the server is ready,
+    stop the server and return the command's exit status."""
+    server = TritonServer(repo, grpc_port, http_port, metrics_port, verbose=verbose)
+    stop_requested = []
+
+    def on_signal(signum, _frame):
+        stop_requested.append(signum)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        print(f"starting tritonserver on {server.repo} (log: {server.log_file})", file=sys.stderr, flush=True)
+        server.start()
+        print(f"ready: gRPC {server.grpc_url}  HTTP {server.http_url}  metrics {server.metrics_url}",
+              file=sys.stderr, flush=True)
+        if command:
+            env = dict(os.environ, TIDAR_GRPC_URL=server.grpc_url, TIDAR_METRICS_URL=server.metrics_url,
+                       PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+            return subprocess.call(command, env=env)
+        while not stop_requested and server.process.poll() is None:
+            time.sleep(0.2)
+        if server.process.poll() is not None and not stop_requested:
+            print(f"tritonserver exited with status {server.process.returncode}:\n{server.log_tail()}",
+                  file=sys.stderr)
+            return 1
+        return 0
+    finally:
+        code = server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        print(f"tritonserver stopped (status {code})", file=sys.stderr, flush=True)

@@ -1,0 +1,175 @@
+"""Triton Python-backend model `tidar`: TiDAR generation with continuous batching (decoupled).
+
+Only the Triton plumbing lives here; the rest is tidar's runtime:
+- the request tensors are parsed by `tidar.runtime.serving.parse_request` (a bad request gets an
+  INVALID_ARG error response naming the input; the other requests are untouched);
+- requests go to a `tidar.runtime.scheduler.Scheduler`, whose thread batches them into shared
+  decode steps and calls back with each step's delta;
+- a streaming request gets one response per decode step with its new text and the final
+  flag on the last; a non-streaming request gets one response with the whole output;
+- a full queue gives an UNAVAILABLE "overloaded" error; a cancelled request or a closed
+  stream frees its row at the next step;
+- scheduler counters are published as `tidar_*` metrics on Triton's metrics endpoint.
+"""
+
+import json
+import threading
+from pathlib import Path
+
+import triton_python_backend_utils as pb_utils
+
+from tidar.runtime.generate import RequestError
+from tidar.runtime.scheduler import Overloaded
+from tidar.runtime.serving import INPUTS, ServingOptions, build_scheduler, parse_request, response_tensors
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+TOKENS_PER_FORWARD_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16]
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
+        options = ServingOptions.from_parameters(params)
+        folder = Path(options.model_dir)
+        if not folder.is_absolute():
+            folder = Path(args["model_repository"]) / folder
+        device = "cpu"
+        if args.get("model_instance_kind") == "GPU":
+            device = f"cuda:{args['model_instance_device_id']}"
+        self.metrics = Metrics({"model": args["model_name"], "version": args["model_version"]})
+        self.scheduler, self.tokenizer, self.config, self.max_tokens_limit = build_scheduler(
+            folder.resolve(), options, device=device, publish=self.metrics.publish)
+
+    def execute(self, requests):
+        for request in requests:
+            self._submit(request)
+        return None
+
+    def _submit(self, request):
+        sender = request.get_response_sender()
+        inputs = {}
+        for spec in INPUTS:
+            tensor = pb_utils.get_input_tensor_by_name(request, spec.name)
+            if tensor is not None:
+                inputs[spec.name] = tensor.as_numpy()
+        try:
+            parsed = parse_request(inputs, self.tokenizer, self.config, self.max_tokens_limit)
+        except RequestError as error:
+            self.metrics.rejected("invalid")
+            return _send_error(sender, str(error), pb_utils.TritonError.INVALID_ARG)
+        reply = Reply(sender, parsed.stream)
+        try:
+            self.scheduler.submit(parsed.request, reply.on_delta, reply.on_error, draft_len=parsed.draft_len,
+                                  timeout=parsed.timeout, is_cancelled=sender.is_cancelled)
+        except Overloaded as error:
+            _send_error(sender, str(error), pb_utils.TritonError.UNAVAILABLE)
+        except RequestError as error:
+            self.metrics.rejected("invalid")
+            _send_error(sender, str(error), pb_utils.TritonError.INVALID_ARG)
+
+    def finalize(self):
+        self.scheduler.close()
+
+
+class Reply:
+    """Sends one request's responses (called from the scheduler's thread)."""
+
+    def __init__(self, sender, stream: bool):
+        self.sender, self.stream = sender, stream
+        self.text, self.token_ids = [], []
+
+    def on_delta(self, delta):
+        if self.stream:
+            tensors = response_tensors(delta.text, delta.token_ids, delta.finish_reason, delta)
+        else:
+            self.text.append(delta.text)
+            self.token_ids.extend(delta.token_ids)
+            if not delta.finished:
+                return
+            tensors = response_tensors("".join(self.text), self.token_ids, delta.finish_reason, delta)
+        response = pb_utils.InferenceResponse([pb_utils.Tensor(name, value) for name, value in tensors.items()])
+        self.sender.send(response, flags=FINAL if delta.finished else 0)
+
+    def on_error(self, kind, message):
+        code = pb_utils.TritonError.INVALID_ARG if kind == "invalid" else pb_utils.TritonError.INTERNAL
+        _send_error(self.sender, message, code)
+
+
+def _send_error(sender, message, code):
+    try:
+        sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code)), flags=FINAL)
+    except Exception:  # the client is gone; nothing to tell
+        pass
+
+
+class Metrics:
+    """Scheduler counters as Triton custom metrics (`tidar_*`), in the style of vLLM's
+    speculative-decoding metrics. Counters are incremented by what changed since the last publish."""
+
+    COUNTERS = {
+        "forward_passes": "Model forwards (prefills and decode steps)",
+        "row_forwards": "Rows summed over model forwards",
+        "generated_tokens": "Tokens generated",
+        "drafts": "Row steps that verified drafts (vllm: spec_decode_num_drafts)",
+        "draft_tokens": "Draft tokens verified (vllm: spec_decode_num_draft_tokens)",
+        "accepted_tokens": "Draft tokens accepted (vllm: spec_decode_num_accepted_tokens)",
+    }
+
+    def __init__(self, labels):
+        self.labels = labels
+        self.lock = threading.Lock()
+        counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
+        self.families = []  # a MetricFamily must outlive its Metric objects
+
+        def family(name, text, kind):
+            self.families.append(pb_utils.MetricFamily(name, text, kind))
+            return self.families[-1]
+
+        self.counters = {name: family(f"tidar_{name}_total", text, counter).Metric(labels=labels)
+                         for name, text in self.COUNTERS.items()}
+        self.requests_family = family(
+            "tidar_requests_total", "Finished requests by outcome (stop, length, cancelled, timeout, invalid, "
+            "overloaded, error)", counter)
+        self.position_family = family(
+            "tidar_accepted_tokens_per_pos_total",
+            "Accepted draft tokens by draft position (vllm: spec_decode_num_accepted_tokens_per_pos)", counter)
+        self.gauges = {name: family(f"tidar_{name}", text, gauge).Metric(labels=labels)
+                       for name, text in (("queue_depth", "Requests waiting for a row"),
+                                          ("active_rows", "Rows in the decode batch"),
+                                          ("draft_len", "Current draft length of the adaptive batch"))}
+        self.histogram = family(
+            "tidar_tokens_per_forward", "Tokens committed per row per forward", pb_utils.MetricFamily.HISTOGRAM,
+        ).Metric(labels=labels, buckets=TOKENS_PER_FORWARD_BUCKETS)
+        self.labelled = {}
+        self.published = {}
+
+    def _labelled(self, family, key, value):
+        metric = self.labelled.get((key, value))
+        if metric is None:
+            metric = self.labelled[(key, value)] = family.Metric(labels={**self.labels, key: str(value)})
+        return metric
+
+    def _advance(self, key, metric, total):
+        change = total - self.published.get(key, 0)
+        if change:
+            metric.increment(change)
+            self.published[key] = total
+
+    def rejected(self, outcome):
+        with self.lock:
+            self._labelled(self.requests_family, "outcome", outcome).increment(1)
+
+    def publish(self, counters):
+        with self.lock:
+            for name, metric in self.counters.items():
+                self._advance(name, metric, getattr(counters, name))
+            for outcome, total in counters.requests.items():
+                self._advance(("requests", outcome), self._labelled(self.requests_family, "outcome", outcome), total)
+            for index, total in enumerate(counters.accepted_per_position):
+                self._advance(("position", index + 1),
+                              self._labelled(self.position_family, "position", index + 1), total)
+            for name, metric in self.gauges.items():
+                metric.set(getattr(counters, name))
+            for value in counters.drain_observations():
+                self.histogram.observe(value)
