@@ -11,6 +11,8 @@ What is tested
   within round-off of a tie. Power: the same test, same sample size, rejects two wrong
   samplers patched into the engine (the authors' worker, which replaces the first rejected
   draft by a sample of p instead of the residual, and one that accepts every draft).
+  The same test covers a draft length that changes between steps (`set_draft_len`, as the
+  server adapts it to the batch): proposals are cut, or padded with point-mass proposals.
 - `probabilities` against an independent float64 implementation of temperature, top-k and
   top-p (Hugging Face TopPLogitsWarper semantics) and against transformers' own warpers.
 - `verify_greedy` on hand cases; `verify_sampled`: p == q accepts everything, a draft with
@@ -21,8 +23,8 @@ What is tested
 
 False-alarm rates
 Every goodness-of-fit test of a correct sampler uses significance ALPHA = 1e-3. There are
-K = 7 such tests (3 engine cases, 4 in test_verify_sampled_*_distribution), so a correct
-implementation fails this file by chance with probability at most K * ALPHA = 0.7 %
+K = 8 such tests (4 engine cases, 4 in test_verify_sampled_*_distribution), so a correct
+implementation fails this file by chance with probability at most K * ALPHA = 0.8 %
 (Bonferroni). All random draws use fixed seeds, so a given build passes or fails
 deterministically; the bound is the chance that an arbitrary correct change of the numerics
 (which reshuffles the samples) trips a test. The power checks assert p < ALPHA for the wrong
@@ -214,6 +216,30 @@ def test_i2_tidar_sampling_matches_exact_ar_distribution(model, case):
     pvalue = chi_square_pvalue(counts, exact)
     print(f"\nI2 {case}: TV(accept-all, AR) = {tv:.3f}, acceptance {accepted / proposed:.3f}, p = {pvalue:.3g}")
     assert pvalue > ALPHA, f"TiDAR samples do not follow the AR distribution (p = {pvalue:.3g})"
+
+
+def test_i2_holds_when_the_draft_length_changes_between_steps(model):
+    """I2 with the draft length changed before every step (growing pads proposals with point
+    masses, shrinking cuts them): still the exact AR distribution."""
+    params = SamplingParams(temperature=1.0)
+    exact, logits = ar_distribution(model, PROMPT, CONTINUATION, params)
+    assert_no_near_ties(logits, params)
+    engine = DecodeEngine(TorchBackend(model), draft_len=2)
+    requests = [Request(PROMPT, CONTINUATION, sampling=dataclasses.replace(params, seed=50_000 + i), eos_ids=())
+                for i in range(ENGINE_SAMPLES)]
+    engine.add(requests)
+    for draft_len in itertools.cycle((4, 1, 3, 0, 4, 2)):
+        if not engine.rows:
+            break
+        engine.set_draft_len(draft_len)
+        engine.step()
+    results = engine.finished
+    assert len(results) == ENGINE_SAMPLES and all(len(r.token_ids) == CONTINUATION for r in results)
+    accepted, proposed = sum(r.stats.accepted_tokens for r in results), sum(r.stats.draft_tokens for r in results)
+    assert 0 < accepted < proposed
+    pvalue = chi_square_pvalue(Counter(tuple(r.token_ids) for r in results), exact)
+    print(f"\nI2 with changing draft lengths: acceptance {accepted / proposed:.3f}, p = {pvalue:.3g}")
+    assert pvalue > ALPHA, f"samples do not follow the AR distribution when the draft length changes (p = {pvalue:.3g})"
 
 
 @pytest.mark.parametrize("wrong,rows", [(worker_verify, ENGINE_SAMPLES), (accept_all_verify, ENGINE_SAMPLES // 4)],
