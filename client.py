@@ -91,8 +91,9 @@ def build_inputs(text: str, max_tokens: int, stream: bool = True, **options) -> 
 
 
 def request(url: str, text: str, max_tokens: int = 64, stream: bool = True, on_text=None, model: str = MODEL,
-            timeout: float = 600.0, **options) -> ClientResult:
-    """One generation over a gRPC stream; see the module docstring."""
+            response_timeout: float = 600.0, **options) -> ClientResult:
+    """One generation over a gRPC stream; see the module docstring. `response_timeout` bounds the
+    wait for each response here; the `timeout` option asks the server to end the request."""
     import tritonclient.grpc as grpcclient
 
     responses: queue.Queue = queue.Queue()
@@ -105,9 +106,9 @@ def request(url: str, text: str, max_tokens: int = 64, stream: bool = True, on_t
                                   enable_empty_final_response=True)
         while True:
             try:
-                response, error, arrived = responses.get(timeout=timeout)
+                response, error, arrived = responses.get(timeout=response_timeout)
             except queue.Empty:
-                raise ClientError(f"no response from {url} within {timeout:.0f} s") from None
+                raise ClientError(f"no response from {url} within {response_timeout:.0f} s") from None
             if error is not None:
                 raise ClientError(str(error.message() if hasattr(error, "message") else error))
             final = response.get_response().parameters["triton_final_response"].bool_param

@@ -1,0 +1,232 @@
+"""Integration: the real Triton Inference Server (nvidia-pytriton's tritonserver) serving the
+bundled model through triton_repo/, driven with NVIDIA's tritonclient over gRPC.
+
+The oracle for every greedy output is AR decoding of the same weights in this process
+(DecodeEngine at draft length 0, itself tested against transformers); `tidar generate` is
+compared as the user would run it. The server runs two models rendered from the templates:
+`tidar` (adaptive draft length, 16 rows) and `tidar_small` (one row, a queue of one) for the
+overload test.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+grpcclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed (serve extra)")
+pytest.importorskip("pytriton", reason="nvidia-pytriton (the bundled tritonserver) is not installed (serve extra)")
+
+from tidar import BUNDLED_MODEL  # noqa: E402
+from tidar.client import ClientError, build_inputs, request  # noqa: E402
+from tidar.export.triton_repo import render_repository  # noqa: E402
+from tidar.runtime.backend import TorchBackend  # noqa: E402
+from tidar.runtime.generate import DecodeEngine, Request  # noqa: E402
+from tidar.runtime.tokenizer import Tokenizer  # noqa: E402
+from tidar.serve import TritonServer  # noqa: E402
+
+PROMPTS = ["def main():\n", "import os\nimport sys\n", "class Config:\n    def __init__(self", "# Copyright",
+           "for key, value in", "    return self.", "if __name__ == '__main__':\n", "try:\n    import",
+           "def _make_", "with open(path) as f:\n", "raise ValueError(", "@property\ndef ",
+           "self.assertEqual(", "from collections import", "x = [", "while True:\n"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    repo = render_repository(root / "repo", model_dir=str(BUNDLED_MODEL), backend="torch", threads=1,
+                             autotune_batch_sizes="1,4,16", autotune_draft_lens="0,2,4", autotune_repeats=2)
+    small = repo / "tidar_small"
+    shutil.copytree(repo / "tidar", small)
+    config = (small / "config.pbtxt").read_text().replace('name: "tidar"', 'name: "tidar_small"')
+    for key, value in (("max_batch_size", "1"), ("max_queue_size", "1"), ("draft_len", "2")):
+        config = re.sub(rf'(key: "{key}" value: {{ string_value: )"[^"]*"', rf'\1"{value}"', config)
+    (small / "config.pbtxt").write_text(config)
+    with TritonServer(repo, grpc_port=0, http_port=0, metrics_port=0) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def ar_oracle():
+    engine = DecodeEngine(TorchBackend.load(BUNDLED_MODEL), Tokenizer(BUNDLED_MODEL), draft_len=0)
+    tokenizer = engine.tokenizer
+
+    def greedy(text: str, max_tokens: int):
+        return engine.generate([Request(tokenizer.encode(text), max_tokens)])[0]
+
+    return greedy
+
+
+def metrics(server) -> dict[str, float]:
+    """tidar_* samples summed over label sets; labelled ones also under name{label="value"}."""
+    with urllib.request.urlopen(server.metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        match = re.match(r'(tidar_\w+)\{([^}]*)\} (\S+)', line)
+        if not match:
+            continue
+        name, labels, value = match.group(1), match.group(2), float(match.group(3))
+        if 'model="tidar"' not in labels:
+            continue
+        values[name] = values.get(name, 0.0) + value
+        for label in re.findall(r'(outcome|position)="([^"]*)"', labels):
+            values[f'{name}{{{label[0]}="{label[1]}"}}'] = value
+    return values
+
+
+def wait_for(condition, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_streamed_text_equals_tidar_generate(server, ar_oracle):
+    prompt = "def main():\n"
+    cli = subprocess.run([sys.executable, "-m", "tidar.cli", "generate", "--prompt", prompt, "--max-new-tokens", "40",
+                          "--draft-len", "3", "--json"], capture_output=True, text=True, check=True)
+    generated = json.loads(cli.stdout)
+    pieces = []
+    streamed = request(server.grpc_url, prompt, 40, on_text=pieces.append)
+    assert streamed.token_ids == generated["token_ids"] == ar_oracle(prompt, 40).token_ids
+    assert streamed.text == generated["text"] == "".join(pieces)
+    assert len(streamed.arrivals) > 1 and streamed.finish_reason == "length"
+    whole = request(server.grpc_url, prompt, 40, stream=False)
+    assert (whole.text, whole.token_ids, len(whole.arrivals)) == (streamed.text, streamed.token_ids, 1)
+
+
+def test_sixteen_concurrent_streams_equal_their_solo_output(server, ar_oracle):
+    lengths = [24 + 5 * (i % 5) for i in range(16)]
+    before = metrics(server)
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda a: request(server.grpc_url, *a), zip(PROMPTS, lengths)))
+    after = metrics(server)
+    for prompt, length, result in zip(PROMPTS, lengths, results):
+        assert result.token_ids == ar_oracle(prompt, length).token_ids, prompt
+    forwards = after["tidar_forward_passes_total"] - before["tidar_forward_passes_total"]
+    rows = after["tidar_row_forwards_total"] - before["tidar_row_forwards_total"]
+    assert rows > 2 * forwards, f"requests were not batched: {rows} rows in {forwards} forwards"
+
+
+BAD_REQUESTS = {
+    "missing text_input": (dict(drop="text_input"), r"text_input"),
+    "max_tokens 0": (dict(max_tokens=0), r"'max_tokens' must be in \[1, 2048\], got 0"),
+    "max_tokens above the limit": (dict(max_tokens=5000), r"'max_tokens' must be in \[1, 2048\], got 5000"),
+    "wrong dtype": (dict(retype=("max_tokens", "FP32", np.float32)), r"max_tokens.*(FP32|TYPE_FP32)"),
+    "negative temperature": (dict(temperature=-1.0), r"'temperature' must be a finite number >= 0"),
+    "top_p outside (0, 1]": (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+    "malformed stop_words": (dict(stop_words=["ok", ""]), r"'stop_words' must be non-empty strings"),
+    "prompt over the context limit": (dict(text="x = 1\n" * 1200), r"prompt of \d+ tokens is too long"),
+}
+
+
+def send_raw(server, text="def f():", max_tokens=16, drop=None, retype=None, **options):
+    """One request built by hand (to send what `client.request` would refuse to build)."""
+    inputs = build_inputs(text, max_tokens, True, **options)
+    if drop:
+        inputs = [t for t in inputs if t.name() != drop]
+    if retype:
+        name, kind, dtype = retype
+        inputs = [t for t in inputs if t.name() != name]
+        tensor = grpcclient.InferInput(name, [1], kind)
+        tensor.set_data_from_numpy(np.array([max_tokens], dtype=dtype))
+        inputs.append(tensor)
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    errors, done = [], []
+    client.start_stream(callback=lambda result, error: (errors.append(error) if error else None, done.append(1)))
+    client.async_stream_infer("tidar", inputs)
+    wait_for(lambda: done, 30)
+    client.stop_stream()
+    return [str(e) for e in errors if e]
+
+
+def test_bad_requests_get_errors_while_good_streams_finish(server, ar_oracle):
+    good = PROMPTS[:4]
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(request, server.grpc_url, p, 48) for p in good]
+        for name, (options, pattern) in BAD_REQUESTS.items():
+            errors = send_raw(server, **options)
+            assert len(errors) == 1 and re.search(pattern, errors[0]), f"{name}: {errors}"
+        results = [f.result() for f in futures]
+    for prompt, result in zip(good, results):
+        assert result.token_ids == ar_oracle(prompt, 48).token_ids
+    with pytest.raises(ClientError, match="'mode' must be one of tidar, ar"):
+        request(server.grpc_url, "x", 4, mode="fast")
+
+
+def test_cancelled_and_disconnected_clients_free_their_rows(server, ar_oracle):
+    before = metrics(server)
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    received = []
+    client.start_stream(callback=lambda result, error: received.append((result, error)))
+    client.async_stream_infer("tidar", build_inputs("def main():\n", 2000, True, draft_len=1))
+    assert wait_for(lambda: len(received) >= 3)
+    client.stop_stream(cancel_requests=True)
+    client.close()
+    script = ("import sys; from tidar.client import request\n"
+              "request(sys.argv[1], 'import os\\n', 2000, on_text=lambda t: print(t, flush=True), draft_len=1)")
+    child = subprocess.Popen([sys.executable, "-c", script, server.grpc_url], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline()  # streaming has begun
+    child.kill()
+    child.wait()
+    cancelled = 'tidar_requests_total{outcome="cancelled"}'
+    assert wait_for(lambda: metrics(server).get(cancelled, 0) - before.get(cancelled, 0) == 2), metrics(server)
+    assert wait_for(lambda: metrics(server)["tidar_active_rows"] == 0)
+    assert request(server.grpc_url, "import os\n", 12).token_ids == ar_oracle("import os\n", 12).token_ids
+
+
+def test_metric_counters_agree_with_response_statistics(server):
+    before = metrics(server)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda p: request(server.grpc_url, p, 30, draft_len=4), PROMPTS[4:8]))
+    assert wait_for(lambda: metrics(server)["tidar_generated_tokens_total"]
+                    - before["tidar_generated_tokens_total"] == 4 * 30)
+    after = metrics(server)
+
+    def delta(name):
+        return after.get(name, 0) - before.get(name, 0)
+
+    assert delta("tidar_draft_tokens_total") == sum(r.draft_tokens for r in results) > 0
+    assert delta("tidar_accepted_tokens_total") == sum(r.accepted_draft_tokens for r in results)
+    assert delta("tidar_drafts_total") * 3 == delta("tidar_draft_tokens_total")
+    assert delta("tidar_tokens_per_forward_sum") == 120
+    assert delta('tidar_requests_total{outcome="length"}') == 4
+    positions = sum(delta(f'tidar_accepted_tokens_per_pos_total{{position="{i}"}}') for i in (1, 2, 3))
+    assert positions == delta("tidar_accepted_tokens_total")
+
+
+def test_full_queue_is_overloaded_and_timeouts_end_requests(server):
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    received = []
+    client.start_stream(callback=lambda result, error: received.append((result, error)))
+    client.async_stream_infer("tidar_small", build_inputs("def main():\n", 2000, True))  # takes the one row
+    assert wait_for(lambda: len(received) >= 2)
+    client.async_stream_infer("tidar_small", build_inputs("import os", 2000, True))  # waits in the queue
+    time.sleep(0.5)
+    with pytest.raises(ClientError, match=r"overloaded: 1 requests are queued \(max_queue_size = 1\)"):
+        request(server.grpc_url, "x = 1", 4, model="tidar_small")
+    client.stop_stream(cancel_requests=True)
+    client.close()
+    timed = request(server.grpc_url, "def main():\n", 2000, timeout=1.0, draft_len=1)
+    assert timed.finish_reason == "timeout" and 0 < len(timed.token_ids) < 2000
+
+
+def test_cli_client_prints_text_and_stats(server):
+    run = subprocess.run([sys.executable, "-m", "tidar.cli", "client", "--url", server.grpc_url, "--max-tokens", "16",
+                          "def main():"], capture_output=True, text=True, check=True)
+    assert run.stdout and re.search(r"\[16 tokens in .* tokens/s, T/NFE .* finish: length\]", run.stderr)
+    bad = subprocess.run([sys.executable, "-m", "tidar.cli", "client", "--url", server.grpc_url, "--max-tokens", "0",
+                          "x"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "'max_tokens' must be in [1, 2048], got 0" in bad.stderr
+    assert "Traceback" not in bad.stderr
