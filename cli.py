@@ -246,8 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--beta", type=float, default=1.0,
                      help="weight of AR logits in verification; 1 (default) is lossless")
     gen.add_argument("--backend", default="torch", help="executor (default torch)")
-    gen.add_argument("--attention", default="eager", choices=("eager", "sdpa", "flex", "flex-compiled"),
-                     help="attention implementation of the torch backend (default eager)")
+    gen.add_argument("--attention", default="eager", choices=("eager", "sdpa", "flex", "flex-compiled", "triton"),
+                     help="attention implementation of the torch backend (default eager; triton = the "
+                          "hybrid-mask kernel of tidar.plugins, on CUDA)")
     gen.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                      help="compute dtype (default: the checkpoint's)")
     gen.add_argument("--json", action="store_true", help="print one JSON object with the output and statistics")
