@@ -79,10 +79,16 @@ def port_is_free(port: int) -> bool:
     return True
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports (all bound at once, so none comes back twice)."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 class TritonServer:
@@ -92,8 +98,9 @@ class TritonServer:
                  log_file: str | Path | None = None, verbose: bool = False, ready_timeout: float = 300.0):
         self.repo = Path(repo).resolve()
         check_repository(self.repo)
-        self.grpc_port, self.http_port, self.metrics_port = (p or free_port() for p in (grpc_port, http_port,
-                                                                                          metrics_port))
+        spare = iter(free_ports(3))
+        self.grpc_port, self.http_port, self.metrics_port = (p or next(spare) for p in (grpc_port, http_port,
+                                                                                         metrics_port))
         for name, port in (("gRPC", self.grpc_port), ("HTTP", self.http_port), ("metrics", self.metrics_port)):
             if not port_is_free(port):
                 raise ServeError(f"{name} port {port} is already in use; choose another with "
@@ -178,7 +185,9 @@ class TritonServer:
                     os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         code = self.process.returncode
-        shutil.rmtree(self._workdir / "backends", ignore_errors=True)
+        # The working folder goes, unless it holds the log of a server that did not exit cleanly.
+        keep_log = self.log_file.parent == self._workdir and code != 0
+        shutil.rmtree(self._workdir / "backends" if keep_log else self._workdir, ignore_errors=True)
         return code
 
     def __enter__(self) -> "TritonServer":

@@ -196,12 +196,15 @@ class ServingOptions:
     """Largest accepted `max_tokens`; 0 = the model's max_position_embeddings."""
     default_timeout: float | None = None
     """Seconds before a request ends with finish reason "timeout" ("" or 0 = none)."""
-    autotune_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16)
-    autotune_draft_lens: tuple[int, ...] = (0, 1, 2, 3, 4, 6, 8)
-    autotune_repeats: int = 5
+    autotune_batch_sizes: tuple[int, ...] = (1, 4, 16)
+    """Batch sizes whose step latency is measured at start-up (the draft-length policy's table)."""
+    autotune_draft_lens: tuple[int, ...] = (0, 1, 2, 3, 4)
+    """Candidate draft lengths of the adaptive batch."""
+    autotune_repeats: int = 3
     threads: int = 0
     """torch / ONNX Runtime intra-op threads; 0 = the library's default."""
-    attention: str = "eager"
+    attention: str = "sdpa"
+    """Attention of the torch backend (eager, sdpa, flex, triton on CUDA); ignored by the others."""
     dtype: str | None = None
 
     @classmethod
@@ -247,9 +250,9 @@ def build_scheduler(folder, options: ServingOptions, device: str = "cpu", publis
 
     if options.threads > 0:
         torch.set_num_threads(options.threads)
-    backend_options = dict(dtype=options.dtype, attention=options.attention)
+    backend_options = dict(dtype=options.dtype)
     if options.backend == "torch":
-        backend_options["device"] = device
+        backend_options.update(device=device, attention=options.attention)
     elif options.backend == "onnxruntime":
         backend_options["threads"] = options.threads
     backend = load_backend(options.backend, folder, **backend_options)

@@ -113,7 +113,7 @@ def test_render_fills_every_field_and_options_parse_back(tmp_path):
     options = ServingOptions.from_parameters(params)
     assert (options.model_dir, options.backend, options.draft_len, options.max_batch_size) == ("../..", "onnxruntime",
                                                                                             3, 4)
-    assert options.default_timeout == 30.0 and options.autotune_batch_sizes == (1, 2, 4, 8, 16)
+    assert options.default_timeout == 30.0 and options.autotune_batch_sizes == (1, 4, 16)
     assert ServingOptions.from_parameters({"draft_len": "auto", "default_timeout": "0"}).draft_len is None
 
 
