@@ -6,22 +6,32 @@ Steps, in order (each is an existing function; this module only sequences and re
 
 1. validate   the checkpoint, before anything is written: config.json, every tensor present with
               the right shape and dtype and finite, config and weights consistent
-              (`runtime.checkpoint.load_model`); tokenizer.json readable, its vocabulary no larger
-              than config.json's and holding the mask id; pickle-only weights refused. The options
-              are checked too (tp against the heads, dtype, draft length, the engine request).
+              (`export.source.CheckpointSource`: headers first, then each tensor read in row
+              chunks; the model is never materialised); tokenizer.json readable, its vocabulary no
+              larger than config.json's and holding the mask id; pickle-only weights refused. The
+              options are checked too (tp against the heads, dtype, draft length, the engine request).
 2. copy       config.json and the tokenizer files, so OUT is itself a model folder the runtime
               opens (`tidar generate OUT --backend onnxruntime`).
 3. trtllm/    the TensorRT-LLM checkpoint (`export.trtllm_checkpoint.convert`) and
               `build_engine.sh`, the exact `trtllm-build` command for a GPU host.
 4. onnx/      `decode_step.onnx` (standard lowering, runs in ONNX Runtime) and
               `decode_step_plugin.onnx` (tidar::hybrid_attention nodes, the TensorRT plugin's
-              contract), both float32 (`export.onnx_export.export_decode_step`).
-5. engine/    only where TensorRT-LLM can build one; otherwise the step is recorded as skipped
-              with the reason (engine="auto"), or the build fails with it (engine="require").
+              contract), both float32, traced without weights and sharing one external-data file
+              `decode_step.weights` written tensor by tensor from the checkpoint
+              (`export.onnx_export.export_decode_steps`).
+5. engine/    the TensorRT-LLM engine (config.json + rank{r}.engine), built per rank through
+              TensorRT-LLM's Python API from `export/trtllm_model.py` where TensorRT-LLM 1.2.x is
+              importable, and tensorrt/decode_step.engine, the TensorRT engine of the plugin ONNX
+              graph (`export/tensorrt_engine.py`) where TensorRT and a GPU are. Each one that cannot
+              be built is recorded as skipped with the reason (engine="auto"), or the build fails
+              with the reasons (engine="require").
 6. triton_repo/  rendered from the repository's triton_repo/ templates; skipped (with the reason)
               while they are not part of the release.
 7. manifest.json  inputs and their sha256, library versions, options, every artifact's size and
               sha256, skipped steps and why, and the TiDAR config summary.
+
+Memory: every step streams the checkpoint (one tensor, or a chunk of its rows, at a time), so
+the build's peak memory is about the traced graph plus the largest tensor, not the model.
 
 Atomicity: everything is written into a temporary sibling folder `.OUT.partial-<random>` that is
 renamed to OUT only once complete, and removed on any failure, so no OUT that looks valid is ever
@@ -35,12 +45,13 @@ import datetime
 import hashlib
 import importlib
 import importlib.metadata
+import importlib.util
 import json
+import logging
 import os
 import platform
 import secrets
 import shutil
-import subprocess
 import sys
 import warnings
 from contextlib import contextmanager, redirect_stdout
@@ -48,12 +59,14 @@ from pathlib import Path
 from typing import Iterator
 
 import tidar
-from tidar.runtime.checkpoint import CheckpointError, load_model, weight_files
+from tidar.runtime.checkpoint import CheckpointError, weight_files
 from tidar.runtime.config import ConfigError, TiDARConfig
 from tidar.runtime.layout import Layout
 from tidar.runtime.tokenizer import Tokenizer, TokenizerError
 
-from .trtllm_checkpoint import ConversionError, convert, trtllm_config
+from .engine_shapes import engine_limits
+from .source import CheckpointSource
+from .trtllm_checkpoint import DTYPES, ConversionError, convert, trtllm_config
 
 ENGINE_MODES = ("auto", "skip", "require")
 MANIFEST = "manifest.json"
@@ -61,6 +74,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 MODEL_FILES = ("config.json", *TOKENIZER_FILES, "generation_config.json", "acceptance.json")
 """Files copied from the checkpoint into OUT when present (config.json and tokenizer.json always are)."""
 ONNX_GRAPHS = {"standard": "onnx/decode_step.onnx", "plugin": "onnx/decode_step_plugin.onnx"}
+ONNX_WEIGHTS = "onnx/decode_step.weights"
+"""The external-data file both ONNX graphs read their weights from."""
 ONNX_DTYPE = "float32"  # ONNX Runtime's CPU provider has no bfloat16 kernels; the graphs are the fp32 reference
 VERSIONED_PACKAGES = ("torch", "safetensors", "tokenizers", "onnx", "onnxruntime", "onnxscript", "tensorrt_llm")
 
@@ -68,7 +83,9 @@ VERSIONED_PACKAGES = ("torch", "safetensors", "tokenizers", "onnx", "onnxruntime
 TRTLLM_MODEL_CLASS = "TiDARForCausalLM"
 TRTLLM_MODEL_FILE = "export/trtllm_model.py"
 """Where the TensorRT-LLM model definition of TiDARForCausalLM lives, relative to the tidar package."""
-ENGINE_MAX_BATCH_SIZE = 8
+TRTLLM_PLUGIN_MODULE = "tidar.plugins.trtllm_plugin"
+TENSORRT_ENGINE = "tensorrt/decode_step.engine"
+"""The TensorRT engine of onnx/decode_step_plugin.onnx (where TensorRT is available)."""
 ENGINE_SCRIPT = "trtllm/build_engine.sh"
 TRITON_TEMPLATES = Path(tidar.__file__).resolve().parent / "triton_repo"
 
@@ -79,20 +96,22 @@ class ExportError(ValueError):
 
 
 # ---------------------------------------------------------------- validation
-def validate_checkpoint(folder: Path) -> tuple[TiDARConfig, object]:
-    """(config, fp32 reference model) of the checkpoint `folder`, after every check of the module
-    docstring's step 1; raises CheckpointError / TokenizerError naming the file, tensor or field."""
-    model = load_model(folder, dtype="float32")  # config, every tensor, config/weights consistency
-    config = model.config
+def validate_checkpoint(folder: Path) -> tuple[TiDARConfig, CheckpointSource]:
+    """(config, opened source) of the checkpoint `folder`, after every check of the module
+    docstring's step 1; raises CheckpointError / ConfigError / TokenizerError naming the file,
+    tensor or field."""
+    config = TiDARConfig.from_file(folder)
+    source = CheckpointSource(folder, config)  # names, shapes, dtypes (headers only)
+    source.validate()  # every value finite, a chunk of rows at a time
     tokenizer = Tokenizer(folder)
-    source = folder / "tokenizer.json"
+    vocabulary = folder / "tokenizer.json"
     if tokenizer.vocab_size > config.vocab_size:
-        raise TokenizerError(f"{source}: vocabulary of {tokenizer.vocab_size} tokens is larger than "
+        raise TokenizerError(f"{vocabulary}: vocabulary of {tokenizer.vocab_size} tokens is larger than "
                              f"config.json's vocab_size {config.vocab_size}")
     if config.mask_token_id >= tokenizer.vocab_size:
-        raise TokenizerError(f"{source}: has no token with the mask id tidar.mask_token_id = "
+        raise TokenizerError(f"{vocabulary}: has no token with the mask id tidar.mask_token_id = "
                              f"{config.mask_token_id} (vocabulary of {tokenizer.vocab_size} tokens)")
-    return config, model
+    return config, source
 
 
 def check_options(config: TiDARConfig, tp: int, dtype: str, draft_len: int, engine: str) -> None:
@@ -146,62 +165,114 @@ def config_summary(config: TiDARConfig) -> dict:
             "max_position_embeddings": config.max_position_embeddings, "torch_dtype": config.torch_dtype}
 
 
-# ---------------------------------------------------------------- engine
+# ---------------------------------------------------------------- onnx
+def export_onnx(config: TiDARConfig, source: CheckpointSource, folder: Path, steps: "_Steps") -> None:
+    """Both ONNX graphs of ONNX_GRAPHS and their shared weights file ONNX_WEIGHTS, in `folder`."""
+    from .onnx_export import export_decode_steps
+
+    dtype = DTYPES[ONNX_DTYPE]
+    with steps.quiet_library():
+        export_decode_steps(config, lambda name: source.row_chunks(name, dtype),
+                            {attention: folder / relative for attention, relative in ONNX_GRAPHS.items()},
+                            folder / ONNX_WEIGHTS, dtype=dtype, progress=steps.note)
+
+
+# ---------------------------------------------------------------- engines
 def engine_unavailable_reason() -> str | None:
-    """Why no TensorRT-LLM engine can be built here (None: it can)."""
+    """Why no TensorRT-LLM engine can be built here (None: it can): TensorRT-LLM 1.2.x with its
+    engine builder, the hybrid-attention plugin wrapper, and a GPU."""
+    from .trtllm_model import TRTLLM_IMPORT_ERROR
+
+    if TRTLLM_IMPORT_ERROR:
+        return TRTLLM_IMPORT_ERROR
     try:
-        importlib.import_module("tensorrt_llm")
+        importlib.import_module("tensorrt_llm.builder")
     except ImportError as exc:
-        return f"tensorrt_llm is not importable: {exc}"
-    if not (Path(tidar.__file__).resolve().parent / TRTLLM_MODEL_FILE).is_file():
-        return (f"the TensorRT-LLM model definition {TRTLLM_MODEL_CLASS} ({TRTLLM_MODEL_FILE}) is not part "
-                f"of tidar {tidar.__version__} yet")
+        version = versions().get("tensorrt_llm")
+        return f"tensorrt_llm {version} has no TensorRT-engine builder (the engine flow ended with 1.2.x): {exc}"
+    try:
+        if importlib.util.find_spec(TRTLLM_PLUGIN_MODULE) is None:
+            return (f"{TRTLLM_PLUGIN_MODULE} (the TensorRT-LLM plugin of tidar::hybrid_attention) "
+                    "is not part of this tidar")
+    except ImportError as exc:
+        return f"{TRTLLM_PLUGIN_MODULE} cannot be found: {exc}"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA device: building a TensorRT-LLM engine needs a GPU"
     return None
 
 
-def engine_limits(config: TiDARConfig, draft_len: int) -> dict[str, int]:
-    """trtllm-build sizes: a prefill is the prompt plus a block of masks, a decode step
-    `Layout.decode(draft_len).num_new` tokens per row, and the KV cache holds the committed tokens
-    plus one step's new tokens."""
-    step_tokens = Layout.decode(draft_len).num_new
-    max_input_len = config.max_position_embeddings - 1
-    return {"max_batch_size": ENGINE_MAX_BATCH_SIZE, "max_input_len": max_input_len,
-            "max_seq_len": config.max_position_embeddings + step_tokens,
-            "max_num_tokens": max(max_input_len + draft_len, ENGINE_MAX_BATCH_SIZE * step_tokens)}
+def tensorrt_unavailable_reason() -> str | None:
+    """Why no TensorRT engine of the plugin ONNX graph can be built here (None: it can)."""
+    from .tensorrt_engine import unavailable_reason
+
+    return unavailable_reason()
 
 
 def engine_script(config: TiDARConfig, tp: int, draft_len: int) -> str:
-    """build_engine.sh: the trtllm-build command that turns OUT/trtllm into OUT/engine."""
+    """build_engine.sh: the trtllm-build command that turns OUT/trtllm into OUT/engine, with the
+    model definition read from the installed tidar package (export/trtllm_model.py)."""
     flags = [("--checkpoint_dir", "trtllm"), ("--output_dir", "engine"),
              ("--model_cls_file", '"$MODEL_CLS_FILE"'), ("--model_cls_name", TRTLLM_MODEL_CLASS),
              *((f"--{key}", value) for key, value in engine_limits(config, draft_len).items()),
              ("--workers", tp)]
     command = "trtllm-build " + " \\\n    ".join(f"{flag} {value}" for flag, value in flags)
-    pending = not (Path(tidar.__file__).resolve().parent / TRTLLM_MODEL_FILE).is_file()
-    note = (f"# NOTE: {TRTLLM_MODEL_CLASS} is not part of tidar {tidar.__version__} yet: this script stops\n"
-            f"# with an error until {TRTLLM_MODEL_FILE} exists.\n" if pending else "")
     return f"""#!/usr/bin/env bash
 # Build the TensorRT-LLM engine of this export on a GPU host (TensorRT-LLM 1.2.x, the last
 # release with the trtllm-build engine flow): reads trtllm/ (tp={tp}), writes engine/.
 # Sizes: draft length {draft_len} (one decode step = {Layout.decode(draft_len).num_new} tokens per row).
-{note}set -euo pipefail
+# Needs tidar installed in the same Python (the model file imports it); TIDAR_ROOT overrides
+# where the tidar package is.
+set -euo pipefail
 cd "$(dirname "$0")/.."
 TIDAR_ROOT="${{TIDAR_ROOT:-$(python3 -c 'import pathlib, tidar; print(pathlib.Path(tidar.__file__).parent)')}}"
 MODEL_CLS_FILE="$TIDAR_ROOT/{TRTLLM_MODEL_FILE}"
 if [ ! -f "$MODEL_CLS_FILE" ]; then
-    echo "build_engine.sh: $MODEL_CLS_FILE does not exist: {TRTLLM_MODEL_CLASS} is not part of this tidar release yet" >&2
+    echo "build_engine.sh: $MODEL_CLS_FILE does not exist: is tidar installed in this Python?" >&2
     exit 1
 fi
 {command}
 """
 
 
-def build_engine(folder: Path) -> None:
-    """Run build_engine.sh in the export folder being written (a GPU host with TensorRT-LLM)."""
-    result = subprocess.run(["bash", ENGINE_SCRIPT], cwd=folder, capture_output=True, text=True)
-    if result.returncode:
-        tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise ExportError(f"trtllm-build failed (exit {result.returncode}): {tail[0]}")
+def engine_skip_reasons(engine: str) -> dict[str, str | None]:
+    """{manifest step: why it is skipped, or None} for the TensorRT-LLM engine ("engine") and the
+    TensorRT engine of the plugin graph ("tensorrt") under the `engine` option."""
+    if engine == "skip":
+        return {"engine": "not requested", "tensorrt": "not requested"}
+    return {"engine": engine_unavailable_reason(), "tensorrt": tensorrt_unavailable_reason()}
+
+
+def build_trtllm_engine(folder: Path, config: TiDARConfig, tp: int, draft_len: int) -> dict:
+    """TensorRT-LLM engines of folder/trtllm, one per rank, into folder/engine (config.json and
+    rank{r}.engine) through TensorRT-LLM's Python API; returns what the manifest records."""
+    from tensorrt_llm.builder import BuildConfig, build
+
+    from .trtllm_model import TiDARForCausalLM
+
+    limits = engine_limits(config, draft_len)
+    build_config = BuildConfig(**limits)
+    for rank in range(tp):
+        try:
+            model = TiDARForCausalLM.from_checkpoint(str(folder / "trtllm"), rank=rank)
+            model.config.tidar["draft_len"] = draft_len  # the decode step the profile is tuned for
+            build(model, build_config).save(str(folder / "engine"))
+        except Exception as exc:  # TensorRT-LLM raises many types (AssertionError, RuntimeError, ...)
+            raise ExportError(f"TensorRT-LLM engine build failed for rank {rank}: "
+                              f"{type(exc).__name__}: {exc}") from exc
+    return {"builder": "tensorrt_llm.builder.build", "tensorrt_llm": versions().get("tensorrt_llm"),
+            "ranks": tp, "draft_len": draft_len, **limits}
+
+
+def build_tensorrt(folder: Path, config: TiDARConfig, draft_len: int) -> dict:
+    """The TensorRT engine of the plugin ONNX graph into folder/TENSORRT_ENGINE."""
+    from .tensorrt_engine import TensorRTEngineError, build_tensorrt_engine
+
+    try:
+        return build_tensorrt_engine(folder / ONNX_GRAPHS["plugin"], folder / TENSORRT_ENGINE, config, draft_len)
+    except (TensorRTEngineError, RuntimeError) as exc:
+        raise ExportError(f"TensorRT engine build failed: {exc}") from exc
 
 
 def triton_skip_reason() -> str:
@@ -275,10 +346,16 @@ class _Steps:
     def quiet_library(self) -> Iterator[None]:
         """The exporter's own chatter (torch.onnx prints and warns) goes to stderr while
         progress is on, nowhere otherwise; stdout stays the command's."""
-        with open(os.devnull, "w") as devnull, warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with redirect_stdout(sys.stderr if self.enabled else devnull):
-                yield
+        exporter_log = logging.getLogger("torch.onnx")  # e.g. "torchvision is not installed" warnings
+        level = exporter_log.level
+        exporter_log.setLevel(logging.ERROR)
+        try:
+            with open(os.devnull, "w") as devnull, warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with redirect_stdout(sys.stderr if self.enabled else devnull):
+                    yield
+        finally:
+            exporter_log.setLevel(level)
 
     def close(self) -> None:
         self.bar.close()
@@ -296,20 +373,21 @@ def build(checkpoint: str | Path, out: str | Path, tp: int = 1, dtype: str | Non
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a checkpoint folder")
     check_out(out, force)
-    steps = _Steps(total=7, enabled=progress)
+    steps = _Steps(total=6, enabled=progress)
     try:
         steps.start("validating the checkpoint")
         hashes = {path.name: sha256(path) for path in input_files(folder)}
         try:
-            config, model = validate_checkpoint(folder)
+            config, source = validate_checkpoint(folder)
         except ConfigError as exc:
             raise CheckpointError(str(exc)) from None
         dtype = dtype or config.torch_dtype
         draft_len = config.block_size if draft_len is None else draft_len
         check_options(config, tp, dtype, draft_len, engine)
-        engine_reason = "not requested" if engine == "skip" else engine_unavailable_reason()
-        if engine == "require" and engine_reason:
-            raise ExportError(f"an engine was required but cannot be built: {engine_reason}")
+        engine_reasons = engine_skip_reasons(engine)
+        if engine == "require" and any(engine_reasons.values()):
+            why = "; ".join(f"{step}: {reason}" for step, reason in engine_reasons.items() if reason)
+            raise ExportError(f"an engine was required but cannot be built: {why}")
         steps.done()
         skipped, built = [], []
         with staging(out, force) as partial:
@@ -320,30 +398,28 @@ def build(checkpoint: str | Path, out: str | Path, tp: int = 1, dtype: str | Non
             steps.done()
 
             steps.start(f"TensorRT-LLM checkpoint (tp={tp}, {dtype})")
-            convert(folder, partial / "trtllm", tp, dtype, progress=steps.note)
+            convert(folder, partial / "trtllm", tp, dtype, progress=steps.note, source=source)
             script = partial / ENGINE_SCRIPT
             script.write_text(engine_script(config, tp, draft_len))
             script.chmod(0o755)
             built.append("trtllm")
             steps.done()
 
-            from .onnx_export import export_decode_step
-
-            for attention, relative in ONNX_GRAPHS.items():
-                steps.start(f"ONNX decode step ({attention})")
-                with steps.quiet_library():
-                    export_decode_step(model, partial / relative, attention=attention)
-                steps.note(f"wrote {partial / relative}")
-                steps.done()
+            steps.start(f"ONNX decode step ({', '.join(ONNX_GRAPHS)})")
+            export_onnx(config, source, partial, steps)
             built.append("onnx")
+            steps.done()
 
-            steps.start("TensorRT-LLM engine")
-            if engine_reason:
-                skipped.append({"step": "engine", "reason": engine_reason})
-                steps.note(f"engine skipped: {engine_reason}")
-            else:
-                build_engine(partial)
-                built.append("engine")
+            steps.start("engines (TensorRT-LLM, TensorRT)")
+            engines = {}
+            for step, reason in engine_reasons.items():
+                if reason:
+                    skipped.append({"step": step, "reason": reason})
+                    steps.note(f"{step} skipped: {reason}")
+                else:
+                    engines[step] = (build_trtllm_engine(partial, config, tp, draft_len) if step == "engine"
+                                     else build_tensorrt(partial, config, draft_len))
+                    built.append(step)
             skipped.append({"step": "triton_repo", "reason": triton_skip_reason()})
             steps.done()
 
@@ -358,6 +434,7 @@ def build(checkpoint: str | Path, out: str | Path, tp: int = 1, dtype: str | Non
                             "onnx_dtype": ONNX_DTYPE},
                 "config": config_summary(config),
                 "built": built,
+                "engines": engines,
                 "skipped": skipped,
                 "artifacts": artifact_records(partial),
             }

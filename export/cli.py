@@ -21,7 +21,8 @@ BUILD_DESCRIPTION = """\
 Export a TiDAR checkpoint (config.json + safetensors + tokenizer.json) into OUT, a folder with
 everything needed to serve it. The checkpoint is validated first (every tensor present, with
 the right shape, finite; config and weights consistent; the tokenizer fits the model); nothing
-is written if it is not valid. OUT is written atomically: the build happens in a temporary
+is written if it is not valid. Every step streams the checkpoint a tensor at a time, so memory
+stays well below the checkpoint's size. OUT is written atomically: the build happens in a temporary
 sibling folder (.OUT.partial-*) that becomes OUT only once complete, so a failed build leaves
 no OUT behind.
 
@@ -37,7 +38,13 @@ OUT holds:
   onnx/decode_step_plugin.onnx
                          the same step with one tidar::hybrid_attention node per layer (the
                          TensorRT plugin's contract)
-  engine/                the TensorRT-LLM engine, only where one could be built
+  onnx/decode_step.weights
+                         the weights both graphs read (ONNX external data, float32)
+  engine/                the TensorRT-LLM engine (config.json, rank{r}.engine), only where
+                         TensorRT-LLM 1.2.x could build one
+  tensorrt/decode_step.engine
+                         the TensorRT engine of the plugin graph, only where TensorRT, the
+                         plugin and a GPU are available
   triton_repo/           the Triton model repository (not part of this release yet)
   manifest.json          inputs and their sha256, library versions, options, every
                          artifact's size and sha256, skipped steps and why
@@ -48,7 +55,8 @@ Re-check every artifact of a `tidar-export build` output against manifest.json a
 reference: each file's sha256; the TensorRT-LLM rank files reassemble into exactly the source
 checkpoint's tensors; ONNX Runtime's logits equal the PyTorch reference model's within 1e-4 and
 greedy decoding gives identical tokens (draft lengths 0, 4 and the block size); the plugin
-graph is valid ONNX. Steps the build skipped are reported with the build's reason. If the
+graph is valid ONNX; a TensorRT engine, where one was built and TensorRT and a GPU are here,
+gives identical greedy tokens too. Steps the build skipped are reported with the build's reason. If the
 source checkpoint no longer exists, artifacts are checked against the manifest's hashes only.
 Prints one line per check; exits 1 if any check fails.
 """
@@ -111,8 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--draft-len", type=_count, default=None,
                        help="draft length the engine is sized for, 0..block_size (default: the block size)")
     build.add_argument("--engine", choices=("auto", "skip", "require"), default="auto",
-                       help="auto (default): build the engine where TensorRT-LLM is available, else record "
-                            "why not; skip: do not try; require: fail (leaving nothing) if it cannot be built")
+                       help="auto (default): build the engines (TensorRT-LLM; TensorRT from the plugin graph) "
+                            "where their libraries and a GPU are available, else record why not; skip: do not "
+                            "try; require: fail (leaving nothing) if either cannot be built")
     build.add_argument("--force", action="store_true",
                        help="replace an existing OUT (a previous export), once the new one is complete")
     build.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")

@@ -2,7 +2,8 @@
 
 `export_decode_step(model, path)` writes one graph that serves every `Layout`: the layout is a
 runtime input, so the same file runs prefill, TiDAR decode steps of any draft length and plain
-AR decoding.
+AR decoding. `export_decode_steps(config, chunks, graphs, weights_path)` writes several lowerings
+of one checkpoint without ever holding its weights (what `tidar-export build` uses).
 
 Graph inputs
     input_ids        int64 [batch, new]                  the new tokens of the layout
@@ -41,15 +42,26 @@ maintained path of torch 2.13. Dynamic dimensions are declared with `torch.expor
 plugin node is a `torch.library` custom op (whose eager body is the standard lowering, so
 tracing has a reference implementation) translated to the custom-domain node through
 `custom_translation_table`.
+
+Weights: the graph is traced from `placeholder_model`, whose parameters are zero scalars expanded
+to their shapes (no memory), then optimised by onnxscript with the weights left out of constant
+folding (a weight is never turned into a derived constant, e.g. a pre-transposed copy: the graph
+keeps the Transpose). The weights are then written once, tensor by tensor (row chunks converted
+to the graph's dtype), to an external-data file in the graph's folder, and every graph of that
+folder points its initializers at it, so the standard and the plugin graph share one copy. Only
+the RoPE table and small shape constants stay inside the graph files.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
+from ..runtime.config import TiDARConfig
 from ..runtime.layout import Layout, position_offset, visible
 from ..runtime.model import AttentionPlan, TiDARModel, eager_attention
 
@@ -232,14 +244,65 @@ def example_inputs(config, batch: int = 2, past: int = 3, draft_len: int = 2,
     return (input_ids, past_lens, *scalars, *caches)
 
 
-def export_decode_step(model: TiDARModel, path: str | Path, attention: str = "standard",
-                       opset: int = DEFAULT_OPSET) -> Path:
-    """Write the ONNX graph of one forward of `model` to `path` (see the module docstring);
-    `attention` is "standard" (runs in ONNX Runtime) or "plugin" (tidar::hybrid_attention nodes)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    step = DecodeStep(model, attention).eval()
-    layers = model.config.num_hidden_layers
+# ---------------------------------------------------------------- tracing without weights
+WeightChunks = Callable[[str], Iterable[torch.Tensor]]
+"""The weights to write: HF tensor name -> its values as consecutive row chunks (any float dtype)."""
+
+
+def placeholder_model(config: TiDARConfig, dtype: torch.dtype = torch.float32) -> TiDARModel:
+    """A `TiDARModel` of `config` whose parameters cost no memory: each is a zero scalar expanded
+    to the parameter's shape (tied parameters stay one object). Tracing needs only shapes and
+    dtypes; the values are written to the graph's external data separately."""
+    with torch.device("meta"):
+        model = TiDARModel(config)
+    placeholders: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None:
+                if id(param) not in placeholders:
+                    values = torch.zeros((), dtype=dtype).expand(param.shape)
+                    placeholders[id(param)] = nn.Parameter(values, requires_grad=False)
+                module._parameters[name] = placeholders[id(param)]
+    return model.eval()
+
+
+def weight_names(step: nn.Module, hf_names: Iterable[str]) -> dict[str, str]:
+    """{parameter name of `step` (as the graph's initializers are named): the HF tensor it holds}
+    for every alias of every parameter (a tied LM head holds the embedding)."""
+    hf_names = set(hf_names)
+    aliases: dict[int, list[str]] = {}
+    for name, param in step.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), []).append(name)
+    mapping = {}
+    for names in aliases.values():
+        stored = [name for name in names if name in hf_names]
+        if len(stored) != 1:
+            raise ValueError(f"parameter {names[0]!r} is not exactly one tensor of the checkpoint: {stored}")
+        mapping.update({name: stored[0] for name in names})
+    return mapping
+
+
+def _keep_weights_out_of_folding(weights: set[str]) -> Callable:
+    """onnxscript's `should_fold`: never fold a node that reads a weight (the weights have no
+    values while the graph is optimised; everything else folds by the default rules)."""
+    def should_fold(node) -> bool | None:
+        return False if any(value is not None and value.name in weights for value in node.inputs) else None
+    return should_fold
+
+
+def trace_decode_step(config: TiDARConfig, attention: str = "standard", opset: int = DEFAULT_OPSET,
+                      dtype: torch.dtype = torch.float32):
+    """(onnx_ir Model, {weight initializer: (HF name, shape)}) of one forward of a `config` model.
+
+    The graph is traced from `placeholder_model`; its weight initializers are left without
+    values (the caller attaches them as external data) and the graph is optimised (constant
+    folding, common subexpressions) around them with onnxscript's optimizer, so no weight is
+    ever folded into a derived constant: the weights in the file are the checkpoint's own."""
+    import onnxscript.optimizer
+
+    step = DecodeStep(placeholder_model(config, dtype), attention).eval()
+    names = weight_names(step, _hf_names(config))
+    layers = config.num_hidden_layers
     batch, new, past = torch.export.Dim("batch"), torch.export.Dim("new"), torch.export.Dim("past")
     cache_shape = {0: batch, 2: past}
     dynamic_shapes = ({0: batch, 1: new}, {0: batch}, *([None] * len(LAYOUT_SCALARS)),
@@ -247,9 +310,111 @@ def export_decode_step(model: TiDARModel, path: str | Path, attention: str = "st
     translations = {torch.ops.tidar.hybrid_attention.default: _plugin_translation} if attention == "plugin" else None
     with torch.no_grad():
         program = torch.onnx.export(
-            step, example_inputs(model.config, dtype=model.dtype), dynamo=True, opset_version=opset,
+            step, example_inputs(config, dtype=dtype), dynamo=True, opset_version=opset,
             input_names=input_names(layers), output_names=output_names(layers),
             dynamic_shapes=dynamic_shapes, custom_translation_table=translations,
-            external_data=False, optimize=True, verbose=False)
-    program.save(str(path), external_data=False)
-    return path
+            external_data=False, optimize=False, verbose=False)
+    model = program.model
+    weights = {}
+    for name, value in model.graph.initializers.items():
+        if name in names:
+            weights[name] = (names[name], tuple(value.const_value.shape))
+            value.const_value = None
+    dedup_logger = logging.getLogger("onnx_ir.passes.common.initializer_deduplication")
+    level = dedup_logger.level
+    dedup_logger.setLevel(logging.ERROR)  # it warns about every initializer without a value
+    try:
+        onnxscript.optimizer.optimize_ir(model, should_fold=_keep_weights_out_of_folding(set(weights)))
+    finally:
+        dedup_logger.setLevel(level)
+    return model, {name: weights[name] for name in model.graph.initializers if name in weights}
+
+
+def _hf_names(config: TiDARConfig) -> list[str]:
+    from .source import model_shapes
+
+    return list(model_shapes(config))
+
+
+# ---------------------------------------------------------------- external weights
+WEIGHT_ALIGNMENT = 4096
+"""Byte alignment of every tensor in the weights file (page-aligned, so readers may map it)."""
+_IR_DTYPES = {torch.float32: "FLOAT", torch.float16: "FLOAT16", torch.bfloat16: "BFLOAT16"}
+
+
+def write_weights(path: Path, tensors: dict[str, tuple[int, ...]], chunks: WeightChunks,
+                  dtype: torch.dtype) -> dict[str, tuple[int, int]]:
+    """Write each HF tensor of `tensors` ({name: shape}), in order and converted to `dtype`, into
+    the raw external-data file `path`, one row chunk at a time; returns {name: (offset, length)}."""
+    from .safetensors_stream import TensorSpec, write_tensor_bytes
+
+    extents = {}
+    with open(path, "wb") as handle:
+        for name, shape in tensors.items():
+            offset = handle.tell()
+            if offset % WEIGHT_ALIGNMENT:
+                offset += WEIGHT_ALIGNMENT - offset % WEIGHT_ALIGNMENT
+                handle.seek(offset)
+            written = sum(write_tensor_bytes(handle, chunk.to(dtype)) for chunk in chunks(name))
+            expected = TensorSpec(name, dtype, shape).nbytes
+            if written != expected:
+                raise ValueError(f"{path}: tensor {name!r} has {written} bytes, its shape {shape} needs {expected}")
+            extents[name] = (offset, written)
+        handle.truncate()
+    return extents
+
+
+def export_decode_steps(config: TiDARConfig, chunks: WeightChunks, graphs: dict[str, str | Path],
+                        weights_path: str | Path, opset: int = DEFAULT_OPSET,
+                        dtype: torch.dtype = torch.float32,
+                        progress: Callable[[str], None] | None = None) -> dict[str, Path]:
+    """Write one graph per lowering of `graphs` ({attention: path}) and the weights they all
+    share, once, to `weights_path` (ONNX external data in the same folder as every graph);
+    `chunks` supplies the weights (`WeightChunks`) converted here to `dtype`. Memory holds one
+    traced graph and one chunk of weights at a time. Returns {attention: path}."""
+    import onnx_ir as ir
+
+    weights_path = Path(weights_path)
+    paths = {attention: Path(path) for attention, path in graphs.items()}
+    for attention, path in paths.items():
+        if attention not in ATTENTION_LOWERINGS:
+            raise ValueError(f"unknown attention lowering {attention!r}; "
+                             f"choose one of {', '.join(ATTENTION_LOWERINGS)}")
+        if path.parent.resolve() != weights_path.parent.resolve():
+            raise ValueError(f"{path}: a graph must sit in the folder of its weights file {weights_path}")
+    weights_path.parent.mkdir(parents=True, exist_ok=True)
+    extents: dict[str, tuple[int, int]] | None = None
+    for attention, path in paths.items():
+        model, weights = trace_decode_step(config, attention, opset, dtype)
+        if extents is None:  # the first graph decides the file's contents
+            extents = write_weights(weights_path, dict(weights.values()), chunks, dtype)
+            if progress:
+                progress(f"wrote {weights_path}")
+        for name, (hf, shape) in weights.items():
+            if hf not in extents:
+                raise ValueError(f"{path}: weight {hf!r} is not in the shared weights file {weights_path}")
+            offset, length = extents[hf]
+            model.graph.initializers[name].const_value = ir.ExternalTensor(
+                weights_path.name, offset, length, getattr(ir.DataType, _IR_DTYPES[dtype]),
+                shape=ir.Shape(shape), name=name, base_dir=str(weights_path.parent))
+        unset = [name for name, value in model.graph.initializers.items() if value.const_value is None]
+        if unset:
+            raise ValueError(f"{path}: initializer {unset[0]!r} has no value (not a checkpoint weight)")
+        ir.save(model, str(path))
+        del model  # before the next lowering is traced
+        if progress:
+            progress(f"wrote {path}")
+    return paths
+
+
+def export_decode_step(model: TiDARModel, path: str | Path, attention: str = "standard",
+                       opset: int = DEFAULT_OPSET, weights_path: str | Path | None = None) -> Path:
+    """Write the ONNX graph of one forward of the in-memory `model` to `path` (see the module
+    docstring), its weights to `weights_path` (default: `path` with the suffix `.weights`);
+    `attention` is "standard" (runs in ONNX Runtime) or "plugin" (tidar::hybrid_attention nodes)."""
+    path = Path(path)
+    state = model.state_dict()
+    weights_path = Path(weights_path) if weights_path is not None else path.with_suffix(".weights")
+    graphs = export_decode_steps(model.config, lambda name: (state[name],), {attention: path}, weights_path,
+                                 opset, model.dtype)
+    return graphs[attention]

@@ -33,8 +33,9 @@ stored unpadded); `vocab_size_padded` records the LM head's padded row count. Th
 section carries `mask_token_id`, `block_size` and `hf_config` (the source config.json), so the
 checkpoint is self-describing and `reassemble` can rebuild the exact HF config.
 
-Conversion streams: per rank it reads only the slices that rank needs (safetensors `get_slice`),
-so memory holds one rank file plus one source slice.
+Conversion streams: per rank it reads only the rows that rank needs (`export.source`) and writes
+each TRT-LLM tensor as soon as it is made (`export.safetensors_stream`), so memory holds one
+tensor, not a rank file.
 """
 
 from __future__ import annotations
@@ -46,11 +47,12 @@ from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from tidar.runtime.checkpoint import CheckpointError, check_tensor_names, expected_shapes, weight_files
+from tidar.runtime.checkpoint import CheckpointError
 from tidar.runtime.config import ConfigError, TiDARConfig
-from tidar.runtime.model import TiDARModel
+
+from .safetensors_stream import TensorSpec, write_safetensors
+from .source import CheckpointSource, model_shapes
 
 SUPPORTED_TP_SIZES = (1, 2, 4, 8)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -184,56 +186,41 @@ def _index(dim: int, start: int, stop: int) -> tuple[slice, ...]:
 
 
 # ------------------------------------------------------------------ HF -> TRT-LLM
-class _Source:
-    """The HF checkpoint's tensors, read slice by slice with the runtime loader's checks."""
-
-    def __init__(self, folder: Path, config: TiDARConfig):
-        self._handles: dict[Path, object] = {}
-        self.files = weight_files(folder)
-        with torch.device("meta"):
-            self.shapes = expected_shapes(TiDARModel(config))
-        check_tensor_names(folder, self.files, self.shapes, config)
-        for name, shape in self.shapes.items():
-            found = tuple(self._open(name).get_slice(name).get_shape())
-            if found != shape:
-                raise CheckpointError(f"{self.files[name]}: tensor {name!r} has shape {found}, "
-                                      f"config.json implies {shape}")
-
-    def _open(self, name: str):
-        path = self.files[name]
-        try:
-            if path not in self._handles:
-                self._handles[path] = safe_open(path, framework="pt")
-            return self._handles[path]
-        except (SafetensorError, OSError) as exc:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
-
-    def read(self, piece: Piece, rank: int, tp_size: int) -> torch.Tensor:
-        """Rank `rank`'s part of `piece`, zero-padded past the tensor's end, checked finite."""
-        name = piece.hf_name
-        part = self._open(name).get_slice(name)
-        if piece.dim is None:
-            tensor = part[:]
+def read_piece(source: CheckpointSource, piece: Piece, rank: int, tp_size: int) -> torch.Tensor:
+    """Rank `rank`'s part of `piece`, zero-padded past the tensor's end, checked finite. Row
+    ranges are read alone; a column range (dim 1) is cut from the whole tensor."""
+    name = piece.hf_name
+    if piece.dim is None:
+        tensor = source.read(name)
+    else:
+        start, stop = piece.rank_range(rank, tp_size)
+        extent = source.shapes[name][piece.dim]
+        first, last = min(start, extent), min(stop, extent)
+        if piece.dim == 0:
+            tensor = source.read(name, (first, last))
         else:
-            start, stop = piece.rank_range(rank, tp_size)
-            extent = self.shapes[name][piece.dim]
-            tensor = part[_index(piece.dim, min(start, extent), min(stop, extent))]
-            if stop > extent:
-                pad = list(tensor.shape)
-                pad[piece.dim] = stop - max(start, extent)
-                tensor = torch.cat((tensor, tensor.new_zeros(pad)), dim=piece.dim)
-        if tensor.dtype not in DTYPES.values():
-            raise CheckpointError(f"{self.files[name]}: tensor {name!r} has unsupported dtype {tensor.dtype}")
-        if not bool(torch.isfinite(tensor).all()):
-            raise CheckpointError(f"{self.files[name]}: tensor {name!r} contains NaN or Inf")
-        return tensor
+            tensor = source.read(name)[_index(piece.dim, first, last)].contiguous()
+        if stop > extent:
+            pad = list(tensor.shape)
+            pad[piece.dim] = stop - max(start, extent)
+            tensor = torch.cat((tensor, tensor.new_zeros(pad)), dim=piece.dim)
+    source.check_finite(name, tensor)
+    return tensor
+
+
+def target_shape(target: Target, shapes: dict[str, tuple[int, ...]], tp_size: int) -> tuple[int, ...]:
+    """Shape of one rank's `target` tensor (the same on every rank): its pieces stacked on dim 0."""
+    parts = [_rank_shape(piece, shapes[piece.hf_name], 0, tp_size) for piece in target.pieces]
+    return (sum(part[0] for part in parts), *parts[0][1:])
 
 
 def convert(checkpoint_dir: str | Path, out_dir: str | Path, tp_size: int = 1, dtype: str | None = None,
-            progress: Callable[[str], None] | None = None) -> Path:
+            progress: Callable[[str], None] | None = None, source: CheckpointSource | None = None) -> Path:
     """Write the TRT-LLM checkpoint of the HF TiDAR checkpoint `checkpoint_dir` into `out_dir`:
     rank{r}.safetensors for each rank, then config.json last (a folder without it is incomplete).
-    `dtype` defaults to the checkpoint's; `progress` receives one line per file written."""
+    `dtype` defaults to the checkpoint's; `progress` receives one line per file written;
+    `source` is the already opened `CheckpointSource` of `checkpoint_dir`, if the caller has one.
+    Each rank file is streamed: one TRT-LLM tensor at a time is in memory."""
     folder, out = Path(checkpoint_dir), Path(out_dir)
     try:
         config = TiDARConfig.from_file(folder)
@@ -241,18 +228,17 @@ def convert(checkpoint_dir: str | Path, out_dir: str | Path, tp_size: int = 1, d
         raise CheckpointError(str(exc)) from None
     dtype = dtype or config.torch_dtype
     trt_config = trtllm_config(config, tp_size, dtype)
-    source = _Source(folder, config)
-    targets = layout(config, tp_size)
+    source = source or CheckpointSource(folder, config)
+    targets = {target.name: target for target in layout(config, tp_size)}
+    specs = [TensorSpec(name, DTYPES[dtype], target_shape(target, source.shapes, tp_size))
+             for name, target in targets.items()]
     out.mkdir(parents=True, exist_ok=True)
     for rank in range(tp_size):
-        tensors = {}
-        for target in targets:
-            # copy=True: slices of one mmapped file may share storage (tied embedding and head)
-            parts = [source.read(piece, rank, tp_size).to(DTYPES[dtype], copy=True) for piece in target.pieces]
-            tensors[target.name] = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)).contiguous()
-        path = out / f"rank{rank}.safetensors"
-        save_file(tensors, str(path), metadata={"format": "pt"})
-        del tensors
+        def produce(spec: TensorSpec) -> torch.Tensor:
+            parts = [read_piece(source, piece, rank, tp_size).to(spec.dtype) for piece in targets[spec.name].pieces]
+            return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+        path = write_safetensors(out / f"rank{rank}.safetensors", specs, produce, metadata={"format": "pt"})
         if progress:
             progress(f"wrote {path} ({rank + 1}/{tp_size})")
     (out / "config.json").write_text(json.dumps(trt_config, indent=2) + "\n")
@@ -276,8 +262,7 @@ def reassemble(trtllm_dir: str | Path) -> tuple[TiDARConfig, dict[str, torch.Ten
         raise ConversionError(f"{folder / 'config.json'}: not a TiDAR TRT-LLM checkpoint config ({exc})") from None
     if raw != trtllm_config(config, tp_size, dtype):
         raise ConversionError(f"{folder / 'config.json'}: fields disagree with its own tidar.hf_config")
-    with torch.device("meta"):
-        shapes = expected_shapes(TiDARModel(config))
+    shapes = model_shapes(config)
     ranks = []
     for rank in range(tp_size):
         path = folder / f"rank{rank}.safetensors"

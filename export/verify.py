@@ -17,9 +17,13 @@ Checks (each a `Check` in the report: "ok", "failed" or "skipped", with a one-li
                   The reference is the source checkpoint, or, without it, the weights reassembled
                   from trtllm/ when they are exact (same dtype as the source).
 - onnx:plugin     the plugin graph passes onnx.checker with one tidar::hybrid_attention node per
-                  layer (ONNX Runtime cannot run the node).
-- engine, triton_repo   skipped with the manifest's reason when the build skipped them; engine
-                  files, when present, are checked by hash only (running them needs TensorRT-LLM).
+                  layer (ONNX Runtime cannot run the node). Its weights live in the external-data
+                  file it shares with the standard graph, which the standard check has run.
+- tensorrt        the TensorRT engine of the plugin graph, when the build made one and TensorRT
+                  and a GPU are here: greedy tokens through `DecodeEngine` equal the reference's
+                  at draft lengths 0, 4 and the block size; skipped with the reason otherwise.
+- engine, triton_repo   skipped with the manifest's reason when the build skipped them; TensorRT-LLM
+                  engine files, when present, are checked by hash only (running them needs its runtime).
 """
 
 from __future__ import annotations
@@ -195,13 +199,10 @@ def check_onnx_standard(out: Path, reference, origin: str, threads: int) -> Chec
         return Check(name, "failed", f"{ONNX_GRAPHS['standard']}: logits differ from {origin} by {worst:.2e} "
                                      f"(tolerance {TOLERANCE})")
     draft_lens = sorted({0, config.block_size} | ({4} if config.block_size >= 4 else set()))
-    requests = [Request(tokenizer.encode(prompt), MAX_NEW_TOKENS, eos_ids=()) for prompt in PROMPTS]
-    for draft_len in draft_lens:
-        expected = [r.token_ids for r in DecodeEngine(torch_backend, tokenizer, draft_len).generate(requests)]
-        actual = [r.token_ids for r in DecodeEngine(onnx_backend, tokenizer, draft_len).generate(requests)]
-        if actual != expected:
-            return Check(name, "failed", f"{ONNX_GRAPHS['standard']}: greedy tokens differ from {origin} "
-                                         f"at draft length {draft_len}")
+    mismatch = greedy_mismatch(torch_backend, onnx_backend, tokenizer, draft_lens)
+    if mismatch is not None:
+        return Check(name, "failed", f"{ONNX_GRAPHS['standard']}: greedy tokens differ from {origin} "
+                                     f"at draft length {mismatch}")
     return Check(name, "ok", f"logits within {worst:.1e} of {origin}; identical greedy tokens at draft "
                              f"lengths {', '.join(map(str, draft_lens))}")
 
@@ -214,8 +215,8 @@ def check_onnx_plugin(out: Path, num_layers: int) -> Check:
     relative = ONNX_GRAPHS["plugin"]
     plugin_schema()  # registers the node's schema so the checker validates it
     try:
-        graph = onnx.load(out / relative)
-        onnx.checker.check_model(graph, full_check=True)
+        onnx.checker.check_model(str(out / relative), full_check=True)  # external data resolved, not loaded
+        graph = onnx.load(out / relative, load_external_data=False)
     except Exception as exc:  # onnx raises DecodeError / ValidationError and others
         return Check("onnx:plugin", "failed", f"{relative}: not a valid ONNX graph ({exc})")
     nodes = [n for n in graph.graph.node if n.domain == PLUGIN_DOMAIN and n.op_type == PLUGIN_OP]
@@ -223,6 +224,45 @@ def check_onnx_plugin(out: Path, num_layers: int) -> Check:
         return Check("onnx:plugin", "failed", f"{relative}: {len(nodes)} {PLUGIN_DOMAIN}::{PLUGIN_OP} nodes for "
                                               f"{num_layers} layers")
     return Check("onnx:plugin", "ok", f"valid, one {PLUGIN_DOMAIN}::{PLUGIN_OP} node per layer ({num_layers})")
+
+
+# ---------------------------------------------------------------- tensorrt
+def greedy_mismatch(reference_backend, candidate, tokenizer, draft_lens) -> int | None:
+    """The first draft length at which `candidate`'s greedy tokens differ from the reference's
+    on PROMPTS (None: identical everywhere)."""
+    requests = [Request(tokenizer.encode(prompt), MAX_NEW_TOKENS, eos_ids=()) for prompt in PROMPTS]
+    for draft_len in draft_lens:
+        expected = [r.token_ids for r in DecodeEngine(reference_backend, tokenizer, draft_len).generate(requests)]
+        actual = [r.token_ids for r in DecodeEngine(candidate, tokenizer, draft_len).generate(requests)]
+        if actual != expected:
+            return draft_len
+    return None
+
+
+def check_tensorrt(out: Path, reference, origin: str) -> Check:
+    """The TensorRT engine of the plugin graph gives the reference's greedy tokens (SPEC I5)."""
+    from tidar.runtime.backend import TorchBackend
+
+    from .build import TENSORRT_ENGINE
+    from .tensorrt_engine import TensorRTBackend, unavailable_reason
+
+    name = "tensorrt"
+    reason = unavailable_reason()
+    if reason:
+        return Check(name, "skipped", f"{TENSORRT_ENGINE} matches manifest.json's hash; running it needs: {reason}")
+    if reference is None:
+        return Check(name, "skipped", f"no reference model: {origin}")
+    config = reference.config
+    try:
+        engine = TensorRTBackend(out / TENSORRT_ENGINE, TiDARConfig.from_file(out))
+    except Exception as exc:  # TensorRT reports deserialization problems with its own types
+        return Check(name, "failed", f"{TENSORRT_ENGINE}: cannot be loaded ({exc})")
+    draft_lens = sorted({0, config.block_size} | ({4} if config.block_size >= 4 else set()))
+    mismatch = greedy_mismatch(TorchBackend(reference), engine, Tokenizer(out), draft_lens)
+    if mismatch is not None:
+        return Check(name, "failed", f"{TENSORRT_ENGINE}: greedy tokens differ from {origin} "
+                                     f"at draft length {mismatch}")
+    return Check(name, "ok", f"identical greedy tokens to {origin} at draft lengths {', '.join(map(str, draft_lens))}")
 
 
 # ---------------------------------------------------------------- the report
@@ -244,18 +284,22 @@ def verify(out: str | Path, threads: int = 0) -> dict:
     if "trtllm" in present:
         trtllm_check, reassembled = check_trtllm(out, source)
         checks.append(trtllm_check)
-    if "onnx" in present:
+    reference, origin = None, "not needed"
+    if present & {"onnx", "tensorrt"}:
         try:
             reference, origin = reference_model(source, reassembled)
         except CheckpointError as exc:
             reference, origin = None, str(exc)
+    if "onnx" in present:
         checks.append(check_onnx_standard(out, reference, origin, threads))
         checks.append(check_onnx_plugin(out, config.num_hidden_layers))
     reasons = {entry["step"]: entry["reason"] for entry in manifest.get("skipped", [])}
-    for step in ("engine", "triton_repo"):
-        if step in present:
-            checks.append(Check(step, "ok", "files match manifest.json's hashes (running them needs a GPU host)"))
-        else:
+    for step in ("engine", "tensorrt", "triton_repo"):
+        if step not in present:
             checks.append(Check(step, "skipped", reasons.get(step, "not built")))
+        elif step == "tensorrt":
+            checks.append(check_tensorrt(out, reference, origin))
+        else:
+            checks.append(Check(step, "ok", "files match manifest.json's hashes (running them needs a GPU host)"))
     return {"out": str(out), "ok": not any(c.status == "failed" for c in checks),
             "checks": [asdict(c) for c in checks]}

@@ -1,11 +1,13 @@
 """`tidar-export build` and `verify` (export/build.py, export/verify.py, export/cli.py), through the CLI.
 
 One export of the tiny Qwen2 checkpoint at tp 2 is shared by the module (ONNX export is the slow
-part). Checked: the OUT layout and manifest fields; `verify` passes, and fails naming the
-artifact when a rank file or an ONNX graph is tampered with; `tidar generate OUT --backend
-onnxruntime` gives the torch backend's tokens on the source; --engine require fails and leaves
-nothing; an existing OUT is refused (and kept) without --force and replaced with it; damaged
-checkpoints are refused with exit status 2, one line naming the problem, and nothing left behind.
+part). Checked: the OUT layout and manifest fields; both ONNX graphs read their weights from one
+shared external-data file holding the checkpoint's values; build_engine.sh names the installed
+TensorRT-LLM model file; `verify` passes, and fails naming the artifact when a rank file or an
+ONNX graph is tampered with; `tidar generate OUT --backend onnxruntime` gives the torch backend's
+tokens on the source; --engine require fails and leaves nothing; an existing OUT is refused (and
+kept) without --force and replaced with it; damaged checkpoints are refused with exit status 2,
+one line naming the problem, and nothing left behind.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ pytest.importorskip("onnxscript")
 pytest.importorskip("onnxruntime")
 
 from tidar.cli import main as tidar_main  # noqa: E402
-from tidar.export.build import engine_unavailable_reason  # noqa: E402
+from tidar.export.build import engine_unavailable_reason, tensorrt_unavailable_reason  # noqa: E402
 from tidar.export.cli import main  # noqa: E402
 
 Q_PROJ = "model.layers.1.self_attn.q_proj.weight"
@@ -65,7 +67,8 @@ def exported(tiny_checkpoints, tmp_path_factory):
 def test_layout_and_manifest(exported, tiny_checkpoints):
     out, manifest = exported
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
-    assert files == ["config.json", "manifest.json", "onnx/decode_step.onnx", "onnx/decode_step_plugin.onnx",
+    assert files == ["config.json", "manifest.json", "onnx/decode_step.onnx", "onnx/decode_step.weights",
+                     "onnx/decode_step_plugin.onnx",
                      "tokenizer.json", "tokenizer_config.json", "trtllm/build_engine.sh", "trtllm/config.json",
                      "trtllm/rank0.safetensors", "trtllm/rank1.safetensors"]
     assert not [p.name for p in out.parent.iterdir() if p.name != "out"]  # no temporary folder left
@@ -86,11 +89,65 @@ def test_layout_and_manifest(exported, tiny_checkpoints):
     reason = engine_unavailable_reason()
     if reason:  # no TensorRT-LLM here: the engine step is skipped with the reason
         assert skipped["engine"] == reason and not (out / "engine").exists()
+    reason = tensorrt_unavailable_reason()
+    if reason:  # no TensorRT (or no GPU) here: likewise for the TensorRT engine of the plugin graph
+        assert skipped["tensorrt"] == reason and not (out / "tensorrt").exists()
+        assert manifest["engines"] == {}
     script = (out / "trtllm" / "build_engine.sh").read_text()
     for flag in ("trtllm-build", "--checkpoint_dir trtllm", "--output_dir engine", "--model_cls_file",
                  "--model_cls_name TiDARForCausalLM", "--max_batch_size", "--max_input_len", "--max_seq_len",
                  "--max_num_tokens"):
         assert flag in script
+    assert 'MODEL_CLS_FILE="$TIDAR_ROOT/export/trtllm_model.py"' in script and "NOTE" not in script
+
+
+def test_engine_script_names_the_installed_model_file(exported, tmp_path):
+    """build_engine.sh resolves the model file from the installed tidar package, and that file
+    exists (the script's own check, run with trtllm-build replaced by a stub that prints its
+    arguments)."""
+    import subprocess
+    import sys
+
+    import tidar
+
+    stub = tmp_path / "bin" / "trtllm-build"
+    stub.parent.mkdir()
+    stub.write_text('#!/usr/bin/env bash\necho "$@"\n')
+    stub.chmod(0o755)
+    python = tmp_path / "bin" / "python3"  # this interpreter (with tidar installed) as the script's python3
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
+    env = {"PATH": f"{stub.parent}:/usr/bin:/bin"}
+    result = subprocess.run(["bash", str(exported[0] / "trtllm" / "build_engine.sh")], capture_output=True,
+                            text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    model_file = Path(tidar.__file__).resolve().parent / "export" / "trtllm_model.py"
+    assert f"--model_cls_file {model_file} --model_cls_name TiDARForCausalLM" in result.stdout
+    assert model_file.is_file()
+
+
+def test_onnx_graphs_share_one_weights_file(exported, tiny_checkpoints):
+    """Both graphs read every weight from onnx/decode_step.weights, at the same offsets, and the
+    file holds each checkpoint tensor once (float32), as the checkpoint stores it."""
+    import numpy as np
+    import onnx
+
+    out = exported[0]
+    locations = []
+    for graph_file in ("decode_step.onnx", "decode_step_plugin.onnx"):
+        graph = onnx.load(out / "onnx" / graph_file, load_external_data=False)
+        external = {t.name: {e.key: e.value for e in t.external_data} for t in graph.graph.initializer
+                    if t.data_location == onnx.TensorProto.EXTERNAL}
+        assert {entry["location"] for entry in external.values()} == {"decode_step.weights"}
+        locations.append(external)
+    assert locations[0] == locations[1]
+    source = load_file(str(tiny_checkpoints["qwen2"] / WEIGHTS))
+    assert len(locations[0]) == len(source)  # the tied LM head is the embedding, stored once
+    data = (out / "onnx" / "decode_step.weights").read_bytes()
+    entry = locations[0][Q_PROJ]
+    offset, length = int(entry["offset"]), int(entry["length"])
+    stored = np.frombuffer(data[offset:offset + length], dtype=np.float32).reshape(source[Q_PROJ].shape)
+    assert np.array_equal(stored, source[Q_PROJ].float().numpy())
 
 
 def test_verify_passes(exported, capsys):
@@ -99,6 +156,8 @@ def test_verify_passes(exported, capsys):
     lines = {line.split()[1].rstrip(":"): line.split()[0] for line in out.splitlines()}
     assert lines["trtllm"] == lines["onnx:standard"] == lines["onnx:plugin"] == lines["source"] == "ok"
     assert lines["triton_repo"] == "skipped"
+    if tensorrt_unavailable_reason():
+        assert lines["tensorrt"] == "skipped"
     assert "identical greedy tokens at draft lengths 0, 4, 16" in out
 
 

@@ -259,3 +259,30 @@ def test_reassemble_refuses_tampered_rank_files(converted, tmp_path):
         (folder / "config.json").write_text((source / "config.json").read_text())
         with pytest.raises(ConversionError, match=message):
             reassemble(folder)
+
+
+# ---------------------------------------------------------------- streamed safetensors
+def test_streamed_safetensors_round_trip(tmp_path):
+    """write_safetensors (tensors produced whole or as row chunks) gives files safetensors reads
+    back exactly; read_tensor reads whole tensors and row ranges; sizes that disagree are errors."""
+    from tidar.export.safetensors_stream import TensorSpec, read_header, read_tensor, write_safetensors
+
+    generator = torch.Generator().manual_seed(0)
+    tensors = {"a.weight": torch.randn(7, 5, generator=generator).to(torch.bfloat16),
+               "b.bias": torch.randn(3, generator=generator),
+               "c.weight": torch.randn(4, 2, generator=generator).half()}
+    specs = [TensorSpec(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
+    def produce(spec):  # one tensor as row chunks, the others whole
+        return tensors[spec.name].split(3) if spec.name == "a.weight" else tensors[spec.name]
+
+    path = write_safetensors(tmp_path / "x.safetensors", specs, produce, metadata={"format": "pt"})
+    loaded = load_file(str(path))
+    assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[n], t) for n, t in tensors.items())
+    stored = read_header(path)
+    assert torch.equal(read_tensor(stored["a.weight"]), tensors["a.weight"])
+    assert torch.equal(read_tensor(stored["a.weight"], rows=(2, 6)), tensors["a.weight"][2:6])
+    with pytest.raises(ValueError, match="'b.bias' produced 8 bytes"):
+        write_safetensors(tmp_path / "y.safetensors", specs[1:2], lambda spec: torch.zeros(2))
+    (tmp_path / "z.safetensors").write_bytes(path.read_bytes()[:-4])
+    with pytest.raises(ValueError, match="outside the file"):
+        read_header(tmp_path / "z.safetensors")

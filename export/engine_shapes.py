@@ -1,0 +1,90 @@
+"""The sizes an engine is built for, in plain Python (no TensorRT needed, tested on CPU).
+
+Both engine flows take the decode step of `export/onnx_export.py` with three dynamic dimensions:
+
+    batch   rows of a step                         1 .. max_batch_size
+    new     new tokens per row: a prefill is the   1 .. max(max_input_len + draft_len, step tokens)
+            prompt plus a block of masks, a decode
+            step `Layout.decode(draft_len).num_new`
+    past    cached tokens per row (padded maximum) 0 .. max_position_embeddings
+
+`engine_limits` gives the trtllm-build sizes, `dimension_ranges` the (min, opt, max) of each
+dynamic dimension (TensorRT optimization profile / TensorRT-LLM `dim_range`), and
+`input_shapes` the (min, opt, max) shape of every graph input, as TensorRT's
+`IOptimizationProfile.set_shape` wants them. `opt` is what kernels are tuned for: one row, one
+TiDAR decode step of `draft_len`, a past of up to OPT_PAST tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tidar.runtime.config import TiDARConfig
+from tidar.runtime.layout import Layout
+
+ENGINE_MAX_BATCH_SIZE = 8
+OPT_PAST = 1024
+LAYOUT_SCALARS = ("causal_len", "num_blocks", "block_len", "first_visible", "visible_stride")
+
+
+@dataclass(frozen=True)
+class DimRange:
+    """(min, opt, max) of one dynamic dimension."""
+
+    min: int
+    opt: int
+    max: int
+
+    def __post_init__(self):
+        if not 0 <= self.min <= self.opt <= self.max:
+            raise ValueError(f"dimension range needs 0 <= min <= opt <= max, got {self}")
+
+    def as_tuple(self) -> tuple[int, int, int]:
+        return self.min, self.opt, self.max
+
+
+def engine_limits(config: TiDARConfig, draft_len: int, max_batch_size: int = ENGINE_MAX_BATCH_SIZE) -> dict[str, int]:
+    """trtllm-build sizes: a prefill is the prompt plus a block of masks, a decode step
+    `Layout.decode(draft_len).num_new` tokens per row, and the KV cache holds the committed tokens
+    plus one step's new tokens."""
+    step_tokens = Layout.decode(draft_len).num_new
+    max_input_len = config.max_position_embeddings - 1
+    return {"max_batch_size": max_batch_size, "max_input_len": max_input_len,
+            "max_seq_len": config.max_position_embeddings + step_tokens,
+            "max_num_tokens": max(max_input_len + draft_len, max_batch_size * step_tokens)}
+
+
+def dimension_ranges(config: TiDARConfig, draft_len: int,
+                     max_batch_size: int = ENGINE_MAX_BATCH_SIZE) -> dict[str, DimRange]:
+    """{"batch", "new", "past"}: the (min, opt, max) of each dynamic dimension."""
+    limits = engine_limits(config, draft_len, max_batch_size)
+    return ranges_for_limits(max_batch_size, limits["max_input_len"], config.max_position_embeddings, draft_len)
+
+
+def ranges_for_limits(max_batch_size: int, max_input_len: int, max_past: int, draft_len: int) -> dict[str, DimRange]:
+    """The ranges of `dimension_ranges` from explicit limits: at most `max_batch_size` rows, a
+    prefill of up to `max_input_len` prompt tokens plus `draft_len` masks, `max_past` cached
+    tokens; tuned for one row, one decode step of `draft_len`."""
+    step_tokens = Layout.decode(draft_len).num_new
+    max_new = max(max_input_len + draft_len, step_tokens)
+    return {"batch": DimRange(1, 1, max_batch_size),
+            "new": DimRange(1, min(step_tokens, max_new), max_new),
+            "past": DimRange(0, min(OPT_PAST, max_past), max_past)}
+
+
+def input_shapes(config: TiDARConfig, draft_len: int, num_kv_heads: int | None = None,
+                 max_batch_size: int = ENGINE_MAX_BATCH_SIZE) -> dict[str, tuple[tuple[int, ...], ...]]:
+    """{input name: (min shape, opt shape, max shape)} of the decode-step graph (input names of
+    `onnx_export.input_names`); `num_kv_heads` is the rank-local count (default: all)."""
+    ranges = dimension_ranges(config, draft_len, max_batch_size)
+    kv_heads = num_kv_heads or config.num_key_value_heads
+
+    def shapes(*dims) -> tuple[tuple[int, ...], ...]:
+        return tuple(tuple(ranges[d].as_tuple()[i] if isinstance(d, str) else d for d in dims) for i in range(3))
+
+    found = {"input_ids": shapes("batch", "new"), "past_lens": shapes("batch"),
+             **{name: shapes() for name in LAYOUT_SCALARS}}
+    for layer in range(config.num_hidden_layers):
+        for kind in ("key", "value"):
+            found[f"past_{kind}_{layer}"] = shapes("batch", kv_heads, "past", config.head_dim)
+    return found

@@ -1,0 +1,176 @@
+"""TensorRT engine of the plugin ONNX graph (onnx/decode_step_plugin.onnx), and a backend that runs it.
+
+    unavailable_reason()                      -> None, or why no engine can be built here
+    optimization_profile(config, draft_len)   -> {input: (min, opt, max) shape}   (plain Python)
+    build_tensorrt_engine(onnx_path, engine_path, config, draft_len) -> record for manifest.json
+    TensorRTBackend(engine_path, config)      the runtime's Backend protocol over the engine
+
+The graph has one `tidar::hybrid_attention` node per layer; TensorRT's ONNX parser maps it to the
+plugin `hybrid_attention` of namespace `tidar`, which `tidar.plugins.tensorrt_plugin.register()`
+registers with `tensorrt.plugin` (ahead-of-time Triton kernel, so the engine runs without Python).
+The parser finds a plugin by the node's op type and its string attribute `plugin_namespace`, and
+picks the ahead-of-time implementation when the node has the int attribute `aot = 1` (the rule of
+plugins/tensorrt_plugin.py); the graph on disk carries only the op's own attributes (its
+contract), so those two are added to an in-memory copy of the graph before parsing
+(`annotate_plugin_nodes`). Weights stay in the
+external-data file next to the graph.
+
+One optimization profile covers every layout: batch, new tokens and past length range as in
+`export/engine_shapes.py` (tuned for one row, one decode step of the draft length).
+
+tensorrt and the plugin module are imported only here and only when used; without them the
+build records the engine as skipped with `unavailable_reason()`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from tidar.runtime.cache import KVCache
+from tidar.runtime.config import TiDARConfig
+from tidar.runtime.layout import Layout
+
+from .engine_shapes import ENGINE_MAX_BATCH_SIZE, dimension_ranges, input_shapes
+from .onnx_export import PLUGIN_DOMAIN, PLUGIN_OP, input_names, output_names
+
+PLUGIN_MODULE = "tidar.plugins.tensorrt_plugin"
+WORKSPACE_BYTES = 4 << 30
+
+
+class TensorRTEngineError(RuntimeError):
+    """The engine could not be built or run; the message says which step and why."""
+
+
+def unavailable_reason() -> str | None:
+    """Why no TensorRT engine can be built here (None: it can)."""
+    if importlib.util.find_spec("tensorrt") is None:
+        return "tensorrt is not importable (TensorRT needs an NVIDIA GPU host)"
+    try:
+        if importlib.util.find_spec(PLUGIN_MODULE) is None:
+            return f"{PLUGIN_MODULE} (the TensorRT plugin of tidar::hybrid_attention) is not part of this tidar"
+    except ImportError as exc:
+        return f"{PLUGIN_MODULE} cannot be found: {exc}"
+    if not torch.cuda.is_available():
+        return "no CUDA device: building a TensorRT engine needs a GPU"
+    return None
+
+
+def optimization_profile(config: TiDARConfig, draft_len: int,
+                         max_batch_size: int = ENGINE_MAX_BATCH_SIZE) -> dict[str, tuple[tuple[int, ...], ...]]:
+    """{graph input: (min, opt, max) shape} of the one profile (see `engine_shapes.input_shapes`)."""
+    shapes = input_shapes(config, draft_len, max_batch_size=max_batch_size)
+    missing = set(input_names(config.num_hidden_layers)) ^ set(shapes)
+    if missing:
+        raise ValueError(f"profile and graph inputs disagree on {sorted(missing)}")
+    return shapes
+
+
+def annotate_plugin_nodes(graph) -> int:
+    """Add plugin_namespace and aot to every tidar::hybrid_attention node of the
+    onnx ModelProto `graph` (in place); returns how many nodes there are."""
+    import onnx
+
+    nodes = [n for n in graph.graph.node if n.domain == PLUGIN_DOMAIN and n.op_type == PLUGIN_OP]
+    for node in nodes:
+        present = {attribute.name for attribute in node.attribute}
+        for name, value in (("plugin_namespace", PLUGIN_DOMAIN), ("aot", 1)):
+            if name not in present:
+                node.attribute.append(onnx.helper.make_attribute(name, value))
+    return len(nodes)
+
+
+def build_tensorrt_engine(onnx_path: str | Path, engine_path: str | Path, config: TiDARConfig,
+                          draft_len: int, max_batch_size: int = ENGINE_MAX_BATCH_SIZE) -> dict:
+    """Build the engine of the plugin graph `onnx_path` into `engine_path`; returns what the
+    manifest records (profile, TensorRT version). Raises TensorRTEngineError naming the step."""
+    import onnx
+    import tensorrt as trt
+
+    plugins = importlib.import_module(PLUGIN_MODULE)
+    plugins.register()
+    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    graph = onnx.load(onnx_path, load_external_data=False)  # the structure; the parser reads the weights
+    if annotate_plugin_nodes(graph) != config.num_hidden_layers:
+        raise TensorRTEngineError(f"{onnx_path}: expected one {PLUGIN_DOMAIN}::{PLUGIN_OP} node per layer")
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(graph.SerializeToString(), str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise TensorRTEngineError(f"{onnx_path}: TensorRT's ONNX parser failed: {errors}")
+    builder_config = builder.create_builder_config()
+    builder_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
+    profile = builder.create_optimization_profile()
+    shapes = optimization_profile(config, draft_len, max_batch_size)
+    for name, (low, opt, high) in shapes.items():
+        profile.set_shape(name, low, opt, high)
+    builder_config.add_optimization_profile(profile)
+    serialized = builder.build_serialized_network(network, builder_config)
+    if serialized is None:
+        raise TensorRTEngineError(f"{onnx_path}: TensorRT could not build an engine (see its log above)")
+    engine_path.parent.mkdir(parents=True, exist_ok=True)
+    engine_path.write_bytes(bytes(serialized))
+    ranges = dimension_ranges(config, draft_len, max_batch_size)
+    return {"tensorrt": trt.__version__, "source": onnx_path.name, "draft_len": draft_len,
+            "profile": {dim: list(value.as_tuple()) for dim, value in ranges.items()}}
+
+
+class TensorRTBackend:
+    """The runtime's Backend protocol (`forward`, `new_cache`) over a TensorRT engine of the
+    decode step, on the current CUDA device; the cache is the runtime's `KVCache` on that device.
+    Like the ONNX Runtime backend, each forward hands the first max(lengths) slots to the engine
+    and copies `present` back, which writes the new tokens' K/V without committing them."""
+
+    name = "tensorrt"
+
+    def __init__(self, engine_path: str | Path, config: TiDARConfig):
+        import tensorrt as trt
+
+        importlib.import_module(PLUGIN_MODULE).register()  # the plugin must exist before deserializing
+        self.config, self.device = config, torch.device("cuda")
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engine = runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
+        if self.engine is None:
+            raise TensorRTEngineError(f"{engine_path}: TensorRT cannot deserialize the engine")
+        self.context = self.engine.create_execution_context()
+        self.dtype = torch.float32
+
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        c = self.config
+        return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, capacity, c.head_dim,
+                       dtype=self.dtype, device=self.device)
+
+    def forward(self, input_ids: torch.Tensor, layout: Layout, cache: KVCache) -> torch.Tensor:
+        """Logits [B, layout.num_new, vocab]; the new K/V are written into `cache`, uncommitted."""
+        batch, num_new = input_ids.shape
+        past = int(cache.lengths.max())
+        layers = self.config.num_hidden_layers
+        feeds = {"input_ids": input_ids.to(self.device, torch.long).contiguous(),
+                 "past_lens": cache.lengths.to(self.device, torch.long).contiguous()}
+        feeds.update({name: torch.tensor(value, dtype=torch.long, device=self.device)
+                      for name, value in layout.kernel_scalars().items()})
+        for layer in range(layers):
+            feeds[f"past_key_{layer}"] = cache.keys[layer, :, :, :past].contiguous()
+            feeds[f"past_value_{layer}"] = cache.values[layer, :, :, :past].contiguous()
+        outputs = {"logits": torch.empty(batch, num_new, self.config.vocab_size, dtype=self.dtype, device=self.device)}
+        kv_shape = (batch, self.config.num_key_value_heads, past + num_new, self.config.head_dim)
+        outputs.update({name: torch.empty(kv_shape, dtype=self.dtype, device=self.device)
+                        for name in output_names(layers)[1:]})
+        for name, tensor in feeds.items():
+            self.context.set_input_shape(name, tuple(tensor.shape))
+            self.context.set_tensor_address(name, tensor.data_ptr())
+        for name, tensor in outputs.items():
+            self.context.set_tensor_address(name, tensor.data_ptr())
+        stream = torch.cuda.current_stream()
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise TensorRTEngineError("TensorRT engine execution failed")
+        stream.synchronize()
+        for layer in range(layers):
+            cache.keys[layer, :, :, :past + num_new] = outputs[f"present_key_{layer}"]
+            cache.values[layer, :, :, :past + num_new] = outputs[f"present_value_{layer}"]
+        return outputs["logits"]

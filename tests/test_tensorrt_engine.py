@@ -1,0 +1,65 @@
+"""The TensorRT engine of the plugin ONNX graph (export/tensorrt_engine.py): its plain-Python half.
+
+Checked on CPU: the optimization profile covers exactly the graph's inputs with min <= opt <= max
+shapes (batch, new tokens and past length dynamic; heads, head_dim and the 0-d layout scalars
+fixed); the in-memory annotation of tidar::hybrid_attention nodes that lets TensorRT's ONNX parser
+find the ahead-of-time plugin (the file on disk keeps the op's contract attributes only); and the
+reason given where TensorRT or a GPU is missing. Building and running an engine needs TensorRT,
+the plugin and a GPU: that test skips with the reason otherwise.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxscript")
+
+from tidar.export.onnx_export import PLUGIN_DOMAIN, export_decode_step, input_names  # noqa: E402
+from tidar.export.tensorrt_engine import (annotate_plugin_nodes, build_tensorrt_engine,  # noqa: E402
+                                          optimization_profile, unavailable_reason)
+
+
+def test_profile_covers_every_input(tiny_backends):
+    config = tiny_backends["qwen3"].config  # 1 KV head of 32, 2 layers, block size 16
+    profile = optimization_profile(config, draft_len=4, max_batch_size=3)
+    assert list(profile) == input_names(config.num_hidden_layers)
+    for name, (low, opt, high) in profile.items():
+        assert len(low) == len(opt) == len(high)
+        assert all(a <= b <= c for a, b, c in zip(low, opt, high)), name
+    assert profile["input_ids"] == ((1, 1), (1, 20), (3, 1023 + 4))
+    assert profile["past_lens"] == ((1,), (1,), (3,))
+    assert profile["causal_len"] == ((), (), ())
+    assert profile["past_value_1"] == ((1, 1, 0, 32), (1, 1, 1024, 32), (3, 1, 1024, 32))
+
+
+def test_plugin_nodes_are_annotated_in_memory_only(tiny_backends, tmp_path):
+    model = tiny_backends["qwen2"].model
+    path = export_decode_step(model, tmp_path / "plugin.onnx", attention="plugin")
+    graph = onnx.load(path, load_external_data=False)
+    assert annotate_plugin_nodes(graph) == model.config.num_hidden_layers
+    assert annotate_plugin_nodes(graph) == model.config.num_hidden_layers  # idempotent
+    for node in (n for n in graph.graph.node if n.domain == PLUGIN_DOMAIN):
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attributes["plugin_namespace"] == b"tidar"
+        assert attributes["aot"] == 1 and attributes["num_heads"] == model.config.num_attention_heads
+    on_disk = onnx.load(path, load_external_data=False)
+    assert not [a for n in on_disk.graph.node for a in n.attribute if a.name == "plugin_namespace"]
+
+
+def test_build_and_run_need_tensorrt(tiny_checkpoints, tiny_backends, tmp_path):
+    reason = unavailable_reason()
+    if reason:
+        assert isinstance(reason, str) and reason
+        pytest.skip(f"building a TensorRT engine needs TensorRT, tidar's TensorRT plugin and a GPU: {reason}")
+    from tidar.export.tensorrt_engine import TensorRTBackend
+    from tidar.export.verify import greedy_mismatch
+    from tidar.runtime.tokenizer import Tokenizer
+
+    model = tiny_backends["qwen2"].model
+    graph = export_decode_step(model, tmp_path / "plugin.onnx", attention="plugin")
+    record = build_tensorrt_engine(graph, tmp_path / "decode_step.engine", model.config, draft_len=4)
+    assert record["profile"]["batch"] == [1, 1, 8]
+    engine = TensorRTBackend(tmp_path / "decode_step.engine", model.config)
+    tokenizer = Tokenizer(tiny_checkpoints["qwen2"])
+    assert greedy_mismatch(tiny_backends["qwen2"], engine, tokenizer, (0, 4, 16)) is None

@@ -1,0 +1,117 @@
+"""The TensorRT-LLM model definition (export/trtllm_model.py): its plain-Python half on CPU.
+
+Checked without TensorRT-LLM: the weights the model declares are exactly, name and shape, the
+tensors of every rank file `trtllm_checkpoint.convert` writes (families qwen2 / qwen3 / llama,
+tp 1, 2, 4); rank-local head counts (KV heads duplicated when fewer than ranks); the network
+inputs (names, dtypes, static and dynamic dims, TensorRT-LLM dim ranges) against the ONNX graph's
+inputs; and the engine sizes. The model class itself needs TensorRT-LLM and a GPU host: its
+test skips with the reason when tensorrt_llm is absent.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors import safe_open
+
+from tidar.export.engine_shapes import DimRange, dimension_ranges, engine_limits
+from tidar.export.onnx_export import input_names
+from tidar.export.trtllm_checkpoint import convert
+from tidar.export.trtllm_model import (ARCHITECTURE, TRTLLM_IMPORT_ERROR, builder_ranges, declared_weights,
+                                       input_specs, output_names, rank_sizes)
+from tidar.runtime.config import TiDARConfig
+
+FAMILIES = ("qwen2", "qwen3", "llama")
+TP_SIZES = (1, 2, 4)
+
+
+@pytest.fixture(scope="module")
+def trtllm_checkpoints(tiny_checkpoints, tmp_path_factory):
+    """{(family, tp): TRT-LLM checkpoint folder} for every family and tp."""
+    return {(family, tp): convert(tiny_checkpoints[family], tmp_path_factory.mktemp(f"{family}-tp{tp}"), tp)
+            for family in FAMILIES for tp in TP_SIZES}
+
+
+def read_config(folder) -> dict:
+    return json.loads((folder / "config.json").read_text())
+
+
+@pytest.mark.parametrize("tp", TP_SIZES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_declared_weights_are_the_rank_files(family, tp, trtllm_checkpoints):
+    folder = trtllm_checkpoints[family, tp]
+    declared = declared_weights(read_config(folder))
+    for rank in range(tp):
+        with safe_open(folder / f"rank{rank}.safetensors", framework="pt") as handle:
+            stored = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+        assert set(declared) == set(stored), f"rank {rank}: {sorted(set(declared) ^ set(stored))[:3]}"
+        assert declared == stored
+
+
+def test_rank_local_sizes(trtllm_checkpoints, tiny_checkpoints):
+    qwen3 = TiDARConfig.from_file(tiny_checkpoints["qwen3"])  # 4 query heads, 1 KV head, head_dim 32
+    for tp in TP_SIZES:
+        sizes = rank_sizes(read_config(trtllm_checkpoints["qwen3", tp]))
+        assert sizes.num_heads == 4 // tp and sizes.num_kv_heads == 1  # the single KV head is duplicated
+        assert sizes.qkv_rows == (4 // tp + 2) * qwen3.head_dim
+        assert sizes.intermediate_size == qwen3.intermediate_size // tp and sizes.qk_layernorm
+    llama = rank_sizes(read_config(trtllm_checkpoints["llama", 4]))
+    assert (llama.num_heads, llama.num_kv_heads, llama.qkv_bias) == (1, 1, False)
+    qwen2 = rank_sizes(read_config(trtllm_checkpoints["qwen2", 2]))
+    assert (qwen2.num_heads, qwen2.num_kv_heads, qwen2.qkv_bias, qwen2.qk_layernorm) == (2, 1, True, False)
+
+
+def test_unsplittable_config_names_the_field(trtllm_checkpoints):
+    config = read_config(trtllm_checkpoints["qwen2", 1])
+    config["mapping"]["tp_size"] = 3
+    with pytest.raises(ValueError, match="num_attention_heads"):
+        rank_sizes(config)
+
+
+def test_inputs_match_the_onnx_decode_step(trtllm_checkpoints):
+    config = read_config(trtllm_checkpoints["qwen3", 2])
+    specs = input_specs(config)
+    names = [spec.name for spec in specs]
+    assert [n for n in names if n != "position_ids"] == input_names(config["num_hidden_layers"])
+    by_name = {spec.name: spec for spec in specs}
+    assert by_name["input_ids"].dims == ("batch", "new") and by_name["input_ids"].dtype == "int32"
+    assert by_name["past_lens"].shape() == [-1] and by_name["causal_len"].shape() == []
+    assert by_name["past_key_1"].dims == ("batch", 1, "past", 32)  # rank-local KV heads
+    assert by_name["past_key_1"].dtype == config["dtype"]
+    ranges = builder_ranges(config, max_batch_size=4, max_input_len=100, max_seq_len=400, max_draft_len=4)
+    dim_range = by_name["past_value_0"].dim_range(ranges)
+    assert list(dim_range) == ["batch", "past_value_0_1", "past", "past_value_0_3"]
+    assert dim_range["batch"] == [[1, 1, 4]] and dim_range["past"] == [[0, 400, 400]]
+    assert dim_range["past_value_0_1"] == [1]
+    assert by_name["causal_len"].dim_range(ranges) is None
+    assert ranges["new"].opt == 20  # a decode step of draft length 4: 4 * 5 tokens
+    config["tidar"]["draft_len"] = 2  # what `tidar-export build --draft-len 2` sets before building
+    assert builder_ranges(config, 4, 100, 400)["new"].opt == 6
+    assert output_names(config)[:3] == ["logits", "present_key_0", "present_value_0"]
+
+
+def test_engine_sizes(tiny_checkpoints):
+    config = TiDARConfig.from_file(tiny_checkpoints["qwen2"])  # max_position_embeddings 1024, block 16
+    ranges = dimension_ranges(config, draft_len=4)
+    assert ranges["batch"] == DimRange(1, 1, 8)
+    assert ranges["new"] == DimRange(1, 20, 1023 + 4)  # a decode step of b=4 is 4 * 5 tokens
+    assert ranges["past"] == DimRange(0, 1024, 1024)
+    limits = engine_limits(config, 16)
+    assert limits == {"max_batch_size": 8, "max_input_len": 1023, "max_seq_len": 1024 + 272,
+                      "max_num_tokens": max(1023 + 16, 8 * 272)}
+    with pytest.raises(ValueError, match="min <= opt <= max"):
+        DimRange(2, 1, 3)
+
+
+def test_model_class_needs_tensorrt_llm(trtllm_checkpoints):
+    if TRTLLM_IMPORT_ERROR is not None:
+        pytest.skip(f"the TensorRT-LLM model class needs TensorRT-LLM 1.2.x and a GPU host: {TRTLLM_IMPORT_ERROR}")
+    from tensorrt_llm.models import MODEL_MAP
+
+    from tidar.export.trtllm_model import TiDARForCausalLM
+
+    assert MODEL_MAP[ARCHITECTURE] is TiDARForCausalLM
+    folder = trtllm_checkpoints["qwen2", 2]
+    model = TiDARForCausalLM.from_checkpoint(str(folder), rank=1)
+    assert {name for name, _ in model.named_parameters()} == set(declared_weights(read_config(folder)))
