@@ -25,8 +25,9 @@ Steps, in order (each is an existing function; this module only sequences and re
               graph (`export/tensorrt_engine.py`) where TensorRT and a GPU are. Each one that cannot
               be built is recorded as skipped with the reason (engine="auto"), or the build fails
               with the reasons (engine="require").
-6. triton_repo/  rendered from the repository's triton_repo/ templates; skipped (with the reason)
-              while they are not part of the release.
+6. triton_repo/  the Triton Inference Server repository rendered from triton_repo/
+              (`export.triton_repo`), serving OUT on the TensorRT-LLM engine, else the TensorRT
+              engine, else ONNX Runtime; `tidar serve OUT/triton_repo` runs it.
 7. manifest.json  inputs and their sha256, library versions, options, every artifact's size and
               sha256, skipped steps and why, and the TiDAR config summary.
 
@@ -60,12 +61,14 @@ from typing import Iterator
 
 import tidar
 from tidar.runtime.checkpoint import CheckpointError, weight_files
+from tidar.runtime import engine_backend
 from tidar.runtime.config import ConfigError, TiDARConfig
 from tidar.runtime.layout import Layout
 from tidar.runtime.tokenizer import Tokenizer, TokenizerError
 
 from .engine_shapes import engine_limits
 from .source import CheckpointSource
+from .triton_repo import render_repository
 from .trtllm_checkpoint import DTYPES, ConversionError, convert, trtllm_config
 
 ENGINE_MODES = ("auto", "skip", "require")
@@ -84,10 +87,9 @@ TRTLLM_MODEL_CLASS = "TiDARForCausalLM"
 TRTLLM_MODEL_FILE = "export/trtllm_model.py"
 """Where the TensorRT-LLM model definition of TiDARForCausalLM lives, relative to the tidar package."""
 TRTLLM_PLUGIN_MODULE = "tidar.plugins.trtllm_plugin"
-TENSORRT_ENGINE = "tensorrt/decode_step.engine"
+TENSORRT_ENGINE = engine_backend.TENSORRT_ENGINE  # where the runtime's tensorrt backend looks
 """The TensorRT engine of onnx/decode_step_plugin.onnx (where TensorRT is available)."""
 ENGINE_SCRIPT = "trtllm/build_engine.sh"
-TRITON_TEMPLATES = Path(tidar.__file__).resolve().parent / "triton_repo"
 
 
 class ExportError(ValueError):
@@ -275,12 +277,13 @@ def build_tensorrt(folder: Path, config: TiDARConfig, draft_len: int) -> dict:
         raise ExportError(f"TensorRT engine build failed: {exc}") from exc
 
 
-def triton_skip_reason() -> str:
-    """Why triton_repo/ is not rendered (always, in this release)."""
-    if not TRITON_TEMPLATES.is_dir() or not any(TRITON_TEMPLATES.iterdir()):
-        return f"the Triton model-repository templates ({TRITON_TEMPLATES.name}/ at the repository top) are " \
-               f"not part of tidar {tidar.__version__} yet"
-    return f"rendering the Triton model repository is not part of tidar {tidar.__version__} yet"
+def render_triton(folder: Path, built: list[str]) -> dict:
+    """OUT/triton_repo for the best backend that was built: the TensorRT-LLM engine, else the
+    TensorRT engine (one instance per GPU), else the ONNX graph on ONNX Runtime (CPU)."""
+    backend = "trtllm" if "engine" in built else "tensorrt" if "tensorrt" in built else "onnxruntime"
+    kind = "KIND_CPU" if backend == "onnxruntime" else "KIND_GPU"
+    render_repository(folder / "triton_repo", model_dir="../..", backend=backend, instance_kind=kind)
+    return {"backend": backend, "instance_kind": kind, "model_dir": "../.. (OUT, relative to triton_repo/tidar)"}
 
 
 # ---------------------------------------------------------------- atomic output
@@ -373,7 +376,7 @@ def build(checkpoint: str | Path, out: str | Path, tp: int = 1, dtype: str | Non
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a checkpoint folder")
     check_out(out, force)
-    steps = _Steps(total=6, enabled=progress)
+    steps = _Steps(total=7, enabled=progress)
     try:
         steps.start("validating the checkpoint")
         hashes = {path.name: sha256(path) for path in input_files(folder)}
@@ -420,7 +423,12 @@ def build(checkpoint: str | Path, out: str | Path, tp: int = 1, dtype: str | Non
                     engines[step] = (build_trtllm_engine(partial, config, tp, draft_len) if step == "engine"
                                      else build_tensorrt(partial, config, draft_len))
                     built.append(step)
-            skipped.append({"step": "triton_repo", "reason": triton_skip_reason()})
+            steps.done()
+
+            steps.start("Triton model repository")
+            triton = render_triton(partial, built)
+            built.append("triton_repo")
+            steps.note(f"triton_repo: model tidar on the {triton['backend']} backend")
             steps.done()
 
             steps.start("manifest")
@@ -435,6 +443,7 @@ def build(checkpoint: str | Path, out: str | Path, tp: int = 1, dtype: str | Non
                 "config": config_summary(config),
                 "built": built,
                 "engines": engines,
+                "triton_repo": triton,
                 "skipped": skipped,
                 "artifacts": artifact_records(partial),
             }

@@ -45,7 +45,7 @@ OUT holds:
   tensorrt/decode_step.engine
                          the TensorRT engine of the plugin graph, only where TensorRT, the
                          plugin and a GPU are available
-  triton_repo/           the Triton model repository (not part of this release yet)
+  triton_repo/           the Triton model repository (`tidar serve OUT/triton_repo`)
   manifest.json          inputs and their sha256, library versions, options, every
                          artifact's size and sha256, skipped steps and why
 """

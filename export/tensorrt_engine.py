@@ -1,9 +1,10 @@
-"""TensorRT engine of the plugin ONNX graph (onnx/decode_step_plugin.onnx), and a backend that runs it.
+"""TensorRT engine of the plugin ONNX graph (onnx/decode_step_plugin.onnx).
 
     unavailable_reason()                      -> None, or why no engine can be built here
     optimization_profile(config, draft_len)   -> {input: (min, opt, max) shape}   (plain Python)
     build_tensorrt_engine(onnx_path, engine_path, config, draft_len) -> record for manifest.json
-    TensorRTBackend(engine_path, config)      the runtime's Backend protocol over the engine
+
+The runtime runs the engine with `tidar.runtime.engine_backend.EngineBackend.tensorrt(OUT)`.
 
 The graph has one `tidar::hybrid_attention` node per layer; TensorRT's ONNX parser maps it to the
 plugin `hybrid_attention` of namespace `tidar`, which `tidar.plugins.tensorrt_plugin.register()`
@@ -30,12 +31,10 @@ from pathlib import Path
 
 import torch
 
-from tidar.runtime.cache import KVCache
 from tidar.runtime.config import TiDARConfig
-from tidar.runtime.layout import Layout
 
 from .engine_shapes import ENGINE_MAX_BATCH_SIZE, dimension_ranges, input_shapes
-from .onnx_export import PLUGIN_DOMAIN, PLUGIN_OP, input_names, output_names
+from .onnx_export import PLUGIN_DOMAIN, PLUGIN_OP, input_names
 
 PLUGIN_MODULE = "tidar.plugins.tensorrt_plugin"
 WORKSPACE_BYTES = 4 << 30
@@ -118,59 +117,3 @@ def build_tensorrt_engine(onnx_path: str | Path, engine_path: str | Path, config
     ranges = dimension_ranges(config, draft_len, max_batch_size)
     return {"tensorrt": trt.__version__, "source": onnx_path.name, "draft_len": draft_len,
             "profile": {dim: list(value.as_tuple()) for dim, value in ranges.items()}}
-
-
-class TensorRTBackend:
-    """The runtime's Backend protocol (`forward`, `new_cache`) over a TensorRT engine of the
-    decode step, on the current CUDA device; the cache is the runtime's `KVCache` on that device.
-    Like the ONNX Runtime backend, each forward hands the first max(lengths) slots to the engine
-    and copies `present` back, which writes the new tokens' K/V without committing them."""
-
-    name = "tensorrt"
-
-    def __init__(self, engine_path: str | Path, config: TiDARConfig):
-        import tensorrt as trt
-
-        importlib.import_module(PLUGIN_MODULE).register()  # the plugin must exist before deserializing
-        self.config, self.device = config, torch.device("cuda")
-        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engine = runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
-        if self.engine is None:
-            raise TensorRTEngineError(f"{engine_path}: TensorRT cannot deserialize the engine")
-        self.context = self.engine.create_execution_context()
-        self.dtype = torch.float32
-
-    def new_cache(self, batch: int, capacity: int) -> KVCache:
-        c = self.config
-        return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, capacity, c.head_dim,
-                       dtype=self.dtype, device=self.device)
-
-    def forward(self, input_ids: torch.Tensor, layout: Layout, cache: KVCache) -> torch.Tensor:
-        """Logits [B, layout.num_new, vocab]; the new K/V are written into `cache`, uncommitted."""
-        batch, num_new = input_ids.shape
-        past = int(cache.lengths.max())
-        layers = self.config.num_hidden_layers
-        feeds = {"input_ids": input_ids.to(self.device, torch.long).contiguous(),
-                 "past_lens": cache.lengths.to(self.device, torch.long).contiguous()}
-        feeds.update({name: torch.tensor(value, dtype=torch.long, device=self.device)
-                      for name, value in layout.kernel_scalars().items()})
-        for layer in range(layers):
-            feeds[f"past_key_{layer}"] = cache.keys[layer, :, :, :past].contiguous()
-            feeds[f"past_value_{layer}"] = cache.values[layer, :, :, :past].contiguous()
-        outputs = {"logits": torch.empty(batch, num_new, self.config.vocab_size, dtype=self.dtype, device=self.device)}
-        kv_shape = (batch, self.config.num_key_value_heads, past + num_new, self.config.head_dim)
-        outputs.update({name: torch.empty(kv_shape, dtype=self.dtype, device=self.device)
-                        for name in output_names(layers)[1:]})
-        for name, tensor in feeds.items():
-            self.context.set_input_shape(name, tuple(tensor.shape))
-            self.context.set_tensor_address(name, tensor.data_ptr())
-        for name, tensor in outputs.items():
-            self.context.set_tensor_address(name, tensor.data_ptr())
-        stream = torch.cuda.current_stream()
-        if not self.context.execute_async_v3(stream.cuda_stream):
-            raise TensorRTEngineError("TensorRT engine execution failed")
-        stream.synchronize()
-        for layer in range(layers):
-            cache.keys[layer, :, :, :past + num_new] = outputs[f"present_key_{layer}"]
-            cache.values[layer, :, :, :past + num_new] = outputs[f"present_value_{layer}"]
-        return outputs["logits"]

@@ -22,13 +22,16 @@ Checks (each a `Check` in the report: "ok", "failed" or "skipped", with a one-li
 - tensorrt        the TensorRT engine of the plugin graph, when the build made one and TensorRT
                   and a GPU are here: greedy tokens through `DecodeEngine` equal the reference's
                   at draft lengths 0, 4 and the block size; skipped with the reason otherwise.
-- engine, triton_repo   skipped with the manifest's reason when the build skipped them; TensorRT-LLM
+- engine          skipped with the manifest's reason when the build skipped it; TensorRT-LLM
                   engine files, when present, are checked by hash only (running them needs its runtime).
+- triton_repo     the repository is rendered (no template field left), its model folder points at
+                  OUT and the backend it names has its artifact in OUT.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -239,12 +242,40 @@ def greedy_mismatch(reference_backend, candidate, tokenizer, draft_lens) -> int 
     return None
 
 
+def check_triton_repo(out: Path) -> Check:
+    """OUT/triton_repo is rendered and serves OUT with an artifact that exists."""
+    from tidar.runtime.serving import ServingOptions
+
+    config_file = out / "triton_repo" / "tidar" / "config.pbtxt"
+    if not config_file.is_file():
+        return Check("triton_repo", "failed", f"{config_file} is missing")
+    text = config_file.read_text()
+    if "${" in text:
+        return Check("triton_repo", "failed", f"{config_file} has unrendered template fields")
+    params = dict(re.findall(r'key: "(\w+)" value: \{ string_value: "([^"]*)" \}', text))
+    try:
+        options = ServingOptions.from_parameters(params)
+    except ValueError as exc:
+        return Check("triton_repo", "failed", str(exc))
+    model_dir = (config_file.parent / options.model_dir).resolve()
+    if model_dir != out.resolve():
+        return Check("triton_repo", "failed", f"{config_file}: model_dir {options.model_dir!r} resolves to "
+                                              f"{model_dir}, not OUT")
+    artifact = {"onnxruntime": "onnx/decode_step.onnx", "tensorrt": "tensorrt/decode_step.engine",
+                "trtllm": "engine/rank0.engine"}.get(options.backend)
+    if artifact and not (out / artifact).is_file():
+        return Check("triton_repo", "failed", f"backend {options.backend} needs {artifact}, which is missing")
+    return Check("triton_repo", "ok", f"model tidar serves OUT on the {options.backend} backend")
+
+
 def check_tensorrt(out: Path, reference, origin: str) -> Check:
     """The TensorRT engine of the plugin graph gives the reference's greedy tokens (SPEC I5)."""
     from tidar.runtime.backend import TorchBackend
 
     from .build import TENSORRT_ENGINE
-    from .tensorrt_engine import TensorRTBackend, unavailable_reason
+    from tidar.runtime.engine_backend import EngineBackend
+
+    from .tensorrt_engine import unavailable_reason
 
     name = "tensorrt"
     reason = unavailable_reason()
@@ -254,7 +285,7 @@ def check_tensorrt(out: Path, reference, origin: str) -> Check:
         return Check(name, "skipped", f"no reference model: {origin}")
     config = reference.config
     try:
-        engine = TensorRTBackend(out / TENSORRT_ENGINE, TiDARConfig.from_file(out))
+        engine = EngineBackend.tensorrt(out, TiDARConfig.from_file(out))
     except Exception as exc:  # TensorRT reports deserialization problems with its own types
         return Check(name, "failed", f"{TENSORRT_ENGINE}: cannot be loaded ({exc})")
     draft_lens = sorted({0, config.block_size} | ({4} if config.block_size >= 4 else set()))
@@ -299,6 +330,8 @@ def verify(out: str | Path, threads: int = 0) -> dict:
             checks.append(Check(step, "skipped", reasons.get(step, "not built")))
         elif step == "tensorrt":
             checks.append(check_tensorrt(out, reference, origin))
+        elif step == "triton_repo":
+            checks.append(check_triton_repo(out))
         else:
             checks.append(Check(step, "ok", "files match manifest.json's hashes (running them needs a GPU host)"))
     return {"out": str(out), "ok": not any(c.status == "failed" for c in checks),

@@ -18,7 +18,7 @@ from .config import TiDARConfig
 from .layout import Layout
 from .model import TiDARModel
 
-BACKENDS = ("torch", "onnxruntime")
+BACKENDS = ("torch", "onnxruntime", "tensorrt", "trtllm")
 
 
 class Backend(Protocol):
@@ -61,6 +61,8 @@ def load_backend(name: str, path: str | Path, **options) -> Backend:
         return TorchBackend.load(path, **options)
     if name == "onnxruntime":
         return load_onnxruntime(path, **options)
+    if name in ("tensorrt", "trtllm"):
+        return load_engine(name, path, **options)
     raise ValueError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")
 
 
@@ -82,5 +84,21 @@ def load_onnxruntime(path: str | Path, dtype: str | None = None, attention: str 
     backend = OnnxRuntimeBackend(graph, TiDARConfig.from_file(folder), threads=threads)
     if dtype is not None and backend.dtype != getattr(torch, dtype, None):
         raise CheckpointError(f"{graph}: the graph computes in {str(backend.dtype).removeprefix('torch.')}, "
+                              f"not {dtype}")
+    return backend
+
+
+def load_engine(name: str, path: str | Path, dtype: str | None = None, attention: str = "eager", **_unused):
+    """The TensorRT ("tensorrt") or TensorRT-LLM ("trtllm") engine of a `tidar-export build`
+    output (runtime/engine_backend.py); GPU hosts only. The engine fixes dtype and attention."""
+    from .checkpoint import CheckpointError
+    from .engine_backend import EngineBackend, EngineUnavailable
+
+    try:
+        backend = getattr(EngineBackend, name)(path)
+    except EngineUnavailable as exc:
+        raise CheckpointError(str(exc)) from None
+    if dtype is not None and backend.dtype != getattr(torch, dtype, None):
+        raise CheckpointError(f"{path}: the {name} engine computes in {str(backend.dtype).removeprefix('torch.')}, "
                               f"not {dtype}")
     return backend

@@ -69,7 +69,8 @@ def test_layout_and_manifest(exported, tiny_checkpoints):
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert files == ["config.json", "manifest.json", "onnx/decode_step.onnx", "onnx/decode_step.weights",
                      "onnx/decode_step_plugin.onnx",
-                     "tokenizer.json", "tokenizer_config.json", "trtllm/build_engine.sh", "trtllm/config.json",
+                     "tokenizer.json", "tokenizer_config.json", "triton_repo/tidar/1/model.py",
+                     "triton_repo/tidar/config.pbtxt", "trtllm/build_engine.sh", "trtllm/config.json",
                      "trtllm/rank0.safetensors", "trtllm/rank1.safetensors"]
     assert not [p.name for p in out.parent.iterdir() if p.name != "out"]  # no temporary folder left
     source = tiny_checkpoints["qwen2"]
@@ -85,7 +86,8 @@ def test_layout_and_manifest(exported, tiny_checkpoints):
     assert all(a["size"] == (out / a["path"]).stat().st_size and len(a["sha256"]) == 64
                for a in manifest["artifacts"])
     skipped = {entry["step"]: entry["reason"] for entry in manifest["skipped"]}
-    assert "triton_repo" in skipped and "not part of" in skipped["triton_repo"]
+    assert "triton_repo" not in skipped and manifest["triton_repo"]["backend"] == "onnxruntime"
+    assert 'key: "backend" value: { string_value: "onnxruntime" }' in (out / "triton_repo/tidar/config.pbtxt").read_text()
     reason = engine_unavailable_reason()
     if reason:  # no TensorRT-LLM here: the engine step is skipped with the reason
         assert skipped["engine"] == reason and not (out / "engine").exists()
@@ -155,7 +157,7 @@ def test_verify_passes(exported, capsys):
     assert status == 0, out + err
     lines = {line.split()[1].rstrip(":"): line.split()[0] for line in out.splitlines()}
     assert lines["trtllm"] == lines["onnx:standard"] == lines["onnx:plugin"] == lines["source"] == "ok"
-    assert lines["triton_repo"] == "skipped"
+    assert lines["triton_repo"] == "ok"
     if tensorrt_unavailable_reason():
         assert lines["tensorrt"] == "skipped"
     assert "identical greedy tokens at draft lengths 0, 4, 16" in out

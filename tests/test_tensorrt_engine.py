@@ -10,7 +10,10 @@ the plugin and a GPU: that test skips with the reason otherwise.
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
+import torch
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")
@@ -52,14 +55,48 @@ def test_build_and_run_need_tensorrt(tiny_checkpoints, tiny_backends, tmp_path):
     if reason:
         assert isinstance(reason, str) and reason
         pytest.skip(f"building a TensorRT engine needs TensorRT, tidar's TensorRT plugin and a GPU: {reason}")
-    from tidar.export.tensorrt_engine import TensorRTBackend
     from tidar.export.verify import greedy_mismatch
+    from tidar.runtime.engine_backend import TENSORRT_ENGINE, EngineBackend
     from tidar.runtime.tokenizer import Tokenizer
 
     model = tiny_backends["qwen2"].model
     graph = export_decode_step(model, tmp_path / "plugin.onnx", attention="plugin")
-    record = build_tensorrt_engine(graph, tmp_path / "decode_step.engine", model.config, draft_len=4)
+    record = build_tensorrt_engine(graph, tmp_path / TENSORRT_ENGINE, model.config, draft_len=4)
     assert record["profile"]["batch"] == [1, 1, 8]
-    engine = TensorRTBackend(tmp_path / "decode_step.engine", model.config)
+    engine = EngineBackend.tensorrt(tmp_path, model.config)
     tokenizer = Tokenizer(tiny_checkpoints["qwen2"])
     assert greedy_mismatch(tiny_backends["qwen2"], engine, tokenizer, (0, 4, 16)) is None
+
+
+def test_engine_backend_feeds_follow_the_decode_step_contract(tiny_backends):
+    """The inputs the engine backends hand to an engine (plain torch, no engine needed): the ONNX
+    graph's input names in the engine's order, the layout's position ids and scalars, and the
+    cache's first max(lengths) slots."""
+    from tidar.runtime.engine_backend import EngineBackend
+    from tidar.runtime.layout import Layout
+
+    backend = tiny_backends["qwen2"]
+    config = backend.config
+    engine = EngineBackend.__new__(EngineBackend)
+    engine.config, engine.device = config, torch.device("cpu")
+    engine.inputs = ["input_ids", "position_ids", *input_names(config.num_hidden_layers)[1:]]
+    cache = backend.new_cache(2, 40)
+    cache.commit([5, 9])
+    layout = Layout.decode(4)
+    ids = torch.zeros(2, layout.num_new, dtype=torch.long)
+    feeds = engine.feeds(ids, layout, cache)
+    assert list(feeds) == engine.inputs
+    assert torch.equal(feeds["position_ids"], layout.position_ids(cache.lengths))
+    assert {name: int(feeds[name]) for name in layout.kernel_scalars()} == layout.kernel_scalars()
+    assert feeds["past_key_0"].shape == (2, config.num_key_value_heads, 9, config.head_dim)
+
+
+@pytest.mark.parametrize("name", ["tensorrt", "trtllm"])
+def test_engine_backends_explain_what_is_missing(tmp_path, tiny_checkpoints, name):
+    from tidar.runtime.backend import load_backend
+    from tidar.runtime.checkpoint import CheckpointError
+
+    if importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available():
+        pytest.skip("TensorRT and a GPU are present: the missing-package path cannot be reached")
+    with pytest.raises(CheckpointError, match=r"needs the `tensorrt|tensorrt_llm` package|no CUDA device"):
+        load_backend(name, tiny_checkpoints["qwen2"])
