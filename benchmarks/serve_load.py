@@ -208,6 +208,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="server-side torch / ONNX Runtime threads")
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--attention", default="sdpa", help="torch backend attention (default sdpa)")
+    parser.add_argument("--dtype", default="float32", help="torch backend compute dtype (default float32, as "
+                                                          "`tidar bench`; '' = the checkpoint's)")
     parser.add_argument("--autotune-batch-sizes", default="1,4,16")
     parser.add_argument("--autotune-draft-lens", default="0,1,2,3,4")
     parser.add_argument("--autotune-repeats", type=int, default=5)
@@ -228,6 +230,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tidar-serve-load-") as tmp:
         repo = render_repository(Path(tmp) / "repo", model_dir=str(model), backend=args.backend,
                                  max_batch_size=args.max_batch_size, threads=args.threads, attention=args.attention,
+                                 dtype=args.dtype,
                                  autotune_batch_sizes=args.autotune_batch_sizes,
                                  autotune_draft_lens=args.autotune_draft_lens, autotune_repeats=args.autotune_repeats)
         print(f"starting tritonserver (autotuning at load; log: {args.out / 'tritonserver.log'})", file=sys.stderr)
@@ -266,7 +269,7 @@ def main() -> None:
                     "server_threads": args.threads, "max_batch_size": args.max_batch_size,
                     "autotune_batch_sizes": args.autotune_batch_sizes,
                     "autotune_draft_lens": args.autotune_draft_lens, "autotune_repeats": args.autotune_repeats,
-                    "attention": args.attention,
+                    "attention": args.attention, "dtype": args.dtype,
                     "itl": "gap between consecutive streamed responses (per decode step), not per token"},
         "scenarios": scenarios,
         "ratios": {"tidar_vs_ar": {str(c): speed[f"tidar@{c}"] / speed[f"ar@{c}"] for c in levels},

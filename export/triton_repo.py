@@ -41,12 +41,13 @@ def render_repository(dest: str | Path, *, model_dir: str, backend: str = "onnxr
                       max_batch_size: int = 16, max_queue_size: int = 64, max_tokens_limit: int = 0,
                       default_timeout: float = 0, instance_count: int = 1, instance_kind: str = "KIND_CPU",
                       autotune_batch_sizes: str = "1,4,16", autotune_draft_lens: str = "0,1,2,3,4",
-                      autotune_repeats: int = 3, threads: int = 0, attention: str = "sdpa",
+                      autotune_repeats: int = 3, threads: int = 0, attention: str = "sdpa", dtype: str = "",
                       templates: Path = TEMPLATES) -> Path:
     """Write the rendered repository to `dest` (which must not exist). `model_dir` is the model
     or export folder, absolute or relative to dest/tidar; `draft_len` is "auto" or an integer;
     `instance_kind` KIND_GPU puts `instance_count` instances on every GPU; `attention` is the torch
-    backend's attention implementation (the other backends have their own). The autotune
+    backend's attention implementation and `dtype` its compute dtype ("" = the checkpoint's; the other
+    backends have their own). The autotune
     defaults keep the start-up measurement to seconds on a CPU; widen them on a GPU, where
     longer drafts pay."""
     dest = Path(dest)
@@ -65,7 +66,7 @@ def render_repository(dest: str | Path, *, model_dir: str, backend: str = "onnxr
                   max_queue_size=max_queue_size, max_tokens_limit=max_tokens_limit,
                   default_timeout=default_timeout, instance_count=instance_count, instance_kind=instance_kind,
                   autotune_batch_sizes=autotune_batch_sizes, autotune_draft_lens=autotune_draft_lens,
-                  autotune_repeats=autotune_repeats, threads=threads, attention=attention)
+                  autotune_repeats=autotune_repeats, threads=threads, attention=attention, dtype=dtype)
     missing = template_fields(templates) - set(values)
     if missing:
         raise RenderError(f"{templates}: template fields without a value: {sorted(missing)}")

@@ -206,6 +206,7 @@ class ServingOptions:
     attention: str = "sdpa"
     """Attention of the torch backend (eager, sdpa, flex, triton on CUDA); ignored by the others."""
     dtype: str | None = None
+    """Compute dtype of the torch backend (float32, bfloat16, float16); empty = the checkpoint's."""
 
     @classmethod
     def from_parameters(cls, params: dict[str, str]) -> "ServingOptions":
@@ -250,9 +251,9 @@ def build_scheduler(folder, options: ServingOptions, device: str = "cpu", publis
 
     if options.threads > 0:
         torch.set_num_threads(options.threads)
-    backend_options = dict(dtype=options.dtype)
+    backend_options = {}
     if options.backend == "torch":
-        backend_options.update(device=device, attention=options.attention)
+        backend_options.update(device=device, attention=options.attention, dtype=options.dtype)
     elif options.backend == "onnxruntime":
         backend_options["threads"] = options.threads
     backend = load_backend(options.backend, folder, **backend_options)
