@@ -22,8 +22,8 @@ Checks (each a `Check` in the report: "ok", "failed" or "skipped", with a one-li
 - tensorrt        the TensorRT engine of the plugin graph, when the build made one and TensorRT
                   and a GPU are here: greedy tokens through `DecodeEngine` equal the reference's
                   at draft lengths 0, 4 and the block size; skipped with the reason otherwise.
-- engine          skipped with the manifest's reason when the build skipped it; TensorRT-LLM
-                  engine files, when present, are checked by hash only (running them needs its runtime).
+- engine          the TensorRT-LLM engine (tp = 1), likewise, through the runtime's trtllm backend;
+                  skipped with the reason where TensorRT-LLM or a GPU is missing.
 - triton_repo     the repository is rendered (no template field left), its model folder points at
                   OUT and the backend it names has its artifact in OUT.
 """
@@ -268,32 +268,33 @@ def check_triton_repo(out: Path) -> Check:
     return Check("triton_repo", "ok", f"model tidar serves OUT on the {options.backend} backend")
 
 
-def check_tensorrt(out: Path, reference, origin: str) -> Check:
-    """The TensorRT engine of the plugin graph gives the reference's greedy tokens (SPEC I5)."""
+def check_engine(out: Path, step: str, reference, origin: str) -> Check:
+    """An engine of the build ("tensorrt": the TensorRT engine of the plugin graph; "engine": the
+    TensorRT-LLM engine, tp = 1) gives the reference's greedy tokens (SPEC I5) through the
+    runtime's engine backend; skipped with the reason where it cannot run here."""
     from tidar.runtime.backend import TorchBackend
+    from tidar.runtime.engine_backend import TENSORRT_ENGINE, TRTLLM_ENGINE, EngineBackend
 
-    from .build import TENSORRT_ENGINE
-    from tidar.runtime.engine_backend import EngineBackend
-
+    from .build import engine_unavailable_reason
     from .tensorrt_engine import unavailable_reason
 
-    name = "tensorrt"
-    reason = unavailable_reason()
+    path, reason = ((TENSORRT_ENGINE, unavailable_reason()) if step == "tensorrt"
+                    else (TRTLLM_ENGINE, engine_unavailable_reason()))
     if reason:
-        return Check(name, "skipped", f"{TENSORRT_ENGINE} matches manifest.json's hash; running it needs: {reason}")
+        return Check(step, "skipped", f"{path} matches manifest.json's hash; running it needs: {reason}")
     if reference is None:
-        return Check(name, "skipped", f"no reference model: {origin}")
-    config = reference.config
+        return Check(step, "skipped", f"no reference model: {origin}")
     try:
-        engine = EngineBackend.tensorrt(out, TiDARConfig.from_file(out))
+        opened = EngineBackend.tensorrt if step == "tensorrt" else EngineBackend.trtllm
+        engine = opened(out, TiDARConfig.from_file(out))
     except Exception as exc:  # TensorRT reports deserialization problems with its own types
-        return Check(name, "failed", f"{TENSORRT_ENGINE}: cannot be loaded ({exc})")
-    draft_lens = sorted({0, config.block_size} | ({4} if config.block_size >= 4 else set()))
+        return Check(step, "failed", f"{path}: cannot be loaded ({exc})")
+    block = reference.config.block_size
+    draft_lens = sorted({0, block} | ({4} if block >= 4 else set()))
     mismatch = greedy_mismatch(TorchBackend(reference), engine, Tokenizer(out), draft_lens)
     if mismatch is not None:
-        return Check(name, "failed", f"{TENSORRT_ENGINE}: greedy tokens differ from {origin} "
-                                     f"at draft length {mismatch}")
-    return Check(name, "ok", f"identical greedy tokens to {origin} at draft lengths {', '.join(map(str, draft_lens))}")
+        return Check(step, "failed", f"{path}: greedy tokens differ from {origin} at draft length {mismatch}")
+    return Check(step, "ok", f"identical greedy tokens to {origin} at draft lengths {', '.join(map(str, draft_lens))}")
 
 
 # ---------------------------------------------------------------- the report
@@ -316,7 +317,7 @@ def verify(out: str | Path, threads: int = 0) -> dict:
         trtllm_check, reassembled = check_trtllm(out, source)
         checks.append(trtllm_check)
     reference, origin = None, "not needed"
-    if present & {"onnx", "tensorrt"}:
+    if present & {"onnx", "tensorrt", "engine"}:
         try:
             reference, origin = reference_model(source, reassembled)
         except CheckpointError as exc:
@@ -328,11 +329,9 @@ def verify(out: str | Path, threads: int = 0) -> dict:
     for step in ("engine", "tensorrt", "triton_repo"):
         if step not in present:
             checks.append(Check(step, "skipped", reasons.get(step, "not built")))
-        elif step == "tensorrt":
-            checks.append(check_tensorrt(out, reference, origin))
-        elif step == "triton_repo":
-            checks.append(check_triton_repo(out))
+        elif step in ("tensorrt", "engine"):
+            checks.append(check_engine(out, step, reference, origin))
         else:
-            checks.append(Check(step, "ok", "files match manifest.json's hashes (running them needs a GPU host)"))
+            checks.append(check_triton_repo(out))
     return {"out": str(out), "ok": not any(c.status == "failed" for c in checks),
             "checks": [asdict(c) for c in checks]}
