@@ -98,6 +98,31 @@ def calibrate_acceptance(backend: Backend, tokenizer, max_new_tokens: int = 48) 
     return acceptance_from_stats(totals, drafts)
 
 
+def measure_engine_step_seconds(backend: Backend, tokenizer, draft_lens: list[int], batch: int = 1,
+                                past_len: int = 128, repeats: int = 5) -> dict[int, float]:
+    """Median latency of one whole `DecodeEngine.step` (forward, verification, drafting, stop
+    checks and detokenization) per draft length, for `batch` rows whose caches hold about
+    `past_len` tokens: what a server pays per step, host-side work included. Draft lengths are
+    timed round-robin on the same rows (`set_draft_len` between steps)."""
+    from .generate import DecodeEngine, Request
+
+    config = backend.config
+    generator = torch.Generator().manual_seed(0)
+    first_plain = max(config.mask_token_id, *config.eos_token_ids, 2) + 1
+    prompts = torch.randint(first_plain, config.vocab_size, (batch, past_len), generator=generator).tolist()
+    budget = repeats * (sum(max(b, 1) for b in draft_lens) + len(draft_lens)) + 2
+    engine = DecodeEngine(backend, tokenizer, draft_len=max(draft_lens))
+    engine.add([Request(prompt, budget, eos_ids=()) for prompt in prompts])
+    times: dict[int, list[float]] = {b: [] for b in draft_lens}
+    for _ in range(repeats + 1):  # the first round warms up
+        for b in draft_lens:
+            engine.set_draft_len(b)
+            start = time.perf_counter()
+            engine.step()
+            times[b].append(time.perf_counter() - start)
+    return {b: statistics.median(t[1:]) for b, t in times.items()}
+
+
 @dataclass
 class BatchDraftPolicy:
     """The best draft length for each batch size, from step latencies measured per batch size
@@ -110,8 +135,9 @@ class BatchDraftPolicy:
 
     @classmethod
     def measure(cls, backend: Backend, acceptance: list[float], batch_sizes: list[int],
-                draft_lens: list[int], repeats: int = 5) -> "BatchDraftPolicy":
-        table = {batch: measure_step_seconds(backend, draft_lens, batch=batch, repeats=repeats)
+                draft_lens: list[int], repeats: int = 5, tokenizer=None) -> "BatchDraftPolicy":
+        """Time whole engine steps (`measure_engine_step_seconds`) for every batch size."""
+        table = {batch: measure_engine_step_seconds(backend, tokenizer, draft_lens, batch=batch, repeats=repeats)
                  for batch in sorted(set(batch_sizes))}
         return cls(acceptance, table)
 

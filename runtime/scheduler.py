@@ -20,8 +20,9 @@ adaptive engine. Rows of one engine keep their own lengths, sampling settings an
 conditions (SPEC I4: each row's output equals the request served alone).
 
 The queue is bounded: `submit` raises `Overloaded` when `max_queue_size` requests wait.
-Counters (`SchedulerCounters`) follow vLLM's speculative-decoding metrics; a server publishes
-them after every loop iteration through the `publish` callback.
+Counters (`SchedulerCounters`) follow vLLM's speculative-decoding metrics; they are plain
+Python numbers that a server publishes from a thread of its own, so that publishing (an IPC
+call per metric in Triton's Python backend) never delays a step.
 """
 
 from __future__ import annotations
@@ -104,14 +105,14 @@ class Scheduler:
     """See the module docstring."""
 
     def __init__(self, backend: Backend, tokenizer: Tokenizer | None, config: SchedulerConfig | None = None,
-                 policy: BatchDraftPolicy | None = None, publish: Callable[[SchedulerCounters], None] | None = None):
+                 policy: BatchDraftPolicy | None = None):
         self.backend, self.tokenizer = backend, tokenizer
         self.config = config or SchedulerConfig()
         if self.config.max_batch_size < 1 or self.config.max_queue_size < 0:
             raise ValueError(f"max_batch_size must be >= 1 and max_queue_size >= 0: {self.config}")
         if self.config.draft_len is None and policy is None:
             raise ValueError("an adaptive draft length (draft_len=None) needs a BatchDraftPolicy")
-        self.policy, self.publish = policy, publish
+        self.policy = policy
         self.counters = SchedulerCounters()
         initial = self.config.draft_len if self.config.draft_len is not None else policy.best(1)
         self.counters.draft_len = initial
@@ -191,8 +192,6 @@ class Scheduler:
                 self._step()
             except Exception:  # a bug must not kill the server: fail the running requests, go on
                 self._end_all("error", traceback.format_exc(limit=3))
-            if self.publish is not None:
-                _safe(self.publish, self.counters)
 
     def _reap(self) -> None:
         """End cancelled and timed-out requests, queued or running."""

@@ -240,7 +240,7 @@ class ServingOptions:
         return options
 
 
-def build_scheduler(folder, options: ServingOptions, device: str = "cpu", publish=None):
+def build_scheduler(folder, options: ServingOptions, device: str = "cpu"):
     """Load the model of `folder` on `options.backend` and start a scheduler for it.
     Returns (scheduler, tokenizer, config, max_tokens_limit)."""
     import torch
@@ -264,9 +264,10 @@ def build_scheduler(folder, options: ServingOptions, device: str = "cpu", publis
         acceptance = load_acceptance(folder, config.block_size) or calibrate_acceptance(backend, tokenizer)
         batch_sizes = [b for b in options.autotune_batch_sizes if b <= options.max_batch_size] or [1]
         draft_lens = [b for b in options.autotune_draft_lens if b <= config.block_size] or [0]
-        policy = BatchDraftPolicy.measure(backend, acceptance, batch_sizes, draft_lens, options.autotune_repeats)
+        policy = BatchDraftPolicy.measure(backend, acceptance, batch_sizes, draft_lens, options.autotune_repeats,
+                                          tokenizer=tokenizer)
     scheduler = Scheduler(backend, tokenizer, SchedulerConfig(
         max_batch_size=options.max_batch_size, max_queue_size=options.max_queue_size,
-        draft_len=options.draft_len, default_timeout=options.default_timeout), policy=policy, publish=publish)
+        draft_len=options.draft_len, default_timeout=options.default_timeout), policy=policy)
     limit = options.max_tokens_limit or config.max_position_embeddings
     return scheduler, tokenizer, config, limit

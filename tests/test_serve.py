@@ -86,6 +86,20 @@ def metrics(server) -> dict[str, float]:
     return values
 
 
+def settled_metrics(server, timeout=30.0) -> dict[str, float]:
+    """Metrics once no request is running and the last updates are published (two reads, more
+    than the model's publishing period apart, agree)."""
+    deadline = time.monotonic() + timeout
+    previous = metrics(server)
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        current = metrics(server)
+        if current == previous and current.get("tidar_active_rows", 0) == 0:
+            return current
+        previous = current
+    raise AssertionError(f"metrics did not settle: {previous}")
+
+
 def wait_for(condition, timeout=30.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -112,10 +126,10 @@ def test_streamed_text_equals_tidar_generate(server, ar_oracle):
 
 def test_sixteen_concurrent_streams_equal_their_solo_output(server, ar_oracle):
     lengths = [24 + 5 * (i % 5) for i in range(16)]
-    before = metrics(server)
+    before = settled_metrics(server)
     with ThreadPoolExecutor(16) as pool:
         results = list(pool.map(lambda a: request(server.grpc_url, *a), zip(PROMPTS, lengths)))
-    after = metrics(server)
+    after = settled_metrics(server)
     for prompt, length, result in zip(PROMPTS, lengths, results):
         assert result.token_ids == ar_oracle(prompt, length).token_ids, prompt
     forwards = after["tidar_forward_passes_total"] - before["tidar_forward_passes_total"]
@@ -170,7 +184,7 @@ def test_bad_requests_get_errors_while_good_streams_finish(server, ar_oracle):
 
 
 def test_cancelled_and_disconnected_clients_free_their_rows(server, ar_oracle):
-    before = metrics(server)
+    before = settled_metrics(server)
     client = grpcclient.InferenceServerClient(server.grpc_url)
     received = []
     client.start_stream(callback=lambda result, error: received.append((result, error)))
@@ -191,12 +205,10 @@ def test_cancelled_and_disconnected_clients_free_their_rows(server, ar_oracle):
 
 
 def test_metric_counters_agree_with_response_statistics(server):
-    before = metrics(server)
+    before = settled_metrics(server)
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda p: request(server.grpc_url, p, 30, draft_len=4), PROMPTS[4:8]))
-    assert wait_for(lambda: metrics(server)["tidar_generated_tokens_total"]
-                    - before["tidar_generated_tokens_total"] == 4 * 30)
-    after = metrics(server)
+    after = settled_metrics(server)
 
     def delta(name):
         return after.get(name, 0) - before.get(name, 0)

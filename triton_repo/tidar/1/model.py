@@ -9,7 +9,9 @@ Only the Triton plumbing lives here; the rest is tidar's runtime:
   flag on the last; a non-streaming request gets one response with the whole output;
 - a full queue gives an UNAVAILABLE "overloaded" error; a cancelled request or a closed
   stream frees its row at the next step;
-- scheduler counters are published as `tidar_*` metrics on Triton's metrics endpoint.
+- scheduler counters are published as `tidar_*` metrics on Triton's metrics endpoint by a
+  thread of their own every PUBLISH_SECONDS (each metric update is an IPC call to the server;
+  the decode loop never waits for them).
 """
 
 import json
@@ -24,6 +26,7 @@ from tidar.runtime.serving import INPUTS, ServingOptions, build_scheduler, parse
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 TOKENS_PER_FORWARD_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16]
+PUBLISH_SECONDS = 0.2
 
 
 class TritonPythonModel:
@@ -39,7 +42,17 @@ class TritonPythonModel:
             device = f"cuda:{args['model_instance_device_id']}"
         self.metrics = Metrics({"model": args["model_name"], "version": args["model_version"]})
         self.scheduler, self.tokenizer, self.config, self.max_tokens_limit = build_scheduler(
-            folder.resolve(), options, device=device, publish=self.metrics.publish)
+            folder.resolve(), options, device=device)
+        self.stop_publishing = threading.Event()
+        self.publisher = threading.Thread(target=self._publish_loop, name="tidar-metrics", daemon=True)
+        self.publisher.start()
+
+    def _publish_loop(self):
+        while not self.stop_publishing.wait(PUBLISH_SECONDS):
+            try:
+                self.metrics.publish(self.scheduler.counters)
+            except Exception:  # metrics must never take the model down
+                pass
 
     def execute(self, requests):
         for request in requests:
@@ -70,6 +83,8 @@ class TritonPythonModel:
 
     def finalize(self):
         self.scheduler.close()
+        self.stop_publishing.set()
+        self.publisher.join(5)
 
 
 class Reply:
