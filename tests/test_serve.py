@@ -246,3 +246,27 @@ def test_cli_client_prints_text_and_stats(server):
                           "x"], capture_output=True, text=True)
     assert bad.returncode == 2 and "'max_tokens' must be in [1, 2048], got 0" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_tidar_serve_runs_until_sigterm_and_refuses_a_taken_port(server, tmp_path):
+    """The CLI as a user runs it: endpoints printed when ready, SIGTERM stops the server cleanly
+    (exit 0), and a taken port is a one-line error (exit 2)."""
+    import signal
+
+    repo = render_repository(tmp_path / "repo", model_dir=str(BUNDLED_MODEL), backend="torch", draft_len="0")
+    taken = subprocess.run([sys.executable, "-m", "tidar.cli", "serve", str(repo), "--grpc-port",
+                            str(server.grpc_port)], capture_output=True, text=True)
+    assert taken.returncode == 2 and f"gRPC port {server.grpc_port} is already in use" in taken.stderr
+    assert "Traceback" not in taken.stderr
+    child = subprocess.Popen([sys.executable, "-m", "tidar.cli", "serve", str(repo), "--grpc-port", "0",
+                              "--http-port", "0", "--metrics-port", "0"], stderr=subprocess.PIPE, text=True)
+    lines = []
+    while not any(line.startswith("ready:") for line in lines):
+        line = child.stderr.readline()
+        assert line, f"tidar serve ended before it was ready: {lines}"
+        lines.append(line)
+    url = re.search(r"gRPC (\S+)", lines[-1]).group(1)
+    assert len(request(url, "import os\n", 8).token_ids) == 8
+    child.send_signal(signal.SIGTERM)
+    rest = child.stderr.read()
+    assert child.wait(60) == 0 and "tritonserver stopped (status 0)" in rest

@@ -155,3 +155,14 @@ def test_serve_refuses_missing_unrendered_and_busy(tmp_path):
         port = busy.getsockname()[1]
         with pytest.raises(ServeError, match=f"gRPC port {port} is already in use"):
             TritonServer(repo, grpc_port=port, http_port=0, metrics_port=0)
+
+
+def test_serve_without_a_server_says_how_to_get_one(monkeypatch):
+    import sys
+
+    from tidar.serve import find_tritonserver
+
+    monkeypatch.setitem(sys.modules, "pytriton", None)  # as if nvidia-pytriton were not installed
+    monkeypatch.setenv("PATH", "")
+    with pytest.raises(ServeError, match=r"no Triton Inference Server found: install the serve extra"):
+        find_tritonserver()
