@@ -131,8 +131,9 @@ class Scheduler:
                is_cancelled: Callable[[], bool] = lambda: False) -> object:
         """Queue `request`; its deltas go to `on_delta` (the last has `finished`), or one call of
         `on_error(kind, message)` (kind "invalid" or "error") if it cannot be served. Returns a
-        handle for `cancel`. Raises `Overloaded` if the queue is full, RequestError if
-        `draft_len` or `timeout` is invalid."""
+        handle for `cancel` (also set as `request.request_id`, which the scheduler owns from
+        here on). Raises `Overloaded` if the queue is full, RequestError if `draft_len` or
+        `timeout` is invalid."""
         if draft_len is not None:
             self.engines[ADAPTIVE]._check_draft_len(draft_len)
         timeout = timeout if timeout is not None else self.config.default_timeout

@@ -15,7 +15,7 @@ from tidar.runtime.checkpoint import load_model
 from tidar.runtime.layout import Layout
 from tidar.train.checkpoint import stdlib_files, tiny_config
 from tidar.train.data import Batches, split_files
-from tidar.train.objective import full_mask_inputs, full_mask_loss, losses_from_logits
+from tidar.train.objective import full_mask_inputs, losses_from_logits
 from tidar.train.trainer import Trainer, TrainConfig, learning_rate
 
 SMALL = dict(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
