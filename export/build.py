@@ -218,7 +218,9 @@ def engine_script(config: TiDARConfig, tp: int, draft_len: int) -> str:
     flags = [("--checkpoint_dir", "trtllm"), ("--output_dir", "engine"),
              ("--model_cls_file", '"$MODEL_CLS_FILE"'), ("--model_cls_name", TRTLLM_MODEL_CLASS),
              *((f"--{key}", value) for key, value in engine_limits(config, draft_len).items()),
-             ("--workers", tp)]
+             ("--max_draft_len", draft_len)]
+    # No --workers: with more than one worker trtllm-build pickles the model class into spawned
+    # processes, which cannot import a --model_cls_file module; one worker builds every rank.
     command = "trtllm-build " + " \\\n    ".join(f"{flag} {value}" for flag, value in flags)
     return f"""#!/usr/bin/env bash
 # Build the TensorRT-LLM engine of this export on a GPU host (TensorRT-LLM 1.2.x, the last
@@ -258,7 +260,7 @@ def build_trtllm_engine(folder: Path, config: TiDARConfig, tp: int, draft_len: i
     for rank in range(tp):
         try:
             model = TiDARForCausalLM.from_checkpoint(str(folder / "trtllm"), rank=rank)
-            model.config.tidar["draft_len"] = draft_len  # the decode step the profile is tuned for
+            model.config.tidar["draft_len"] = draft_len  # the decode step the profile is tuned for (even 0)
             build(model, build_config).save(str(folder / "engine"))
         except Exception as exc:  # TensorRT-LLM raises many types (AssertionError, RuntimeError, ...)
             raise ExportError(f"TensorRT-LLM engine build failed for rank {rank}: "

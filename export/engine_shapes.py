@@ -43,6 +43,18 @@ class DimRange:
         return self.min, self.opt, self.max
 
 
+def max_past(config: TiDARConfig) -> int:
+    """The most cached tokens a row can have when a step runs: the model's context length. The
+    one definition both engine flows use (TensorRT profile and TensorRT-LLM's max_seq_len)."""
+    return config.max_position_embeddings
+
+
+def max_past_for_seq_len(max_seq_len: int, draft_len: int) -> int:
+    """The past that `max_seq_len` (cached tokens plus one decode step, as `engine_limits` sets
+    it for trtllm-build) leaves."""
+    return max_seq_len - Layout.decode(draft_len).num_new
+
+
 def engine_limits(config: TiDARConfig, draft_len: int, max_batch_size: int = ENGINE_MAX_BATCH_SIZE) -> dict[str, int]:
     """trtllm-build sizes: a prefill is the prompt plus a block of masks, a decode step
     `Layout.decode(draft_len).num_new` tokens per row, and the KV cache holds the committed tokens
@@ -50,7 +62,7 @@ def engine_limits(config: TiDARConfig, draft_len: int, max_batch_size: int = ENG
     step_tokens = Layout.decode(draft_len).num_new
     max_input_len = config.max_position_embeddings - 1
     return {"max_batch_size": max_batch_size, "max_input_len": max_input_len,
-            "max_seq_len": config.max_position_embeddings + step_tokens,
+            "max_seq_len": max_past(config) + step_tokens,
             "max_num_tokens": max(max_input_len + draft_len, max_batch_size * step_tokens)}
 
 
@@ -58,7 +70,8 @@ def dimension_ranges(config: TiDARConfig, draft_len: int,
                      max_batch_size: int = ENGINE_MAX_BATCH_SIZE) -> dict[str, DimRange]:
     """{"batch", "new", "past"}: the (min, opt, max) of each dynamic dimension."""
     limits = engine_limits(config, draft_len, max_batch_size)
-    return ranges_for_limits(max_batch_size, limits["max_input_len"], config.max_position_embeddings, draft_len)
+    return ranges_for_limits(max_batch_size, limits["max_input_len"],
+                             max_past_for_seq_len(limits["max_seq_len"], draft_len), draft_len)
 
 
 def ranges_for_limits(max_batch_size: int, max_input_len: int, max_past: int, draft_len: int) -> dict[str, DimRange]:

@@ -35,7 +35,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from tidar.export.engine_shapes import LAYOUT_SCALARS, DimRange, ranges_for_limits
+from tidar.export.engine_shapes import LAYOUT_SCALARS, DimRange, max_past_for_seq_len, ranges_for_limits
 
 ARCHITECTURE = "TiDARForCausalLM"
 INDEX_DTYPE = "int32"
@@ -146,14 +146,42 @@ def output_names(config: dict) -> list[str]:
     return ["logits", *(f"present_{kind}_{i}" for i in range(config["num_hidden_layers"]) for kind in ("key", "value"))]
 
 
+def output_specs(config: dict) -> list[InputSpec]:
+    """The network outputs in order, with the dtypes the model marks them with (`forward`):
+    float32 logits over the unpadded vocabulary, K/V presents in the model dtype. "kv" is the
+    past length plus the new tokens."""
+    s = rank_sizes(config)
+    specs = [InputSpec("logits", LOGITS_DTYPE, ("batch", "new", s.vocab_size))]
+    specs += [InputSpec(name, config["dtype"], ("batch", s.num_kv_heads, "kv", s.head_dim))
+              for name in output_names(config)[1:]]
+    return specs
+
+
 def builder_ranges(config: dict, max_batch_size: int, max_input_len: int, max_seq_len: int,
                    max_draft_len: int = 0) -> dict[str, DimRange]:
     """Dimension ranges from the sizes `tensorrt_llm.builder.build` passes to `prepare_inputs`;
-    the decode step is tuned for `max_draft_len`, else the config's tidar.draft_len (set by
-    `tidar-export build`), else the model's block size."""
+    the decode step is tuned for `max_draft_len` (trtllm-build --max_draft_len, which
+    build_engine.sh passes), else the config's tidar.draft_len (set by `tidar-export build`),
+    else the model's block size. `max_seq_len` covers the cached tokens plus one decode step
+    (`engine_shapes.engine_limits`), so the past ranges up to `max_past_for_seq_len`."""
     tidar = config["tidar"]
-    draft_len = max_draft_len or tidar.get("draft_len") or tidar["block_size"]
-    return ranges_for_limits(max_batch_size, max_input_len, max_seq_len, draft_len)
+    draft_len = max_draft_len if max_draft_len else tidar.get("draft_len")
+    if draft_len is None:
+        draft_len = tidar["block_size"]
+    return ranges_for_limits(max_batch_size, max_input_len, max_past_for_seq_len(max_seq_len, draft_len), draft_len)
+
+
+def allow_plugin_v3_layers(layer_class, trt) -> None:
+    """Teach TensorRT-LLM's graph rewriting the layer type of Python (IPluginV3) plugins.
+
+    `tensorrt_llm.builder.build` runs `graph_rewriting.optimize`, which calls `Layer.as_layer()`
+    on every layer; that looks the type up in `Layer.TRT_LAYER_TYPE_TO_LAYER` and raises
+    NotImplementedError("Unknown layer type") for a type it lacks. TensorRT-LLM 1.2's table has
+    PLUGIN_V2 but not PLUGIN_V3, the type of the hybrid-attention plugin layer (`PluginBase` adds
+    it with `add_plugin_v3`). The rewriting only reads the layer's type, so its class entry is
+    TensorRT's IPluginV3Layer (ILayer where that binding is absent). Idempotent."""
+    table = layer_class.TRT_LAYER_TYPE_TO_LAYER
+    table.setdefault(trt.LayerType.PLUGIN_V3, getattr(trt, "IPluginV3Layer", trt.ILayer))
 
 
 # ---------------------------------------------------------------- the TensorRT-LLM model
@@ -168,9 +196,11 @@ if TRTLLM_IMPORT_ERROR is not None:
     TiDARForCausalLM = None  # the model class needs tensorrt_llm (see TRTLLM_IMPORT_ERROR)
 else:
     import numpy as np
+    import tensorrt as trt
     from tensorrt_llm import functional as F
     from tensorrt_llm._utils import str_dtype_to_trt
     from tensorrt_llm.functional import Tensor
+    from tensorrt_llm.graph_rewriting import Layer
     from tensorrt_llm.layers import ColumnLinear, Embedding, GatedMLP, RmsNorm, RowLinear
     from tensorrt_llm.models import MODEL_MAP
     from tensorrt_llm.models.modeling_utils import PretrainedConfig, PretrainedModel
@@ -333,6 +363,8 @@ else:
                        for spec in input_specs(config)}
             past = [tensors.pop(name) for name in list(tensors) if name.startswith("past_") and name != "past_lens"]
             return {**tensors, "past_key_values": past}
+
+    allow_plugin_v3_layers(Layer, trt)  # before any build (tidar-export build and trtllm-build alike)
 
     # trtllm-build reads config.json through PretrainedConfig.from_dict, which looks the
     # architecture up in MODEL_MAP (its config_class parses the TiDAR fields).

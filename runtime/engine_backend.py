@@ -12,13 +12,25 @@ Both engines have the explicit-cache interface of the exported decode step: inpu
 `past_value_i`; outputs `logits` and `present_key_i` / `present_value_i`. Each forward hands the
 first max(lengths) slots of the runtime's KVCache (on the GPU) to the engine and copies
 `present` back, which writes the new tokens' K/V without committing them, as the ONNX Runtime
-backend does. tensorrt / tensorrt_llm are imported only when a backend is opened; without them
-(or without CUDA) opening raises EngineUnavailable with the reason.
+backend does.
+
+The engine, not this module, decides every dtype and shape: the exporters declare different I/O
+(the TensorRT-LLM engine takes int32 indices and writes float32 logits, the ONNX -> TensorRT
+engine takes int64 indices and writes logits of the model dtype), and TensorRT's
+`set_tensor_address` takes a bare pointer with no dtype check. So each feed is cast to
+`engine.get_tensor_dtype(name)`, each output buffer is allocated with that dtype and the shape
+`context.get_tensor_shape(name)` reports once the input shapes are set, and an input shape
+outside the engine's optimization profile is refused with its name and shape. `bind` does all
+of this and is tested on CPU against the I/O each exporter declares (tests/test_engine_io.py).
+
+tensorrt / tensorrt_llm are imported only when a backend is opened; without them (or without
+CUDA) opening raises EngineUnavailable with the reason.
 """
 
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,6 +41,10 @@ from .layout import Layout
 
 TENSORRT_ENGINE = "tensorrt/decode_step.engine"
 TRTLLM_ENGINE = "engine/rank0.engine"
+
+# tensorrt.DataType member names -> torch dtypes (the I/O dtypes either exporter can declare)
+TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32,
+                "INT64": torch.int64, "BOOL": torch.bool, "INT8": torch.int8, "UINT8": torch.uint8}
 
 
 class EngineUnavailable(RuntimeError):
@@ -42,32 +58,77 @@ def _require(module: str, why: str):
         raise EngineUnavailable(f"{why} needs the `{module.split('.')[0]}` package ({exc})") from None
 
 
-class EngineBackend:
-    """The runtime's Backend protocol (`forward`, `new_cache`) over one serialized engine."""
+def _member_name(enum_value) -> str:
+    """The member name of a TensorRT enum value (pybind11 enums have `.name`; str is 'Type.NAME')."""
+    return getattr(enum_value, "name", None) or str(enum_value).rsplit(".", 1)[-1]
 
-    def __init__(self, engine_path: Path, config: TiDARConfig, name: str):
+
+def torch_dtype(trt_dtype) -> torch.dtype:
+    """The torch dtype of a tensorrt.DataType; raises ValueError for one the runtime cannot bind."""
+    name = _member_name(trt_dtype)
+    if name not in TORCH_DTYPES:
+        raise ValueError(f"engine tensor dtype {name} has no torch equivalent here "
+                         f"(supported: {', '.join(TORCH_DTYPES)})")
+    return TORCH_DTYPES[name]
+
+
+@dataclass(frozen=True)
+class TensorIO:
+    """One I/O tensor of an engine, as the engine declares it."""
+
+    name: str
+    is_input: bool
+    dtype: torch.dtype
+
+
+def engine_io(engine) -> dict[str, TensorIO]:
+    """{name: TensorIO} of every I/O tensor of a deserialized engine (ICudaEngine), in its order."""
+    found = {}
+    for index in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(index)
+        found[name] = TensorIO(name, _member_name(engine.get_tensor_mode(name)) == "INPUT",
+                               torch_dtype(engine.get_tensor_dtype(name)))
+    return found
+
+
+class EngineBackend:
+    """The runtime's Backend protocol (`forward`, `new_cache`) over one deserialized engine."""
+
+    def __init__(self, engine, config: TiDARConfig, name: str, device: torch.device | str = "cuda"):
+        """`engine`: a deserialized ICudaEngine (or anything with its I/O queries and
+        `create_execution_context`)."""
+        self.name, self.config, self.device = name, config, torch.device(device)
+        self.engine = engine
+        self.context = engine.create_execution_context()
+        self.io = engine_io(engine)
+        self.inputs = [n for n, t in self.io.items() if t.is_input]
+        self.outputs = [n for n, t in self.io.items() if not t.is_input]
+        missing = [n for n in ("input_ids", "past_lens", "past_key_0", "logits", "present_key_0") if n not in self.io]
+        if missing:
+            raise EngineUnavailable(f"the {name} engine has no tensor {', '.join(missing)}: not a tidar decode step")
+        self.dtype = self.io["past_key_0"].dtype  # the KV cache's dtype
+
+    @classmethod
+    def open(cls, engine_path: Path, config: TiDARConfig, name: str) -> "EngineBackend":
+        """Deserialize `engine_path` on the current CUDA device."""
         trt = _require("tensorrt", f"the {name} backend")
         if not torch.cuda.is_available():
             raise EngineUnavailable(f"the {name} backend runs on an NVIDIA GPU; torch sees no CUDA device")
         if not engine_path.is_file():
             raise EngineUnavailable(f"{engine_path}: no engine; build it with `tidar-export build --engine require` "
                                     "on a GPU host")
-        self.name, self.config, self.device = name, config, torch.device("cuda")
-        self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(engine_path.read_bytes())
-        if self.engine is None:
+        engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(engine_path.read_bytes())
+        if engine is None:
             raise EngineUnavailable(f"{engine_path}: TensorRT cannot deserialize the engine (built for another "
                                     "TensorRT version or GPU?)")
-        self.context = self.engine.create_execution_context()
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        self.dtype = _torch_dtype(self.engine.get_tensor_dtype("past_key_0"))
+        return cls(engine, config, name)
 
     @classmethod
     def tensorrt(cls, folder: str | Path, config: TiDARConfig | None = None) -> "EngineBackend":
         _require("tensorrt", "the tensorrt backend")
         _require("tidar.plugins.tensorrt_plugin", "the tensorrt backend").register()  # before deserializing
         folder = Path(folder)
-        return cls(folder / TENSORRT_ENGINE, config or TiDARConfig.from_file(folder), "tensorrt")
+        return cls.open(folder / TENSORRT_ENGINE, config or TiDARConfig.from_file(folder), "tensorrt")
 
     @classmethod
     def trtllm(cls, folder: str | Path, config: TiDARConfig | None = None) -> "EngineBackend":
@@ -75,9 +136,9 @@ class EngineBackend:
         _require("tidar.plugins.trtllm_plugin", "the trtllm backend")  # the Python plugin must be importable
         folder = Path(folder)
         if (folder / "engine" / "rank1.engine").exists():
-            raise EngineUnavailable(f"{folder / 'engine'}: a tensor-parallel engine; this backend runs tp = 1 "
-                                    "(serve tp > 1 engines with one process per rank under MPI)")
-        return cls(folder / TRTLLM_ENGINE, config or TiDARConfig.from_file(folder), "trtllm")
+            raise EngineUnavailable(f"{folder / 'engine'}: a tensor-parallel engine; serving engines of "
+                                    "tensor-parallel size > 1 is not supported (build with --tp 1 to serve)")
+        return cls.open(folder / TRTLLM_ENGINE, config or TiDARConfig.from_file(folder), "trtllm")
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         c = self.config
@@ -85,44 +146,64 @@ class EngineBackend:
                        dtype=self.dtype, device=self.device)
 
     def feeds(self, input_ids: torch.Tensor, layout: Layout, cache: KVCache) -> dict[str, torch.Tensor]:
-        """The engine's inputs for one forward (plain torch; tested without an engine)."""
+        """The engine's inputs for one forward, each in the dtype the engine declares."""
         past = int(cache.lengths.max())
         lengths = cache.lengths.to(self.device, torch.long)
-        feeds = {"input_ids": input_ids.to(self.device, torch.long).contiguous(), "past_lens": lengths.contiguous(),
-                 "position_ids": layout.position_ids(lengths).contiguous()}
-        feeds.update({name: torch.tensor(value, dtype=torch.long, device=self.device)
-                      for name, value in layout.kernel_scalars().items()})
+        values = {"input_ids": input_ids.to(self.device), "past_lens": lengths,
+                  "position_ids": layout.position_ids(lengths)}
+        values.update({name: torch.tensor(value, device=self.device)
+                       for name, value in layout.kernel_scalars().items()})
         for layer in range(self.config.num_hidden_layers):
-            feeds[f"past_key_{layer}"] = cache.keys[layer, :, :, :past].contiguous()
-            feeds[f"past_value_{layer}"] = cache.values[layer, :, :, :past].contiguous()
-        return {name: feeds[name] for name in self.inputs}
+            values[f"past_key_{layer}"] = cache.keys[layer, :, :, :past]
+            values[f"past_value_{layer}"] = cache.values[layer, :, :, :past]
+        missing = [name for name in self.inputs if name not in values]
+        if missing:
+            raise EngineUnavailable(f"the {self.name} engine wants inputs the runtime does not have: "
+                                    f"{', '.join(missing)}")
+        return {name: values[name].to(self.device, self.io[name].dtype).contiguous() for name in self.inputs}
+
+    def bind(self, input_ids: torch.Tensor, layout: Layout, cache: KVCache) -> dict[str, torch.Tensor]:
+        """{name: tensor} of every engine I/O for one forward: the feeds with their shapes set on
+        the execution context, then each output allocated with the engine's dtype and the shape
+        the context derives from those inputs."""
+        bound = self.feeds(input_ids, layout, cache)
+        for name, tensor in bound.items():
+            if not self.context.set_input_shape(name, tuple(tensor.shape)):
+                raise ValueError(f"{self.name} engine: input {name!r} of shape {tuple(tensor.shape)} is outside the "
+                                 "engine's optimization profile (batch, new tokens or past length beyond what it "
+                                 "was built for)")
+        for name in self.outputs:
+            shape = tuple(int(d) for d in self.context.get_tensor_shape(name))
+            if any(d < 0 for d in shape):
+                raise RuntimeError(f"{self.name} engine: output {name!r} has unresolved shape {shape}")
+            bound[name] = torch.empty(shape, dtype=self.io[name].dtype, device=self.device)
+        return bound
 
     def forward(self, input_ids: torch.Tensor, layout: Layout, cache: KVCache) -> torch.Tensor:
-        """Logits [B, layout.num_new, vocab]; the new K/V are written into `cache`, uncommitted."""
+        """Logits [B, layout.num_new, vocab] in the engine's logits dtype; the new K/V are written
+        into `cache`, uncommitted."""
         c = self.config
         batch, num_new = input_ids.shape
         past = int(cache.lengths.max())
-        outputs = {"logits": torch.empty(batch, num_new, c.vocab_size, dtype=self.dtype, device=self.device)}
-        kv_shape = (batch, c.num_key_value_heads, past + num_new, c.head_dim)
-        for layer in range(c.num_hidden_layers):
-            for kind in ("key", "value"):
-                outputs[f"present_{kind}_{layer}"] = torch.empty(kv_shape, dtype=self.dtype, device=self.device)
-        feeds = self.feeds(input_ids, layout, cache)
-        for name, tensor in feeds.items():
-            self.context.set_input_shape(name, tuple(tensor.shape))
+        bound = self.bind(input_ids, layout, cache)
+        expected = {"logits": (batch, num_new, c.vocab_size)}
+        expected.update({f"present_{kind}_{layer}": (batch, c.num_key_value_heads, past + num_new, c.head_dim)
+                         for layer in range(c.num_hidden_layers) for kind in ("key", "value")})
+        for name, shape in expected.items():
+            if tuple(bound[name].shape) != shape:
+                raise RuntimeError(f"{self.name} engine: output {name!r} has shape {tuple(bound[name].shape)}, "
+                                   f"expected {shape}")
+        for name, tensor in bound.items():
             self.context.set_tensor_address(name, tensor.data_ptr())
-        for name, tensor in outputs.items():
-            self.context.set_tensor_address(name, tensor.data_ptr())
-        stream = torch.cuda.current_stream()
-        if not self.context.execute_async_v3(stream.cuda_stream):
+        if self.device.type == "cuda":
+            stream = torch.cuda.current_stream(self.device)
+            ok = self.context.execute_async_v3(stream.cuda_stream)
+            stream.synchronize()
+        else:  # only stand-in engines run off the GPU (tests)
+            ok = self.context.execute_async_v3(0)
+        if not ok:
             raise RuntimeError(f"{self.name} engine execution failed")
-        stream.synchronize()
         for layer in range(c.num_hidden_layers):
-            cache.keys[layer, :, :, :past + num_new] = outputs[f"present_key_{layer}"]
-            cache.values[layer, :, :, :past + num_new] = outputs[f"present_value_{layer}"]
-        return outputs["logits"]
-
-
-def _torch_dtype(trt_dtype) -> torch.dtype:
-    name = str(trt_dtype).rsplit(".", 1)[-1].lower()
-    return {"float": torch.float32, "half": torch.float16, "bf16": torch.bfloat16}.get(name, torch.float32)
+            cache.keys[layer, :, :, :past + num_new] = bound[f"present_key_{layer}"]
+            cache.values[layer, :, :, :past + num_new] = bound[f"present_value_{layer}"]
+        return bound["logits"]

@@ -98,8 +98,9 @@ def test_layout_and_manifest(exported, tiny_checkpoints):
     script = (out / "trtllm" / "build_engine.sh").read_text()
     for flag in ("trtllm-build", "--checkpoint_dir trtllm", "--output_dir engine", "--model_cls_file",
                  "--model_cls_name TiDARForCausalLM", "--max_batch_size", "--max_input_len", "--max_seq_len",
-                 "--max_num_tokens"):
+                 "--max_num_tokens", "--max_draft_len 16"):
         assert flag in script
+    assert "--workers" not in script  # spawned workers cannot import the --model_cls_file model class
     assert 'MODEL_CLS_FILE="$TIDAR_ROOT/export/trtllm_model.py"' in script and "NOTE" not in script
 
 

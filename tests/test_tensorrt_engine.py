@@ -68,29 +68,6 @@ def test_build_and_run_need_tensorrt(tiny_checkpoints, tiny_backends, tmp_path):
     assert greedy_mismatch(tiny_backends["qwen2"], engine, tokenizer, (0, 4, 16)) is None
 
 
-def test_engine_backend_feeds_follow_the_decode_step_contract(tiny_backends):
-    """The inputs the engine backends hand to an engine (plain torch, no engine needed): the ONNX
-    graph's input names in the engine's order, the layout's position ids and scalars, and the
-    cache's first max(lengths) slots."""
-    from tidar.runtime.engine_backend import EngineBackend
-    from tidar.runtime.layout import Layout
-
-    backend = tiny_backends["qwen2"]
-    config = backend.config
-    engine = EngineBackend.__new__(EngineBackend)
-    engine.config, engine.device = config, torch.device("cpu")
-    engine.inputs = ["input_ids", "position_ids", *input_names(config.num_hidden_layers)[1:]]
-    cache = backend.new_cache(2, 40)
-    cache.commit([5, 9])
-    layout = Layout.decode(4)
-    ids = torch.zeros(2, layout.num_new, dtype=torch.long)
-    feeds = engine.feeds(ids, layout, cache)
-    assert list(feeds) == engine.inputs
-    assert torch.equal(feeds["position_ids"], layout.position_ids(cache.lengths))
-    assert {name: int(feeds[name]) for name in layout.kernel_scalars()} == layout.kernel_scalars()
-    assert feeds["past_key_0"].shape == (2, config.num_key_value_heads, 9, config.head_dim)
-
-
 @pytest.mark.parametrize("name", ["tensorrt", "trtllm"])
 def test_engine_backends_explain_what_is_missing(tmp_path, tiny_checkpoints, name):
     from tidar.runtime.backend import load_backend

@@ -18,8 +18,9 @@ from safetensors import safe_open
 from tidar.export.engine_shapes import DimRange, dimension_ranges, engine_limits
 from tidar.export.onnx_export import input_names
 from tidar.export.trtllm_checkpoint import convert
-from tidar.export.trtllm_model import (ARCHITECTURE, TRTLLM_IMPORT_ERROR, builder_ranges, declared_weights,
-                                       input_specs, output_names, rank_sizes)
+from tidar.export.trtllm_model import (ARCHITECTURE, LOGITS_DTYPE, TRTLLM_IMPORT_ERROR, allow_plugin_v3_layers,
+                                       builder_ranges, declared_weights, input_specs, output_names, output_specs,
+                                       rank_sizes)
 from tidar.runtime.config import TiDARConfig
 
 FAMILIES = ("qwen2", "qwen3", "llama")
@@ -82,12 +83,14 @@ def test_inputs_match_the_onnx_decode_step(trtllm_checkpoints):
     ranges = builder_ranges(config, max_batch_size=4, max_input_len=100, max_seq_len=400, max_draft_len=4)
     dim_range = by_name["past_value_0"].dim_range(ranges)
     assert list(dim_range) == ["batch", "past_value_0_1", "past", "past_value_0_3"]
-    assert dim_range["batch"] == [[1, 1, 4]] and dim_range["past"] == [[0, 400, 400]]
+    assert dim_range["batch"] == [[1, 1, 4]] and dim_range["past"] == [[0, 380, 380]]  # 400 - one step of 20
     assert dim_range["past_value_0_1"] == [1]
     assert by_name["causal_len"].dim_range(ranges) is None
     assert ranges["new"].opt == 20  # a decode step of draft length 4: 4 * 5 tokens
     config["tidar"]["draft_len"] = 2  # what `tidar-export build --draft-len 2` sets before building
     assert builder_ranges(config, 4, 100, 400)["new"].opt == 6
+    config["tidar"]["draft_len"] = 0  # AR steps: an explicit 0 is kept, not replaced by the block size
+    assert builder_ranges(config, 4, 100, 400)["new"].opt == 1
     assert output_names(config)[:3] == ["logits", "present_key_0", "present_value_0"]
 
 
@@ -104,6 +107,57 @@ def test_engine_sizes(tiny_checkpoints):
         DimRange(2, 1, 3)
 
 
+def test_outputs_declare_fp32_logits_and_model_dtype_presents(trtllm_checkpoints):
+    config = read_config(trtllm_checkpoints["qwen3", 2])
+    specs = {spec.name: spec for spec in output_specs(config)}
+    assert list(specs) == output_names(config)
+    assert specs["logits"].dtype == LOGITS_DTYPE == "float32" and specs["logits"].dims == ("batch", "new", 512)
+    assert specs["present_value_1"].dtype == config["dtype"]
+    assert specs["present_value_1"].dims == ("batch", 1, "kv", 32)
+
+
+def test_one_definition_of_the_maximum_past(tiny_checkpoints, trtllm_checkpoints):
+    """The TensorRT profile and the TensorRT-LLM builder (which gets engine_limits' max_seq_len)
+    agree on the longest past."""
+    config = TiDARConfig.from_file(tiny_checkpoints["qwen2"])
+    trtllm = read_config(trtllm_checkpoints["qwen2", 1])
+    for draft_len in (0, 4, 16):
+        trtllm["tidar"]["draft_len"] = draft_len  # as `tidar-export build` writes it into trtllm/config.json
+        limits = engine_limits(config, draft_len)
+        ranges = builder_ranges(trtllm, limits["max_batch_size"], limits["max_input_len"], limits["max_seq_len"],
+                                draft_len)
+        assert ranges == dimension_ranges(config, draft_len)
+        assert ranges["past"].max == config.max_position_embeddings
+
+
+class _LayerType:
+    PLUGIN_V2, PLUGIN_V3 = "PLUGIN_V2", "PLUGIN_V3"
+
+
+class _FakeTensorRT:
+    """tensorrt's LayerType and layer classes (TensorRT's compiled module does not load here)."""
+
+    LayerType = _LayerType
+    ILayer, IPluginV2Layer, IPluginV3Layer = type("ILayer", (), {}), type("IPluginV2Layer", (), {}), type("V3", (), {})
+
+
+def test_graph_rewriting_knows_the_python_plugin_layer():
+    """tensorrt_llm.graph_rewriting.Layer.as_layer raises NotImplementedError for a layer type
+    missing from TRT_LAYER_TYPE_TO_LAYER; TensorRT-LLM 1.2's table lacks PLUGIN_V3 (the layer
+    type of Python plugins), so the model module adds it."""
+    class Layer:  # the table as TensorRT-LLM 1.2 ships it (the part that matters)
+        TRT_LAYER_TYPE_TO_LAYER = {_LayerType.PLUGIN_V2: _FakeTensorRT.IPluginV2Layer}
+
+    allow_plugin_v3_layers(Layer, _FakeTensorRT)
+    allow_plugin_v3_layers(Layer, _FakeTensorRT)  # idempotent
+    assert Layer.TRT_LAYER_TYPE_TO_LAYER == {_LayerType.PLUGIN_V2: _FakeTensorRT.IPluginV2Layer,
+                                             _LayerType.PLUGIN_V3: _FakeTensorRT.IPluginV3Layer}
+    without_v3_binding = type("trt", (), {"LayerType": _LayerType, "ILayer": _FakeTensorRT.ILayer})
+    Layer.TRT_LAYER_TYPE_TO_LAYER.pop(_LayerType.PLUGIN_V3)
+    allow_plugin_v3_layers(Layer, without_v3_binding)
+    assert Layer.TRT_LAYER_TYPE_TO_LAYER[_LayerType.PLUGIN_V3] is _FakeTensorRT.ILayer
+
+
 def test_model_class_needs_tensorrt_llm(trtllm_checkpoints):
     if TRTLLM_IMPORT_ERROR is not None:
         pytest.skip(f"the TensorRT-LLM model class needs TensorRT-LLM 1.2.x and a GPU host: {TRTLLM_IMPORT_ERROR}")
@@ -112,6 +166,10 @@ def test_model_class_needs_tensorrt_llm(trtllm_checkpoints):
     from tidar.export.trtllm_model import TiDARForCausalLM
 
     assert MODEL_MAP[ARCHITECTURE] is TiDARForCausalLM
+    import tensorrt as trt
+    from tensorrt_llm.graph_rewriting import Layer
+
+    assert trt.LayerType.PLUGIN_V3 in Layer.TRT_LAYER_TYPE_TO_LAYER  # builder.build's optimize() would refuse it
     folder = trtllm_checkpoints["qwen2", 2]
     model = TiDARForCausalLM.from_checkpoint(str(folder), rank=1)
     assert {name for name, _ in model.named_parameters()} == set(declared_weights(read_config(folder)))
