@@ -5,7 +5,7 @@
                    [--backend NAME] [--attention IMPL] [--dtype D] [--beta X] [--json]
     tidar init OUT [--family qwen2|qwen3|llama] [--block-size B] [--seed S]
     tidar train --files GLOB [GLOB ...] --out OUT [--init-from CHECKPOINT] [--steps N] ... [--resume]
-    tidar serve REPO [--grpc-port P] [--http-port P] [--metrics-port P] [-- COMMAND ...]
+    tidar serve REPO [--grpc-port P] [--http-port P] [--metrics-port P] [--max-restarts N] [-- COMMAND ...]
     tidar client [--url HOST:PORT] [--max-tokens N] [--no-stream] TEXT
 
 Bad input exits with status 2 and one line on stderr that names the problem; no traceback.
@@ -154,10 +154,16 @@ def _train(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from tidar.serve import ServeError, serve
+    from tidar.supervisor import RestartPolicy
+
+    if args.max_restarts < 0 or args.restart_backoff < 0:
+        raise CLIError(f"--max-restarts and --restart-backoff must be >= 0, got {args.max_restarts} and "
+                       f"{args.restart_backoff}")
 
     try:
+        policy = RestartPolicy(max_restarts=args.max_restarts, backoff=args.restart_backoff)
         return serve(args.repo, args.grpc_port, args.http_port, args.metrics_port,
-                     command=args.command_after or None, verbose=args.verbose)
+                     command=args.command_after or None, verbose=args.verbose, policy=policy)
     except ServeError as exc:
         raise CLIError(str(exc)) from None
     except FileNotFoundError as exc:
@@ -294,12 +300,21 @@ def build_parser() -> argparse.ArgumentParser:
                                      "OUT/triton_repo; print the endpoints once every model is ready and serve "
                                      "until SIGINT/SIGTERM. With a COMMAND after `--`, run it once the server is "
                                      "ready (TIDAR_GRPC_URL and TIDAR_METRICS_URL set), then stop the server and "
-                                     "exit with the command's status.")
+                                     "exit with the command's status. The server is supervised: when a model "
+                                     "process or tritonserver dies, the fault is logged, the server is killed "
+                                     "(in-flight requests end with UNAVAILABLE) and restarted with backoff.")
     srv.add_argument("repo", help="rendered model repository (OUT/triton_repo)")
     srv.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001; 0 = any free port)")
     srv.add_argument("--http-port", type=int, default=8000, help="HTTP port (default 8000; 0 = any free port)")
     srv.add_argument("--metrics-port", type=int, default=8002,
                      help="Prometheus metrics port (default 8002; 0 = any free port)")
+    srv.add_argument("--max-restarts", type=int, default=5,
+                     help="restarts in a row after a dead model process or server before giving up with exit "
+                          "status 1 (default 5; 0 = exit 1 on the first fault); a server that served 60 s "
+                          "before its fault starts a new row")
+    srv.add_argument("--restart-backoff", type=float, default=1.0,
+                     help="seconds before the first restart of a row, doubled for each further one, at most "
+                          "30 (default 1)")
     srv.add_argument("--verbose", action="store_true", help="verbose server log")
     srv.set_defaults(run=_serve)
 

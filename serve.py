@@ -7,8 +7,11 @@ Finds `tritonserver` (on PATH, or the one bundled in the `nvidia-pytriton` wheel
 backend folder whose Python backend runs this interpreter (the wheel's stub for this Python
 version; PATH and LD_LIBRARY_PATH point at this environment, so the model imports `tidar`
 and its dependencies from it), checks that the ports are free, starts the server, waits
-until the models are ready and stops it cleanly (SIGINT, then SIGKILL after a grace period).
-The server's log goes to a file; on a failed start its tail is part of the error.
+until the models are ready and stops it cleanly (SIGINT, then SIGKILL after a grace period),
+or kills it at once (`kill`: the process group, then the Python backend's shared-memory regions).
+`model_processes` lists the server's live Python-backend stubs (the model processes) from /proc.
+The server's log goes to a file (appended to across restarts); on a failed start its tail is
+part of the error. `serve` runs it under `supervisor.Supervisor`.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -91,6 +95,60 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
+STUB_NAME = "triton_python_backend_stub"
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields 3.. of /proc/PID/stat (state first; see proc(5)), or None once the pid is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text.rsplit(")", 1)[1].split()
+
+
+@dataclass(frozen=True)
+class ModelProcess:
+    """A Python-backend stub: pid, model instance name (e.g. tidar_0_0), shared-memory region."""
+
+    pid: int
+    instance: str
+    shm_region: str
+
+    def exit_status(self) -> str | None:
+        """None while it runs; else how it ended ('killed by signal 9 (SIGKILL)', or 'exited'
+        once its parent has reaped it). tritonserver does not reap a dead stub, so the zombie's
+        exit code (field 52 of /proc/PID/stat) is there to read."""
+        from tidar.supervisor import describe_status
+
+        fields = _proc_stat(self.pid)
+        if fields is not None and fields[0] != "Z":
+            return None
+        if fields is not None and len(fields) >= 50:
+            return describe_status(int(fields[49]), waitpid_form=True)
+        return "exited"
+
+
+def model_processes(server_pid: int) -> list[ModelProcess]:
+    """The live Python-backend stubs whose parent is `server_pid`. Their arguments (the Python
+    backend's stub launcher): stub, model.py, shm region, sizes, parent pid, lib dir, IPC
+    handle, instance name, ..."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        fields = _proc_stat(int(entry.name))
+        if fields is None or fields[0] == "Z" or int(fields[1]) != server_pid:
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if Path(argv[0]).name == STUB_NAME and len(argv) > 8:
+            found.append(ModelProcess(int(entry.name), argv[8], argv[2]))
+    return sorted(found, key=lambda process: process.instance)
+
+
 class TritonServer:
     """One tritonserver process on `repo`; a context manager. Port 0 picks a free port."""
 
@@ -109,6 +167,8 @@ class TritonServer:
         self._workdir = Path(tempfile.mkdtemp(prefix="tidar-serve-"))
         self.log_file = Path(log_file) if log_file else self._workdir / "tritonserver.log"
         self.process: subprocess.Popen | None = None
+        self.env: dict[str, str] = {}  # extra environment for the server (and its model processes)
+        self._shm_regions: set[str] = set()
 
     @property
     def grpc_url(self) -> str:
@@ -130,7 +190,8 @@ class TritonServer:
         env = dict(os.environ)
         if python_backend is not None:  # nvidia-pytriton: a backend folder with this Python's stub
             backends = self._workdir / "backends"
-            shutil.copytree(python_backend, backends / "python", ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.copytree(python_backend, backends / "python", ignore=shutil.ignore_patterns("__pycache__"),
+                            dirs_exist_ok=True)
             shutil.copy2(stub, backends / "python" / "triton_python_backend_stub")
             command.append(f"--backend-directory={backends}")
             libs = Path(binary).resolve().parents[2].parent / "nvidia_pytriton.libs"
@@ -138,11 +199,14 @@ class TritonServer:
             env["LD_LIBRARY_PATH"] = ":".join(p for p in library_path if p)
         # The Python backend's stub finds its interpreter (and site-packages) through PATH.
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        env.update(self.env)
         return command, env
 
-    def start(self) -> "TritonServer":
+    def start(self, cancelled=lambda: False) -> "TritonServer":
+        """Start and wait until every model is ready (ServeError otherwise, the server killed);
+        may be called again after `kill` (a restart on the same ports)."""
         command, env = self._command_and_env()
-        log = open(self.log_file, "wb")
+        log = open(self.log_file, "ab")
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
                                         start_new_session=True)
         log.close()
@@ -152,9 +216,13 @@ class TritonServer:
                 raise ServeError(f"tritonserver exited with status {self.process.returncode} while starting:\n"
                                  f"{self.log_tail()}")
             if self._ready():
+                self.model_processes()
                 return self
+            if cancelled():
+                self.kill()
+                raise ServeError("stopped while starting")
             time.sleep(0.25)
-        self.stop()
+        self.kill()
         raise ServeError(f"tritonserver was not ready after {self.ready_timeout:.0f} s:\n{self.log_tail()}")
 
     def _ready(self) -> bool:
@@ -171,20 +239,47 @@ class TritonServer:
             return ""
         return "\n".join(text.splitlines()[-lines:])
 
+    def model_processes(self) -> list[ModelProcess]:
+        """The server's live model processes (their shared-memory regions are noted for `kill`)."""
+        if self.process is None or self.process.poll() is not None:
+            return []
+        found = model_processes(self.process.pid)
+        self._shm_regions.update(process.shm_region for process in found)
+        return found
+
+    def kill(self, wait: float = 10.0) -> int | None:
+        """SIGKILL the server's process group (the server and its model processes; open
+        connections close at once), wait for them, remove the Python backend's shared memory."""
+        if self.process is None:
+            return None
+        self.model_processes()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+        deadline = time.monotonic() + wait
+        while _group_alive(self.process.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for region in self._shm_regions:
+            with contextlib.suppress(OSError):
+                (Path("/dev/shm") / region).unlink()
+        self._shm_regions.clear()
+        return self.process.returncode
+
     def stop(self, grace: float = 15.0) -> int | None:
-        """SIGINT (Triton unloads the models and exits), SIGKILL after `grace` seconds."""
+        """SIGINT (Triton unloads the models and exits), `kill` after `grace` seconds."""
         if self.process is None:
             return None
         if self.process.poll() is None:
+            self.model_processes()
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGINT)
             try:
                 self.process.wait(grace)
             except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        code = self.process.returncode
+                pass
+        code = self.process.poll()
+        self.kill()  # whatever is left of the group, and the shared memory
+        code = self.process.returncode if code is None else code
         # The working folder goes, unless it holds the log of a server that did not exit cleanly.
         keep_log = self.log_file.parent == self._workdir and code != 0
         shutil.rmtree(self._workdir / "backends" if keep_log else self._workdir, ignore_errors=True)
@@ -197,34 +292,69 @@ class TritonServer:
         self.stop()
 
 
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # killpg(0) also succeeds for zombies of the group (reaped by init later): count only live ones
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            fields = _proc_stat(int(entry.name))
+            if fields is not None and fields[0] != "Z" and int(fields[2]) == pgid:
+                return True
+    return False
+
+
 def serve(repo: str | Path, grpc_port: int, http_port: int, metrics_port: int, command: list[str] | None = None,
-          verbose: bool = False) -> int:
-    """Run the server until SIGINT/SIGTERM; or, with `command`, run it once the server is ready,
-    stop the server and return the command's exit status."""
+          verbose: bool = False, policy=None) -> int:
+    """Run the server until SIGINT/SIGTERM (0), supervised: a dead model process or server is
+    restarted per `policy` (a supervisor.RestartPolicy), and 1 is returned once it gives up. With
+    `command`, run it once the server is ready, stop the server when it ends and return its status."""
+    from tidar.supervisor import RestartPolicy, Supervisor
+
     server = TritonServer(repo, grpc_port, http_port, metrics_port, verbose=verbose)
+    supervisor = Supervisor(server, policy or RestartPolicy())
     stop_requested = []
+    child: subprocess.Popen | None = None
 
     def on_signal(signum, _frame):
         stop_requested.append(signum)
 
+    def keep_going() -> bool:
+        return not stop_requested and (child is None or child.poll() is None)
+
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         print(f"starting tritonserver on {server.repo} (log: {server.log_file})", file=sys.stderr, flush=True)
-        server.start()
+        try:
+            supervisor.start(cancelled=lambda: bool(stop_requested))
+        except ServeError:
+            if stop_requested:
+                return 0
+            raise
         print(f"ready: gRPC {server.grpc_url}  HTTP {server.http_url}  metrics {server.metrics_url}",
               file=sys.stderr, flush=True)
         if command:
             env = dict(os.environ, TIDAR_GRPC_URL=server.grpc_url, TIDAR_METRICS_URL=server.metrics_url,
                        PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
-            return subprocess.call(command, env=env)
-        while not stop_requested and server.process.poll() is None:
-            time.sleep(0.2)
-        if server.process.poll() is not None and not stop_requested:
-            print(f"tritonserver exited with status {server.process.returncode}:\n{server.log_tail()}",
-                  file=sys.stderr)
-            return 1
-        return 0
+            child = subprocess.Popen(command, env=env)
+        code = supervisor.run(keep_going)
+        if child is None:
+            return code
+        if child.poll() is None:  # a stop was requested, or the supervisor gave up: the command ends too
+            child.send_signal(stop_requested[0] if stop_requested else signal.SIGTERM)
+            try:
+                child.wait(10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        return child.wait() if code == 0 else code
     finally:
+        if child is not None and child.poll() is None:
+            child.kill()
+            child.wait()
         code = server.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)

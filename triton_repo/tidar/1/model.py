@@ -23,6 +23,7 @@ import triton_python_backend_utils as pb_utils
 from tidar.runtime.generate import RequestError
 from tidar.runtime.scheduler import Overloaded
 from tidar.runtime.serving import INPUTS, ServingOptions, build_scheduler, parse_request, response_tensors
+from tidar.supervisor import restarts_from_environment
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 TOKENS_PER_FORWARD_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16]
@@ -158,6 +159,10 @@ class Metrics:
         ).Metric(labels=labels, buckets=TOKENS_PER_FORWARD_BUCKETS)
         self.labelled = {}
         self.published = {}
+        restarts = family("tidar_server_restarts_total", "Restarts of this server by `tidar serve` after a dead "
+                          "model process or tritonserver, by cause (model_process, tritonserver)", counter)
+        for cause, count in restarts_from_environment().items():
+            self._labelled(restarts, "cause", cause).increment(count)
 
     def _labelled(self, family, key, value):
         metric = self.labelled.get((key, value))
