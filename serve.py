@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -96,15 +97,31 @@ def free_ports(count: int) -> list[int]:
 
 
 STUB_NAME = "triton_python_backend_stub"
+SHM_PREFIX = "triton_python_backend_shm_region_"
+ZOMBIE_GRACE = 0.5  # seconds a dead stub stays unreaped before it counts as a fault
+
+
+class ModelProcessDied(ServeError):
+    """A model process of the server died (while it was loading its model, for `start`)."""
 
 
 def _proc_stat(pid: int) -> list[str] | None:
-    """Fields 3.. of /proc/PID/stat (state first; see proc(5)), or None once the pid is gone."""
+    """Fields 3.. of /proc/PID/stat (state, ppid, pgrp, ...; see proc(5)), or None once gone."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     return text.rsplit(")", 1)[1].split()
+
+
+def _zombie_status(fields: list[str] | None) -> str | None:
+    """How a process ended, if `fields` (of _proc_stat) are a zombie's (its wait status is field
+    52), else None: running, or gone (reaped)."""
+    from tidar.supervisor import describe_status
+
+    if fields is None or fields[0] != "Z":
+        return None
+    return describe_status(int(fields[49]), waitpid_form=True) if len(fields) >= 50 else "exited"
 
 
 @dataclass(frozen=True)
@@ -116,36 +133,37 @@ class ModelProcess:
     shm_region: str
 
     def exit_status(self) -> str | None:
-        """None while it runs; else how it ended ('killed by signal 9 (SIGKILL)', or 'exited'
-        once its parent has reaped it). tritonserver does not reap a dead stub, so the zombie's
-        exit code (field 52 of /proc/PID/stat) is there to read."""
-        from tidar.supervisor import describe_status
+        """How it ended ('killed by signal 9 (SIGKILL)') while it is a zombie, else None."""
+        return _zombie_status(_proc_stat(self.pid))
 
-        fields = _proc_stat(self.pid)
-        if fields is not None and fields[0] != "Z":
-            return None
-        if fields is not None and len(fields) >= 50:
-            return describe_status(int(fields[49]), waitpid_form=True)
-        return "exited"
+
+def _stub_children(server_pid: int) -> list[tuple[int, list[str]]]:
+    """(pid, stat fields) of the server's children named like the stub (comm is cut to 15 characters)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            fields = _proc_stat(int(entry.name))
+            if fields is not None and int(fields[1]) == server_pid:
+                try:
+                    comm = (entry / "comm").read_text().strip()
+                except OSError:
+                    continue
+                if STUB_NAME.startswith(comm):
+                    found.append((int(entry.name), fields))
+    return found
 
 
 def model_processes(server_pid: int) -> list[ModelProcess]:
-    """The live Python-backend stubs whose parent is `server_pid`. Their arguments (the Python
-    backend's stub launcher): stub, model.py, shm region, sizes, parent pid, lib dir, IPC
-    handle, instance name, ..."""
+    """The live Python-backend stubs of the server. Their arguments (the Python backend's stub
+    launcher): stub, model.py, shm region, sizes, parent pid, lib dir, IPC handle, instance name, ..."""
     found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        fields = _proc_stat(int(entry.name))
-        if fields is None or fields[0] == "Z" or int(fields[1]) != server_pid:
-            continue
+    for pid, fields in _stub_children(server_pid):
         try:
-            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
         except OSError:
             continue
-        if Path(argv[0]).name == STUB_NAME and len(argv) > 8:
-            found.append(ModelProcess(int(entry.name), argv[8], argv[2]))
+        if fields[0] != "Z" and Path(argv[0]).name == STUB_NAME and len(argv) > 8:
+            found.append(ModelProcess(pid, argv[8], argv[2]))
     return sorted(found, key=lambda process: process.instance)
 
 
@@ -169,6 +187,8 @@ class TritonServer:
         self.process: subprocess.Popen | None = None
         self.env: dict[str, str] = {}  # extra environment for the server (and its model processes)
         self._shm_regions: set[str] = set()
+        self._seen: dict[int, ModelProcess] = {}  # this run's model processes, dead ones included
+        self._zombie_since: dict[int, float] = {}
 
     @property
     def grpc_url(self) -> str:
@@ -207,6 +227,7 @@ class TritonServer:
         may be called again after `kill` (a restart on the same ports)."""
         command, env = self._command_and_env()
         log = open(self.log_file, "ab")
+        self._seen, self._zombie_since = {}, {}
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
                                         start_new_session=True)
         log.close()
@@ -215,6 +236,10 @@ class TritonServer:
             if self.process.poll() is not None:
                 raise ServeError(f"tritonserver exited with status {self.process.returncode} while starting:\n"
                                  f"{self.log_tail()}")
+            died = self.dead_model_process()
+            if died:  # Triton would wait for it for good
+                self.kill()
+                raise ModelProcessDied(f"{died} while the models were loading")
             if self._ready():
                 self.model_processes()
                 return self
@@ -240,12 +265,36 @@ class TritonServer:
         return "\n".join(text.splitlines()[-lines:])
 
     def model_processes(self) -> list[ModelProcess]:
-        """The server's live model processes (their shared-memory regions are noted for `kill`)."""
+        """The server's live model processes (noted, with their shared-memory regions, for
+        `dead_model_process` and `kill`)."""
         if self.process is None or self.process.poll() is not None:
             return []
         found = model_processes(self.process.pid)
+        self._seen.update((process.pid, process) for process in found)
         self._shm_regions.update(process.shm_region for process in found)
         return found
+
+    def dead_model_process(self, scan: bool = True) -> str | None:
+        """'model process tidar_0_0 (pid N) killed by signal 9 (SIGKILL)' once one of this run's
+        model processes has died, else None. A dead stub is one left unreaped for ZOMBIE_GRACE
+        seconds: Triton reaps the stubs it ends itself (the model-level stub of config
+        auto-completion, unloading) at once, but never one that died under it. Checks the stubs
+        seen before (cheap); with `scan`, also looks through /proc for new and never-seen ones."""
+        if self.process is None:
+            return None
+        if scan:
+            self.model_processes()
+        dead = {pid: (f"model process {process.instance} (pid {pid})", process.exit_status())
+                for pid, process in self._seen.items()}
+        for pid, fields in _stub_children(self.process.pid) if scan else ():
+            dead.setdefault(pid, (f"a model process (pid {pid})", _zombie_status(fields)))
+        now = time.monotonic()
+        for pid, (name, status) in dead.items():
+            if status is None:
+                self._zombie_since.pop(pid, None)
+            elif now - self._zombie_since.setdefault(pid, now) >= ZOMBIE_GRACE:
+                return f"{name} {status}"
+        return None
 
     def kill(self, wait: float = 10.0) -> int | None:
         """SIGKILL the server's process group (the server and its model processes; open
@@ -253,6 +302,9 @@ class TritonServer:
         if self.process is None:
             return None
         self.model_processes()
+        with contextlib.suppress(OSError):  # every stub's region is mapped by the server too
+            maps = Path(f"/proc/{self.process.pid}/maps").read_text()
+            self._shm_regions.update(re.findall(rf"/dev/shm/({SHM_PREFIX}\S+)", maps))
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait()

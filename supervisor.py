@@ -83,14 +83,16 @@ class Supervisor:
     """Watches `server` (a serve.TritonServer) and its model processes; on a fault kills what is
     left of the server and starts it again on the same ports, per `policy`."""
 
-    def __init__(self, server, policy: RestartPolicy = RestartPolicy(), poll: float = 0.1,
+    def __init__(self, server, policy: RestartPolicy = RestartPolicy(), poll: float = 0.1, scan_every: float = 2.0,
                  log: TextIO | None = None):
-        self.server, self.policy, self.poll = server, policy, poll
+        """Every `poll` seconds the server and its known model processes are checked; every
+        `scan_every` seconds /proc is searched for new or never-seen dead model processes."""
+        self.server, self.policy, self.poll, self.scan_every = server, policy, poll, scan_every
+        self.next_scan = 0.0
         self.log_stream = log
         self.restarts = dict.fromkeys(CAUSES, 0)
         self.in_a_row = 0
         self.serving_since: float | None = None
-        self.watched = {}  # pid -> serve.ModelProcess
 
     def log(self, message: str) -> None:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -100,7 +102,6 @@ class Supervisor:
         """Start the server (ServeError if it does not become ready) and watch its model processes."""
         self.server.env[RESTARTS_ENV] = json.dumps(self.restarts)
         self.server.start(cancelled=cancelled)
-        self.watched = {process.pid: process for process in self.server.model_processes()}
         self.serving_since = time.monotonic()
 
     def fault(self) -> tuple[str, str] | None:
@@ -108,11 +109,11 @@ class Supervisor:
         code = self.server.process.poll()
         if code is not None:
             return "tritonserver", f"tritonserver (pid {self.server.process.pid}) {describe_status(code)}"
-        for pid, process in self.watched.items():
-            status = process.exit_status()
-            if status is not None:
-                return "model_process", f"model process {process.instance} (pid {pid}) {status}"
-        return None
+        scan = time.monotonic() >= self.next_scan
+        if scan:
+            self.next_scan = time.monotonic() + self.scan_every
+        died = self.server.dead_model_process(scan=scan)
+        return ("model_process", died) if died else None
 
     def run(self, keep_going: Callable[[], bool]) -> int:
         """Watch and recover while keep_going(); 0 when it says stop, 1 after giving up."""
@@ -126,6 +127,8 @@ class Supervisor:
 
     def recover(self, cause: str, what: str, keep_going: Callable[[], bool] = lambda: True) -> bool:
         """Kill the server, restart it (again while restarts fail); False once the policy gives up."""
+        from tidar.serve import ModelProcessDied
+
         began = time.monotonic()
         self.log(f"fault: {what}; stopping tritonserver (its in-flight requests end)")
         self.server.kill()
@@ -151,7 +154,8 @@ class Supervisor:
                 self.start(cancelled=lambda: not keep_going())
             except Exception as error:  # noqa: BLE001 - any failed start is the next fault
                 self.server.kill()
-                cause, what = "tritonserver", f"restart failed: {error}"
+                cause = "model_process" if isinstance(error, ModelProcessDied) else "tritonserver"
+                what = f"restart failed: {str(error).splitlines()[0]} (log: {self.server.log_file})"
                 self.log(f"fault: {what}")
                 continue
             self.log(f"serving again {time.monotonic() - began:.1f} s after the fault")
