@@ -6,6 +6,13 @@
     OUT/train_state.pt        weights in fp32, optimizer state and step, for --resume
     OUT/history.jsonl         one line per logged step and per evaluation
     OUT/loss_curve.png        train loss and held-out AR / diffusion losses
+    OUT/rollouts/             self-distillation rollouts, one file per generation (with --self-distill)
+    OUT/steps/step-NNNNNN/    loadable copies of the checkpoint every `keep_every` steps
+
+With `self_distill` = f > 0, a share f of every batch's rows are the model's own greedy
+rollouts (train/distill.py): their continuations train the diffusion half, with AR weight
+`rollout_ar_weight` (default 0); the other rows are real data with the AR and diffusion losses.
+Every evaluation then also estimates draft acceptance on rollouts of held-out prompts.
 
 AdamW, linear warm-up then cosine decay to `min_lr`, gradient clipping. A new model gets a
 byte-level BPE tokenizer trained on the training split; `init_from` instead converts an
@@ -31,7 +38,8 @@ from tidar.runtime.model import TiDARModel
 
 from .checkpoint import EOS_TOKEN, MASK_TOKEN, PAD_TOKEN, save_checkpoint, save_tokenizer, train_tokenizer
 from .data import Batches, expand_globs, split_files, token_stream
-from .objective import full_mask_loss
+from .distill import Rollouts, cached, draft_acceptance, greedy_rollouts, prompt_windows, rollout_losses, spaced_windows
+from .objective import full_mask_inputs, full_mask_loss, losses_from_logits
 
 
 @dataclass
@@ -82,6 +90,22 @@ class TrainConfig:
     """Dtype of the saved checkpoint's weights (training runs in fp32)."""
     threads: int | None = None
     """torch intra-op threads (None: torch's default)."""
+    self_distill: float = 0.0
+    """Share of each batch's rows that are self-distillation rollouts (0: off; docs/design.md §2)."""
+    rollout_count: int = 1024
+    """Rollouts per generation of the pool (training-split prompts)."""
+    rollout_prompt_len: int = 96
+    """Data tokens of a rollout; the model continues it to seq_len tokens."""
+    rollout_ar_weight: float = 0.0
+    """AR loss weight on rollout continuations (real rows have alpha)."""
+    rollout_refresh: int = 0
+    """Regenerate the rollouts with the current model every this many steps (0: never)."""
+    rollout_batch: int = 32
+    """Rows generated together."""
+    rollout_eval: int = 32
+    """Rollouts of held-out prompts for the acceptance estimate."""
+    keep_every: int = 0
+    """Also keep a loadable copy of the checkpoint in OUT/steps/ every this many steps (0: never)."""
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:
@@ -192,6 +216,15 @@ class Trainer:
     def __init__(self, config: TrainConfig, resume: bool = False):
         if config.seq_len % config.block_size:
             raise ValueError(f"seq_len {config.seq_len} must be a multiple of block_size {config.block_size}")
+        if not 0.0 <= config.self_distill <= 1.0:
+            raise ValueError(f"self_distill must be a share of the batch in [0, 1], got {config.self_distill}")
+        self.rollout_rows = round(config.batch_size * config.self_distill)
+        if config.self_distill and not self.rollout_rows:
+            raise ValueError(f"self_distill {config.self_distill} of batch_size {config.batch_size} is no row")
+        if self.rollout_rows and not 0 < config.rollout_prompt_len < config.seq_len:
+            raise ValueError(f"rollout_prompt_len {config.rollout_prompt_len} must be in (0, seq_len "
+                             f"{config.seq_len}): the model continues the prompt to seq_len tokens")
+        self.real_rows = config.batch_size - self.rollout_rows
         if config.threads:
             torch.set_num_threads(config.threads)
         self.config = config
@@ -214,10 +247,12 @@ class Trainer:
             self.model = new_model(config, self.tokenizer)
         eos = self.model.config.eos_token_ids[0] if self.model.config.eos_token_ids else 0
         self.train_batches = Batches(token_stream(train_files, self.tokenizer, eos), config.seq_len,
-                                     config.batch_size, config.seed)
+                                     max(self.real_rows, 1), config.seed)
         heldout = Batches(token_stream(heldout_files, self.tokenizer, eos), config.seq_len, config.batch_size,
                           config.seed)
         self.eval_batches = heldout.fixed(config.eval_batches)
+        self.heldout_stream = heldout.stream
+        self._pools: dict[str, tuple[int, Rollouts]] = {}
         self.split = {"train_files": len(train_files), "heldout_files": len(heldout_files),
                       "train_tokens": int(self.train_batches.stream.numel()),
                       "heldout_tokens": int(heldout.stream.numel())}
@@ -243,6 +278,69 @@ class Trainer:
         else:
             (self.out / "train_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
 
+    # ------------------------------------------------------------------ self-distillation
+    def _generation(self) -> int:
+        return self.step // self.config.rollout_refresh if self.config.rollout_refresh else 0
+
+    def _pool(self, split: str) -> Rollouts:
+        """This step's rollout pool of `split` ("train" or "heldout"), generated once per
+        generation with the model as it is then, or read from OUT/rollouts/."""
+        config, generation = self.config, self._generation()
+        if split in self._pools and self._pools[split][0] == generation:
+            return self._pools[split][1]
+        if split == "train":
+            prompts = prompt_windows(self.train_batches.stream, config.rollout_count, config.rollout_prompt_len,
+                                     config.seed * 1_000_003 + generation)
+        else:
+            prompts = spaced_windows(self.heldout_stream, config.rollout_eval, config.rollout_prompt_len)
+        path = self.out / "rollouts" / f"{split}-{generation:03d}.pt"
+        started = time.perf_counter()
+        made = not path.is_file()
+        pool = cached(path, lambda: greedy_rollouts(self.model, prompts, config.seq_len - config.rollout_prompt_len,
+                                                    config.rollout_batch))
+        if made:
+            self.history.append({"kind": "rollouts", "step": self.step, "split": split, "generation": generation,
+                                 "rows": int(pool.tokens.shape[0]),
+                                 "seconds": round(time.perf_counter() - started, 2)})
+        self._pools[split] = (generation, pool)
+        return pool
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(real rows, rollout rows or None) of `step`: a pure function of seed, step and the pool."""
+        real = self.train_batches.at_step(step)[: self.real_rows]
+        if not self.rollout_rows:
+            return real, None
+        pool = self._pool("train").tokens
+        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step + 7_919)
+        return real, pool[torch.randint(0, pool.shape[0], (self.rollout_rows,), generator=generator)]
+
+    def losses(self, real: torch.Tensor, rollouts: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """One forward over real and rollout rows; total = mean over rows of each row's loss."""
+        config, model = self.config, self.model
+        if rollouts is None:
+            losses = full_mask_loss(model, real, config.alpha)
+            return {"total": losses.total, "ar": losses.ar, "diffusion": losses.diffusion}
+        tokens = torch.cat([real, rollouts])
+        inputs, layout = full_mask_inputs(tokens, model.config.mask_token_id, model.config.block_size)
+        logits = model(inputs, layout)
+        rows = real.shape[0]
+        mine = rollout_losses(logits[rows:], rollouts, config.rollout_prompt_len, config.alpha,
+                              config.rollout_ar_weight)
+        result = {"rollout_ar": mine.ar, "rollout_diffusion": mine.diffusion}
+        if rows:
+            data = losses_from_logits(logits[:rows], real, config.alpha)
+            total = (rows * data.total + rollouts.shape[0] * mine.total) / tokens.shape[0]
+            result.update(ar=data.ar, diffusion=data.diffusion)
+        else:
+            total = mine.total
+        return {"total": total, **result}
+
+    def evaluate(self) -> dict:
+        result = evaluate(self.model, self.eval_batches, self.config.alpha)
+        if self.rollout_rows:
+            result["drafts"] = draft_acceptance(self.model, self._pool("heldout"), self.config.batch_size)
+        return result
+
     def save(self) -> None:
         """Write the loadable checkpoint and the resumable state (each file replaced atomically)."""
         config = self.config
@@ -259,6 +357,14 @@ class Trainer:
         tmp.replace(self.out / "train_state.pt")
         (self.out / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in self.history))
         _plot(self.history, self.out / "loss_curve.png")
+        if config.keep_every and self.step % config.keep_every == 0:
+            import shutil
+
+            keep = self.out / "steps" / f"step-{self.step:06d}"
+            keep.mkdir(parents=True, exist_ok=True)
+            for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                         "train_config.json"):
+                shutil.copy2(self.out / name, keep / name)
 
     def run(self, progress: bool = True, until: int | None = None) -> list[dict]:
         """Train to `config.steps` (or stop after step `until`, saving, as an interrupted run would)."""
@@ -269,29 +375,36 @@ class Trainer:
         bar = tqdm(total=config.steps, initial=self.step, disable=not progress, unit="step", dynamic_ncols=True)
         started = time.perf_counter()
         last = min(config.steps, until) if until is not None else config.steps
+        if self.step == 0 and (config.init_from or self.rollout_rows) and self.step < last:
+            self._log_eval(bar)  # the starting point of a continued run
         while self.step < last:
             lr = learning_rate(config, self.step)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            losses = full_mask_loss(model, self.train_batches.at_step(self.step), config.alpha)
+            losses = self.losses(*self.batch(self.step))
             self.optimizer.zero_grad(set_to_none=True)
-            losses.total.backward()
+            losses["total"].backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             self.optimizer.step()
             self.step += 1
             bar.update(1)
             if self.step % config.log_every == 0 or self.step == config.steps:
-                self.history.append({"kind": "train", "step": self.step, "loss": losses.total.item(),
-                                     "ar": losses.ar.item(), "diffusion": losses.diffusion.item(), "lr": lr,
+                logged = {("loss" if k == "total" else k): v.item() for k, v in losses.items()}
+                self.history.append({"kind": "train", "step": self.step, **logged, "lr": lr,
                                      "grad_norm": float(grad_norm),
                                      "seconds": round(time.perf_counter() - started, 2)})
-                bar.set_postfix(loss=f"{losses.total.item():.3f}", lr=f"{lr:.2e}")
+                bar.set_postfix(loss=f"{logged['loss']:.3f}", lr=f"{lr:.2e}")
             if self.step % config.eval_every == 0 or self.step == config.steps:
-                result = evaluate(model, self.eval_batches, config.alpha)
-                self.history.append({"kind": "eval", "step": self.step, **result})
-                bar.write(f"step {self.step}: held-out AR loss {result['ar']:.4f}, "
-                          f"diffusion loss {result['diffusion']:.4f}")
+                self._log_eval(bar)
             if self.step % config.save_every == 0 or self.step in (config.steps, last):
                 self.save()
         bar.close()
         return self.history
+
+    def _log_eval(self, bar) -> None:
+        result = self.evaluate()
+        self.history.append({"kind": "eval", "step": self.step, **result})
+        drafts = result.get("drafts")
+        bar.write(f"step {self.step}: held-out AR loss {result['ar']:.4f}, diffusion loss {result['diffusion']:.4f}"
+                  + (f", draft acceptance {drafts['accept'][:4]}, tokens/step {drafts['tokens_per_step']}"
+                     if drafts else ""))

@@ -1,0 +1,135 @@
+"""Self-distillation for the diffusion half (docs/design.md §2): rollouts, their loss, and a
+draft-acceptance estimate.
+
+Verification accepts a draft when it equals the model's own greedy (AR) choice, so the draft
+targets that pay are the model's greedy continuations, not the data. A rollout is a prompt
+window of the training split (never the held-out split) continued greedily by the model in AR
+mode (`DecodeEngine(backend, None, draft_len=0)`, batched, never stopping at eos) to the
+training length S. Rollout rows train the diffusion half on the continuation positions only,
+optionally with a down-weighted AR loss there; the AR half keeps learning from real data
+(docs/design.md §2: pure self-generated data raises acceptance but hurts the AR model).
+
+Rollouts are cached on disk (one file per generation of the pool), so a resumed run reads
+them instead of generating them again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from tidar.runtime.backend import TorchBackend
+from tidar.runtime.generate import DecodeEngine, Request
+from tidar.runtime.model import TiDARModel
+
+from .objective import Losses
+
+
+@dataclass
+class Rollouts:
+    """Rows of prompt + the model's greedy continuation."""
+
+    tokens: torch.Tensor
+    """[N, S] int64."""
+    prompt_len: int
+    """Tokens of each row that are data; the rest, S - prompt_len, are the model's own."""
+
+
+def prompt_windows(stream: torch.Tensor, count: int, prompt_len: int, seed: int) -> torch.Tensor:
+    """`count` random windows [count, prompt_len] of a token stream (a pure function of seed)."""
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, stream.numel() - prompt_len, (count,), generator=generator)
+    return torch.stack([stream[s: s + prompt_len] for s in starts.tolist()]).long()
+
+
+def spaced_windows(stream: torch.Tensor, count: int, prompt_len: int) -> torch.Tensor:
+    """`count` evenly spaced windows (for a fixed evaluation set)."""
+    stride = max((stream.numel() - prompt_len) // max(count, 1), 1)
+    starts = [min(i * stride, stream.numel() - prompt_len) for i in range(count)]
+    return torch.stack([stream[s: s + prompt_len] for s in starts]).long()
+
+
+def greedy_rollouts(model: TiDARModel, prompts: torch.Tensor, new_tokens: int, batch_size: int) -> Rollouts:
+    """Continue each prompt greedily for exactly `new_tokens` tokens with the runtime in AR mode."""
+    was_training = model.training
+    model.eval()
+    engine = DecodeEngine(TorchBackend(model), None, draft_len=0)
+    rows = []
+    try:
+        for start in range(0, prompts.shape[0], batch_size):
+            chunk = prompts[start: start + batch_size].tolist()
+            results = engine.generate([Request(p, new_tokens, eos_ids=()) for p in chunk])
+            rows.extend(r.prompt_ids + r.token_ids for r in results)
+    finally:
+        model.train(was_training)
+    return Rollouts(torch.tensor(rows, dtype=torch.long), prompts.shape[1])
+
+
+def cached(path: Path, make: Callable[[], Rollouts]) -> Rollouts:
+    """The rollouts stored at `path`, else `make()` written there atomically."""
+    if path.is_file():
+        saved = torch.load(path, weights_only=True)
+        return Rollouts(saved["tokens"].long(), int(saved["prompt_len"]))
+    rollouts = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"tokens": rollouts.tokens.to(torch.int32), "prompt_len": rollouts.prompt_len}, tmp)
+    tmp.replace(path)
+    return rollouts
+
+
+def rollout_losses(logits: torch.Tensor, tokens: torch.Tensor, prompt_len: int, alpha: float,
+                   ar_weight: float) -> Losses:
+    """Losses of rollout rows on their continuation (positions >= prompt_len) only: diffusion
+    (mask i predicts x_i) and AR (x_{i-1} predicts x_i). total = (ar_weight * AR + diffusion) /
+    (1 + alpha), the weighting of a real row with alpha replaced by ar_weight."""
+    seq_len, vocab = tokens.shape[1], logits.shape[-1]
+    ar = F.cross_entropy(logits[:, prompt_len - 1: seq_len - 1].reshape(-1, vocab).float(),
+                         tokens[:, prompt_len:].reshape(-1))
+    diffusion = F.cross_entropy(logits[:, seq_len + prompt_len:].reshape(-1, vocab).float(),
+                                tokens[:, prompt_len:].reshape(-1))
+    return Losses((ar_weight * ar + diffusion) / (1.0 + alpha), ar, diffusion)
+
+
+@torch.no_grad()
+def draft_acceptance(model: TiDARModel, rollouts: Rollouts, batch_size: int) -> dict:
+    """Greedy acceptance of the diffusion drafts along rollouts, from one full-mask forward.
+
+    For each block of b masks starting at a multiple p of b inside the continuation, the draft
+    d_j (mask j, j >= 1) is accepted when it equals x_{p+j} and x_{p+j} is the model's AR choice
+    there (so the trajectory is its own greedy one); acceptance stops at the first refusal, as
+    in verification (SPEC §3). Blocks whose d_0 = x_p is not the AR choice do not count. Returns
+    the share of blocks accepting at least j drafts (j = 1..b-1) and 1 + the mean accepted
+    count (tokens per decode step at draft length b, prefill aside)."""
+    from .objective import full_mask_inputs
+
+    was_training = model.training
+    model.eval()
+    b, prompt_len = model.config.block_size, rollouts.prompt_len
+    seq_len = rollouts.tokens.shape[1]
+    first = -(-prompt_len // b) * b
+    counts: list[torch.Tensor] = []
+    try:
+        for start in range(0, rollouts.tokens.shape[0], batch_size):
+            tokens = rollouts.tokens[start: start + batch_size]
+            inputs, layout = full_mask_inputs(tokens, model.config.mask_token_id, b)
+            choice = model(inputs, layout).argmax(-1)
+            ar_ok = torch.zeros_like(tokens, dtype=torch.bool)
+            ar_ok[:, 1:] = choice[:, : seq_len - 1] == tokens[:, 1:]  # x_i is the AR choice after x_<i
+            draft_ok = (choice[:, seq_len:] == tokens) & ar_ok
+            for p in range(first, seq_len - b + 1, b):
+                usable = ar_ok[:, p]
+                leading = torch.cumprod(draft_ok[:, p + 1: p + b].long(), dim=1).sum(1)
+                counts.append(leading[usable])
+    finally:
+        model.train(was_training)
+    accepted = torch.cat(counts) if counts else torch.zeros(0, dtype=torch.long)
+    if accepted.numel() == 0:
+        return {"blocks": 0, "accept": [0.0] * (b - 1), "tokens_per_step": 1.0}
+    return {"blocks": int(accepted.numel()),
+            "accept": [round(float((accepted >= j).float().mean()), 4) for j in range(1, b)],
+            "tokens_per_step": round(1.0 + float(accepted.float().mean()), 4)}
