@@ -96,38 +96,45 @@ def rollout_losses(logits: torch.Tensor, tokens: torch.Tensor, prompt_len: int, 
 
 
 @torch.no_grad()
-def draft_acceptance(model: TiDARModel, rollouts: Rollouts, batch_size: int) -> dict:
-    """Greedy acceptance of the diffusion drafts along rollouts, from one full-mask forward.
+def accepted_drafts(model: TiDARModel, tokens: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """[N, blocks] drafts greedy verification accepts along rollouts `tokens`, from one full-mask
+    forward; -1 where a block does not count.
 
-    For each block of b masks starting at a multiple p of b inside the continuation, the draft
-    d_j (mask j, j >= 1) is accepted when it equals x_{p+j} and x_{p+j} is the model's AR choice
-    there (so the trajectory is its own greedy one); acceptance stops at the first refusal, as
-    in verification (SPEC §3). Blocks whose d_0 = x_p is not the AR choice do not count. Returns
-    the share of blocks accepting at least j drafts (j = 1..b-1) and 1 + the mean accepted
-    count (tokens per decode step at draft length b, prefill aside)."""
+    Block k covers positions p = q + k b .. p + b - 1, q the first multiple of b at or after
+    `prompt_len`: it sees x_<p, like the block a decode step drafts from when x_<p is committed.
+    Its draft d_j (mask j, j >= 1) is accepted when it equals x_{p+j} and x_{p+j} is the model's
+    AR choice there (so the trajectory is the model's own greedy one); acceptance stops at the
+    first refusal, as in verification (SPEC §3). A block whose d_0 = x_p is not the AR choice
+    does not count (the model's greedy path leaves the rollout there)."""
     from .objective import full_mask_inputs
 
     was_training = model.training
     model.eval()
-    b, prompt_len = model.config.block_size, rollouts.prompt_len
-    seq_len = rollouts.tokens.shape[1]
+    b, seq_len = model.config.block_size, tokens.shape[1]
     first = -(-prompt_len // b) * b
-    counts: list[torch.Tensor] = []
     try:
-        for start in range(0, rollouts.tokens.shape[0], batch_size):
-            tokens = rollouts.tokens[start: start + batch_size]
-            inputs, layout = full_mask_inputs(tokens, model.config.mask_token_id, b)
-            choice = model(inputs, layout).argmax(-1)
-            ar_ok = torch.zeros_like(tokens, dtype=torch.bool)
-            ar_ok[:, 1:] = choice[:, : seq_len - 1] == tokens[:, 1:]  # x_i is the AR choice after x_<i
-            draft_ok = (choice[:, seq_len:] == tokens) & ar_ok
-            for p in range(first, seq_len - b + 1, b):
-                usable = ar_ok[:, p]
-                leading = torch.cumprod(draft_ok[:, p + 1: p + b].long(), dim=1).sum(1)
-                counts.append(leading[usable])
+        inputs, layout = full_mask_inputs(tokens, model.config.mask_token_id, b)
+        choice = model(inputs, layout).argmax(-1)
     finally:
         model.train(was_training)
-    accepted = torch.cat(counts) if counts else torch.zeros(0, dtype=torch.long)
+    ar_ok = torch.zeros_like(tokens, dtype=torch.bool)
+    ar_ok[:, 1:] = choice[:, : seq_len - 1] == tokens[:, 1:]  # x_i is the AR choice after x_<i
+    draft_ok = (choice[:, seq_len:] == tokens) & ar_ok
+    blocks = []
+    for p in range(first, seq_len - b + 1, b):
+        leading = torch.cumprod(draft_ok[:, p + 1: p + b].long(), dim=1).sum(1)
+        blocks.append(torch.where(ar_ok[:, p], leading, torch.full_like(leading, -1)))
+    return torch.stack(blocks, 1) if blocks else torch.zeros(tokens.shape[0], 0, dtype=torch.long)
+
+
+def draft_acceptance(model: TiDARModel, rollouts: Rollouts, batch_size: int) -> dict:
+    """Acceptance estimate over rollouts (`accepted_drafts`): the share of counted blocks that
+    accept at least j drafts (j = 1..b-1) and 1 + the mean accepted count, the tokens per
+    decode step at draft length b (prefill aside)."""
+    b = model.config.block_size
+    counts = torch.cat([accepted_drafts(model, rollouts.tokens[i: i + batch_size], rollouts.prompt_len).flatten()
+                        for i in range(0, rollouts.tokens.shape[0], batch_size)])
+    accepted = counts[counts >= 0]
     if accepted.numel() == 0:
         return {"blocks": 0, "accept": [0.0] * (b - 1), "tokens_per_step": 1.0}
     return {"blocks": int(accepted.numel()),

@@ -1,0 +1,126 @@
+"""Self-distillation (train/distill.py, `tidar train --self-distill`): rollouts are the model's
+own greedy continuations (transformers' greedy is the oracle) of training-split prompts, their
+loss covers the continuation only, a mixed batch's loss is the mean of its rows' losses, the
+acceptance estimate is what the runtime's verification accepts, a resumed run reads its cached
+rollouts, and a few steps raise the acceptance the runtime measures."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from tidar.runtime.backend import TorchBackend
+from tidar.runtime.checkpoint import load_model
+from tidar.runtime.generate import DecodeEngine, Request
+from tidar.train import distill
+from tidar.train.distill import accepted_drafts, greedy_rollouts, rollout_losses
+from tidar.train.objective import full_mask_inputs, full_mask_loss
+from tidar.train.trainer import Trainer, TrainConfig
+
+from test_train import SMALL, corpus
+
+DISTILL = dict(SMALL, self_distill=0.5, rollout_count=8, rollout_prompt_len=8, rollout_eval=4, rollout_batch=4)
+
+
+def test_rollouts_are_transformers_greedy(tiny_checkpoints):
+    path = tiny_checkpoints["qwen2"]
+    model = load_model(path, dtype="float32")
+    prompts = torch.randint(3, model.config.vocab_size, (3, 7))
+    rollouts = greedy_rollouts(model, prompts, 12, batch_size=2)  # two generation batches
+    assert rollouts.tokens.shape == (3, 19) and rollouts.prompt_len == 7
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    config = copy.deepcopy(hf.generation_config)
+    config.eos_token_id, config.pad_token_id, config.do_sample, config.max_new_tokens = None, 1, False, 12
+    for prompt, row in zip(prompts, rollouts.tokens):
+        ids = prompt[None]
+        reference = hf.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
+        assert row.tolist() == reference[0].tolist()
+
+
+def test_rollout_loss_covers_the_continuation_only():
+    """S = 4, prompt 2, vocab 3: every cross-entropy written out; prompt positions carry no loss."""
+    tokens = torch.tensor([[0, 2, 1, 2]])
+    logits = torch.randn(1, 8, 3)
+
+    def ce(row: torch.Tensor, label: int) -> float:
+        return -(row[label] - torch.logsumexp(row, 0)).item()
+
+    ar = (ce(logits[0, 1], 1) + ce(logits[0, 2], 2)) / 2  # x_1 predicts x_2, x_2 predicts x_3
+    diff = (ce(logits[0, 6], 1) + ce(logits[0, 7], 2)) / 2  # masks 2 and 3 predict x_2 and x_3
+    losses = rollout_losses(logits, tokens, prompt_len=2, alpha=1.0, ar_weight=0.25)
+    assert losses.ar.item() == pytest.approx(ar, rel=1e-6)
+    assert losses.diffusion.item() == pytest.approx(diff, rel=1e-6)
+    assert losses.total.item() == pytest.approx((0.25 * ar + diff) / 2.0, rel=1e-6)
+
+
+def test_mixed_batch_is_the_mean_of_its_rows_and_prompts_come_from_the_training_split(tmp_path):
+    trainer = Trainer(TrainConfig(files=corpus(tmp_path), out=str(tmp_path / "out"), steps=4, **DISTILL))
+    real, rollouts = trainer.batch(0)
+    assert real.shape == (2, 16) and rollouts.shape == (2, 16)
+    losses = trainer.losses(real, rollouts)
+    with torch.no_grad():  # separate forwards: rows are independent
+        data = full_mask_loss(trainer.model, real, 1.0)
+        inputs, layout = full_mask_inputs(rollouts, 2, 4)
+        mine = rollout_losses(trainer.model(inputs, layout), rollouts, 8, 1.0, 0.0)
+    torch.testing.assert_close(losses["total"], (data.total + mine.total) / 2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses["rollout_diffusion"], mine.diffusion, rtol=1e-5, atol=1e-6)
+
+    def windows(stream: torch.Tensor) -> set[tuple[int, ...]]:
+        return {tuple(w) for w in stream.long().unfold(0, 8, 1).tolist()}
+
+    pool = trainer._pool("train").tokens
+    train_windows, heldout_windows = windows(trainer.train_batches.stream), windows(trainer.heldout_stream)
+    assert all(tuple(row[:8].tolist()) in train_windows for row in pool)
+    assert all(tuple(row[:8].tolist()) in heldout_windows for row in trainer._pool("heldout").tokens)
+
+
+def test_resume_reads_the_cached_rollouts_and_continues_exactly(tmp_path, monkeypatch):
+    files = corpus(tmp_path)
+    straight = Trainer(TrainConfig(files=files, out=str(tmp_path / "a"), steps=6, **DISTILL))
+    straight.run(progress=False)
+    halted = Trainer(TrainConfig(files=files, out=str(tmp_path / "b"), steps=6, **DISTILL))
+    halted.run(progress=False, until=4)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a resumed run generated rollouts again")
+
+    monkeypatch.setattr(distill, "greedy_rollouts", refuse)
+    monkeypatch.setattr("tidar.train.trainer.greedy_rollouts", refuse)
+    resumed = Trainer(TrainConfig(files=files, out=str(tmp_path / "b"), steps=6, **DISTILL), resume=True)
+    resumed.run(progress=False)
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert sorted(p.name for p in (tmp_path / "b" / "rollouts").iterdir()) == ["heldout-000.pt", "train-000.pt"]
+
+
+def test_distillation_raises_acceptance_and_the_estimate_is_the_runtimes(tmp_path):
+    """Pure self-distillation on a small pool: the runtime's T/NFE on the pool's prompts rises,
+    and on fresh greedy rollouts the estimate's first block equals the drafts the runtime's
+    first verification step accepts."""
+    config = dict(DISTILL, self_distill=1.0, steps=30, lr=3e-2, warmup_steps=2, eval_every=30, save_every=30)
+    trainer = Trainer(TrainConfig(files=corpus(tmp_path), out=str(tmp_path / "out"), **config))
+    prompts = trainer._pool("train").tokens[:, :8]
+
+    def tokens_per_forward() -> float:
+        trainer.model.eval()
+        results = DecodeEngine(TorchBackend(trainer.model), draft_len=4).generate(
+            [Request(p.tolist(), 8, eos_ids=()) for p in prompts])
+        trainer.model.train()
+        return sum(len(r.token_ids) for r in results) / sum(r.stats.forward_passes for r in results)
+
+    before = tokens_per_forward()
+    trainer.run(progress=False)
+    after = tokens_per_forward()
+    assert after > before + 0.5, (before, after)
+
+    fresh = greedy_rollouts(trainer.model, prompts, 8, batch_size=8)
+    estimate = accepted_drafts(trainer.model, fresh.tokens, 8)[:, 0]
+    trainer.model.eval()
+    engine = DecodeEngine(TorchBackend(trainer.model), draft_len=4)
+    engine.add([Request(p.tolist(), 8, eos_ids=()) for p in prompts])
+    first_step = [delta.stats.accepted_tokens for delta in engine.step()]
+    assert estimate.tolist() == first_step
+    assert sum(first_step) > 0
