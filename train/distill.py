@@ -114,7 +114,7 @@ def accepted_drafts(model: TiDARModel, tokens: torch.Tensor, prompt_len: int) ->
     first = -(-prompt_len // b) * b
     try:
         inputs, layout = full_mask_inputs(tokens, model.config.mask_token_id, b)
-        choice = model(inputs, layout).argmax(-1)
+        choice = model(inputs.to(model.device), layout).argmax(-1).cpu()
     finally:
         model.train(was_training)
     ar_ok = torch.zeros_like(tokens, dtype=torch.bool)

@@ -37,6 +37,7 @@ from tidar.runtime.config import TiDARConfig
 from tidar.runtime.model import TiDARModel
 
 from .checkpoint import EOS_TOKEN, MASK_TOKEN, PAD_TOKEN, save_checkpoint, save_tokenizer, train_tokenizer
+from .distributed import join
 from .data import Batches, expand_globs, split_files, token_stream
 from .distill import Rollouts, cached, draft_acceptance, greedy_rollouts, prompt_windows, rollout_losses, spaced_windows
 from .objective import full_mask_inputs, full_mask_loss, losses_from_logits
@@ -205,7 +206,7 @@ def evaluate(model: TiDARModel, batches: list[torch.Tensor], alpha: float) -> di
     model.eval()
     ar = diffusion = 0.0
     for batch in batches:
-        losses = full_mask_loss(model, batch, alpha)
+        losses = full_mask_loss(model, batch.to(model.device), alpha)
         ar += float(losses.ar)
         diffusion += float(losses.diffusion)
     model.train()
@@ -225,6 +226,11 @@ class Trainer:
             raise ValueError(f"rollout_prompt_len {config.rollout_prompt_len} must be in (0, seq_len "
                              f"{config.seq_len}): the model continues the prompt to seq_len tokens")
         self.real_rows = config.batch_size - self.rollout_rows
+        self.group = join()  # data-parallel under torchrun (train/distributed.py), else one process
+        if self.real_rows % self.group.world or self.rollout_rows % self.group.world:
+            raise ValueError(f"batch_size {config.batch_size} ({self.real_rows} real rows, {self.rollout_rows} "
+                             f"rollout rows) does not split evenly over {self.group.world} ranks")
+        self.device = self.group.device()
         if config.threads:
             torch.set_num_threads(config.threads)
         self.config = config
@@ -256,6 +262,7 @@ class Trainer:
         self.split = {"train_files": len(train_files), "heldout_files": len(heldout_files),
                       "train_tokens": int(self.train_batches.stream.numel()),
                       "heldout_tokens": int(heldout.stream.numel())}
+        self.model.to(self.device)
         decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2]
         no_decay = [p for n, p in self.model.named_parameters() if p.dim() < 2]
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
@@ -264,7 +271,7 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
         if resume:
-            state = torch.load(state_file, weights_only=True)
+            state = torch.load(state_file, weights_only=True, map_location=self.device)
             self.model.load_state_dict(state["model"])
             if self.model.config.tie_word_embeddings:
                 self.model.lm_head.weight = self.model.model.embed_tokens.weight
@@ -275,8 +282,14 @@ class Trainer:
             saved = json.loads((self.out / "train_config.json").read_text())
             changed = {k: v for k, v in dataclasses.asdict(config).items() if saved.get(k) != v}
             self.history.append({"kind": "resume", "step": self.step, "changed": changed})
-        else:
+        elif self.group.main:
             (self.out / "train_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+        self.forward_model = self.model
+        if self.group.active:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.forward_model = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     # ------------------------------------------------------------------ self-distillation
     def _generation(self) -> int:
@@ -284,7 +297,8 @@ class Trainer:
 
     def _pool(self, split: str) -> Rollouts:
         """This step's rollout pool of `split` ("train" or "heldout"), generated once per
-        generation with the model as it is then, or read from OUT/rollouts/."""
+        generation with the model as it is then, or read from OUT/rollouts/. Under DDP rank 0
+        generates the training pool and the other ranks read it (only rank 0 evaluates)."""
         config, generation = self.config, self._generation()
         if split in self._pools and self._pools[split][0] == generation:
             return self._pools[split][1]
@@ -295,9 +309,13 @@ class Trainer:
             prompts = spaced_windows(self.heldout_stream, config.rollout_eval, config.rollout_prompt_len)
         path = self.out / "rollouts" / f"{split}-{generation:03d}.pt"
         started = time.perf_counter()
+        if split == "train" and not self.group.main:
+            self.group.barrier()  # rank 0 writes the pool
         made = not path.is_file()
         pool = cached(path, lambda: greedy_rollouts(self.model, prompts, config.seq_len - config.rollout_prompt_len,
                                                     config.rollout_batch))
+        if split == "train" and self.group.main:
+            self.group.barrier()
         if made:
             self.history.append({"kind": "rollouts", "step": self.step, "split": split, "generation": generation,
                                  "rows": int(pool.tokens.shape[0]),
@@ -306,23 +324,25 @@ class Trainer:
         return pool
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(real rows, rollout rows or None) of `step`: a pure function of seed, step and the pool."""
-        real = self.train_batches.at_step(step)[: self.real_rows]
+        """This rank's (real rows, rollout rows or None) of `step`, on its device: its share of the
+        global batch, a pure function of seed, step and the pool."""
+        real = self.group.share(self.train_batches.at_step(step)[: self.real_rows], "real rows").to(self.device)
         if not self.rollout_rows:
             return real, None
         pool = self._pool("train").tokens
         generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step + 7_919)
-        return real, pool[torch.randint(0, pool.shape[0], (self.rollout_rows,), generator=generator)]
+        rows = pool[torch.randint(0, pool.shape[0], (self.rollout_rows,), generator=generator)]
+        return real, self.group.share(rows, "rollout rows").to(self.device)
 
     def losses(self, real: torch.Tensor, rollouts: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """One forward over real and rollout rows; total = mean over rows of each row's loss."""
-        config, model = self.config, self.model
+        config, model_config = self.config, self.model.config
+        tokens = real if rollouts is None else torch.cat([real, rollouts])
+        inputs, layout = full_mask_inputs(tokens, model_config.mask_token_id, model_config.block_size)
+        logits = self.forward_model(inputs, layout)
         if rollouts is None:
-            losses = full_mask_loss(model, real, config.alpha)
+            losses = losses_from_logits(logits, real, config.alpha)
             return {"total": losses.total, "ar": losses.ar, "diffusion": losses.diffusion}
-        tokens = torch.cat([real, rollouts])
-        inputs, layout = full_mask_inputs(tokens, model.config.mask_token_id, model.config.block_size)
-        logits = model(inputs, layout)
         rows = real.shape[0]
         mine = rollout_losses(logits[rows:], rollouts, config.rollout_prompt_len, config.alpha,
                               config.rollout_ar_weight)
@@ -342,10 +362,13 @@ class Trainer:
         return result
 
     def save(self) -> None:
-        """Write the loadable checkpoint and the resumable state (each file replaced atomically)."""
+        """Write the loadable checkpoint and the resumable state (each file replaced atomically);
+        rank 0 only."""
         config = self.config
+        if not self.group.main:
+            return
         saved = TiDARModel(dataclasses.replace(self.model.config, torch_dtype=config.save_dtype))
-        saved.load_state_dict(self.model.state_dict())
+        saved.load_state_dict({k: v.cpu() for k, v in self.model.state_dict().items()})
         saved.to(getattr(torch, config.save_dtype))
         save_checkpoint(saved, self.out)
         source_config = Path(config.init_from) / "tokenizer_config.json" if config.init_from else None
@@ -372,7 +395,8 @@ class Trainer:
 
         config, model = self.config, self.model
         model.train()
-        bar = tqdm(total=config.steps, initial=self.step, disable=not progress, unit="step", dynamic_ncols=True)
+        bar = tqdm(total=config.steps, initial=self.step, disable=not progress or not self.group.main, unit="step",
+                   dynamic_ncols=True)
         started = time.perf_counter()
         last = min(config.steps, until) if until is not None else config.steps
         if self.step == 0 and (config.init_from or self.rollout_rows) and self.step < last:
@@ -389,7 +413,7 @@ class Trainer:
             self.step += 1
             bar.update(1)
             if self.step % config.log_every == 0 or self.step == config.steps:
-                logged = {("loss" if k == "total" else k): v.item() for k, v in losses.items()}
+                logged = {("loss" if k == "total" else k): v for k, v in self.group.mean(losses).items()}
                 self.history.append({"kind": "train", "step": self.step, **logged, "lr": lr,
                                      "grad_norm": float(grad_norm),
                                      "seconds": round(time.perf_counter() - started, 2)})
@@ -402,9 +426,14 @@ class Trainer:
         return self.history
 
     def _log_eval(self, bar) -> None:
+        """Rank 0 evaluates; the others wait."""
+        if not self.group.main:
+            self.group.barrier()
+            return
         result = self.evaluate()
         self.history.append({"kind": "eval", "step": self.step, **result})
         drafts = result.get("drafts")
         bar.write(f"step {self.step}: held-out AR loss {result['ar']:.4f}, diffusion loss {result['diffusion']:.4f}"
                   + (f", draft acceptance {drafts['accept'][:4]}, tokens/step {drafts['tokens_per_step']}"
                      if drafts else ""))
+        self.group.barrier()
