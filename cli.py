@@ -4,7 +4,7 @@
                    [--temperature T] [--top-p P] [--top-k K] [--seed S] [--stop S ...]
                    [--backend NAME] [--attention IMPL] [--dtype D] [--beta X] [--json]
     tidar init OUT [--family qwen2|qwen3|llama] [--block-size B] [--seed S]
-    tidar train --files GLOB [GLOB ...] --out OUT [--init-from CHECKPOINT] [--steps N] ... [--resume]
+    tidar train --files GLOB [GLOB ...] --out OUT [--init-from CHECKPOINT] [--steps N] [--self-distill F] ... [--resume]
     tidar serve REPO [--grpc-port P] [--http-port P] [--metrics-port P] [--max-restarts N] [-- COMMAND ...]
     tidar client [--url HOST:PORT] [--max-tokens N] [--no-stream] TEXT
 
@@ -290,7 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a TiDAR model with the full-mask objective",
                            description="Train (or convert an AR checkpoint into) a TiDAR model with the full-mask "
                                        "objective on plain-text files; resumable, with held-out AR and diffusion "
-                                       "losses and a loss-curve PNG in the output folder.")
+                                       "losses and a loss-curve PNG in the output folder. --self-distill F trains "
+                                       "the drafts on the model's own greedy rollouts (a share F of each batch); "
+                                       "under torchrun it trains data-parallel (DDP).")
     _add_train_options(train)
     train.set_defaults(run=_train)
 
