@@ -124,3 +124,16 @@ def test_distillation_raises_acceptance_and_the_estimate_is_the_runtimes(tmp_pat
     first_step = [delta.stats.accepted_tokens for delta in engine.step()]
     assert estimate.tolist() == first_step
     assert sum(first_step) > 0
+
+
+def test_heldout_evaluation_of_a_saved_checkpoint_is_the_trainers(tmp_path):
+    from tidar.train.heldout import heldout_losses
+
+    settings = dict(DISTILL, steps=2, eval_every=2, save_every=2, save_dtype="float32")
+    trainer = Trainer(TrainConfig(files=corpus(tmp_path), out=str(tmp_path / "out"), **settings))
+    final = trainer.run(progress=False)[-1]
+    assert final["kind"] == "eval" and final["step"] == 2
+    result = heldout_losses(tmp_path / "out", batches=2, batch_size=4, rollouts=4, prompt_len=8)
+    assert result["ar"] == pytest.approx(final["ar"], rel=1e-5)
+    assert result["diffusion"] == pytest.approx(final["diffusion"], rel=1e-5)
+    assert result["drafts"] == final["drafts"]
