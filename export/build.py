@@ -80,7 +80,8 @@ ONNX_GRAPHS = {"standard": "onnx/decode_step.onnx", "plugin": "onnx/decode_step_
 ONNX_WEIGHTS = "onnx/decode_step.weights"
 """The external-data file both ONNX graphs read their weights from."""
 ONNX_DTYPE = "float32"  # ONNX Runtime's CPU provider has no bfloat16 kernels; the graphs are the fp32 reference
-VERSIONED_PACKAGES = ("torch", "safetensors", "tokenizers", "onnx", "onnxruntime", "onnxscript", "tensorrt_llm")
+VERSIONED_PACKAGES = ("torch", "safetensors", "tokenizers", "onnx", "onnxruntime", "onnxscript", "triton", "tensorrt",
+                      "tensorrt_llm")
 
 # The engine (TensorRT-LLM 1.2.x, the last release with the `trtllm-build` engine flow).
 TRTLLM_MODEL_CLASS = "TiDARForCausalLM"
@@ -202,7 +203,9 @@ def engine_unavailable_reason() -> str | None:
 
     if not torch.cuda.is_available():
         return "no CUDA device: building a TensorRT-LLM engine needs a GPU"
-    return None
+    from tidar.plugins.contract import engine_triton_problem
+
+    return engine_triton_problem()
 
 
 def tensorrt_unavailable_reason() -> str | None:

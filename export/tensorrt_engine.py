@@ -55,7 +55,9 @@ def unavailable_reason() -> str | None:
         return f"{PLUGIN_MODULE} cannot be found: {exc}"
     if not torch.cuda.is_available():
         return "no CUDA device: building a TensorRT engine needs a GPU"
-    return None
+    from tidar.plugins.contract import engine_triton_problem
+
+    return engine_triton_problem()
 
 
 def optimization_profile(config: TiDARConfig, draft_len: int,
@@ -66,6 +68,14 @@ def optimization_profile(config: TiDARConfig, draft_len: int,
     if missing:
         raise ValueError(f"profile and graph inputs disagree on {sorted(missing)}")
     return shapes
+
+
+def network_flags(trt) -> int:
+    """create_network's flags: a strongly typed network, so every layer computes in the dtype the
+    graph gives it (TensorRT 10.12 deprecated the builder's precision flags for this), and the
+    ahead-of-time implementation of Python plugins that have both (the nodes' aot=1 says so too)."""
+    flags = trt.NetworkDefinitionCreationFlag
+    return (1 << int(flags.STRONGLY_TYPED)) | (1 << int(flags.PREFER_AOT_PYTHON_PLUGINS))
 
 
 def annotate_plugin_nodes(graph) -> int:
@@ -97,7 +107,7 @@ def build_tensorrt_engine(onnx_path: str | Path, engine_path: str | Path, config
         raise TensorRTEngineError(f"{onnx_path}: expected one {PLUGIN_DOMAIN}::{PLUGIN_OP} node per layer")
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)
+    network = builder.create_network(network_flags(trt))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(graph.SerializeToString(), str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -116,4 +126,5 @@ def build_tensorrt_engine(onnx_path: str | Path, engine_path: str | Path, config
     engine_path.write_bytes(bytes(serialized))
     ranges = dimension_ranges(config, draft_len, max_batch_size)
     return {"tensorrt": trt.__version__, "source": onnx_path.name, "draft_len": draft_len,
-            "profile": {dim: list(value.as_tuple()) for dim, value in ranges.items()}}
+            "profile": {dim: list(value.as_tuple()) for dim, value in ranges.items()},
+            "kernels": plugins.compiled_kernels()}  # PTX ISA version, tiles, Triton version of each kernel

@@ -27,7 +27,9 @@ compile-time constants of `launch_config`. The grid and argument helpers only us
 
 from __future__ import annotations
 
+import importlib.metadata
 import math
+import re
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -49,6 +51,18 @@ KERNEL_INT_ARGS = (
 )
 
 Shape = Sequence["int | None"]
+
+# What TensorRT's ahead-of-time launch gives the kernel (tensorrt/plugin/_lib.py: extra args go
+# "after the tensor inputs and before the tensor outputs"; nothing else is passed).
+AOT_PARAMS = len(INPUTS) + len(KERNEL_INT_ARGS) + 1
+"""Parameters TensorRT passes: the inputs, the int32 arguments, the output."""
+MAX_SHARED_BYTES = 48 * 1024
+"""Shared memory a kernel may use without the opt-in (cuFuncSetAttribute) that Triton's own
+launcher makes and TensorRT's ahead-of-time launch does not document."""
+ENGINE_TRITON = "3.5"
+"""The Triton release engine kernels are compiled with: TensorRT-LLM 1.2.x pins triton==3.5.0
+(its requirements.txt). Its PTX (ISA 8.7, CUDA 12.8) loads on the drivers of that stack; 3.9
+writes ISA 9.4 (CUDA 13.4), and 3.2 lacks ASTSource(constexprs=)."""
 
 
 # ---------------------------------------------------------------- attributes
@@ -154,7 +168,7 @@ def _pow2_at_least(value: int, floor: int = 16) -> int:
 
 
 def launch_config(head_dim: int, dtype: str, num_new: int | None = None, block_m: int | None = None,
-                  block_n: int | None = None) -> LaunchConfig:
+                  block_n: int | None = None, num_stages: int | None = None, num_warps: int = 4) -> LaunchConfig:
     """Tile sizes for a head width and activation dtype. `num_new` (when known, as in the torch
     launcher) shrinks the query tile for short query runs (AR and small-draft decode steps); the
     ahead-of-time kernel, compiled for any number of new tokens, leaves it None. `block_m` and
@@ -175,7 +189,24 @@ def launch_config(head_dim: int, dtype: str, num_new: int | None = None, block_m
     for name, value in (("block_m", block_m), ("block_n", block_n)):
         if value < 16 or value & (value - 1):
             raise ValueError(f"{name}={value} must be a power of two >= 16")
-    return LaunchConfig(block_m, block_n, block_d, num_warps=4, num_stages=1 if dtype == "float32" else 2)
+    if num_stages is None:
+        num_stages = 1 if dtype == "float32" else 2
+    return LaunchConfig(block_m, block_n, block_d, num_warps=num_warps, num_stages=num_stages)
+
+
+def aot_configs(head_dim: int, dtype: str, num_stages: int) -> list[LaunchConfig]:
+    """Tile sizes for the ahead-of-time kernel, in order of preference: the defaults, then a
+    halved key tile, then halved query and key tiles (down to 16); the first whose compiled kernel
+    fits the shared-memory limit is used (hybrid_attention.aot_kernel). Eight warps from
+    head_dim 128 on: with four, the sm_80 kernel needs more than 255 registers and spills."""
+    warps = 8 if _pow2_at_least(head_dim) >= 128 else 4
+    first = launch_config(head_dim, dtype, num_stages=num_stages, num_warps=warps)
+    found = [first]
+    for block_m, block_n in ((first.block_m, first.block_n // 2), (first.block_m // 2, first.block_n // 2)):
+        if min(block_m, block_n) >= 16:
+            found.append(launch_config(head_dim, dtype, block_m=block_m, block_n=block_n, num_stages=num_stages,
+                                       num_warps=warps))
+    return list(dict.fromkeys(found))
 
 
 def launch_grid(batch, num_heads: int, num_new, block_m: int) -> tuple:
@@ -191,3 +222,40 @@ def contiguous_int_args(num_new, kv_len, num_heads: int, num_kv_heads: int, head
     q_strides = (num_new * (num_heads * head_dim), num_new * head_dim, head_dim)
     kv_strides = (kv_len * (num_kv_heads * head_dim), kv_len * head_dim, head_dim)
     return (num_new, kv_len, num_heads, num_heads // num_kv_heads, *q_strides, *kv_strides, *kv_strides, *q_strides)
+
+
+# ---------------------------------------------------------------- ahead-of-time kernels
+def engine_triton_problem(version: str | None = None) -> str | None:
+    """Why Triton `version` (default: the installed one) cannot compile engine kernels (None: it
+    can), naming both versions."""
+    if version is None:
+        try:
+            version = importlib.metadata.version("triton")
+        except importlib.metadata.PackageNotFoundError:
+            return f"engine kernels need triton {ENGINE_TRITON}.x (pip install 'triton==3.5.0'); triton is not installed"
+    if version.split(".")[:2] != ENGINE_TRITON.split("."):
+        return (f"engine kernels are compiled with triton {ENGINE_TRITON}.x, the version TensorRT-LLM 1.2.x pins "
+                f"(triton==3.5.0); this Python has triton {version} (pip install 'triton==3.5.0')")
+    return None
+
+
+_ENTRY = re.compile(r"\.entry\s+(\w+)\s*\(([^)]*)\)", re.S)
+
+
+def entry_params(ptx: str, count: int = AOT_PARAMS) -> str:
+    """`ptx` with its kernel entry declaring only its first `count` parameters (Triton appends
+    scratch pointers that TensorRT does not pass). Raises ValueError when it declares fewer, or
+    when a parameter to drop is referenced by the body."""
+    match = _ENTRY.search(ptx)
+    if match is None:
+        raise ValueError("no .entry in the PTX")
+    params = [param.strip() for param in match.group(2).split(",") if param.strip()]
+    if len(params) < count:
+        raise ValueError(f"the kernel entry {match.group(1)} declares {len(params)} parameters, fewer than the "
+                         f"{count} TensorRT passes")
+    body = ptx[match.end():]
+    for param in params[count:]:
+        name = param.split()[-1]
+        if re.search(rf"\b{re.escape(name)}\b", body):
+            raise ValueError(f"the kernel reads its extra parameter {name}, which TensorRT does not pass")
+    return ptx[:match.start(2)] + "\n\t" + ",\n\t".join(params[:count]) + "\n" + ptx[match.end(2):]

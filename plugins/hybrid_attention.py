@@ -37,6 +37,8 @@ imported (slow; for tests).
 from __future__ import annotations
 
 import math
+import re
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -90,8 +92,8 @@ def _key_ranges(q_start, num_new, past, kv_len, causal_len, block_len, first_vis
     causal_end = tl.where(has_blocks, tl.maximum(causal_end, sees), causal_end)
     prefix_end = (tl.minimum(past, kv_len) // BLOCK_N) * BLOCK_N
     seen_end = tl.minimum(past + causal_end, kv_len)
-    own_start = tl.maximum(((past + causal_len + first * block_len) // BLOCK_N) * BLOCK_N,
-                           tl.cdiv(seen_end, BLOCK_N) * BLOCK_N)
+    own_start = tl.maximum(tl.maximum(((past + causal_len + first * block_len) // BLOCK_N) * BLOCK_N,
+                                      tl.cdiv(seen_end, BLOCK_N) * BLOCK_N), 0)
     own_end = tl.where(has_blocks, tl.minimum(past + causal_len + (last + 1) * block_len, kv_len), 0)
     return prefix_end, seen_end, own_start, own_end
 
@@ -103,7 +105,7 @@ def _attend_tile(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, start, 
                  UPCAST: tl.constexpr):
     """One step of the online softmax over the key tile at slot `start`."""
     slots = start + offs_n
-    in_cache = slots < kv_len
+    in_cache = (slots >= 0) & (slots < kv_len)  # a lower bound too: never read before the row (bad scalars)
     k = tl.load(k_base + slots[None, :] * stride_kn + offs_d[:, None], mask=in_cache[None, :] & d_ok[:, None],
                 other=0.0)
     if UPCAST:
@@ -376,16 +378,29 @@ def tensor_from_pointer(pointer: int, shape, dtype: str) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- ahead-of-time compilation
-def compile_kernel(dtype: str, index_dtype: str, head_dim: int, scale: float, target=None):
+AOT_NUM_STAGES = 1
+"""The AOT kernel's pipeline stages: with 16-byte vector loads one stage keeps head_dim 128 tiles
+in 32 KiB and needs no spills (two stages double the tiles for no measured gain)."""
+_POINTER_ARGS = ("Q", "K", "V", "Out")
+
+
+def compile_kernel(dtype: str, index_dtype: str, head_dim: int, scale: float, target=None,
+                   config: contract.LaunchConfig | None = None):
     """Compile the kernel for TensorRT's ahead-of-time plugin: activations of `dtype`, past
     lengths and layout scalars of `index_dtype`, all passed by address, then the int32 scalars
     of `contract.KERNEL_INT_ARGS`, then the output; no debug output. `target` is a
-    triton.backends.compiler.GPUTarget (default: the current GPU). Returns (compiled kernel,
-    its LaunchConfig); the kernel's `.asm["ptx"]` and `.metadata` (name, shared) feed the plugin."""
+    triton.backends.compiler.GPUTarget (default: the current GPU); `config` the tiles (default:
+    `contract.launch_config(head_dim, dtype)`). When head_dim is a multiple of 16, pointers and
+    strides carry Triton's divisibility-by-16 hint (what the JIT launcher finds by itself), which
+    gives 16-byte vector loads. That assumes 16-byte aligned buffers: TensorRT documents 256-byte
+    alignment for network I/O tensors (NvInferRuntime.h), not for the activations it hands a
+    plugin; a misaligned vector load faults (it cannot read wrong data). Returns
+    (compiled kernel, its LaunchConfig); the kernel's `.asm["ptx"]` and `.metadata` (name,
+    shared) feed the plugin (through `aot_kernel`)."""
     if INTERPRETED:
         raise RuntimeError("compile_kernel needs the compiled kernel; unset TRITON_INTERPRET and re-import")
     contract.check_dtypes({"query": dtype, "key": dtype, "value": dtype, "past_lens": index_dtype})
-    config = contract.launch_config(head_dim, dtype)
+    config = config or contract.launch_config(head_dim, dtype)
     types = contract.TRITON_TYPES
     signature = {name: f"*{types[dtype]}" for name in ("Q", "K", "V")}
     signature.update({name: f"*{types[index_dtype]}" for name in
@@ -394,6 +409,60 @@ def compile_kernel(dtype: str, index_dtype: str, head_dim: int, scale: float, ta
     signature["Out"] = f"*{types[dtype]}"
     constants = {"TileCounts": None, **kernel_constants(head_dim, dtype, scale, config)}
     signature.update({name: "constexpr" for name in constants})
-    source = triton.compiler.ASTSource(fn=_hybrid_attention_kernel, signature=signature, constexprs=constants)
+    attrs = None
+    if head_dim % 16 == 0:
+        hinted = _POINTER_ARGS + tuple(name for name in contract.KERNEL_INT_ARGS if name.startswith("stride"))
+        names = _hybrid_attention_kernel.arg_names
+        attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in hinted}
+    source = triton.compiler.ASTSource(fn=_hybrid_attention_kernel, signature=signature, constexprs=constants,
+                                       attrs=attrs)
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     return triton.compile(source, target=target, options=options), config
+
+
+@dataclass(frozen=True)
+class AotKernel:
+    """The kernel as TensorRT's ahead-of-time plugin takes it."""
+
+    name: str
+    ptx: str
+    """PTX whose entry has exactly TensorRT's arguments (see `entry_params`)."""
+    shared: int
+    num_warps: int
+    config: contract.LaunchConfig
+    ptx_version: str
+    """The PTX ISA version (`.version`): the driver must support it."""
+
+
+def aot_kernel(dtype: str, index_dtype: str, head_dim: int, scale: float, target=None) -> AotKernel:
+    """The kernel for TensorRT's ahead-of-time plugin, checked for what TensorRT's launch gives it:
+    - built with contract.ENGINE_TRITON (else RuntimeError naming both versions);
+    - no global or profile scratch memory (TensorRT passes no scratch pointers);
+    - at most contract.MAX_SHARED_BYTES of shared memory: the tiles of `contract.aot_configs` are tried in
+      order, and a shape none of them fits is refused (ValueError naming it);
+    - the PTX entry declares exactly the inputs, `KERNEL_INT_ARGS` and the output, the arguments
+      TensorRT passes: Triton's trailing scratch parameters (unused when their sizes are 0) are
+      removed after checking that the body never reads them."""
+    problem = contract.engine_triton_problem(triton.__version__)
+    if problem:
+        raise RuntimeError(problem)
+    tried = []
+    for config in contract.aot_configs(head_dim, dtype, AOT_NUM_STAGES):
+        kernel, config = compile_kernel(dtype, index_dtype, head_dim, scale, target=target, config=config)
+        tried.append(f"{config.block_m}x{config.block_n}: {kernel.metadata.shared} B")
+        if kernel.metadata.shared <= contract.MAX_SHARED_BYTES:
+            break
+    else:
+        arch = getattr(kernel.metadata, "target", target)
+        raise ValueError(f"hybrid_attention for head_dim={head_dim} {dtype} needs more than {contract.MAX_SHARED_BYTES} B "
+                         f"of shared memory on {arch} with every tile size tried ({'; '.join(tried)}); the "
+                         "TensorRT plugin does not support this shape")
+    metadata = kernel.metadata
+    for field in ("global_scratch_size", "profile_scratch_size"):
+        if getattr(metadata, field, 0):
+            raise RuntimeError(f"the compiled kernel needs {field} = {getattr(metadata, field)} bytes, which "
+                               "TensorRT's ahead-of-time plugins do not provide")
+    ptx = contract.entry_params(kernel.asm["ptx"], contract.AOT_PARAMS)
+    version = re.search(r"^\.version\s+(\S+)", ptx, re.M)
+    return AotKernel(metadata.name, ptx, metadata.shared, metadata.num_warps, config,
+                     version.group(1) if version else "unknown")

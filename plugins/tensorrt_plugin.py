@@ -22,8 +22,14 @@ Everything that does not need TensorRT (dtype names, static shapes, the checks, 
 plain Python here and in contract.py, tested without TensorRT.
 
 No `from __future__ import annotations`: TensorRT reads the annotations of the registered
-function as classes.
+functions as classes, and `tensorrt.plugin` refuses an `aot_impl` without its return annotation
+(tests/test_plugins.py runs `register()` through NVIDIA's own package).
+
+`compiled_kernels()` lists the kernels handed to TensorRT in this process (name, PTX ISA version,
+shared memory, tiles, Triton version): what an engine build records in manifest.json.
 """
+
+from typing import Tuple, Union
 
 from . import contract
 
@@ -35,6 +41,7 @@ PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}"
 DTYPE_NAMES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT32": "int32", "INT64": "int64"}
 
 _registered = False
+_compiled: dict[tuple, dict] = {}
 
 
 # ---------------------------------------------------------------- plain Python
@@ -86,15 +93,24 @@ def aot_launch(batch, num_new, kv_len, num_heads: int, num_kv_heads: int, head_d
             "int_args": contract.contiguous_int_args(num_new, kv_len, num_heads, num_kv_heads, head_dim)}
 
 
+def compiled_kernels() -> list[dict]:
+    """The kernels `aot_impl` compiled in this process (for the manifest)."""
+    return list(_compiled.values())
+
+
 # ---------------------------------------------------------------- registration
+def _dtypes(descs) -> dict:
+    return {name: dtype_name(desc.dtype) for name, desc in zip(contract.INPUTS, descs)}
+
+
 def _descriptors(descs) -> tuple[dict, dict]:
     named = dict(zip(contract.INPUTS, descs))
-    return ({name: static_shape(desc.shape_expr) for name, desc in named.items()},
-            {name: dtype_name(desc.dtype) for name, desc in named.items()})
+    return {name: static_shape(desc.shape_expr) for name, desc in named.items()}, _dtypes(descs)
 
 
 def register() -> None:
-    """Register `tidar::hybrid_attention` with TensorRT (idempotent)."""
+    """Register `tidar::hybrid_attention` with TensorRT (idempotent). Raises RuntimeError naming
+    what is missing (TensorRT < 10.9 has no ahead-of-time plugins) or what TensorRT refused."""
     global _registered
     if _registered:
         return
@@ -103,6 +119,21 @@ def register() -> None:
     except ImportError as error:
         raise RuntimeError(f"registering {PLUGIN_ID} needs the `tensorrt` package (>= 10.9, with its Python plugin "
                            f"API tensorrt.plugin): {error}") from error
+    if not hasattr(trtp, "aot_impl"):
+        raise RuntimeError(f"registering {PLUGIN_ID} needs TensorRT >= 10.9 (tensorrt.plugin.aot_impl, ahead-of-time "
+                           "plugins); this TensorRT has none")
+    try:
+        _define(trtp)
+    except ValueError as error:
+        if "already has a defintion" in str(error) or "already has a definition" in str(error):
+            _registered = True  # defined by an earlier call in this process
+            return
+        raise RuntimeError(f"TensorRT refused to register {PLUGIN_ID}: {error}") from error
+    _registered = True
+
+
+def _define(trtp) -> None:
+    """The three definitions of the module docstring, through `tensorrt.plugin`."""
     Desc = trtp.TensorDesc
 
     @trtp.register(PLUGIN_ID)
@@ -116,23 +147,27 @@ def register() -> None:
 
     @trtp.aot_impl(PLUGIN_ID)
     def compile_ahead(query, key, value, past_lens, causal_len, num_blocks, block_len, first_visible, visible_stride,
-                      num_heads, num_kv_heads, head_dim, scale, outputs, tactic):
-        from .hybrid_attention import compile_kernel
+                      num_heads, num_kv_heads, head_dim, scale, outputs, tactic
+                      ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymIntExprs]:
+        import triton
 
-        _, dtypes = _descriptors((query, key, value, past_lens, causal_len, num_blocks, block_len, first_visible,
-                                  visible_stride))
-        kernel, config = compile_kernel(dtypes["query"], index_dtype(dtypes), head_dim, scale)
-        if getattr(kernel.metadata, "global_scratch_size", 0):
-            raise RuntimeError(f"{PLUGIN_ID}: the compiled kernel needs global scratch memory, which TensorRT's "
-                               "ahead-of-time plugins do not provide")
+        from .hybrid_attention import aot_kernel
+
+        dtypes = _dtypes((query, key, value, past_lens, causal_len, num_blocks, block_len, first_visible,
+                          visible_stride))
+        kernel = aot_kernel(dtypes["query"], index_dtype(dtypes), head_dim, scale)
+        _compiled[(dtypes["query"], index_dtype(dtypes), head_dim)] = {
+            "name": kernel.name, "dtype": dtypes["query"], "head_dim": head_dim, "ptx_version": kernel.ptx_version,
+            "shared_bytes": kernel.shared, "block_m": kernel.config.block_m, "block_n": kernel.config.block_n,
+            "num_warps": kernel.num_warps, "num_stages": kernel.config.num_stages, "triton": triton.__version__}
         q, k = query.shape_expr, key.shape_expr
-        launch = aot_launch(q[0], q[2], k[2], num_heads, num_kv_heads, head_dim, config.block_m,
-                            kernel.metadata.num_warps)
+        launch = aot_launch(q[0], q[2], k[2], num_heads, num_kv_heads, head_dim, kernel.config.block_m,
+                            kernel.num_warps)
         params = trtp.KernelLaunchParams()
         params.grid_x, params.grid_y, params.block_x = launch["grid_x"], launch["grid_y"], launch["block_x"]
-        params.shared_mem = kernel.metadata.shared
+        params.shared_mem = kernel.shared
         int_args = trtp.SymIntExprs.from_tuple([trtp.SymInt32(arg) for arg in launch["int_args"]])
-        return kernel.metadata.name, kernel.asm["ptx"], params, int_args
+        return kernel.name, kernel.ptx, params, int_args
 
     @trtp.impl(PLUGIN_ID)
     def run(query, key, value, past_lens, causal_len, num_blocks, block_len, first_visible, visible_stride,
@@ -148,5 +183,3 @@ def register() -> None:
                                         first_visible, visible_stride)]
         with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
             hybrid_attention(*inputs, scale=scale, out=as_torch(outputs[0]))
-
-    _registered = True

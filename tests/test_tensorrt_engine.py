@@ -20,7 +20,7 @@ pytest.importorskip("onnxscript")
 
 from tidar.export.onnx_export import PLUGIN_DOMAIN, export_decode_step, input_names  # noqa: E402
 from tidar.export.tensorrt_engine import (annotate_plugin_nodes, build_tensorrt_engine,  # noqa: E402
-                                          optimization_profile, unavailable_reason)
+                                          network_flags, optimization_profile, unavailable_reason)
 
 
 def test_profile_covers_every_input(tiny_backends):
@@ -48,6 +48,16 @@ def test_plugin_nodes_are_annotated_in_memory_only(tiny_backends, tmp_path):
         assert attributes["aot"] == 1 and attributes["num_heads"] == model.config.num_attention_heads
     on_disk = onnx.load(path, load_external_data=False)
     assert not [a for n in on_disk.graph.node for a in n.attribute if a.name == "plugin_namespace"]
+
+
+def test_network_is_strongly_typed():
+    """NvInfer.h (10.13): NetworkDefinitionCreationFlag kSTRONGLY_TYPED = 1, kPREFER_JIT_PYTHON_PLUGINS
+    = 2, kPREFER_AOT_PYTHON_PLUGINS = 3 (kEXPLICIT_BATCH = 0 is deprecated and implied)."""
+    from types import SimpleNamespace
+
+    trt = SimpleNamespace(NetworkDefinitionCreationFlag=SimpleNamespace(STRONGLY_TYPED=1, PREFER_JIT_PYTHON_PLUGINS=2,
+                                                                        PREFER_AOT_PYTHON_PLUGINS=3))
+    assert network_flags(trt) == 0b1010
 
 
 def test_build_and_run_need_tensorrt(tiny_checkpoints, tiny_backends, tmp_path):
