@@ -1,0 +1,81 @@
+"""The GPU acceptance command (benchmarks/gpu_acceptance.py) where no GPU is: its refusal, its
+verdict, the simulated-acceptance arithmetic and its plot on a report of the real structure.
+The sections themselves need CUDA and run on a GPU host (`bash benchmarks/gpu_acceptance.sh`)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_acceptance.sh"
+
+
+@pytest.fixture(scope="module")
+def acceptance():
+    spec = importlib.util.spec_from_file_location("gpu_acceptance", ROOT / "benchmarks" / "gpu_acceptance.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_without_cuda_it_exits_2_at_once_with_the_reason(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the command would run the acceptance")
+    env = {**os.environ, "PYTHON": sys.executable}
+    done = subprocess.run(["bash", str(SCRIPT), "-o", str(tmp_path / "out")], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "needs one CUDA GPU" in done.stderr and "torch sees no CUDA device" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_sections_are_a_to_f_in_order(acceptance):
+    assert list(acceptance.SECTIONS) == ["a", "b", "c", "d", "e", "f"]
+    assert acceptance.parse_args([]).sections == ["a", "b", "c", "d", "e", "f"]
+
+
+def test_verdict(acceptance):
+    passed = {"sections": {"a": {"ok": True}, "f": {"skipped": True, "reason": "tensorrt is not importable"}}}
+    assert acceptance.verdict(passed) == 0
+    assert acceptance.verdict({"sections": {"a": {"ok": True}, "b": {"ok": False}}}) == 1
+    assert acceptance.verdict({"sections": {"b": {"ok": False, "error": "RuntimeError: boom"}}}) == 1
+    assert acceptance.verdict({"sections": {"f": {"skipped": True}}}) == 1  # a skip must say why
+
+
+def test_simulated_acceptance_arithmetic(acceptance):
+    # 20 decode steps per second at batch 16, each row taking the paper's 7.45 tokens per step
+    assert acceptance.simulated_tokens_per_second(20.0, 16) == pytest.approx(20 * 16 * 7.45)
+    assert acceptance.simulated_tokens_per_second(10.0, 1, tokens_per_forward=1.0) == 10.0
+    assert acceptance.within(0.010, 0.004, 0.002) and not acceptance.within(0.011, 0.004, 0.002)
+
+
+def test_report_is_written_as_json_and_png(acceptance, tmp_path):
+    """The writer and the plot on a report with every section's structure (values made up)."""
+    case = lambda b, past, t: {"draft_len": b, "past": past, "ms": {"triton": t, "flex": 1.5 * t, "sdpa": 2 * t}}
+    report = {
+        "environment": {"device": "stand-in", "driver": "0", "torch": torch.__version__, "triton": "3.5.0",
+                        "date": "2026-01-01T00:00:00+00:00"},
+        "sections": {
+            "a": {"ok": True, "checks": []},
+            "b": {"ok": True, "checks": [{"dtype": "float16", "max_error": 1e-3, "sdpa_error": 1e-3},
+                                         {"dtype": "bfloat16", "max_error": 8e-3, "sdpa_error": 8e-3}]},
+            "c": {"ok": True, "cases": [case(b, p, 0.01 * p / 512) for b in (4, 8, 16) for p in (512, 2048, 8192)]},
+            "d": {"ok": True, "results": [{"attention": a, "kind": "causal", "size": q, "query_tokens": q, "ms": 5 + q / 100}
+                                          for a in ("sdpa", "triton") for q in (1, 16, 512)]
+                  + [{"attention": "triton", "kind": "decode", "size": 16, "query_tokens": 272, "ms": 7.0}]},
+            "e": {"ok": True, "rows": [{"batch": 1, "mode": "ar", "measured_tokens_per_second": 50.0},
+                                       {"batch": 1, "mode": "tidar", "measured_tokens_per_second": 40.0,
+                                        "simulated_tokens_per_second": 300.0}]},
+            "f": {"skipped": True, "reason": "no TensorRT"},
+        },
+    }
+    acceptance.write(tmp_path, report)
+    assert (tmp_path / "gpu_acceptance.json").is_file()
+    assert (tmp_path / "gpu_acceptance.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
