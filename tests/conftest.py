@@ -9,6 +9,10 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if not torch.cuda.is_available():
+    # For the whole session, before anything imports triton: without a GPU the hybrid-attention
+    # kernel runs under Triton's interpreter (tests that compile it run in a subprocess without this).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 # Tiny models: one thread is fastest and avoids oversubscribing a shared 2-core machine.
 torch.set_num_threads(1)
 

@@ -5,7 +5,7 @@ tensorrt_standin.py), the way TensorRT's builder uses an ahead-of-time plugin; p
 
 Needs a fresh interpreter without TRITON_INTERPRET. The kernel is compiled for sm_90 (standing in
 for "the building GPU" only: triton.compile's target). `--defect` re-introduces a known defect
-before registering, to show the check catches it; `--triton-version` makes the kernel compile
+(or an old TensorRT) before registering, to show the check catches it; `--triton-version` makes the kernel compile
 see another Triton release, `--max-shared` a smaller shared-memory limit. Prints {"register": ...} or {"build": ...} with the error, or
 {"builds": [...]} with what the builder got for each case.
 """
@@ -30,7 +30,7 @@ CASES = [  # (query dtype, index dtype, num_heads, num_kv_heads, head_dim, sizes
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--defect", choices=("no-return-annotation",))
+    parser.add_argument("--defect", choices=("no-return-annotation", "tensorrt-10.8"))
     parser.add_argument("--triton-version")
     parser.add_argument("--max-shared", type=int, help="a smaller shared-memory limit, to see a shape refused")
     args = parser.parse_args()
@@ -49,12 +49,16 @@ def main() -> int:
                 return real(plugin_id)(function)
             return decorate
         trtp.aot_impl = aot_impl
+    if args.defect == "tensorrt-10.8":  # TensorRT 10.6-10.8: tensorrt.plugin without ahead-of-time plugins
+        del trtp.aot_impl
     try:
         tensorrt_plugin.register()
     except RuntimeError as error:
         print(json.dumps({"register": str(error)}))
         return 0
     tensorrt_plugin.register()  # idempotent
+    tensorrt_plugin._registered = False
+    tensorrt_plugin.register()  # a second definition attempt: TensorRT's "already has a definition" is success
     if args.max_shared:
         from tidar.plugins import contract
 

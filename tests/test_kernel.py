@@ -1,7 +1,8 @@
 """The hybrid-mask attention kernel (plugins/hybrid_attention.py) against the dense-mask reference.
 
-Without a GPU the kernel runs under Triton's interpreter on CPU tensors (TRITON_INTERPRET=1,
-set below before triton is imported); with one, the same tests run the compiled kernel on CUDA.
+Without a GPU the kernel runs under Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set
+by conftest.py for the whole session before triton is imported); with one, the same tests run the
+compiled kernel on CUDA.
 Covered: the in-kernel visibility rule equals `Layout.dense_mask` on every layout kind; the
 key-tile schedule covers every visible key, is what the kernel visits (its own tile counter),
 and skips most of the new-token square of a b = 16 decode step; outputs equal eager attention
@@ -19,29 +20,19 @@ probabilities are rounded to the input dtype before the P @ V product, as in fla
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+import triton
+import triton.language as tl
+
+from tidar.plugins import hybrid_attention as kernel
+from tidar.plugins.hybrid_attention import _visible
+from tidar.runtime.layout import Layout
+from tidar.runtime.model import TiDARModel, eager_attention
+from tidar.train.checkpoint import init_random_weights, tiny_config
 
 ON_GPU = torch.cuda.is_available()
-if not ON_GPU:
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: kernels then run on CPU tensors
-
-pytest.importorskip("triton", reason="the attention kernel is written in Triton (pip install 'tidar-trt[kernel]')")
-
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-
-from tidar.plugins import hybrid_attention as kernel  # noqa: E402
-from tidar.plugins.hybrid_attention import _visible  # noqa: E402
-from tidar.runtime.layout import Layout  # noqa: E402
-from tidar.runtime.model import TiDARModel, eager_attention  # noqa: E402
-from tidar.train.checkpoint import init_random_weights, tiny_config  # noqa: E402
-
-if not ON_GPU and not kernel.INTERPRETED:
-    pytest.skip("tidar.plugins.hybrid_attention was imported before TRITON_INTERPRET=1 was set; run this file "
-                "on its own (or first)", allow_module_level=True)
+assert ON_GPU or kernel.INTERPRETED, "without a GPU, conftest.py sets TRITON_INTERPRET=1 before triton is imported"
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
@@ -356,3 +347,19 @@ def test_cuda_tensor_from_pointer_views_the_buffer():
         source = torch.arange(24, device="cuda").to(dtype).reshape(2, 3, 4)
         view = kernel.tensor_from_pointer(source.data_ptr(), source.shape, str(dtype).removeprefix("torch."))
         assert view.dtype == dtype and view.data_ptr() == source.data_ptr() and torch.equal(view, source)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (the decode loop on the device against the CPU run)")
+@pytest.mark.parametrize("attention", ["eager", "sdpa", "triton"])
+def test_cuda_decode_engine_greedy_equals_the_cpu_run(tiny_checkpoints, attention):
+    """DecodeEngine on CUDA through the torch backend, float32 with TF32 off: the same greedy
+    tokens as on the CPU, AR and TiDAR (b = 4)."""
+    from tidar.export.verify import greedy_mismatch
+    from tidar.runtime.backend import load_backend
+    from tidar.runtime.tokenizer import Tokenizer
+
+    path = tiny_checkpoints["qwen2"]
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cpu = load_backend("torch", path, dtype="float32")
+    gpu = load_backend("torch", path, dtype="float32", attention=attention, device="cuda")
+    assert greedy_mismatch(cpu, gpu, Tokenizer(path), (0, 4)) is None

@@ -323,6 +323,11 @@ def test_missing_aot_return_annotation_is_caught_by_nvidias_validator():
     assert report["register"].startswith("TensorRT refused to register tidar::hybrid_attention")
 
 
+def test_register_names_a_tensorrt_without_aot_plugins():
+    report = _aot_check("--defect", "tensorrt-10.8")
+    assert "needs TensorRT >= 10.9" in report["register"] and "aot_impl" in report["register"]
+
+
 def test_engine_kernels_refuse_another_triton():
     report = _aot_check("--triton-version", "3.9.0")
     assert "triton 3.9.0" in report["build"] and "triton==3.5.0" in report["build"]
