@@ -47,6 +47,13 @@ def expected_tokens(acceptance: list[float], draft_len: int) -> float:
     return 1.0 + sum(acceptance[: max(draft_len - 1, 0)])
 
 
+def device_sync(output: torch.Tensor) -> None:
+    """Wait for the device that computed `output` (CUDA kernels run asynchronously: without this
+    the clock stops while the last layers may still be running)."""
+    if output.device.type == "cuda":
+        torch.cuda.synchronize(output.device)
+
+
 def measure_step_seconds(backend: Backend, draft_lens: list[int], batch: int = 1, past_len: int = 128,
                          repeats: int = 15) -> dict[int, float]:
     """Median latency of one decode forward per draft length, on a cache holding `past_len` tokens.
@@ -65,7 +72,7 @@ def measure_step_seconds(backend: Backend, draft_lens: list[int], batch: int = 1
     for _ in range(repeats):
         for b, (tokens, layout, cache) in setups.items():
             start = time.perf_counter()
-            backend.forward(tokens, layout, cache)
+            device_sync(backend.forward(tokens, layout, cache))
             times[b].append(time.perf_counter() - start)
     return {b: statistics.median(t) for b, t in times.items()}
 
