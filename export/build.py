@@ -23,8 +23,8 @@ Steps, in order (each is an existing function; this module only sequences and re
               TensorRT-LLM's Python API from `export/trtllm_model.py` where TensorRT-LLM 1.2.x is
               importable, and tensorrt/decode_step.engine, the TensorRT engine of the plugin ONNX
               graph (`export/tensorrt_engine.py`) where TensorRT and a GPU are. Each one that cannot
-              be built is recorded as skipped with the reason (engine="auto"), or the build fails
-              with the reasons (engine="require").
+              be built, or whose build fails, is recorded as skipped with the reason
+              (engine="auto"), or the build fails with the reasons (engine="require").
 6. triton_repo/  the Triton Inference Server repository rendered from triton_repo/
               (`export.triton_repo`), serving OUT on the TensorRT-LLM engine, else the TensorRT
               engine, else ONNX Runtime; `tidar serve OUT/triton_repo` runs it.
@@ -91,6 +91,8 @@ TRTLLM_PLUGIN_MODULE = "tidar.plugins.trtllm_plugin"
 TENSORRT_ENGINE = engine_backend.TENSORRT_ENGINE  # where the runtime's tensorrt backend looks
 """The TensorRT engine of onnx/decode_step_plugin.onnx (where TensorRT is available)."""
 ENGINE_SCRIPT = "trtllm/build_engine.sh"
+ENGINE_FOLDERS = {"engine": "engine", "tensorrt": Path(TENSORRT_ENGINE).parent.as_posix()}
+"""Where each engine step writes (removed again when an `auto` build of it fails)."""
 
 
 class ExportError(ValueError):
@@ -421,13 +423,20 @@ def build(checkpoint: str | Path, out: str | Path, tp: int = 1, dtype: str | Non
             steps.start("engines (TensorRT-LLM, TensorRT)")
             engines = {}
             for step, reason in engine_reasons.items():
-                if reason:
-                    skipped.append({"step": step, "reason": reason})
-                    steps.note(f"{step} skipped: {reason}")
-                else:
-                    engines[step] = (build_trtllm_engine(partial, config, tp, draft_len) if step == "engine"
-                                     else build_tensorrt(partial, config, draft_len))
-                    built.append(step)
+                if not reason:
+                    try:
+                        engines[step] = (build_trtllm_engine(partial, config, tp, draft_len) if step == "engine"
+                                         else build_tensorrt(partial, config, draft_len))
+                        built.append(step)
+                        continue
+                    except ExportError as exc:
+                        if engine == "require":
+                            raise
+                        # engine="auto": a build that fails here is recorded like one that cannot run
+                        shutil.rmtree(partial / ENGINE_FOLDERS[step], ignore_errors=True)
+                        reason = str(exc)
+                skipped.append({"step": step, "reason": reason})
+                steps.note(f"{step} skipped: {reason}")
             steps.done()
 
             steps.start("Triton model repository")

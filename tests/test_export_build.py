@@ -210,6 +210,39 @@ def test_engine_require_fails_and_leaves_nothing(tiny_checkpoints, tmp_path, cap
     assert leftovers(tmp_path, set()) == []
 
 
+@pytest.mark.parametrize("mode", ["auto", "require"])
+def test_a_failing_engine_build_is_a_skip_under_auto_and_an_error_under_require(tiny_checkpoints, tmp_path,
+                                                                                 monkeypatch, capsys, mode):
+    """Where the engine looks buildable but its build fails (as TensorRT-LLM's graph rewriting did
+    on the plugin layer), `auto` still exports everything else and records why; `require` stops
+    and leaves nothing. Stands in for the GPU build only."""
+    from tidar.export import build as build_module
+
+    def failing_build(folder, *_args):
+        (folder / "engine").mkdir()
+        (folder / "engine" / "rank0.engine").write_bytes(b"half-written")
+        raise build_module.ExportError("TensorRT-LLM engine build failed for rank 0: NotImplementedError: "
+                                       "Unknown layer type: LayerType.PLUGIN_V3")
+
+    # the TensorRT-LLM engine step runs first; under require nothing may be missing up front
+    reasons = {"engine": None, "tensorrt": None if mode == "require" else "not requested"}
+    monkeypatch.setattr(build_module, "engine_skip_reasons", lambda engine: reasons)
+    monkeypatch.setattr(build_module, "build_trtllm_engine", failing_build)
+    out = tmp_path / "out"
+    status, _, err = build_cli(capsys, tiny_checkpoints["qwen2"], out, "--engine", mode)
+    if mode == "require":
+        assert status == 2
+        assert_one_line_error(err, "Unknown layer type")
+        assert leftovers(tmp_path, set()) == []
+        return
+    assert status == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {"step": "engine", "reason": "TensorRT-LLM engine build failed for rank 0: NotImplementedError: "
+                                        "Unknown layer type: LayerType.PLUGIN_V3"} in manifest["skipped"]
+    assert "engine" not in manifest["built"] and not (out / "engine").exists()
+    assert manifest["triton_repo"]["backend"] == "onnxruntime"
+
+
 def test_existing_out_refused_then_replaced_with_force(exported, tiny_checkpoints, tmp_path, capsys):
     out = Path(shutil.copytree(exported[0], tmp_path / "out"))
     before = (out / "manifest.json").read_text()
