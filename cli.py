@@ -163,7 +163,8 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         policy = RestartPolicy(max_restarts=args.max_restarts, backoff=args.restart_backoff)
         return serve(args.repo, args.grpc_port, args.http_port, args.metrics_port,
-                     command=args.command_after or None, verbose=args.verbose, policy=policy)
+                     command=args.command_after or None, verbose=args.verbose, policy=policy,
+                     openai_port=args.openai_port)
     except ServeError as exc:
         raise CLIError(str(exc)) from None
     except FileNotFoundError as exc:
@@ -173,7 +174,10 @@ def _serve(args: argparse.Namespace) -> int:
 def _client(args: argparse.Namespace) -> int:
     from tidar.client import ClientError, request
 
-    options = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, random_seed=args.seed,
+    top_p = args.top_p
+    if args.temperature and top_p is None and args.top_k is None:
+        top_p = 1.0  # a temperature alone is greedy in tensorrtllm_backend's contract (runtime/wire.py)
+    options = dict(temperature=args.temperature, top_p=top_p, top_k=args.top_k, seed=args.seed,
                    stop_words=args.stop, mode=args.mode, draft_len=args.draft_len, timeout=args.timeout)
     printer = None if (args.json or args.no_stream) else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
     try:
@@ -317,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--restart-backoff", type=float, default=1.0,
                      help="seconds before the first restart of a row, doubled for each further one, at most "
                           "30 (default 1)")
+    srv.add_argument("--openai-port", type=int, default=None,
+                     help="also serve an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+                          "/v1/models) on this port (0 = any free port); needs the openai extra")
     srv.add_argument("--verbose", action="store_true", help="verbose server log")
     srv.set_defaults(run=_serve)
 

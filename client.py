@@ -2,8 +2,9 @@
 
     result = request("localhost:8001", "def main():", max_tokens=48, on_text=print)
 
-`request` builds the input tensors of the `tidar` model (DESIGN.md contract), opens a gRPC
-stream, collects one response per decode step (text, token ids, counters, arrival times)
+`request` builds the input tensors of the `tidar` model from the wire contract
+(runtime/wire.py: tensorrtllm_backend's names and shapes; it asks for the generated text only,
+`exclude_input_in_output`), opens a gRPC stream, collects one response per decode step (text, token ids, counters, arrival times)
 and returns a `ClientResult` with the whole output, the finish reason and timing (time to
 first token, inter-token gaps). An error response raises `ClientError` with the server's
 message. The CLI prints the text as it arrives and then one stats line.
@@ -17,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from tidar.runtime.wire import INPUT_SPECS, request_arrays
 
 DEFAULT_URL = "localhost:8001"
 MODEL = "tidar"
@@ -62,29 +65,13 @@ class ClientResult:
 
 
 def build_inputs(text: str, max_tokens: int, stream: bool = True, **options) -> list:
-    """The gRPC input tensors; `options` are the optional inputs of the contract by name
-    (temperature, top_p, top_k, random_seed, stop_words, end_id, draft_len, mode, timeout)."""
+    """The gRPC input tensors; `options` are optional inputs of the contract by name (seed,
+    temperature, top_p, top_k, stop_words, end_id, draft_len, mode, timeout, ...)."""
     import tritonclient.grpc as grpcclient
 
-    types = {"temperature": ("FP32", np.float32), "top_p": ("FP32", np.float32), "timeout": ("FP32", np.float32),
-             "top_k": ("INT32", np.int32), "end_id": ("INT32", np.int32), "draft_len": ("INT32", np.int32),
-             "random_seed": ("UINT64", np.uint64), "mode": ("BYTES", np.object_)}
-    values = {"text_input": ("BYTES", np.array([text.encode()], dtype=np.object_)),
-              "max_tokens": ("INT32", np.array([max_tokens], dtype=np.int32)),
-              "stream": ("BOOL", np.array([stream], dtype=bool))}
-    for name, value in options.items():
-        if value is None:
-            continue
-        if name == "stop_words":
-            values[name] = ("BYTES", np.array([w.encode() for w in value], dtype=np.object_))
-        elif name in types:
-            kind, dtype = types[name]
-            values[name] = (kind, np.array([value.encode() if isinstance(value, str) else value], dtype=dtype))
-        else:
-            raise ValueError(f"unknown request option {name!r}")
     inputs = []
-    for name, (kind, array) in values.items():
-        tensor = grpcclient.InferInput(name, list(array.shape), kind)
+    for name, array in request_arrays(text, max_tokens, stream=stream, **options).items():
+        tensor = grpcclient.InferInput(name, list(array.shape), INPUT_SPECS[name].wire_type)
         tensor.set_data_from_numpy(array)
         inputs.append(tensor)
     return inputs
@@ -94,6 +81,7 @@ def request(url: str, text: str, max_tokens: int = 64, stream: bool = True, on_t
             response_timeout: float = 600.0, **options) -> ClientResult:
     """One generation over a gRPC stream; see the module docstring. `response_timeout` bounds the
     wait for each response here; the `timeout` option asks the server to end the request."""
+    options.setdefault("exclude_input_in_output", True)
     import tritonclient.grpc as grpcclient
 
     responses: queue.Queue = queue.Queue()
@@ -124,16 +112,16 @@ def request(url: str, text: str, max_tokens: int = 64, stream: bool = True, on_t
 
 def _absorb(result: ClientResult, response, arrived: float, on_text) -> None:
     piece = response.as_numpy("text_output")[0].decode("utf-8")
-    ids = response.as_numpy("output_ids").tolist()
+    ids = response.as_numpy("output_ids").reshape(-1).tolist()
     result.text += piece
     result.token_ids += ids
     if ids:
         result.arrivals.append(arrived)
-    reason = response.as_numpy("finish_reason")[0].decode()
+    reason = response.as_numpy("finish_reason").reshape(-1)[0].decode()
     result.finish_reason = reason or result.finish_reason
-    result.forward_passes = int(response.as_numpy("num_forward_passes")[0])
-    result.draft_tokens = int(response.as_numpy("num_draft_tokens")[0])
-    result.accepted_draft_tokens = int(response.as_numpy("num_accepted_draft_tokens")[0])
+    result.forward_passes = int(response.as_numpy("num_forward_passes").reshape(-1)[0])
+    result.draft_tokens = int(response.as_numpy("num_draft_tokens").reshape(-1)[0])
+    result.accepted_draft_tokens = int(response.as_numpy("num_accepted_draft_tokens").reshape(-1)[0])
     if on_text and piece:
         on_text(piece)
 

@@ -361,14 +361,18 @@ def _group_alive(pgid: int) -> bool:
 
 
 def serve(repo: str | Path, grpc_port: int, http_port: int, metrics_port: int, command: list[str] | None = None,
-          verbose: bool = False, policy=None) -> int:
+          verbose: bool = False, policy=None, openai_port: int | None = None) -> int:
     """Run the server until SIGINT/SIGTERM (0), supervised: a dead model process or server is
     restarted per `policy` (a supervisor.RestartPolicy), and 1 is returned once it gives up. With
-    `command`, run it once the server is ready, stop the server when it ends and return its status."""
+    `command`, run it once the server is ready, stop the server when it ends and return its status. With
+    `openai_port`, an OpenAI-compatible HTTP front (openai_server.py) forwards to the `tidar` model over gRPC."""
     from tidar.supervisor import RestartPolicy, Supervisor
 
+    if openai_port is not None and openai_port != 0 and not port_is_free(openai_port):
+        raise ServeError(f"OpenAI port {openai_port} is already in use")
     server = TritonServer(repo, grpc_port, http_port, metrics_port, verbose=verbose)
     supervisor = Supervisor(server, policy or RestartPolicy())
+    front = None
     stop_requested = []
     child: subprocess.Popen | None = None
 
@@ -387,10 +391,14 @@ def serve(repo: str | Path, grpc_port: int, http_port: int, metrics_port: int, c
             if stop_requested:
                 return 0
             raise
-        print(f"ready: gRPC {server.grpc_url}  HTTP {server.http_url}  metrics {server.metrics_url}",
-              file=sys.stderr, flush=True)
+        endpoints = f"gRPC {server.grpc_url}  HTTP {server.http_url}  metrics {server.metrics_url}"
+        if openai_port is not None:
+            front = _start_openai_front(server, openai_port)
+            endpoints += f"  OpenAI {front.url}"
+        print(f"ready: {endpoints}", file=sys.stderr, flush=True)
         if command:
             env = dict(os.environ, TIDAR_GRPC_URL=server.grpc_url, TIDAR_METRICS_URL=server.metrics_url,
+                       **({"OPENAI_BASE_URL": front.url} if front else {}),
                        PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
             child = subprocess.Popen(command, env=env)
         code = supervisor.run(keep_going)
@@ -407,7 +415,20 @@ def serve(repo: str | Path, grpc_port: int, http_port: int, metrics_port: int, c
         if child is not None and child.poll() is None:
             child.kill()
             child.wait()
+        if front is not None:
+            front.stop()
         code = server.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         print(f"tritonserver stopped (status {code})", file=sys.stderr, flush=True)
+
+
+def _start_openai_front(server: TritonServer, port: int):
+    try:
+        from tidar.openai_server import OpenAIFront, model_dir_of
+    except ImportError as exc:
+        raise ServeError(f"--openai-port needs the openai extra (pip install \"tidar-trt[openai]\"): {exc}") from None
+    try:
+        return OpenAIFront(server.grpc_url, model_dir_of(server.repo), port=port).start()
+    except OSError as exc:
+        raise ServeError(f"cannot serve the OpenAI front on port {port}: {exc.strerror or exc}") from None

@@ -2,10 +2,13 @@
 
     render_repository(dest, model_dir="../..", backend="onnxruntime", ...) -> dest
 
-Copies every template model folder (today: `tidar`, the Python-backend model) to `dest` and
-fills the `${...}` fields of its config.pbtxt with `string.Template` (the convention of
-tensorrtllm_backend's fill_template.py); a field left unfilled, or a value that would break
-the config, is an error. `tidar-export build` renders OUT/triton_repo with `model_dir` = the
+Copies the template model folders to `dest` — `tidar` (the Python-backend model) and, unless
+`ensemble=False`, `ensemble` (the same model under the name tensorrtllm_backend's clients use:
+a one-step Triton ensemble, so one instance and one scheduler serve both names) — and fills the
+`${...}` fields of their config.pbtxt with `string.Template` (the convention of
+tensorrtllm_backend's fill_template.py). The `input`/`output` blocks are rendered from the wire
+contract (runtime/wire.py). A field left unfilled, or a value that would break the config, is an
+error. `tidar-export build` renders OUT/triton_repo with `model_dir` = the
 export folder as a path relative to the model folder, so OUT can be moved as a whole.
 """
 
@@ -16,6 +19,7 @@ import string
 from pathlib import Path
 
 import tidar
+from tidar.runtime.wire import INPUTS, MAX_BATCH_SIZE, OUTPUTS, TensorSpec
 
 TEMPLATES = Path(tidar.__file__).resolve().parent / "triton_repo"
 SERVING_BACKENDS = ("torch", "onnxruntime", "tensorrt", "trtllm")
@@ -37,19 +41,34 @@ def template_fields(templates: Path = TEMPLATES) -> set[str]:
     return fields
 
 
+def _io_block(specs: tuple[TensorSpec, ...]) -> str:
+    rows = []
+    for spec in specs:
+        dims = ", ".join(str(d) for d in spec.dims)
+        optional = " optional: true" if spec.optional else ""
+        rows.append(f'  {{ name: "{spec.name}" data_type: {spec.data_type} dims: [ {dims} ]{optional} }}')
+    return ",\n".join(rows)
+
+
+def _ensemble_maps() -> str:
+    maps = [f'      input_map {{ key: "{s.name}" value: "{s.name}" }}' for s in INPUTS]
+    maps += [f'      output_map {{ key: "{s.name}" value: "{s.name}" }}' for s in OUTPUTS]
+    return "\n".join(maps)
+
+
 def render_repository(dest: str | Path, *, model_dir: str, backend: str = "onnxruntime", draft_len: str = "auto",
                       max_batch_size: int = 16, max_queue_size: int = 64, max_tokens_limit: int = 0,
                       default_timeout: float = 0, instance_count: int = 1, instance_kind: str = "KIND_CPU",
                       autotune_batch_sizes: str = "1,4,16", autotune_draft_lens: str = "0,1,2,3,4",
                       autotune_repeats: int = 3, threads: int = 0, attention: str = "sdpa", dtype: str = "",
-                      templates: Path = TEMPLATES) -> Path:
+                      ensemble: bool = True, templates: Path = TEMPLATES) -> Path:
     """Write the rendered repository to `dest` (which must not exist). `model_dir` is the model
     or export folder, absolute or relative to dest/tidar; `draft_len` is "auto" or an integer;
     `instance_kind` KIND_GPU puts `instance_count` instances on every GPU; `attention` is the torch
     backend's attention implementation and `dtype` its compute dtype ("" = the checkpoint's; the other
     backends have their own). The autotune
     defaults keep the start-up measurement to seconds on a CPU; widen them on a GPU, where
-    longer drafts pay."""
+    longer drafts pay. `ensemble` also serves the model as `ensemble` (tensorrtllm_backend's name)."""
     dest = Path(dest)
     if backend not in SERVING_BACKENDS:
         raise RenderError(f"backend must be one of {', '.join(SERVING_BACKENDS)}, got {backend!r}")
@@ -66,13 +85,20 @@ def render_repository(dest: str | Path, *, model_dir: str, backend: str = "onnxr
                   max_queue_size=max_queue_size, max_tokens_limit=max_tokens_limit,
                   default_timeout=default_timeout, instance_count=instance_count, instance_kind=instance_kind,
                   autotune_batch_sizes=autotune_batch_sizes, autotune_draft_lens=autotune_draft_lens,
-                  autotune_repeats=autotune_repeats, threads=threads, attention=attention, dtype=dtype)
+                  autotune_repeats=autotune_repeats, threads=threads, attention=attention, dtype=dtype,
+                  triton_max_batch_size=MAX_BATCH_SIZE, inputs=_io_block(INPUTS), outputs=_io_block(OUTPUTS),
+                  ensemble_maps=_ensemble_maps())
     missing = template_fields(templates) - set(values)
     if missing:
         raise RenderError(f"{templates}: template fields without a value: {sorted(missing)}")
+    models = [config.parent for config in templates.glob("*/config.pbtxt")
+              if ensemble or config.parent.name != "ensemble"]
     rendered = {config.relative_to(templates): string.Template(config.read_text()).substitute(values)
-                for config in templates.glob("*/config.pbtxt")}
-    shutil.copytree(templates, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "README.md"))
+                for config in (model / "config.pbtxt" for model in models)}
+    dest.mkdir(parents=True)
+    for model in models:
+        shutil.copytree(model, dest / model.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "README.md"))
+        (dest / model.name / "1").mkdir(exist_ok=True)  # an ensemble's version folder is empty
     for relative, text in rendered.items():
         (dest / relative).write_text(text)
     return dest

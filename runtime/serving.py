@@ -1,14 +1,27 @@
-"""The `tidar` Triton model's request and response tensors, as plain Python (no Triton import).
+"""The `tidar` Triton model's requests and responses: parsing and building them (no Triton import).
 
-Names follow NVIDIA's tensorrtllm_backend (DESIGN.md, "Triton model `tidar`"). `parse_request`
-turns the input tensors of one request (name -> numpy array) into a runtime `Request` plus the
-serving options, or raises RequestError naming the input and the value; `response_tensors`
-turns what a response reports into output tensors. The model (triton_repo/tidar/1/model.py)
-only moves these between Triton and the scheduler, and its config.pbtxt declares exactly
-`INPUTS` and `OUTPUTS` (a test checks the template against them).
+The wire contract itself (names, types, shapes) is runtime/wire.py; this module gives it its
+meaning. `parse_request` turns the input tensors of one request (name -> numpy array, batch
+dimension of 1 included) into runtime `Request`s plus the serving options, or raises
+RequestError naming the input and the value; `response_tensors` turns what a response reports
+into output tensors. The model (triton_repo/tidar/1/model.py) only moves these between Triton
+and the scheduler.
 
-Beyond the contract: an optional `timeout` input (FP32 seconds; the request ends with finish
-reason "timeout" and the output so far).
+Meaning of tensorrtllm_backend's inputs here (docs/design.md §3):
+- sampling inputs as TensorRT-LLM reads them (`wire.sampling_choice`: only `temperature` = greedy);
+- `exclude_input_in_output` (default false): a non-streaming response's `text_output` starts with
+  the prompt unless it is set; streaming responses carry only new text either way (as there);
+- `num_return_sequences` = n runs n rows (seeds `seed`, `seed`+1, ...), each response tagged
+  with `sequence_index`; `beam_width` must be 1; `pad_id` is checked (outputs are never padded);
+- empty `stop_words` / `bad_words` strings mean none; `length_penalty` has no effect at beam
+  width 1 (as in TensorRT-LLM);
+- `return_perf_metrics` adds the acceptance counters and timing outputs to every response;
+- what would change the target distribution or the model input (penalties, `min_tokens` > 1, bad
+  words, embedding bias, logits / log-prob outputs, LoRA, prompt tables, guided decoding,
+  multimodal and encoder inputs, an external draft model) is refused with INVALID_ARG naming the
+  input, unless the value is the neutral one.
+Beyond the contract: `draft_len`, `mode` (tidar | ar) and `timeout` (seconds; the request ends with
+finish reason "timeout" and the output so far).
 """
 
 from __future__ import annotations
@@ -22,57 +35,46 @@ from .config import TiDARConfig
 from .generate import Delta, Request, RequestError
 from .sampling import SamplingError, SamplingParams
 from .tokenizer import Tokenizer
+from .wire import INPUT_SPECS, MODES, OUTPUT_SPECS, PERF_METRIC_OUTPUTS, sampling_choice
 
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    data_type: str  # Triton config type
-    dims: tuple[int, ...]
-    optional: bool = False
-
-
-INPUTS = (
-    TensorSpec("text_input", "TYPE_STRING", (1,)),
-    TensorSpec("max_tokens", "TYPE_INT32", (1,)),
-    TensorSpec("stream", "TYPE_BOOL", (1,), optional=True),
-    TensorSpec("temperature", "TYPE_FP32", (1,), optional=True),
-    TensorSpec("top_p", "TYPE_FP32", (1,), optional=True),
-    TensorSpec("top_k", "TYPE_INT32", (1,), optional=True),
-    TensorSpec("random_seed", "TYPE_UINT64", (1,), optional=True),
-    TensorSpec("stop_words", "TYPE_STRING", (-1,), optional=True),
-    TensorSpec("end_id", "TYPE_INT32", (1,), optional=True),
-    TensorSpec("draft_len", "TYPE_INT32", (1,), optional=True),
-    TensorSpec("mode", "TYPE_STRING", (1,), optional=True),
-    TensorSpec("timeout", "TYPE_FP32", (1,), optional=True),
-)
-OUTPUTS = (
-    TensorSpec("text_output", "TYPE_STRING", (1,)),
-    TensorSpec("output_ids", "TYPE_INT32", (-1,)),
-    TensorSpec("finish_reason", "TYPE_STRING", (1,)),
-    TensorSpec("num_forward_passes", "TYPE_INT32", (1,)),
-    TensorSpec("num_draft_tokens", "TYPE_INT32", (1,)),
-    TensorSpec("num_accepted_draft_tokens", "TYPE_INT32", (1,)),
-)
-MODES = ("tidar", "ar")
+MAX_RETURN_SEQUENCES = 16
 
 
 @dataclass
 class ServingRequest:
-    request: Request
+    requests: list[Request]
+    """One runtime request per returned sequence (num_return_sequences)."""
+    prompt: str
     stream: bool
     draft_len: int | None
     """None: the server's adaptive draft length."""
     timeout: float | None
+    exclude_input_in_output: bool = False
+    return_perf_metrics: bool = False
+
+    @property
+    def request(self) -> Request:
+        return self.requests[0]
 
 
-def _scalar(inputs: dict[str, np.ndarray], name: str):
+def _per_request(inputs: dict[str, np.ndarray], name: str):
+    """The value of `name` for the request's one batch item (None if absent)."""
     value = inputs.get(name)
     if value is None:
         return None
     array = np.asarray(value)
+    if array.ndim == 0 or array.shape[0] != 1:
+        raise RequestError(f"input '{name}' must have a leading batch dimension of 1, got shape {list(array.shape)}")
+    return array[0]
+
+
+def _scalar(inputs: dict[str, np.ndarray], name: str):
+    array = _per_request(inputs, name)
+    if array is None:
+        return None
     if array.size != 1:
-        raise RequestError(f"input '{name}' must hold exactly one value, got shape {list(array.shape)}")
+        raise RequestError(f"input '{name}' must hold exactly one value per request, got shape "
+                           f"{list(np.asarray(inputs[name]).shape)}")
     return array.reshape(-1)[0]
 
 
@@ -87,10 +89,67 @@ def _text(value, name: str) -> str:
     raise RequestError(f"input '{name}' must be a UTF-8 string, got {type(value).__name__}")
 
 
+def _words(inputs, name: str) -> list[str]:
+    """A list-of-strings input; empty strings mean none (tensorrtllm_backend's quick-start sends "")."""
+    array = _per_request(inputs, name)
+    if array is None:
+        return []
+    return [word for word in (_text(item, name) for item in np.asarray(array).reshape(-1)) if word]
+
+
+def _unsupported(inputs) -> None:
+    """Refuse, by name, the inputs TiDAR does not honour unless their value is the neutral one."""
+    def scalar(name):
+        value = _scalar(inputs, name)
+        return None if value is None else value.item() if hasattr(value, "item") else value
+
+    def nonempty(name):
+        array = _per_request(inputs, name)
+        if array is None:
+            return False
+        array = np.asarray(array)
+        return array.size > 0 and not (array.dtype == np.object_ and all(not bytes(v) for v in array.reshape(-1)))
+
+    neutral = {
+        "beam_width": (lambda v: v is None or v == 1, "beam search is not supported: beam_width must be 1"),
+        "repetition_penalty": (lambda v: v is None or v == 1.0, "penalties are not supported yet (they change "
+                               "the distribution that verification and drafting must share): only 1.0"),
+        "presence_penalty": (lambda v: v is None or v == 0.0, "penalties are not supported yet: only 0.0"),
+        "frequency_penalty": (lambda v: v is None or v == 0.0, "penalties are not supported yet: only 0.0"),
+        "min_tokens": (lambda v: v is None or v <= 1, "min_tokens > 1 is not supported yet"),
+        "return_log_probs": (lambda v: not v, "log probabilities are not returned yet: only false"),
+        "return_context_logits": (lambda v: not v, "logits are not returned: only false"),
+        "return_generation_logits": (lambda v: not v, "logits are not returned: only false"),
+        "use_draft_logits": (lambda v: not v, "TiDAR drafts itself (no draft model): only false"),
+        "prompt_vocab_size": (lambda v: v is None, "prompt tuning is not supported"),
+        "prompt_table_extra_id": (lambda v: v is None, "prompt tuning is not supported"),
+        "lora_task_id": (lambda v: v is None, "LoRA is not supported"),
+    }
+    for name, (accept, reason) in neutral.items():
+        value = scalar(name)
+        if not accept(value):
+            raise RequestError(f"input '{name}' = {value!r} is not supported: {reason}")
+    for name, reason in (("bad_words", "bad words are not supported yet (they change the distribution that "
+                          "verification and drafting must share); send none or an empty string"),
+                         ("embedding_bias_words", "embedding bias is not supported"),
+                         ("embedding_bias_weights", "embedding bias is not supported"),
+                         ("decoder_text_input", "encoder-decoder models are not supported"),
+                         ("image_input", "multimodal inputs are not supported"),
+                         ("image_bytes_input", "multimodal inputs are not supported"),
+                         ("image_url_input", "multimodal inputs are not supported"),
+                         ("video_bytes_input", "multimodal inputs are not supported"),
+                         ("prompt_embedding_table", "prompt tuning is not supported"),
+                         ("lora_weights", "LoRA is not supported"), ("lora_config", "LoRA is not supported"),
+                         ("guided_decoding_guide_type", "guided decoding is not supported"),
+                         ("guided_decoding_guide", "guided decoding is not supported")):
+        if nonempty(name):
+            raise RequestError(f"input '{name}' is not supported: {reason}")
+
+
 def parse_request(inputs: dict[str, np.ndarray], tokenizer: Tokenizer, config: TiDARConfig,
                   max_tokens_limit: int) -> ServingRequest:
-    """The runtime request of one Triton request's inputs; RequestError names what is wrong."""
-    unknown = set(inputs) - {spec.name for spec in INPUTS}
+    """The runtime requests of one Triton request's inputs; RequestError names what is wrong."""
+    unknown = set(inputs) - set(INPUT_SPECS)
     if unknown:
         raise RequestError(f"unknown input(s) {sorted(unknown)}")
     if "text_input" not in inputs:
@@ -104,42 +163,43 @@ def parse_request(inputs: dict[str, np.ndarray], tokenizer: Tokenizer, config: T
     max_tokens = int(max_tokens)
     if not 1 <= max_tokens <= max_tokens_limit:
         raise RequestError(f"input 'max_tokens' must be in [1, {max_tokens_limit}], got {max_tokens}")
+    _unsupported(inputs)
 
-    def number(name, default, kind=float):
+    def number(name, kind=float):
         value = _scalar(inputs, name)
-        return default if value is None else kind(value)
+        return None if value is None else kind(value)
 
-    temperature, top_p = number("temperature", 0.0), number("top_p", 1.0)
-    if not math.isfinite(temperature) or temperature < 0:
+    temperature = number("temperature")
+    if temperature is not None and (not math.isfinite(temperature) or temperature < 0):
         raise RequestError(f"input 'temperature' must be a finite number >= 0 (0 = greedy), got {temperature}")
+    top_p = number("top_p")
+    if top_p is not None and not (math.isfinite(top_p) and top_p <= 1):
+        raise RequestError(f"input 'top_p' must be <= 1 (<= 0 = unset), got {top_p}")
+    seed, old_seed = number("seed", int), number("random_seed", int)
+    if seed is not None and old_seed is not None and seed != old_seed:
+        raise RequestError(f"inputs 'seed' = {seed} and 'random_seed' = {old_seed} disagree (send one)")
+    seed = seed if seed is not None else old_seed
+    temperature, top_k, top_p = sampling_choice(temperature, number("top_k", int), top_p)
     try:
-        sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=number("top_k", 0, int),
-                                  seed=number("random_seed", None, int))
+        sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     except SamplingError as error:
         raise RequestError(f"input {error}") from None
 
-    stop = []
-    if "stop_words" in inputs:
-        words = np.asarray(inputs["stop_words"]).reshape(-1)
-        stop = [_text(word, "stop_words") for word in words]
-        if any(not word for word in stop):
-            raise RequestError(f"input 'stop_words' must be non-empty strings, got {stop!r}")
-
+    stop = _words(inputs, "stop_words")
     eos_ids = None
-    end_id = _scalar(inputs, "end_id")
-    if end_id is not None:
-        end_id = int(end_id)
-        if not 0 <= end_id < config.vocab_size:
-            raise RequestError(f"input 'end_id' must be a token id in [0, {config.vocab_size}), got {end_id}")
-        eos_ids = [end_id]
+    for name in ("end_id", "pad_id"):
+        token = number(name, int)
+        if token is not None and not 0 <= token < config.vocab_size:
+            raise RequestError(f"input '{name}' must be a token id in [0, {config.vocab_size}), got {token}")
+        if name == "end_id" and token is not None:
+            eos_ids = [token]
 
     mode = _scalar(inputs, "mode")
     mode = "tidar" if mode is None else _text(mode, "mode")
     if mode not in MODES:
         raise RequestError(f"input 'mode' must be one of {', '.join(MODES)}, got {mode!r}")
-    draft_len = _scalar(inputs, "draft_len")
+    draft_len = number("draft_len", int)
     if draft_len is not None:
-        draft_len = int(draft_len)
         if mode == "ar" and draft_len != 0:
             raise RequestError(f"input 'draft_len' = {draft_len} contradicts mode 'ar' (AR decoding drafts nothing)")
         if not 0 <= draft_len <= config.block_size:
@@ -148,34 +208,69 @@ def parse_request(inputs: dict[str, np.ndarray], tokenizer: Tokenizer, config: T
     if mode == "ar":
         draft_len = 0
 
-    timeout = _scalar(inputs, "timeout")
-    if timeout is not None:
-        timeout = float(timeout)
-        if not (math.isfinite(timeout) and timeout > 0):
-            raise RequestError(f"input 'timeout' must be positive seconds, got {timeout}")
+    timeout = number("timeout")
+    if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+        raise RequestError(f"input 'timeout' must be positive seconds, got {timeout}")
+    count = number("num_return_sequences", int)
+    count = 1 if count is None else count
+    if not 1 <= count <= MAX_RETURN_SEQUENCES:
+        raise RequestError(f"input 'num_return_sequences' must be in [1, {MAX_RETURN_SEQUENCES}], got {count}")
 
-    stream = _scalar(inputs, "stream")
-    request = Request(tokenizer.encode(text), max_tokens, sampling, stop=tuple(stop), eos_ids=eos_ids)
-    return ServingRequest(request, bool(stream) if stream is not None else False, draft_len, timeout)
+    prompt_ids = tokenizer.encode(text)
+    requests = []
+    for index in range(count):
+        row_sampling = sampling
+        if index and seed is not None:
+            row_sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k,
+                                          seed=(seed + index) % 2 ** 64)
+        requests.append(Request(prompt_ids, max_tokens, row_sampling, stop=tuple(stop), eos_ids=eos_ids))
+    flag = lambda name: bool(_scalar(inputs, name)) if name in inputs else False  # noqa: E731
+    return ServingRequest(requests, text, flag("stream"), draft_len, timeout,
+                          exclude_input_in_output=flag("exclude_input_in_output"),
+                          return_perf_metrics=flag("return_perf_metrics"))
 
 
-def response_tensors(text: str, token_ids: list[int], finish_reason: str | None, delta: Delta | None) -> dict:
-    """Output tensors of one response: `text` and `token_ids` are what this response adds
-    (streaming) or the whole output (the single response of a non-streaming request); the
-    counters are the request's totals so far."""
+@dataclass
+class Timing:
+    """Wall-clock times of one returned sequence (ns since the epoch), for the perf-metric outputs."""
+
+    arrival_ns: int
+    first_scheduled_ns: int = 0
+    first_token_ns: int = 0
+    last_token_ns: int = 0
+
+
+def response_tensors(text: str, token_ids: list[int], finish_reason: str | None, delta: Delta | None,
+                     sequence_index: int | None = None, timing: Timing | None = None) -> dict:
+    """Output tensors of one response, batch dimension included: `text` and `token_ids` are what
+    this response adds (streaming) or the whole output (the single response of a non-streaming
+    request); the counters are the request's totals so far. `sequence_index` is sent when the
+    request asked for several sequences, the perf metrics when `timing` is given."""
     stats = delta.stats if delta is not None else None
+    draft_tokens = stats.draft_tokens if stats else 0
+    accepted = stats.accepted_tokens if stats else 0
 
-    def count(value: int) -> np.ndarray:
-        return np.array([value], dtype=np.int32)
+    def one(name: str, value) -> np.ndarray:
+        return np.array([[value]], dtype=OUTPUT_SPECS[name].numpy_dtype)
 
-    return {
+    tensors = {
         "text_output": np.array([text.encode("utf-8")], dtype=np.object_),
-        "output_ids": np.array(token_ids, dtype=np.int32),
-        "finish_reason": np.array([(finish_reason or "").encode()], dtype=np.object_),
-        "num_forward_passes": count(stats.forward_passes if stats else 0),
-        "num_draft_tokens": count(stats.draft_tokens if stats else 0),
-        "num_accepted_draft_tokens": count(stats.accepted_tokens if stats else 0),
+        "output_ids": np.array([token_ids], dtype=np.int32).reshape(1, -1),
+        "finish_reason": one("finish_reason", (finish_reason or "").encode()),
+        "num_forward_passes": one("num_forward_passes", stats.forward_passes if stats else 0),
+        "num_draft_tokens": one("num_draft_tokens", draft_tokens),
+        "num_accepted_draft_tokens": one("num_accepted_draft_tokens", accepted),
     }
+    if sequence_index is not None:
+        tensors["sequence_index"] = one("sequence_index", sequence_index)
+    if timing is not None:
+        values = {"kv_cache_alloc_new_blocks": 0, "kv_cache_reused_blocks": 0, "kv_cache_alloc_total_blocks": 0,
+                  "arrival_time_ns": timing.arrival_ns, "first_scheduled_time_ns": timing.first_scheduled_ns,
+                  "first_token_time_ns": timing.first_token_ns, "last_token_time_ns": timing.last_token_ns,
+                  "acceptance_rate": accepted / draft_tokens if draft_tokens else 0.0,
+                  "total_accepted_draft_tokens": accepted, "total_draft_tokens": draft_tokens}
+        tensors.update({name: one(name, values[name]) for name in PERF_METRIC_OUTPUTS})
+    return tensors
 
 
 # ---------------------------------------------------------------- the model's parameters

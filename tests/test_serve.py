@@ -24,16 +24,18 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-grpcclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed (serve extra)")
-pytest.importorskip("pytriton", reason="nvidia-pytriton (the bundled tritonserver) is not installed (serve extra)")
+import tritonclient.grpc as grpcclient
 
-from tidar import BUNDLED_MODEL  # noqa: E402
-from tidar.client import ClientError, build_inputs, request  # noqa: E402
-from tidar.export.triton_repo import render_repository  # noqa: E402
-from tidar.runtime.backend import TorchBackend  # noqa: E402
-from tidar.runtime.generate import DecodeEngine, Request  # noqa: E402
-from tidar.runtime.tokenizer import Tokenizer  # noqa: E402
-from tidar.serve import TritonServer  # noqa: E402
+from tidar import BUNDLED_MODEL
+from tidar.client import ClientError, build_inputs, request
+from tidar.export.triton_repo import render_repository
+from tidar.runtime.backend import TorchBackend
+from tidar.runtime.generate import DecodeEngine, Request
+from tidar.runtime.tokenizer import Tokenizer
+from tidar.runtime.wire import PERF_METRIC_OUTPUTS
+from tidar.serve import TritonServer
+
+from serving_helpers import metrics, settled_metrics, wait_for
 
 PROMPTS = ["def main():\n", "import os\nimport sys\n", "class Config:\n    def __init__(self", "# Copyright",
            "for key, value in", "    return self.", "if __name__ == '__main__':\n", "try:\n    import",
@@ -66,47 +68,6 @@ def ar_oracle():
         return engine.generate([Request(tokenizer.encode(text), max_tokens)])[0]
 
     return greedy
-
-
-def metrics(server) -> dict[str, float]:
-    """tidar_* samples summed over label sets; labelled ones also under name{label="value"}."""
-    with urllib.request.urlopen(server.metrics_url, timeout=10) as response:
-        text = response.read().decode()
-    values: dict[str, float] = {}
-    for line in text.splitlines():
-        match = re.match(r'(tidar_\w+)\{([^}]*)\} (\S+)', line)
-        if not match:
-            continue
-        name, labels, value = match.group(1), match.group(2), float(match.group(3))
-        if 'model="tidar"' not in labels:
-            continue
-        values[name] = values.get(name, 0.0) + value
-        for label in re.findall(r'(outcome|position)="([^"]*)"', labels):
-            values[f'{name}{{{label[0]}="{label[1]}"}}'] = value
-    return values
-
-
-def settled_metrics(server, timeout=30.0) -> dict[str, float]:
-    """Metrics once no request is running and the last updates are published (two reads, more
-    than the model's publishing period apart, agree)."""
-    deadline = time.monotonic() + timeout
-    previous = metrics(server)
-    while time.monotonic() < deadline:
-        time.sleep(0.5)
-        current = metrics(server)
-        if current == previous and current.get("tidar_active_rows", 0) == 0:
-            return current
-        previous = current
-    raise AssertionError(f"metrics did not settle: {previous}")
-
-
-def wait_for(condition, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def test_streamed_text_equals_tidar_generate(server, ar_oracle):
@@ -143,13 +104,15 @@ BAD_REQUESTS = {
     "max_tokens above the limit": (dict(max_tokens=5000), r"'max_tokens' must be in \[1, 2048\], got 5000"),
     "wrong dtype": (dict(retype=("max_tokens", "FP32", np.float32)), r"max_tokens.*(FP32|TYPE_FP32)"),
     "negative temperature": (dict(temperature=-1.0), r"'temperature' must be a finite number >= 0"),
-    "top_p outside (0, 1]": (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
-    "malformed stop_words": (dict(stop_words=["ok", ""]), r"'stop_words' must be non-empty strings"),
+    "top_p above 1": (dict(top_p=1.5), r"'top_p' must be <= 1"),
+    "beam search": (dict(beam_width=2), r"'beam_width' = 2 is not supported"),
+    "LoRA": (dict(lora_task_id=3), r"'lora_task_id' = 3 is not supported: LoRA"),
+    "bad words": (dict(bad_words=["import"]), r"'bad_words' is not supported"),
     "prompt over the context limit": (dict(text="x = 1\n" * 1200), r"prompt of \d+ tokens is too long"),
 }
 
 
-def send_raw(server, text="def f():", max_tokens=16, drop=None, retype=None, **options):
+def send_raw(server, text="def f():", max_tokens=16, drop=None, retype=None, model="tidar", **options):
     """One request built by hand (to send what `client.request` would refuse to build)."""
     inputs = build_inputs(text, max_tokens, True, **options)
     if drop:
@@ -157,13 +120,13 @@ def send_raw(server, text="def f():", max_tokens=16, drop=None, retype=None, **o
     if retype:
         name, kind, dtype = retype
         inputs = [t for t in inputs if t.name() != name]
-        tensor = grpcclient.InferInput(name, [1], kind)
-        tensor.set_data_from_numpy(np.array([max_tokens], dtype=dtype))
+        tensor = grpcclient.InferInput(name, [1, 1], kind)
+        tensor.set_data_from_numpy(np.array([[max_tokens]], dtype=dtype))
         inputs.append(tensor)
     client = grpcclient.InferenceServerClient(server.grpc_url)
     errors, done = [], []
     client.start_stream(callback=lambda result, error: (errors.append(error) if error else None, done.append(1)))
-    client.async_stream_infer("tidar", inputs)
+    client.async_stream_infer(model, inputs)
     wait_for(lambda: done, 30)
     client.stop_stream()
     return [str(e) for e in errors if e]
@@ -174,7 +137,7 @@ def test_bad_requests_get_errors_while_good_streams_finish(server, ar_oracle):
     with ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(request, server.grpc_url, p, 48) for p in good]
         for name, (options, pattern) in BAD_REQUESTS.items():
-            errors = send_raw(server, **options)
+            errors = send_raw(server, **options, model="ensemble" if "beam" in name else "tidar")
             assert len(errors) == 1 and re.search(pattern, errors[0]), f"{name}: {errors}"
         results = [f.result() for f in futures]
     for prompt, result in zip(good, results):
@@ -270,3 +233,95 @@ def test_tidar_serve_runs_until_sigterm_and_refuses_a_taken_port(server, tmp_pat
     child.send_signal(signal.SIGTERM)
     rest = child.stderr.read()
     assert child.wait(60) == 0 and "tritonserver stopped (status 0)" in rest
+
+
+# ---------------------------------------------------------------- tensorrtllm_backend's clients
+def published_request(prompt: str, max_tokens: int, **values):
+    """A request as tensorrtllm_backend's end_to_end_grpc_client.py builds it: every tensor [1, 1]
+    (lists [1, N]), numpy dtypes mapped with tritonclient's np_to_triton_dtype."""
+    from tritonclient.utils import np_to_triton_dtype
+
+    arrays = {"text_input": np.array([[prompt]]).astype(object), "max_tokens": np.array([[max_tokens]], np.int32)}
+    for name, value in values.items():
+        arrays[name] = np.array([value] if isinstance(value, list) else [[value]],
+                                dtype=object if isinstance(value, (str, list)) else type(value))
+    inputs = []
+    for name, array in arrays.items():
+        tensor = grpcclient.InferInput(name, array.shape, np_to_triton_dtype(array.dtype))
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+def stream_responses(server, model, inputs, outputs=()):
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    responses = []
+    client.start_stream(callback=lambda result, error: responses.append(error or result))
+    client.async_stream_infer(model, inputs, outputs=[grpcclient.InferRequestedOutput(n) for n in outputs] or None)
+    client.stop_stream()  # waits until the server closes the stream
+    client.close()
+    errors = [r for r in responses if isinstance(r, Exception)]
+    assert not errors, errors
+    return responses
+
+
+@pytest.mark.parametrize("model", ["ensemble", "tidar"])
+def test_published_contract_streaming_and_not_with_and_without_the_prompt(server, ar_oracle, model):
+    prompt = "def main():\n"
+    expected = ar_oracle(prompt, 20).text
+    temperature_only = dict(temperature=np.float32(1.0), beam_width=np.int32(1))  # greedy in TensorRT-LLM
+    for exclude in (False, True):
+        whole = stream_responses(server, model, published_request(
+            prompt, 20, stream=False, exclude_input_in_output=exclude, **temperature_only))
+        assert len(whole) == 1 and whole[0].as_numpy("text_output").shape == (1,)
+        assert whole[0].as_numpy("text_output")[0].decode() == (expected if exclude else prompt + expected)
+        pieces = stream_responses(server, model, published_request(
+            prompt, 20, stream=True, exclude_input_in_output=exclude, **temperature_only))
+        assert len(pieces) > 1  # streaming never repeats the prompt, as there
+        assert "".join(r.as_numpy("text_output")[0].decode() for r in pieces) == expected
+
+
+def test_published_contract_perf_metrics_and_several_sequences(server):
+    prompt, outputs = "import os\n", ["text_output", "sequence_index", *PERF_METRIC_OUTPUTS]
+    responses = stream_responses(server, "ensemble", published_request(
+        prompt, 16, stream=True, return_perf_metrics=True, num_return_sequences=np.int32(2), seed=np.uint64(7),
+        temperature=np.float32(0.9), top_p=np.float32(1.0), draft_len=np.int32(3), bad_words="", stop_words=""),
+        outputs)
+    texts = {0: "", 1: ""}
+    for response in responses:
+        texts[int(response.as_numpy("sequence_index")[0][0])] += response.as_numpy("text_output")[0].decode()
+        times = [int(response.as_numpy(n)[0][0]) for n in ("arrival_time_ns", "first_scheduled_time_ns",
+                                                            "first_token_time_ns", "last_token_time_ns")]
+        assert times == sorted(times) and times[0] > 0
+    last = responses[-1]
+    total, accepted = (int(last.as_numpy(n)[0][0]) for n in ("total_draft_tokens", "total_accepted_draft_tokens"))
+    assert total > 0 and last.as_numpy("acceptance_rate")[0][0] == pytest.approx(accepted / total)
+    for index in (0, 1):  # sequence i is the seeded request with seed 7 + i, whatever else runs
+        solo = request(server.grpc_url, prompt, 16, seed=7 + index, temperature=0.9, top_p=1.0, draft_len=3)
+        assert texts[index] == solo.text
+
+
+def test_quick_start_generate_request_against_ensemble(server, ar_oracle):
+    """tensorrtllm_backend's README quick-start, byte for byte (HTTP generate extension)."""
+    body = b'{"text_input": "What is machine learning?", "max_tokens": 20, "bad_words": "", "stop_words": ""}'
+    with urllib.request.urlopen(urllib.request.Request(f"{server.http_url}/v2/models/ensemble/generate",
+                                                       data=body, method="POST"), timeout=60) as response:
+        answer = json.loads(response.read())
+    prompt = "What is machine learning?"
+    assert answer["model_name"] == "ensemble"
+    assert answer["text_output"] == prompt + ar_oracle(prompt, 20).text
+
+
+def test_triton_refuses_a_batch_of_two(server):
+    inputs = published_request("x", 4)
+    for tensor in inputs:
+        array = np.array([["x"], ["y"]], dtype=object) if tensor.name() == "text_input" else np.array([[4], [4]],
+                                                                                                    np.int32)
+        tensor.set_shape([2, 1])
+        tensor.set_data_from_numpy(array)
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    errors = []
+    client.start_stream(callback=lambda result, error: errors.append(error))
+    client.async_stream_infer("ensemble", inputs)
+    client.stop_stream()
+    assert errors and "batch" in str(errors[0]).lower(), errors

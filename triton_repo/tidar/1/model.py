@@ -6,7 +6,9 @@ Only the Triton plumbing lives here; the rest is tidar's runtime:
 - requests go to a `tidar.runtime.scheduler.Scheduler`, whose thread batches them into shared
   decode steps and calls back with each step's delta;
 - a streaming request gets one response per decode step with its new text and the final
-  flag on the last; a non-streaming request gets one response with the whole output;
+  flag on the last; a non-streaming request gets one response with the whole output (the prompt
+  first unless `exclude_input_in_output`); with `num_return_sequences` = n, n rows run and each
+  response names its `sequence_index`; the final flag comes with the last one;
 - a full queue gives an UNAVAILABLE "overloaded" error; a cancelled request or a closed
   stream frees its row at the next step;
 - scheduler counters are published as `tidar_*` metrics on Triton's metrics endpoint by a
@@ -16,13 +18,15 @@ Only the Triton plumbing lives here; the rest is tidar's runtime:
 
 import json
 import threading
+import time
 from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
 from tidar.runtime.generate import RequestError
 from tidar.runtime.scheduler import Overloaded
-from tidar.runtime.serving import INPUTS, ServingOptions, build_scheduler, parse_request, response_tensors
+from tidar.runtime.serving import ServingOptions, Timing, build_scheduler, parse_request, response_tensors
+from tidar.runtime.wire import INPUTS
 from tidar.supervisor import restarts_from_environment
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -61,6 +65,7 @@ class TritonPythonModel:
         return None
 
     def _submit(self, request):
+        arrival = time.time_ns()
         sender = request.get_response_sender()
         inputs = {}
         for spec in INPUTS:
@@ -72,15 +77,18 @@ class TritonPythonModel:
         except RequestError as error:
             self.metrics.rejected("invalid")
             return _send_error(sender, str(error), pb_utils.TritonError.INVALID_ARG)
-        reply = Reply(sender, parsed.stream)
-        try:
-            self.scheduler.submit(parsed.request, reply.on_delta, reply.on_error, draft_len=parsed.draft_len,
-                                  timeout=parsed.timeout, is_cancelled=sender.is_cancelled)
-        except Overloaded as error:
-            _send_error(sender, str(error), pb_utils.TritonError.UNAVAILABLE)
-        except RequestError as error:
-            self.metrics.rejected("invalid")
-            _send_error(sender, str(error), pb_utils.TritonError.INVALID_ARG)
+        reply = Reply(sender, parsed, arrival)
+        for index, row in enumerate(parsed.requests):
+            try:
+                self.scheduler.submit(row, reply.callbacks(index), reply.on_error, draft_len=parsed.draft_len,
+                                      timeout=parsed.timeout, is_cancelled=reply.is_cancelled)
+            except Overloaded as error:
+                reply.fail(str(error), pb_utils.TritonError.UNAVAILABLE)
+                return
+            except RequestError as error:
+                self.metrics.rejected("invalid")
+                reply.fail(str(error), pb_utils.TritonError.INVALID_ARG)
+                return
 
     def finalize(self):
         self.scheduler.close()
@@ -89,26 +97,65 @@ class TritonPythonModel:
 
 
 class Reply:
-    """Sends one request's responses (called from the scheduler's thread)."""
+    """Sends one request's responses (called from the scheduler's thread); with several returned
+    sequences, the final flag goes with the last sequence to finish, and a failure of one ends all."""
 
-    def __init__(self, sender, stream: bool):
-        self.sender, self.stream = sender, stream
-        self.text, self.token_ids = [], []
+    def __init__(self, sender, parsed, arrival_ns: int):
+        self.sender, self.parsed = sender, parsed
+        count = len(parsed.requests)
+        self.text = [[] for _ in range(count)]
+        self.token_ids = [[] for _ in range(count)]
+        self.timing = [Timing(arrival_ns) for _ in range(count)]
+        self.open = count
+        self.closed = False
+        self.lock = threading.Lock()
 
-    def on_delta(self, delta):
-        if self.stream:
-            tensors = response_tensors(delta.text, delta.token_ids, delta.finish_reason, delta)
+    def is_cancelled(self) -> bool:
+        return self.closed or self.sender.is_cancelled()
+
+    def callbacks(self, index: int):
+        return lambda delta: self.on_delta(index, delta)
+
+    def on_delta(self, index, delta):
+        timing = self.timing[index]
+        now = time.time_ns()
+        if delta.token_ids:
+            if not timing.first_token_ns:
+                timing.first_token_ns = now
+                prefill = delta.stats.prefill_seconds if delta.stats else 0.0
+                timing.first_scheduled_ns = max(timing.arrival_ns, now - int(prefill * 1e9))
+            timing.last_token_ns = now
+        if self.parsed.stream:
+            text, token_ids = delta.text, delta.token_ids
         else:
-            self.text.append(delta.text)
-            self.token_ids.extend(delta.token_ids)
+            self.text[index].append(delta.text)
+            self.token_ids[index].extend(delta.token_ids)
             if not delta.finished:
                 return
-            tensors = response_tensors("".join(self.text), self.token_ids, delta.finish_reason, delta)
+            text, token_ids = "".join(self.text[index]), self.token_ids[index]
+            if not self.parsed.exclude_input_in_output:
+                text = self.parsed.prompt + text
+        tensors = response_tensors(text, token_ids, delta.finish_reason, delta,
+                                   sequence_index=index if len(self.timing) > 1 else None,
+                                   timing=timing if self.parsed.return_perf_metrics else None)
         response = pb_utils.InferenceResponse([pb_utils.Tensor(name, value) for name, value in tensors.items()])
-        self.sender.send(response, flags=FINAL if delta.finished else 0)
+        with self.lock:
+            if self.closed:
+                return
+            if delta.finished:
+                self.open -= 1
+            final = self.open == 0
+            self.closed = final
+            self.sender.send(response, flags=FINAL if final else 0)
 
     def on_error(self, kind, message):
-        code = pb_utils.TritonError.INVALID_ARG if kind == "invalid" else pb_utils.TritonError.INTERNAL
+        self.fail(message, pb_utils.TritonError.INVALID_ARG if kind == "invalid" else pb_utils.TritonError.INTERNAL)
+
+    def fail(self, message, code):
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
         _send_error(self.sender, message, code)
 
 

@@ -1,0 +1,48 @@
+"""Helpers of the tests that run the real tritonserver: its tidar_* metrics, waiting for a condition."""
+
+from __future__ import annotations
+
+import re
+import time
+import urllib.request
+
+
+def metrics(server) -> dict[str, float]:
+    """tidar_* samples summed over label sets; labelled ones also under name{label="value"}."""
+    with urllib.request.urlopen(server.metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        match = re.match(r'(tidar_\w+)\{([^}]*)\} (\S+)', line)
+        if not match:
+            continue
+        name, labels, value = match.group(1), match.group(2), float(match.group(3))
+        if 'model="tidar"' not in labels:
+            continue
+        values[name] = values.get(name, 0.0) + value
+        for label in re.findall(r'(outcome|position)="([^"]*)"', labels):
+            values[f'{name}{{{label[0]}="{label[1]}"}}'] = value
+    return values
+
+
+def settled_metrics(server, timeout=30.0) -> dict[str, float]:
+    """Metrics once no request is running and the last updates are published (two reads, more
+    than the model's publishing period apart, agree)."""
+    deadline = time.monotonic() + timeout
+    previous = metrics(server)
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        current = metrics(server)
+        if current == previous and current.get("tidar_active_rows", 0) == 0:
+            return current
+        previous = current
+    raise AssertionError(f"metrics did not settle: {previous}")
+
+
+def wait_for(condition, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return False

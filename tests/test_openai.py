@@ -1,0 +1,189 @@
+"""The OpenAI-compatible front (openai_server.py) on the real tritonserver, driven with the official
+`openai` Python client.
+
+Oracles: greedy outputs are AR decoding of the same weights in this process (float32, as the
+server); chat prompts are rendered by `transformers`' apply_chat_template from the same
+tokenizer_config.json; a seeded sampled completion equals the same request sent to the Triton
+model directly. Two fronts share one server: one reads a copy of the bundled checkpoint with a
+chat template added, the other the bundled checkpoint itself, which has none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+
+import openai
+import pytest
+from transformers import AutoTokenizer
+
+from tidar import BUNDLED_MODEL
+from tidar.client import request
+from tidar.export.triton_repo import render_repository
+from tidar.openai_server import OpenAIFront
+from tidar.runtime.backend import TorchBackend
+from tidar.runtime.generate import DecodeEngine, Request
+from tidar.runtime.tokenizer import Tokenizer
+from tidar.serve import TritonServer
+
+from serving_helpers import metrics, settled_metrics, wait_for
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("openai")
+    chat_model = shutil.copytree(BUNDLED_MODEL, root / "chat-model")
+    config = json.loads((chat_model / "tokenizer_config.json").read_text())
+    (chat_model / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHATML}))
+    repo = render_repository(root / "repo", model_dir=str(BUNDLED_MODEL), backend="torch", dtype="float32",
+                             attention="eager", threads=1, draft_len="2", max_batch_size=16)
+    with TritonServer(repo, grpc_port=0, http_port=0, metrics_port=0) as server:
+        with OpenAIFront(server.grpc_url, chat_model, port=0) as chat, \
+                OpenAIFront(server.grpc_url, BUNDLED_MODEL, port=0) as plain:
+            yield server, chat, plain, chat_model
+
+
+@pytest.fixture(scope="module")
+def greedy():
+    engine = DecodeEngine(TorchBackend.load(BUNDLED_MODEL, dtype="float32"), Tokenizer(BUNDLED_MODEL), draft_len=0)
+
+    def run(text: str, max_tokens: int):
+        return engine.generate([Request(engine.tokenizer.encode(text), max_tokens)])[0]
+
+    return run
+
+
+def client_of(front) -> openai.OpenAI:
+    return openai.OpenAI(base_url=front.url, api_key="none", max_retries=0)
+
+
+def test_models_and_completions_streaming_and_not(setup, greedy):
+    server, chat, _, _ = setup
+    client = client_of(chat)
+    assert [m.id for m in client.models.list().data] == [chat.served_name]
+    prompt = "def main():\n"
+    expected = greedy(prompt, 24)
+    whole = client.completions.create(model=chat.served_name, prompt=prompt, max_tokens=24, temperature=0)
+    assert whole.choices[0].text == expected.text and whole.choices[0].finish_reason == "length"
+    assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (len(expected.prompt_ids), 24)
+    chunks = list(client.completions.create(model=chat.served_name, prompt=prompt, max_tokens=24, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert len(chunks) > 3 and "".join(c.choices[0].text for c in chunks if c.choices) == expected.text
+    assert chunks[-1].usage.completion_tokens == 24 and [c.choices[0].finish_reason for c in chunks
+                                                         if c.choices][-1] == "length"
+    echoed = client.completions.create(prompt=prompt, max_tokens=5, temperature=0, echo=True, model=chat.served_name)
+    assert echoed.choices[0].text == prompt + greedy(prompt, 5).text
+
+
+def test_stop_and_seed(setup, greedy):
+    server, chat, _, _ = setup
+    client = client_of(chat)
+    prompt = "class Config:\n"
+    full = greedy(prompt, 40).text
+    assert "\n" in full.lstrip("\n")
+    stopped = client.completions.create(model=chat.served_name, prompt=prompt, max_tokens=40, temperature=0,
+                                        stop=["\n\n", ":"])
+    cut = min((full.index(s) for s in ("\n\n", ":") if s in full), default=len(full))
+    assert stopped.choices[0].text == full[:cut] and stopped.choices[0].finish_reason == "stop"
+    sampled = [client.completions.create(model=chat.served_name, prompt=prompt, max_tokens=16, temperature=0.9,
+                                         top_p=0.95, seed=11).choices[0].text for _ in range(2)]
+    direct = request(server.grpc_url, prompt, 16, temperature=0.9, top_p=0.95, seed=11).text
+    assert sampled == [direct, direct]
+
+
+def test_chat_uses_the_checkpoints_template_and_refuses_without_one(setup, greedy):
+    _, chat, plain, chat_model = setup
+    messages = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "A loop, please."}]
+    prompt = AutoTokenizer.from_pretrained(chat_model).apply_chat_template(messages, tokenize=False,
+                                                                         add_generation_prompt=True)
+    expected = greedy(prompt, 20).text
+    client = client_of(chat)
+    answer = client.chat.completions.create(model=chat.served_name, messages=messages, max_tokens=20, temperature=0)
+    assert answer.choices[0].message.content == expected and answer.choices[0].message.role == "assistant"
+    assert answer.usage.prompt_tokens == len(Tokenizer(BUNDLED_MODEL).encode(prompt))
+    streamed = client.chat.completions.create(model=chat.served_name, messages=messages, max_completion_tokens=20,
+                                              temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == expected
+    with pytest.raises(openai.BadRequestError, match="has no chat template"):
+        client_of(plain).chat.completions.create(model=plain.served_name, messages=messages, max_tokens=4)
+
+
+@pytest.mark.parametrize("options,error,param", [
+    (dict(temperature=3.0), openai.BadRequestError, "temperature"),
+    (dict(presence_penalty=0.5), openai.BadRequestError, "presence_penalty"),
+    (dict(logprobs=2), openai.BadRequestError, "logprobs"),
+    (dict(max_tokens=0), openai.BadRequestError, "max_tokens"),
+    (dict(n=20), openai.BadRequestError, "n"),
+    (dict(model="gpt-4"), openai.NotFoundError, "model"),
+    (dict(max_tokens=5000), openai.BadRequestError, None),  # refused by the Triton model, which names max_tokens
+])
+def test_bad_requests_get_openai_errors(setup, options, error, param):
+    _, chat, _, _ = setup
+    body = {"model": chat.served_name, "prompt": "x = 1", "max_tokens": 4, **options}
+    with pytest.raises(error) as caught:
+        client_of(chat).completions.create(**body)
+    detail = caught.value.body
+    assert set(detail) >= {"message", "type", "param"} and detail["param"] == param
+    if param is None:
+        assert "'max_tokens' must be in [1, 2048], got 5000" in detail["message"]
+
+
+def test_thirty_two_concurrent_streams_some_disconnecting(setup, greedy):
+    """32 streaming clients at once; 8 go away after their first chunks. The others get their greedy
+    outputs, the server keeps serving, and no row leaks (tidar_active_rows returns to 0)."""
+    server, chat, _, _ = setup
+    before = settled_metrics(server)
+    prompts = [f"def f{i}(x):\n" for i in range(32)]
+    quitters = set(range(0, 32, 4))
+
+    async def one(client, index):
+        tokens = 600 if index in quitters else 20
+        stream = await client.completions.create(model=chat.served_name, prompt=prompts[index], max_tokens=tokens,
+                                                 temperature=0, stream=True)
+        text, seen = "", 0
+        async for chunk in stream:
+            text += chunk.choices[0].text if chunk.choices else ""
+            seen += 1
+            if index in quitters and seen == 3:
+                await stream.close()  # the client disconnects mid-stream
+                return None
+        return text
+
+    async def run_all():
+        client = openai.AsyncOpenAI(base_url=chat.url, api_key="none", max_retries=0, timeout=300)
+        try:
+            return await asyncio.gather(*(one(client, i) for i in range(32)))
+        finally:
+            await client.close()
+
+    texts = asyncio.run(run_all())
+    for index, text in enumerate(texts):
+        if index not in quitters:
+            assert text == greedy(prompts[index], 20).text, index
+    cancelled = 'tidar_requests_total{outcome="cancelled"}'
+    assert wait_for(lambda: metrics(server).get(cancelled, 0) - before.get(cancelled, 0) == len(quitters), 60), \
+        metrics(server)
+    assert wait_for(lambda: metrics(server)["tidar_active_rows"] == 0, 60)
+    after = client_of(chat).completions.create(model=chat.served_name, prompt="import os\n", max_tokens=8,
+                                               temperature=0)
+    assert after.choices[0].text == greedy("import os\n", 8).text
+
+
+def test_tidar_serve_openai_port_runs_the_front(setup, tmp_path):
+    """`tidar serve --openai-port 0` prints the front's URL and a command after `--` sees it."""
+    repo = render_repository(tmp_path / "repo", model_dir=str(BUNDLED_MODEL), backend="torch", draft_len="0",
+                             dtype="float32", threads=1)
+    script = ("import os, openai; c = openai.OpenAI(api_key='none'); m = c.models.list().data[0].id; "
+              "print(c.completions.create(model=m, prompt='import os', max_tokens=4, temperature=0).usage"
+              ".completion_tokens)")
+    run = subprocess.run([sys.executable, "-m", "tidar.cli", "serve", str(repo), "--grpc-port", "0", "--http-port",
+                          "0", "--metrics-port", "0", "--openai-port", "0", "--", sys.executable, "-c", script],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "4" and "OpenAI http://localhost:" in run.stderr
