@@ -185,6 +185,8 @@ def _client(args: argparse.Namespace) -> int:
                          model=args.model_name, **options)
     except ClientError as exc:
         raise CLIError(f"the server refused the request: {exc}") from None
+    except ModuleNotFoundError:
+        raise
     except Exception as exc:  # connection problems from grpc / tritonclient
         raise CLIError(f"cannot reach a tidar model at {args.url}: {exc}") from None
     summary = {"text": result.text, "token_ids": result.token_ids, "finish_reason": result.finish_reason,
@@ -373,6 +375,14 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except (CLIError, CheckpointError, ConfigError, RequestError, SamplingError, TokenizerError) as exc:
         print(f"tidar {args.command}: error: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+    except ModuleNotFoundError as exc:
+        from tidar.extras import missing_extra
+
+        message = missing_extra(exc)
+        if message is None:
+            raise
+        print(f"tidar {args.command}: error: this command {message}", file=sys.stderr)
         return USAGE_ERROR
     except BrokenPipeError:
         return 0

@@ -368,8 +368,11 @@ def serve(repo: str | Path, grpc_port: int, http_port: int, metrics_port: int, c
     `openai_port`, an OpenAI-compatible HTTP front (openai_server.py) forwards to the `tidar` model over gRPC."""
     from tidar.supervisor import RestartPolicy, Supervisor
 
-    if openai_port is not None and openai_port != 0 and not port_is_free(openai_port):
-        raise ServeError(f"OpenAI port {openai_port} is already in use")
+    if openai_port is not None:
+        import tidar.openai_server  # noqa: F401  (the openai extra; cli.py names it if missing, before any start)
+
+        if openai_port != 0 and not port_is_free(openai_port):
+            raise ServeError(f"OpenAI port {openai_port} is already in use")
     server = TritonServer(repo, grpc_port, http_port, metrics_port, verbose=verbose)
     supervisor = Supervisor(server, policy or RestartPolicy())
     front = None
@@ -424,10 +427,8 @@ def serve(repo: str | Path, grpc_port: int, http_port: int, metrics_port: int, c
 
 
 def _start_openai_front(server: TritonServer, port: int):
-    try:
-        from tidar.openai_server import OpenAIFront, model_dir_of
-    except ImportError as exc:
-        raise ServeError(f"--openai-port needs the openai extra (pip install \"tidar-trt[openai]\"): {exc}") from None
+    from tidar.openai_server import OpenAIFront, model_dir_of  # the openai extra (cli.py names it if missing)
+
     try:
         return OpenAIFront(server.grpc_url, model_dir_of(server.repo), port=port).start()
     except OSError as exc:

@@ -157,6 +157,14 @@ def main(argv: list[str] | None = None) -> int:
             VerifyError) as exc:
         print(f"tidar-export {args.command}: error: {exc}", file=sys.stderr)
         return USAGE_ERROR
+    except ModuleNotFoundError as exc:
+        from tidar.extras import missing_extra
+
+        message = missing_extra(exc)
+        if message is None:
+            raise
+        print(f"tidar-export {args.command}: error: this command {message}", file=sys.stderr)
+        return USAGE_ERROR
     except BrokenPipeError:
         return 0
 

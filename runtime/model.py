@@ -185,8 +185,8 @@ def _triton_kernel():
     try:
         from ..plugins import hybrid_attention
     except ImportError as error:
-        raise RuntimeError(f"attention 'triton' needs the triton package (pip install 'tidar-trt[kernel]'): "
-                           f"{error}") from error
+        raise ModuleNotFoundError(f"attention 'triton' needs the triton package (pip install 'tidar-trt[kernel]'): "
+                                  f"{error}", name=error.name) from error
     return hybrid_attention
 
 

@@ -69,7 +69,8 @@ def test_layout_and_manifest(exported, tiny_checkpoints):
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert files == ["config.json", "manifest.json", "onnx/decode_step.onnx", "onnx/decode_step.weights",
                      "onnx/decode_step_plugin.onnx",
-                     "tokenizer.json", "tokenizer_config.json", "triton_repo/tidar/1/model.py",
+                     "tokenizer.json", "tokenizer_config.json", "triton_repo/ensemble/config.pbtxt",
+                     "triton_repo/tidar/1/model.py",
                      "triton_repo/tidar/config.pbtxt", "trtllm/build_engine.sh", "trtllm/config.json",
                      "trtllm/rank0.safetensors", "trtllm/rank1.safetensors"]
     assert not [p.name for p in out.parent.iterdir() if p.name != "out"]  # no temporary folder left
