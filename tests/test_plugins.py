@@ -270,7 +270,25 @@ def test_trtllm_plugin_class():
 
 
 # ---------------------------------------------------------------- ahead-of-time compilation
+def _toolchain_problem() -> str | None:
+    """The test extra pins what engines are built with; say so plainly when this venv differs."""
+    import importlib.metadata
+
+    found = {}
+    for package in ("triton", "tensorrt-cu12-bindings"):
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = "not installed"
+    if not found["triton"].startswith("3.5.") or not found["tensorrt-cu12-bindings"].startswith("10.13.3"):
+        return (f"this venv has triton {found['triton']} and tensorrt-cu12-bindings {found['tensorrt-cu12-bindings']}; "
+                "the test extra pins triton==3.5.0 and tensorrt-cu12-bindings==10.13.3.9: pip install -e '.[test]'")
+    return None
+
+
 def _run(*command, timeout=900) -> str:
+    problem = _toolchain_problem()
+    assert problem is None, problem
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, *command], capture_output=True, text=True, env=env, cwd=ROOT,
                           timeout=timeout)
