@@ -111,7 +111,7 @@ def sampling_inputs(body: dict) -> dict:
         raise APIError(400, "'stop' must be a string or a list of at most 4 strings", "stop")
     seed = _number(body, "seed", int)
     return {"temperature": _number(body, "temperature", float, 0, 2, default=1.0),
-            "top_p": _number(body, "top_p", float, 0, 1, default=1.0) or 1.0,
+            "top_p": _number(body, "top_p", float, 0, 1, default=1.0),  # 0: greedy, as in the contract
             "seed": None if seed is None else seed % 2 ** 64,
             "stop_words": [s for s in stop or [] if s] or None,
             "num_return_sequences": _number(body, "n", int, 1, 16, default=1)}
@@ -127,7 +127,7 @@ class OpenAIFront:
         self.grpc_url, self.host, self.port = grpc_url, host, port
         self.triton_model = triton_model
         self.model_dir = Path(model_dir)
-        self.served_name = served_name or self.model_dir.name
+        self.served_name = served_name or served_name_of(self.model_dir)
         self.tokenizer = Tokenizer(self.model_dir)
         template, tokens = load_chat_template(self.model_dir)
         self.chat_template = ChatTemplate(template, tokens) if template else None
@@ -334,6 +334,17 @@ def _triton_error(message: str) -> APIError:
     if "input '" in message or "inputs '" in message or "too long" in message:
         return APIError(400, message)
     return APIError(500, message, kind="server_error")
+
+
+def served_name_of(model_dir: Path) -> str:
+    """The model id /v1/models lists: the exported checkpoint's folder name (manifest.json of a
+    `tidar-export build` output), else the folder's own name."""
+    manifest = Path(model_dir) / "manifest.json"
+    if manifest.is_file():
+        checkpoint = json.loads(manifest.read_text()).get("inputs", {}).get("checkpoint")
+        if checkpoint:
+            return Path(checkpoint).name
+    return Path(model_dir).name
 
 
 def model_dir_of(repo: str | Path, model: str = "tidar") -> Path:

@@ -23,7 +23,7 @@ from transformers import AutoTokenizer
 from tidar import BUNDLED_MODEL
 from tidar.client import request
 from tidar.export.triton_repo import render_repository
-from tidar.openai_server import OpenAIFront
+from tidar.openai_server import OpenAIFront, served_name_of
 from tidar.runtime.backend import TorchBackend
 from tidar.runtime.generate import DecodeEngine, Request
 from tidar.runtime.tokenizer import Tokenizer
@@ -187,3 +187,9 @@ def test_tidar_serve_openai_port_runs_the_front(setup, tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip() == "4" and "OpenAI http://localhost:" in run.stderr
+
+
+def test_served_name_is_the_exported_checkpoints(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({"inputs": {"checkpoint": "/x/models/tidar-stdlib-qwen2"}}))
+    assert served_name_of(tmp_path) == "tidar-stdlib-qwen2"
+    assert served_name_of(BUNDLED_MODEL) == "tidar-stdlib-qwen2"
