@@ -158,13 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tidar-export {args.command}: error: {exc}", file=sys.stderr)
         return USAGE_ERROR
     except ModuleNotFoundError as exc:
-        from tidar.extras import missing_extra
+        from tidar.extras import explain_missing
 
-        message = missing_extra(exc)
-        if message is None:
-            raise
-        print(f"tidar-export {args.command}: error: this command {message}", file=sys.stderr)
-        return USAGE_ERROR
+        return explain_missing(exc, f"tidar-export {args.command}")
     except BrokenPipeError:
         return 0
 
