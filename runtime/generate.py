@@ -1,4 +1,4 @@
-"""The TiDAR draft-verify loop (SPEC §3), for batches of independent requests.
+"""The TiDAR draft-verify loop (docs/design.md §3), for batches of independent requests.
 
 One readable function per phase:
   prefill  the prompt (causal) plus a block of b masks; d_0 = the target choice at the prompt's
@@ -14,10 +14,23 @@ AR_i is the output at the token before (d_{i-1}) and diff_i the output of the fi
 block i (same position). beta = 1, the default, is lossless: greedy output equals AR greedy
 output, and sampled output is distributed as AR sampling (exact speculative sampling).
 
-Rows are independent: each has its own cached length, sampling settings, random generator,
-stop conditions and statistics; finished rows leave the batch, new rows may join between
-steps (`add`), rows may be ended early (`finish`: cancellation, timeout) and the draft length
-may change between steps (`set_draft_len`), which is how a server adapts it to the batch.
+Every token is picked by one rule (sampling.py): the argmax of the processed logits plus
+Gumbel noise keyed by (seed, absolute position, token) for sampled rows, the plain argmax for
+greedy rows. Drafts use the same rule on the diffusion logits at their own positions, so
+verification is a comparison of each draft with the target's choice at its position, for
+greedy and sampled rows alike, and the output is a function of (model, prompt, sampling
+settings, seed): the same for any draft length, batch or backend.
+
+A step is batched over rows on the device: the drafts [B, b], the target's choices, the
+accepted counts, the next drafts and the cache commit are tensors, and the step reads the
+device once (the committed tokens and counts, `_read`). Per-row Python runs only on the host
+side of that one transfer (statistics, stop conditions, text).
+
+Rows are independent: each has its own cached length, sampling settings, seed, stop
+conditions and statistics; finished rows leave the batch, new rows may join between steps
+(`add`), rows may be ended early (`finish`: cancellation, timeout) and the draft length may
+change between steps (`set_draft_len`), which is how a server adapts it to the batch. The KV
+cache is allocated once (`max_rows` x `max_len` when given) and rows take and return slots.
 """
 
 from __future__ import annotations
@@ -32,7 +45,7 @@ import torch
 from .backend import Backend
 from .cache import KVCache
 from .layout import Layout
-from .sampling import SamplingParams, Verdict, probabilities, sample, verify_greedy, verify_sampled
+from .sampling import SamplingBatch, SamplingParams, accept_greedy
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
 
@@ -115,9 +128,7 @@ class _Row:
     request: Request
     prompt_ids: list[int]
     eos_ids: frozenset[int]
-    generator: torch.Generator | None
-    drafts: list[int]  # d_0 .. d_{b-1}; d_0 is committed (emitted), its KV is not cached yet
-    proposal_probs: torch.Tensor | None  # q of d_1 .. d_{b-1} (sampling only)
+    seed: int  # the request's seed, or one drawn at admission (sampled rows)
     stats: Stats
     detokenizer: IncrementalDetokenizer | None
     started: float
@@ -130,7 +141,10 @@ class DecodeEngine:
     """Runs requests through prefill and draft-verify steps on one backend."""
 
     def __init__(self, backend: Backend, tokenizer: Tokenizer | None = None, draft_len: int | None = None,
-                 beta: float = 1.0):
+                 beta: float = 1.0, max_rows: int | None = None, max_len: int | None = None):
+        """`max_rows` x `max_len` sizes the KV cache once (slots per row: prompt + new tokens
+        + one step's new tokens); without them the cache is sized by the first requests and
+        grows (doubling) when a later one does not fit."""
         config = backend.config
         self.backend, self.config, self.tokenizer = backend, config, tokenizer
         if draft_len is None:
@@ -138,10 +152,16 @@ class DecodeEngine:
         self._check_draft_len(draft_len)
         if not 0.0 <= beta <= 1.0:
             raise RequestError(f"beta must be in [0, 1], got {beta!r}")
+        for name, value in (("max_rows", max_rows), ("max_len", max_len)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise RequestError(f"{name} must be a positive integer, got {value!r}")
         self.draft_len, self.beta = draft_len, beta
+        self.max_rows, self.max_len = max_rows, max_len
         self.layout = Layout.decode(draft_len)
         self.cache: KVCache | None = None
         self.rows: list[_Row] = []
+        self._drafts: torch.Tensor | None = None  # [B, max(b, 1)]: d_0 .. d_{b-1} of each row, on the device
+        self._sampling: SamplingBatch | None = None
         self.finished: list[Result] = []
         """Results of rows that finished, in finishing order (drivers take theirs out)."""
 
@@ -181,7 +201,25 @@ class DecodeEngine:
             raise RequestError(f"eos_ids {list(eos)!r} must be token ids in [0, {vocab})")
 
     def _capacity(self, request: Request) -> int:
-        return len(request.prompt_ids) + request.max_new_tokens + self.layout.num_new
+        """Slots a row of `request` may use: any draft length fits without growing the cache."""
+        return len(request.prompt_ids) + request.max_new_tokens + Layout.decode(self.config.block_size).num_new
+
+    def _reserve(self, requests: Sequence[Request]) -> None:
+        """Make room for `requests` next to the active rows: the cache is made once, sized by
+        `max_rows` / `max_len` when given, and grows (doubling) only when they were not."""
+        rows = len(self.rows) + len(requests)
+        slots = max(self._capacity(r) for r in requests)
+        if self.max_rows is not None and rows > self.max_rows:
+            raise RequestError(f"{rows} rows exceed max_rows = {self.max_rows}")
+        if self.max_len is not None and slots > self.max_len:
+            raise RequestError(f"a request needs {slots} KV slots (prompt + max_new_tokens + one step), more than "
+                               f"max_len = {self.max_len}")
+        if self.cache is None:
+            self.cache = self.backend.new_cache(self.max_rows or rows, self.max_len or slots)
+            self.cache.clear()
+        elif rows > self.cache.max_rows or slots > self.cache.capacity:
+            grow = lambda need, have: have if need <= have else max(need, 2 * have)  # noqa: E731
+            self.cache.grow(grow(rows, self.cache.max_rows), grow(slots, self.cache.capacity))
 
     def add(self, requests: Sequence[Request]) -> list[Delta]:
         """Validate and prefill `requests`, join them to the batch; return their first deltas.
@@ -190,44 +228,42 @@ class DecodeEngine:
             self.check(request)
         if not requests:
             return []
-        capacity = max(self._capacity(r) for r in requests)
-        if self.cache is not None:
-            capacity = max(capacity, self.cache.capacity)
-        cache = self.backend.new_cache(len(requests), capacity)
-        rows = [self._prefill(request, cache.row(i)) for i, request in enumerate(requests)]
-        self.cache = cache if self.cache is None else self.cache.concat(cache)
+        self._reserve(requests)
+        indices = self.cache.add_rows(len(requests))
+        rows, drafts = [], []
+        for index, request in zip(indices, requests):
+            row, row_drafts = self._prefill(request, self.cache.row(index))
+            rows.append(row)
+            drafts.append(row_drafts)
         self.rows.extend(rows)
-        deltas = [self._emit(row, [row.drafts[0]]) for row in rows]
+        known = [self._drafts] if self._drafts is not None and self._drafts.shape[0] else []
+        self._drafts = torch.cat(known + drafts)
+        self._sampling = self._sampling_batch()
+        deltas = [self._emit(row, [int(first)]) for row, first in zip(rows, torch.cat(drafts)[:, 0].tolist())]
         self._drop_finished()
         return deltas
 
+    def _sampling_batch(self) -> SamplingBatch:
+        return SamplingBatch.of([row.request.sampling for row in self.rows], [row.seed for row in self.rows],
+                                self.cache.device)
+
     def set_draft_len(self, draft_len: int) -> None:
         """Use draft length `draft_len` from the next step on. Rows keep their output; their pending
-        proposals are cut to the new length, or padded with repeats of the last one. A padded
-        proposal's distribution is a point mass, so verification stays exact (speculative
-        sampling is lossless for any proposal whose distribution is known)."""
+        proposals are cut to the new length, or padded with repeats of the last one (any
+        proposal is exact: verification compares it with the target's own choice)."""
         self._check_draft_len(draft_len)
         if draft_len == self.draft_len:
             return
         self.draft_len, self.layout = draft_len, Layout.decode(draft_len)
         for row in self.rows:
-            wanted = max(draft_len, 1)
-            missing = wanted - len(row.drafts)
-            if missing <= 0:
-                row.drafts = row.drafts[:wanted]
-                if row.proposal_probs is not None:
-                    row.proposal_probs = row.proposal_probs[: wanted - 1]
-            else:
-                row.drafts = row.drafts + [row.drafts[-1]] * missing
-                if row.generator is not None:
-                    point = torch.zeros(missing, self.config.vocab_size)
-                    point[:, row.drafts[-1]] = 1.0
-                    known = row.proposal_probs if row.proposal_probs is not None else point[:0]
-                    row.proposal_probs = torch.cat([known, point.to(known.dtype)])
             positions = row.stats.accepted_per_position
             positions.extend([0] * (draft_len - 1 - len(positions)))
-        if self.cache is not None:
-            self.cache.reserve(max(self._capacity(row.request) for row in self.rows))
+        if self._drafts is not None:
+            wanted, have = max(draft_len, 1), self._drafts.shape[1]
+            if wanted <= have:
+                self._drafts = self._drafts[:, :wanted]
+            else:
+                self._drafts = torch.cat([self._drafts, self._drafts[:, -1:].expand(-1, wanted - have)], dim=1)
 
     def finish(self, request_ids: Sequence[object], reason: str) -> list[Delta]:
         """End the rows of `request_ids` now with finish reason `reason` (e.g. "cancelled",
@@ -239,140 +275,142 @@ class DecodeEngine:
             if row.request.request_id in wanted and row.finish_reason is None:
                 row.finish_reason = reason
                 row.stats.decode_seconds = time.perf_counter() - row.started - row.stats.prefill_seconds
-                text = row.detokenizer.delta(row.text, final=True) if row.detokenizer else ""
+                text = row.detokenizer.delta(final=True) if row.detokenizer else ""
                 deltas.append(Delta(row.request.request_id, [], text, True, reason, row.stats))
         self._drop_finished()
         return deltas
 
+    def reset(self) -> None:
+        """Drop every row without a result (after an internal error); the cache is made anew."""
+        self.rows, self.cache, self._drafts, self._sampling = [], None, None, None
+
     # ------------------------------------------------------------------ phases
-    def _prefill(self, request: Request, cache: KVCache) -> _Row:
+    def _prefill(self, request: Request, cache: KVCache) -> tuple[_Row, torch.Tensor]:
+        """Prefill one request into its cache row; returns the row and its drafts [1, max(b, 1)]."""
         started = time.perf_counter()
         b = self.draft_len
         prompt = list(request.prompt_ids)
         layout = Layout.prefill(len(prompt), b)
-        tokens = torch.tensor([prompt + [self.config.mask_token_id] * b])
-        logits = self.backend.forward(tokens, layout, cache)[0]
+        tokens = torch.tensor([prompt + [self.config.mask_token_id] * b], device=cache.device)
+        logits = self.backend.forward(tokens, layout, cache)
         cache.commit([len(prompt)])
         params = request.sampling
+        seed = params.seed if params.seed is not None else int(torch.randint(0, 2 ** 62, ()).item())
         eos = request.eos_ids if request.eos_ids is not None else self.config.eos_token_ids
-        holdback = max((len(s) for s in request.stop), default=1) - 1
-        row = _Row(request=request, prompt_ids=prompt, eos_ids=frozenset(eos),
-                   generator=None if params.greedy else params.make_generator(),
-                   drafts=[], proposal_probs=None, stats=Stats(accepted_per_position=[0] * max(b - 1, 0)),
-                   detokenizer=IncrementalDetokenizer(self.tokenizer, holdback) if self.tokenizer else None,
+        row = _Row(request=request, prompt_ids=prompt, eos_ids=frozenset(eos), seed=seed,
+                   stats=Stats(accepted_per_position=[0] * max(b - 1, 0)),
+                   detokenizer=IncrementalDetokenizer(self.tokenizer, request.stop) if self.tokenizer else None,
                    started=started)
-        # Target for position L: AR at the last prompt token, mixed with mask 0 (same position).
-        target = self._mix(logits[len(prompt) - 1: len(prompt)], logits[len(prompt): len(prompt) + 1] if b else None)
-        first = int(target.argmax(-1)) if params.greedy else int(sample(probabilities(target[0], params), row.generator))
-        self._set_drafts(row, first, logits[len(prompt) + 1: len(prompt) + b])
+        sampling = SamplingBatch.of([params], [seed], logits.device)
+        # d_0 at position L: AR at the last prompt token, mixed with mask 0 (same position);
+        # d_1..d_{b-1} at positions L+1..: the block's masks 1..b-1.
+        L = len(prompt)
+        target = self._mix(logits[:, L - 1: L], logits[:, L: L + 1] if b else None)
+        positions = torch.arange(L, L + max(b, 1), device=logits.device)[None]
+        first = sampling.choose(target, positions[:, :1])
+        drafts = torch.cat([first, sampling.choose(logits[:, L + 1: L + b], positions[:, 1:])], dim=1)
         row.stats.forward_passes = 1
         row.stats.prefill_seconds = time.perf_counter() - started
-        return row
+        return row, drafts
 
     def step(self) -> list[Delta]:
         """One forward for every active row; returns one delta per row."""
         if not self.rows:
             return []
-        b, layout = self.draft_len, self.layout
-        masks = [self.config.mask_token_id] * (layout.num_new - layout.causal_len)
-        tokens = torch.tensor([row.drafts + masks for row in self.rows])
-        logits = self.backend.forward(tokens, layout, self.cache)
-        verdicts = [self._verify(row, logits[r]) for r, row in enumerate(self.rows)]
-        self.cache.commit([v.accepted + 1 for v in verdicts])
+        committed, tokens = self._read(*self._device_step())
         deltas = []
-        for r, (row, verdict) in enumerate(zip(self.rows, verdicts)):
-            a = verdict.accepted + 1
+        b = self.draft_len
+        for row, count, new_tokens in zip(self.rows, committed, tokens):
             stats = row.stats
             stats.forward_passes += 1
             if b > 1:
                 stats.drafts += 1
                 stats.draft_tokens += b - 1
-                stats.accepted_tokens += a - 1
-                for i in range(a - 1):
+                stats.accepted_tokens += count - 1
+                for i in range(count - 1):
                     stats.accepted_per_position[i] += 1
-            new_tokens = row.drafts[1:a] + [verdict.next_token]
-            # Next proposals: block a (index a - 1), its masks 1..b-1.
-            start = layout.block_start(a - 1) if b else 0
-            self._set_drafts(row, verdict.next_token, logits[r, start + 1: start + b])
-            deltas.append(self._emit(row, new_tokens))
+            deltas.append(self._emit(row, new_tokens[:count]))
         self._drop_finished()
         return deltas
+
+    def _device_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward, verification and next drafts for all rows, on the device. Returns the packed
+        output [B, 1 + max(b, 1)] (each row's committed count, then its tokens; entries past the
+        count are padding) and the counts [B] for the cache commit."""
+        b, layout, cache = self.draft_len, self.layout, self.cache
+        nb = max(b, 1)
+        batch, device = len(self.rows), self._drafts.device
+        masks = torch.full((batch, layout.num_new - layout.causal_len), self.config.mask_token_id, device=device)
+        past = cache.lengths.clone()  # position of each row's d_0
+        logits = self.backend.forward(torch.cat([self._drafts, masks], dim=1), layout, cache)
+        # Target at positions past+1 .. past+b: AR output at d_{i-1}, mixed with mask 0 of block i.
+        target = self._mix(logits[:, :nb], logits[:, layout.causal_len::b][:, :b] if b else None)
+        offsets = torch.arange(1, nb + 1, device=device)
+        choices = self._sampling.choose(target, past[:, None] + offsets)
+        accepted, next_token = accept_greedy(self._drafts[:, 1:], choices)
+        committed = accepted + 1
+        # Emitted tokens: d_1..d_accepted, then the correction or bonus token.
+        shifted = torch.cat([self._drafts[:, 1:], next_token[:, None]], dim=1)
+        emitted = torch.where(torch.arange(nb, device=device) < accepted[:, None], shifted, next_token[:, None])
+        # Next drafts: block `accepted` (it sees d_0..d_accepted), masks 1..b-1, at positions
+        # past + committed + 1 ..
+        drafts = next_token[:, None]
+        if b > 1:
+            picks = layout.causal_len + accepted[:, None] * b + offsets[None, : b - 1]
+            mask_logits = logits.gather(1, picks[..., None].expand(-1, -1, logits.shape[-1]))
+            drafts = torch.cat([drafts, self._sampling.choose(mask_logits, past[:, None] + committed[:, None]
+                                                              + offsets[None, : b - 1])], dim=1)
+        self._drafts = drafts
+        return torch.cat([committed[:, None], emitted], dim=1), committed
+
+    def _read(self, packed: torch.Tensor, counts: torch.Tensor) -> tuple[list[int], list[list[int]]]:
+        """The step's one device->host transfer; then the cache commit (the device adds `counts`,
+        the host its copy of them)."""
+        host = packed.tolist()
+        committed = [row[0] for row in host]
+        self.cache.commit(counts, committed)
+        return committed, [row[1:] for row in host]
 
     def _mix(self, ar_logits: torch.Tensor, diff_logits: torch.Tensor | None) -> torch.Tensor:
         if diff_logits is None or self.beta == 1.0:
             return ar_logits
         return self.beta * ar_logits.float() + (1.0 - self.beta) * diff_logits.float()
 
-    def _verify(self, row: _Row, logits: torch.Tensor) -> Verdict:
-        """Check d_1..d_{b-1} of `row` against the target logits of positions L+1..L+b."""
-        b = self.draft_len
-        ar = logits[: max(b, 1)]  # output at d_{i-1} predicts position L+i
-        diff = logits[self.layout.causal_len:: b][:b] if b else None  # mask 0 of blocks 1..b
-        target = self._mix(ar, diff)
-        proposals = torch.tensor(row.drafts[1:], dtype=torch.long)
-        if row.generator is None:
-            return verify_greedy(proposals, target)
-        params = row.request.sampling
-        return verify_sampled(proposals, row.proposal_probs, probabilities(target, params), row.generator)
-
-    def _set_drafts(self, row: _Row, first: int, mask_logits: torch.Tensor) -> None:
-        """d_0 = `first`; d_1..d_{b-1} = the diffusion choices of `mask_logits` [b-1, V]."""
-        if self.draft_len <= 1:
-            row.drafts = [first]
-            return
-        if row.generator is None:
-            row.drafts = [first] + mask_logits.argmax(-1).tolist()
-        else:
-            row.proposal_probs = probabilities(mask_logits, row.request.sampling)
-            row.drafts = [first] + sample(row.proposal_probs, row.generator).tolist()
-
     # ------------------------------------------------------------------ output
     def _emit(self, row: _Row, new_tokens: list[int]) -> Delta:
-        """Append committed tokens to `row`, apply the stop conditions, return the delta."""
+        """Append committed tokens to `row`, apply the stop conditions, return the delta. The text
+        grows token by token (no re-decoding of the output)."""
         request = row.request
         before = len(row.tokens)
         limit = self.config.max_position_embeddings
         for token in new_tokens:
             row.tokens.append(token)
+            if row.detokenizer is not None and row.detokenizer.add(token):
+                row.finish_reason = "stop"  # a stop string: the text ends before it
+                break
             if token in row.eos_ids:
                 row.finish_reason = "stop"
                 break
             if len(row.tokens) >= request.max_new_tokens or len(row.prompt_ids) + len(row.tokens) >= limit:
                 row.finish_reason = "length"
                 break
-        if self.tokenizer is not None:
-            row.text = self.tokenizer.decode(row.tokens)
-            if request.stop:
-                self._apply_stop_strings(row, before)
+        if row.detokenizer is not None:
+            row.text = row.detokenizer.text
         if row.finish_reason is not None:
             row.stats.decode_seconds = time.perf_counter() - row.started - row.stats.prefill_seconds
-        text = row.detokenizer.delta(row.text, final=row.finish_reason is not None) if row.detokenizer else ""
+        text = row.detokenizer.delta(final=row.finish_reason is not None) if row.detokenizer else ""
         return Delta(request.request_id, row.tokens[before:], text, row.finish_reason is not None,
                      row.finish_reason, row.stats)
 
-    def _apply_stop_strings(self, row: _Row, before: int) -> None:
-        hits = [(row.text.find(s), s) for s in row.request.stop if s in row.text]
-        if not hits:
-            return
-        cut, stop = min(hits)
-        # Keep the shortest token prefix whose text contains the stop string.
-        for count in range(before + 1, len(row.tokens) + 1):
-            if stop in self.tokenizer.decode(row.tokens[:count]):
-                del row.tokens[count:]
-                break
-        row.text = row.text[:cut]
-        row.finish_reason = "stop"
-
     def _drop_finished(self) -> None:
-        keep = [i for i, row in enumerate(self.rows) if row.finish_reason is None]
-        if len(keep) == len(self.rows):
+        gone = [i for i, row in enumerate(self.rows) if row.finish_reason is not None]
+        if not gone:
             return
-        self.finished.extend(self._result(row) for row in self.rows if row.finish_reason is not None)
-        self.rows = [self.rows[i] for i in keep]
-        if keep:
-            self.cache.keep_rows(keep)
-        else:
-            self.cache = None
+        self.finished.extend(self._result(self.rows[i]) for i in gone)
+        order = self.cache.remove_rows(gone)  # the last rows fill the holes
+        self.rows = [self.rows[i] for i in order]
+        self._drafts = self._drafts[torch.tensor(order, dtype=torch.long, device=self._drafts.device)]
+        self._sampling = self._sampling_batch() if self.rows else None
 
     def _result(self, row: _Row) -> Result:
         return Result(row.request.request_id, row.prompt_ids, list(row.tokens), row.text, row.finish_reason,

@@ -224,7 +224,7 @@ class TiDARModel(nn.Module):
         """Lower the layout once for all layers of a forward. Without a cache the keys are the new
         tokens alone, in slots [0, num_new): the mask then addresses slots with a past of 0, while
         `past_lens` still offsets the position ids."""
-        kv_len = (int(past_lens.max()) if cache is not None else 0) + layout.num_new
+        kv_len = (cache.max_length() if cache is not None else 0) + layout.num_new  # host-side: no device sync
         write_slots = None
         if cache is not None:
             if kv_len > cache.capacity:

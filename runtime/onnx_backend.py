@@ -60,7 +60,7 @@ class OnnxRuntimeBackend:
         batch, num_new = input_ids.shape
         if num_new != layout.num_new:
             raise ValueError(f"{num_new} input tokens for a layout of {layout.num_new}")
-        past = int(cache.lengths.max())
+        past = cache.max_length()
         if past + num_new > cache.capacity:
             raise ValueError(f"KV cache capacity {cache.capacity} is too small for {past + num_new} slots")
         feeds = {"input_ids": input_ids.to("cpu", torch.long).numpy(),

@@ -1,15 +1,24 @@
-"""Sampling settings, logit processing and draft verification (SPEC §3, "Verification").
+"""Sampling settings, logit processing, seeded noise and draft verification (docs/design.md §3.2, §3.5).
 
-Greedy: a draft is accepted while it equals the argmax of the target logits.
-Sampling: drafts are samples of the diffusion distribution q; a draft d is accepted with
-probability min(1, p(d) / q(d)) and the first rejected one is replaced by a sample of
-normalize(max(0, p - q)); when every draft is accepted the bonus token is a sample of p.
-That is standard speculative sampling: the committed tokens are distributed exactly as AR
-samples from p. p and q are the *processed* distributions (temperature, top-k, top-p).
+The decode loop picks every token with one rule, batched over rows on the logits' device:
+    token at absolute position n = argmax over v of  processed_logits(v) + G(seed, n, v)
+where `processed_logits` applies temperature, top-k and top-p (filtered tokens get -inf) and
+G(seed, n, v) is Gumbel noise computed by a counter-based hash of (seed, position, token).
+Greedy rows use the raw logits (no noise). By the Gumbel-max trick the token is a sample of
+the processed distribution p; the noise at each position is independent of every other
+position's, so the committed sequence is distributed exactly as AR sampling (I2). Drafts are
+chosen by the same rule on the diffusion logits at their own positions, so verification is a
+greedy comparison of each draft with the target's choice at its position, and the committed
+tokens are a function of (model, prompt, sampling settings, seed) alone: the same for any
+draft length, batch composition or backend (docs/design.md §3.5).
 
-Every random draw of a row comes from that row's own `torch.Generator`, in a fixed order
-(one uniform per verified draft, then the next token, then the next drafts), so a row's
-output does not depend on which other rows share its batch.
+The noise is a 32-bit hash turned into a float64 uniform in (0, 1): a sample differs from an
+exact continuous Gumbel-max sample with probability about V * 2**-32 per position (the chance
+that a tie or the top of the discretised range decides it), the same order as the float32
+uniforms of torch.multinomial.
+
+`verify_greedy` and `verify_sampled` (standard speculative sampling with a residual) are the
+per-row reference algorithms; the tests use them as oracles.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ class SamplingParams:
     top_k: int = 0
     """Keep only the k most likely tokens; 0 keeps all."""
     seed: int | None = None
-    """Seed of the row's random generator (None: drawn from torch's global generator)."""
+    """Key of the row's noise (None: drawn from torch's global generator at admission)."""
 
     def __post_init__(self) -> None:
         t = self.temperature
@@ -54,11 +63,31 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    def make_generator(self) -> torch.Generator:
-        generator = torch.Generator()
-        seed = self.seed if self.seed is not None else int(torch.randint(0, 2 ** 62, ()).item())
-        generator.manual_seed(seed % 2 ** 63)
-        return generator
+
+def process_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor | None = None,
+                   top_p: torch.Tensor | None = None) -> torch.Tensor:
+    """Scaled and filtered logits (float32) over the last dim, batched with per-row settings:
+    divide by `temperature`, then keep the top_k largest (0: all), then the smallest set of most
+    likely tokens whose probability reaches top_p; dropped tokens get -inf. The settings are
+    tensors broadcastable to logits.shape[:-1]; None skips that filter (decided on the host,
+    so nothing here waits for the device)."""
+    x = logits.float() / temperature[..., None]
+    if top_k is None and top_p is None:
+        return x
+    vocab = x.shape[-1]
+    sorted_x, order = torch.sort(x, dim=-1, descending=True)
+    if top_k is not None:
+        k = torch.where((top_k > 0) & (top_k < vocab), top_k, vocab).expand(x.shape[:-1])
+        kth = sorted_x.gather(-1, (k - 1)[..., None])
+        x = x.masked_fill(x < kth, float("-inf"))
+        sorted_x = sorted_x.masked_fill(sorted_x < kth, float("-inf"))
+    if top_p is not None:
+        sorted_probs = torch.softmax(sorted_x, dim=-1)
+        mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+        drop_sorted = mass_before >= top_p[..., None]  # the first token is never dropped
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        x = x.masked_fill(drop, float("-inf"))
+    return x
 
 
 def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -66,19 +95,122 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     Greedy settings (temperature 0) give the one-hot distribution of the argmax."""
     if params.greedy:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    logits = logits.float() / params.temperature
-    if params.top_k and params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if params.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
-        mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-        drop_sorted = mass_before >= params.top_p  # the first token is never dropped
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        probs = probs.masked_fill(drop, 0.0)
-        probs = probs / probs.sum(dim=-1, keepdim=True)
-    return probs
+    shape, device = logits.shape[:-1], logits.device
+    top_k = torch.full(shape, params.top_k, device=device) if params.top_k else None
+    top_p = torch.full(shape, float(params.top_p), device=device) if params.top_p < 1.0 else None
+    x = process_logits(logits, torch.full(shape, float(params.temperature), device=device), top_k, top_p)
+    return torch.softmax(x, dim=-1)
+
+
+# ---------------------------------------------------------------- seeded noise
+# A counter-based hash on 32-bit words held in int64 tensors (or Python ints): every product
+# stays below 2**63, so nothing relies on integer overflow, and the bits are the same on every
+# device. (torch.bitwise_* rather than the operators: their scalar forms are far faster on CPU.)
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x, c: int):
+    """(x * c) mod 2**32 for x in [0, 2**32) (tensor or int) and a constant c < 2**32."""
+    if not isinstance(x, torch.Tensor):
+        return (x * c) & _M32
+    low = torch.mul(x, c & 0xFFFF)
+    high = torch.bitwise_left_shift(torch.bitwise_and(torch.mul(x, c >> 16), 0xFFFF), 16)
+    return torch.bitwise_and(low + high, _M32)
+
+
+def _xorshift(h, shift: int):
+    if not isinstance(h, torch.Tensor):
+        return h ^ (h >> shift)
+    return torch.bitwise_xor(h, torch.bitwise_right_shift(h, shift))
+
+
+def _fmix32(h):
+    """MurmurHash3's 32-bit finaliser: a bijection of [0, 2**32) with full avalanche."""
+    h = _mul32(_xorshift(h, 16), 0x85EBCA6B)
+    h = _mul32(_xorshift(h, 13), 0xC2B2AE35)
+    return _xorshift(h, 16)
+
+
+def seed_key(seed: int) -> int:
+    """The 32-bit noise key of a 64-bit seed."""
+    return _fmix32(_fmix32((seed & _M32) ^ 0x6A09E667) ^ (seed >> 32))
+
+
+_TOKEN_WORDS: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _token_words(vocab: int, device: torch.device) -> torch.Tensor:
+    """A distinct pseudo-random 32-bit word per token id (cached per vocabulary and device)."""
+    key = (vocab, str(device))
+    if key not in _TOKEN_WORDS:
+        _TOKEN_WORDS[key] = _fmix32(_mul32(torch.arange(vocab, device=device), 0x9E3779B9) ^ 0xBB67AE85)
+    return _TOKEN_WORDS[key]
+
+
+def gumbel_noise(keys: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Standard Gumbel noise G(key, position, token), float32 [B, n, vocab], for row keys [B]
+    (`seed_key`) and absolute positions [B, n]: a pure function of its arguments. One 32-bit
+    word per (row, position) from the key and the position, then per token the finaliser of
+    that word xor the token's word (a bijection over tokens: no two tokens of a position share
+    a value). Works in place on one buffer (fresh large buffers cost page faults on CPU)."""
+    h = _fmix32(torch.bitwise_xor(keys[:, None], _fmix32(torch.bitwise_xor(positions, 0x3C6EF372))))
+    x = torch.bitwise_xor(h[..., None], _token_words(vocab, keys.device))
+    scratch = torch.empty_like(x)
+    for shift, multiplier in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):  # _fmix32, in place
+        x.bitwise_xor_(torch.bitwise_right_shift(x, shift, out=scratch))
+        torch.mul(x, multiplier >> 16, out=scratch).bitwise_and_(0xFFFF).bitwise_left_shift_(16)
+        x.mul_(multiplier & 0xFFFF).add_(scratch).bitwise_and_(_M32)
+    x.bitwise_xor_(torch.bitwise_right_shift(x, 16, out=scratch))
+    uniform = x.to(torch.float64).add_(0.5).mul_(2.0 ** -32)  # in (0, 1)
+    return uniform.log_().neg_().log_().neg_().float()
+
+
+@dataclass
+class SamplingBatch:
+    """The sampling settings of a batch of rows as device tensors (built when rows join or
+    leave, never during a step), with the host flags that let `choose` skip unused work."""
+
+    greedy: torch.Tensor  # [B] bool
+    temperature: torch.Tensor  # [B] float32 (1 for greedy rows)
+    top_k: torch.Tensor | None  # [B] int64, None when no row filters by top-k
+    top_p: torch.Tensor | None  # [B] float32, None when no row filters by top-p
+    keys: torch.Tensor  # [B] int64 noise keys (`seed_key`)
+    all_greedy: bool
+
+    @classmethod
+    def of(cls, params: list[SamplingParams], seeds: list[int], device: torch.device | str) -> "SamplingBatch":
+        def tensor(values, dtype):
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        return cls(greedy=tensor([p.greedy for p in params], torch.bool),
+                   temperature=tensor([p.temperature if not p.greedy else 1.0 for p in params], torch.float32),
+                   top_k=tensor([p.top_k for p in params], torch.long) if any(p.top_k for p in params) else None,
+                   top_p=tensor([p.top_p for p in params], torch.float32) if any(p.top_p < 1 for p in params)
+                   else None,
+                   keys=tensor([seed_key(s) for s in seeds], torch.long),
+                   all_greedy=all(p.greedy for p in params))
+
+    def choose(self, logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The token [B, n] each row picks from `logits` [B, n, V] at absolute `positions` [B, n]:
+        the argmax for greedy rows, argmax(processed logits + G(seed, position, token)) for
+        sampled rows (a sample of the processed distribution)."""
+        if self.all_greedy:
+            return logits.argmax(-1)
+        scores = process_logits(logits, self.temperature[:, None], _rows(self.top_k), _rows(self.top_p))
+        scores = scores + gumbel_noise(self.keys, positions, logits.shape[-1])
+        return torch.where(self.greedy[:, None], logits.argmax(-1), scores.argmax(-1))
+
+
+def _rows(setting: torch.Tensor | None) -> torch.Tensor | None:
+    return None if setting is None else setting[:, None]
+
+
+def accept_greedy(proposals: torch.Tensor, choices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched acceptance: proposals [B, n] (d_1..d_n), choices [B, n + 1] (the target's tokens at
+    the same positions plus the next). Returns (accepted [B]: the length of the prefix of
+    proposals equal to the choices, next [B]: the choice after it)."""
+    accepted = (proposals == choices[:, : proposals.shape[1]]).long().cumprod(1).sum(1)
+    return accepted, choices.gather(1, accepted[:, None])[:, 0]
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

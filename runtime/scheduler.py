@@ -320,7 +320,7 @@ class Scheduler:
                 deltas = engine.finish(ids, reason)
             except Exception:
                 deltas = []
-                engine.rows, engine.cache = [], None
+                engine.reset()
             engine.finished.clear()
             if reason == "error":
                 for sub in [self._running.pop(i) for i in ids if i in self._running]:

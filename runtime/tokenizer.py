@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Sequence
 
 from tokenizers import Tokenizer as _HFTokenizer
+from tokenizers.decoders import DecodeStream
 
 
 class TokenizerError(ValueError):
@@ -57,17 +59,36 @@ class Tokenizer:
 
 
 class IncrementalDetokenizer:
-    """Turns a growing list of token ids into text deltas. Text that ends in an incomplete
-    UTF-8 sequence (decoded as U+FFFD) is held back until the next token completes it, and so
-    is a tail that could still become a stop string."""
+    """The text of one growing output, token by token, at a cost per token independent of the
+    output's length (`tokenizers`' DecodeStream), with stop strings searched only in the new
+    tail. `delta` hands out the text not sent yet, holding back an incomplete UTF-8 sequence
+    (U+FFFD) and a tail that could still become a stop string."""
 
-    def __init__(self, tokenizer: Tokenizer, holdback: int = 0):
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()):
         self.tokenizer = tokenizer
-        self.holdback = holdback
+        self.stop = tuple(stop)
+        self.holdback = max((len(s) for s in self.stop), default=1) - 1
+        self.text = ""
         self.sent = 0
+        self._stream = DecodeStream(skip_special_tokens=True)
 
-    def delta(self, text: str, final: bool) -> str:
-        """The part of `text` (the full decoded output so far) not sent yet."""
+    def add(self, token_id: int) -> bool:
+        """Append one token's text; True if that completed a stop string (the text is then cut
+        before it)."""
+        chunk = self._stream.step(self.tokenizer._tok, token_id)
+        if not chunk:
+            return False
+        start = max(0, len(self.text) - self.holdback)  # a stop string may begin in the last holdback chars
+        self.text += chunk
+        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+        if hits:
+            self.text = self.text[:min(hits)]
+            return True
+        return False
+
+    def delta(self, final: bool) -> str:
+        """The part of the text not sent yet."""
+        text = self.text
         end = len(text)
         if not final:
             if text.endswith("\ufffd"):

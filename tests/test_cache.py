@@ -1,5 +1,6 @@
 """KVCache bookkeeping: per-row writes at each row's own length, commit, truncate, row views,
-dropping and joining rows — checked against plain tensor slicing."""
+rows joining and leaving in fixed storage (allocated once), growth — checked against plain
+tensor slicing."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ import torch
 from tidar.runtime.cache import KVCache
 
 
-def filled_cache(lengths: list[int], capacity: int = 12) -> KVCache:
-    cache = KVCache(layers=2, batch=len(lengths), kv_heads=2, capacity=capacity, head_dim=3)
+def filled_cache(lengths: list[int], capacity: int = 12, max_rows: int | None = None) -> KVCache:
+    cache = KVCache(layers=2, batch=max_rows or len(lengths), kv_heads=2, capacity=capacity, head_dim=3)
+    cache.clear()
+    cache.add_rows(len(lengths))
     cache.keys.normal_()
     cache.values.normal_()
-    cache.lengths = torch.tensor(lengths)
+    cache.lengths = lengths
     return cache
 
 
@@ -32,7 +35,10 @@ def test_write_goes_after_each_rows_length_and_commit_keeps_a_prefix(lengths):
     assert torch.equal(cache.keys[0], before[0])  # other layers untouched
     assert cache.lengths.tolist() == lengths  # writing commits nothing
     cache.commit([2] * len(lengths))
-    assert cache.lengths.tolist() == [n + 2 for n in lengths]
+    assert cache.lengths.tolist() == cache.host_lengths == [n + 2 for n in lengths]
+    cache.commit(torch.tensor([1] * len(lengths)), [1] * len(lengths))  # device counts with the host's copy
+    assert cache.lengths.tolist() == cache.host_lengths == [n + 3 for n in lengths]
+    assert cache.max_length() == max(lengths) + 3
 
 
 def test_commit_and_truncate_validate():
@@ -46,20 +52,43 @@ def test_commit_and_truncate_validate():
     with pytest.raises(ValueError):
         cache.truncate([4, 5])  # longer than the row
     cache.truncate([1, 5])
-    assert cache.lengths.tolist() == [1, 5]
+    assert cache.lengths.tolist() == cache.host_lengths == [1, 5]
 
 
-def test_row_view_writes_through_and_rows_can_leave_and_join():
-    cache = filled_cache([2, 4, 6])
+def test_rows_join_and_leave_in_fixed_storage():
+    """Joins at the end, leaves filled by the last rows (their committed slots move, nothing
+    else), a row view writes through; the storage is never reallocated."""
+    cache = filled_cache([2, 4, 6], max_rows=5)
+    storage = cache._keys.data_ptr(), cache._values.data_ptr(), cache._lengths.data_ptr()
     view = cache.row(1)
     view.commit([3])
     view.keys[0, 0, 0, 0, 0] = 42.0
-    assert cache.lengths.tolist() == [2, 7, 6] and cache.keys[0, 1, 0, 0, 0] == 42.0
-    kept = cache.keys[:, [2, 0]].clone()
-    cache.keep_rows([2, 0])
-    assert cache.lengths.tolist() == [6, 2] and torch.equal(cache.keys, kept)
-    other = filled_cache([1], capacity=20)
-    merged = cache.concat(other)
-    assert merged.capacity == 20 and merged.lengths.tolist() == [6, 2, 1]
-    assert torch.equal(merged.keys[:, :2, :, :12], cache.keys)
-    assert torch.equal(merged.keys[:, 2:], other.keys)
+    assert cache.lengths.tolist() == cache.host_lengths == [2, 7, 6] and cache.keys[0, 1, 0, 0, 0] == 42.0
+    assert cache.add_rows(2) == [3, 4] and cache.host_lengths == [2, 7, 6, 0, 0]
+    with pytest.raises(ValueError, match="exceed"):
+        cache.add_rows(1)
+    cache.row(4).commit([5])
+    committed = {r: (cache.keys[:, r, :, :n].clone(), cache.values[:, r, :, :n].clone())
+                 for r, n in enumerate(cache.host_lengths)}
+    order = cache.remove_rows([0, 2])
+    assert order == [3, 1, 4]  # rows 3 and 4 fill the holes 0 and 2; row 1 stays
+    assert cache.batch == 3 and cache.host_lengths == cache.lengths.tolist() == [0, 7, 5]
+    for new, old in enumerate(order):
+        n = cache.host_lengths[new]
+        assert torch.equal(cache.keys[:, new, :, :n], committed[old][0])
+        assert torch.equal(cache.values[:, new, :, :n], committed[old][1])
+    cache.remove_rows([0, 1, 2])
+    assert cache.batch == 0 and cache.add_rows(1) == [0] and cache.host_lengths == [0]
+    assert (cache._keys.data_ptr(), cache._values.data_ptr(), cache._lengths.data_ptr()) == storage
+    assert cache.allocations == 1
+
+
+def test_grow_keeps_the_active_rows_and_counts_the_allocation():
+    cache = filled_cache([2, 4], capacity=6, max_rows=2)
+    keys = cache.keys.clone()
+    cache.grow(4, 10)
+    assert (cache.max_rows, cache.capacity, cache.allocations) == (4, 10, 2)
+    assert cache.host_lengths == cache.lengths.tolist() == [2, 4]
+    assert torch.equal(cache.keys[:, :, :, :6], keys)
+    cache.grow(3, 8)  # already large enough
+    assert cache.allocations == 2

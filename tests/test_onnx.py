@@ -22,6 +22,7 @@ from tidar.export.onnx_export import LAYOUT_SCALARS, PLUGIN_DOMAIN, PLUGIN_OP, e
 from tidar.runtime.generate import DecodeEngine, Request  # noqa: E402
 from tidar.runtime.layout import Layout  # noqa: E402
 from tidar.runtime.onnx_backend import OnnxRuntimeBackend  # noqa: E402
+from tidar.runtime.sampling import SamplingParams  # noqa: E402
 from tidar.runtime.tokenizer import Tokenizer  # noqa: E402
 
 FAMILIES = ("qwen2", "qwen3", "llama")
@@ -53,7 +54,7 @@ def _run_both(torch_backend, onnx_backend, layout: Layout, past_lens: list[int],
         reference.truncate(past_lens)
         candidate.keys.copy_(reference.keys)
         candidate.values.copy_(reference.values)
-        candidate.lengths.copy_(reference.lengths)
+        candidate.lengths = reference.lengths  # device and host copies of the lengths
     input_ids = torch.randint(0, vocab, (batch, layout.num_new), generator=generator)
     return (torch_backend.forward(input_ids, layout, reference), onnx_backend.forward(input_ids, layout, candidate),
             reference, candidate)
@@ -109,6 +110,20 @@ def test_greedy_tokens_match_torch(family, tiny_backends, onnx_backends, tiny_ch
         actual = DecodeEngine(onnx_backends[family], tokenizer, draft_len=draft_len).generate(requests)
         assert [r.token_ids for r in actual] == [r.token_ids for r in expected], f"{family} b={draft_len}"
         assert [r.stats.forward_passes for r in actual] == [r.stats.forward_passes for r in expected]
+
+
+def test_seeded_sampling_matches_torch(tiny_backends, onnx_backends, tiny_checkpoints):
+    """Issue 14: the same seed gives the same tokens on ONNX Runtime as on torch (fp32), for AR and
+    TiDAR decoding, in one batch of several seeds and settings."""
+    family = "qwen2"
+    tokenizer = Tokenizer(tiny_checkpoints[family])
+    settings = (SamplingParams(temperature=0.8, seed=3), SamplingParams(temperature=1.0, top_p=0.9, seed=4),
+                SamplingParams(temperature=0.7, top_k=30, seed=5), SamplingParams(temperature=1.2, seed=6))
+    requests = [Request(tokenizer.encode(prompt), 20, params, eos_ids=()) for prompt, params in zip(PROMPTS, settings)]
+    expected = [r.token_ids for r in DecodeEngine(tiny_backends[family], tokenizer, draft_len=0).generate(requests)]
+    for draft_len in (0, 4, 16):
+        actual = DecodeEngine(onnx_backends[family], tokenizer, draft_len=draft_len).generate(requests)
+        assert [r.token_ids for r in actual] == expected, f"b={draft_len}"
 
 
 def test_plugin_export_structure(tiny_backends, tmp_path):

@@ -41,17 +41,18 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from scipy import stats
 
 from tidar.runtime import generate as generate_module
+from tidar.runtime import sampling as sampling_module
 from tidar.runtime.backend import TorchBackend
 from tidar.runtime.generate import DecodeEngine, Request
 from tidar.runtime.layout import Layout
 from tidar.runtime.model import TiDARModel
-from tidar.runtime.sampling import (SamplingError, SamplingParams, Verdict, probabilities, sample, verify_greedy,
-                                    verify_sampled)
+from tidar.runtime.sampling import (SamplingBatch, SamplingError, SamplingParams, Verdict, accept_greedy,
+                                    gumbel_noise, probabilities, sample, seed_key, verify_greedy, verify_sampled)
 from tidar.train.checkpoint import init_random_weights, tiny_config
 
-stats = pytest.importorskip("scipy.stats")
 
 ALPHA = 1e-3
 """Significance of every goodness-of-fit test (false-alarm rate per test)."""
@@ -185,10 +186,15 @@ def worker_verify(proposals, proposal_probs, target_probs, generator) -> Verdict
     return Verdict(n, int(sample(target_probs[n], generator)))
 
 
-def accept_all_verify(proposals, proposal_probs, target_probs, generator) -> Verdict:
+def position_blind_noise(keys, positions, vocab):
+    """WRONG on purpose: the same noise at every position of a row (keyed by the seed alone), so
+    the tokens of one continuation are not independent draws."""
+    return gumbel_noise(keys, torch.zeros_like(positions), vocab)
+
+
+def accept_all(proposals, choices):
     """WRONG on purpose: accepts every draft."""
-    n = proposals.shape[0]
-    return Verdict(n, int(sample(target_probs[n], generator)))
+    return torch.full_like(proposals[:, 0] if proposals.shape[1] else choices[:, 0], proposals.shape[1]), choices[:, -1]
 
 
 # ---------------------------------------------------------------------------- I2
@@ -242,14 +248,15 @@ def test_i2_holds_when_the_draft_length_changes_between_steps(model):
     assert pvalue > ALPHA, f"samples do not follow the AR distribution when the draft length changes (p = {pvalue:.3g})"
 
 
-@pytest.mark.parametrize("wrong,rows", [(worker_verify, ENGINE_SAMPLES), (accept_all_verify, ENGINE_SAMPLES // 4)],
-                         ids=["worker-no-residual", "accept-all"])
-def test_i2_test_rejects_wrong_samplers(model, monkeypatch, wrong, rows):
+@pytest.mark.parametrize("module,name,wrong,rows", [
+    (sampling_module, "gumbel_noise", position_blind_noise, ENGINE_SAMPLES),
+    (generate_module, "accept_greedy", accept_all, ENGINE_SAMPLES // 4)], ids=["position-blind-noise", "accept-all"])
+def test_i2_test_rejects_wrong_samplers(model, monkeypatch, module, name, wrong, rows):
     """Power check: the I2 test (same model, case t1.0-b4; the same sample size for the subtle
-    worker bug, a quarter of it for the blatant one) rejects a sampler that is not exact."""
+    bug, a quarter of it for the blatant one) rejects a sampler that is not exact."""
     params, draft_len, _ = I2_CASES["t1.0-b4"]
     exact, _ = ar_distribution(model, PROMPT, CONTINUATION, params)
-    monkeypatch.setattr(generate_module, "verify_sampled", wrong)
+    monkeypatch.setattr(module, name, wrong)
     counts, _, _ = engine_samples(model, params, draft_len, rows, seed_base=40_000)
     pvalue = chi_square_pvalue(counts, exact, impossible_ok=True)
     print(f"\nI2 power, {wrong.__name__}: p = {pvalue:.3g}")
@@ -321,7 +328,8 @@ def test_probabilities_extremes():
 
 @pytest.mark.parametrize("temperature,top_k,top_p", PROCESSING_CASES)
 def test_probabilities_match_transformers_warpers(temperature, top_k, top_p):
-    logits_process = pytest.importorskip("transformers.generation.logits_process")
+    from transformers.generation import logits_process
+
     generator = torch.Generator().manual_seed(11)
     logits = 2.0 * torch.randn(12, 20, generator=generator)
     scores = logits.clone()
@@ -354,6 +362,58 @@ def test_verify_greedy_hand_cases(proposals, argmaxes, accepted, next_token):
     verdict = verify_greedy(torch.tensor(proposals, dtype=torch.long), one_hot_logits(argmaxes))
     assert (verdict.accepted, verdict.next_token) == (accepted, next_token)
     assert isinstance(verdict.accepted, int) and isinstance(verdict.next_token, int)
+
+
+def test_accept_greedy_equals_verify_greedy_row_by_row():
+    """The batched acceptance of the decode step against the per-row oracle `verify_greedy`, on
+    random batches where every acceptance count occurs."""
+    generator = torch.Generator().manual_seed(5)
+    for n in (0, 1, 3, 7):
+        choices = torch.randint(0, 4, (64, n + 1), generator=generator)
+        keep = torch.rand(64, n, generator=generator) < 0.7  # proposals equal to the choice, mostly
+        proposals = torch.where(keep, choices[:, :n], torch.randint(0, 4, (64, n), generator=generator))
+        accepted, next_token = accept_greedy(proposals, choices)
+        for r in range(64):
+            verdict = verify_greedy(proposals[r], one_hot_logits(choices[r].tolist()))
+            assert (int(accepted[r]), int(next_token[r])) == (verdict.accepted, verdict.next_token)
+        if n:
+            assert set(accepted.tolist()) == set(range(n + 1))
+
+
+def test_gumbel_noise_is_a_pure_function_of_key_position_and_token():
+    """Same (key, position, token), same value, whatever else is in the call; another key or
+    position, other values; values are standard Gumbel (mean 0.5772, sd pi/sqrt(6)) and the
+    argmax over tokens is uniform (chi-square, ALPHA)."""
+    keys = torch.tensor([seed_key(s) for s in (0, 1, 2 ** 64 - 1)])
+    positions = torch.tensor([[5, 6, 7], [5, 6, 7], [0, 1, 2 ** 31 - 1]])
+    noise = gumbel_noise(keys, positions, 1000)
+    alone = gumbel_noise(keys[1:2], positions[1:2, 1:2], 1000)
+    assert torch.equal(alone[0, 0], noise[1, 1])
+    assert not torch.equal(noise[0, 0], noise[1, 0]) and not torch.equal(noise[0, 0], noise[0, 1])
+    assert abs(float(noise.mean()) - 0.5772) < 0.03 and abs(float(noise.std()) - math.pi / math.sqrt(6)) < 0.03
+    winners = gumbel_noise(torch.tensor([seed_key(s) for s in range(6000)]), torch.zeros(6000, 1, dtype=torch.long),
+                           6).argmax(-1).flatten()
+    counts = Counter(winners.tolist())
+    assert chi_square_pvalue(counts, {t: 1 / 6 for t in range(6)}) > ALPHA
+    assert seed_key(3) == seed_key(3) != seed_key(4)
+
+
+def test_choose_is_argmax_for_greedy_rows_and_follows_each_rows_settings():
+    """`SamplingBatch.choose`: greedy rows take the argmax; a sampled row never picks a token its
+    top-k / top-p drops, and its pick depends only on its own seed and position."""
+    generator = torch.Generator().manual_seed(2)
+    logits = torch.randn(3, 5, 50, generator=generator)
+    params = [SamplingParams(), SamplingParams(temperature=1.0, top_k=3, seed=1),
+              SamplingParams(temperature=2.0, top_p=0.3, seed=1)]
+    batch = SamplingBatch.of(params, [0, 1, 1], "cpu")
+    positions = torch.arange(5).repeat(3, 1) + 10
+    picks = batch.choose(logits, positions)
+    assert torch.equal(picks[0], logits[0].argmax(-1))
+    for r in (1, 2):
+        allowed = probabilities(logits[r], params[r]) > 0
+        assert bool(allowed.gather(-1, picks[r, :, None]).all())
+        solo = SamplingBatch.of([params[r]], [1], "cpu").choose(logits[r:r + 1], positions[r:r + 1])
+        assert torch.equal(solo[0], picks[r])
 
 
 # ---------------------------------------------------------------------------- verify_sampled
@@ -464,12 +524,6 @@ def test_sampling_params_accept_edge_values():
                    SamplingParams(temperature=5, top_k=0, top_p=1e-9, seed=0),
                    SamplingParams(temperature=1.0, top_k=10_000, seed=2 ** 64 - 1)):
         assert params.greedy == (params.temperature == 0)
-
-
-def test_seeded_generators_repeat():
-    draws = [torch.rand(5, generator=SamplingParams(temperature=1.0, seed=s).make_generator()) for s in (4, 4, 5)]
-    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
-    assert SamplingParams(temperature=1.0).make_generator() is not None  # seed None: drawn at random
 
 
 def test_engine_seeding_is_deterministic_and_batch_independent(model):

@@ -132,7 +132,7 @@ def test_continuous_batching_equals_transformers_and_solo(backend, hf_models, to
                                                                                eos_ids=[EOS])])[0]
         assert collectors[0].token_ids == solo.token_ids
         assert scheduler.idle and scheduler.counters.active_rows == 0
-        assert all(not engine.rows and engine.cache is None for engine in scheduler.engines.values())
+        assert all(not engine.rows and engine.cache.batch == 0 for engine in scheduler.engines.values())
     finally:
         scheduler.close()
 
@@ -207,7 +207,7 @@ def test_cancel_and_timeout_free_rows_and_keep_serving(backend, hf_models, token
         scheduler.submit(Request(tokenizer.encode(PROMPTS[2]), 10, eos_ids=[EOS]), good.on_delta, good.on_error)
         assert good.wait().token_ids == hf_greedy(hf_models[FAMILY], tokenizer.encode(PROMPTS[2]), 10)
         assert scheduler.counters.requests["cancelled"] == 1 and scheduler.counters.requests["timeout"] == 1
-        assert scheduler.idle and scheduler.engines["adaptive"].cache is None
+        assert scheduler.idle and scheduler.engines["adaptive"].cache.batch == 0
     finally:
         scheduler.close()
 

@@ -1,0 +1,88 @@
+"""The decode step's shape (issue 11): one device->host transfer per step, and a KV cache that
+is allocated once while rows join and leave and the draft length changes.
+
+Host transfers are counted by wrapping every tensor->Python conversion (item, tolist, int,
+bool, float, index, numpy, cpu) during `step()` of greedy and sampled batches of 8 rows on
+CPU, where each would be a blocking device->host copy on a GPU. Before this design a greedy
+step made about 30 and a sampled one about 90 (docs/design.md §3.2, §3.6).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+
+import pytest
+import torch
+
+from tidar.runtime.backend import TorchBackend
+from tidar.runtime.generate import DecodeEngine, Request
+from tidar.runtime.model import TiDARModel
+from tidar.runtime.sampling import SamplingParams
+from tidar.train.checkpoint import init_random_weights, tiny_config
+
+CONVERSIONS = ("item", "tolist", "__int__", "__bool__", "__float__", "__index__", "numpy", "cpu")
+
+
+@pytest.fixture(scope="module")
+def backend():
+    model = TiDARModel(tiny_config("qwen2", 512, block_size=8, num_hidden_layers=4)).eval()
+    init_random_weights(model, seed=0)
+    return TorchBackend(model)
+
+
+def prompts(count: int) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randint(3, 512, (10 + 3 * i,), generator=generator).tolist() for i in range(count)]
+
+
+def count_conversions(monkeypatch, call) -> collections.Counter:
+    counts = collections.Counter()
+    for name in CONVERSIONS:
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(*args, __original=original, __name=name, **kwargs):
+            counts[__name] += 1
+            return __original(*args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+    call()
+    monkeypatch.undo()
+    return counts
+
+
+@pytest.mark.parametrize("mode", ["greedy", "sampled", "mixed"])
+@pytest.mark.parametrize("draft_len", [0, 4])
+def test_one_host_transfer_per_step(backend, monkeypatch, mode, draft_len):
+    settings = {"greedy": [SamplingParams()],
+                "sampled": [SamplingParams(temperature=1.0, top_p=0.9, seed=0)],
+                "mixed": [SamplingParams(), SamplingParams(temperature=0.7, top_k=40, seed=1)]}[mode]
+    engine = DecodeEngine(backend, draft_len=draft_len)
+    engine.add([Request(p, 64, params, eos_ids=()) for p, params in zip(prompts(8), itertools.cycle(settings))])
+    engine.step()  # warm-up
+    for _ in range(3):
+        counts = count_conversions(monkeypatch, engine.step)
+        assert sum(counts.values()) <= 1, dict(counts)
+
+
+def test_cache_storage_is_allocated_once(backend):
+    """With max_rows and max_len the storage is allocated at the first add and never again:
+    rows join (at several steps) and leave (each at its own length), the draft length changes."""
+    engine = DecodeEngine(backend, draft_len=4, max_rows=6, max_len=160)
+    pending = [Request(p, n, eos_ids=()) for p, n in zip(prompts(10), (5, 30, 9, 17, 3, 25, 12, 8, 20, 6))]
+    engine.add(pending[:3])
+    cache = engine.cache
+    storage = (cache._keys.data_ptr(), cache._values.data_ptr())
+    sizes, lengths = set(), itertools.cycle((4, 8, 0, 2, 6))
+    while engine.rows or pending[3:]:
+        room = 6 - len(engine.rows)
+        joining, pending[3:] = pending[3:3 + room], pending[3 + room:]
+        engine.add(joining)
+        sizes.add(len(engine.rows))
+        engine.set_draft_len(next(lengths))
+        engine.step()
+    assert len(engine.finished) == 10 and len(sizes) >= 3
+    assert engine.cache is cache and cache.allocations == 1
+    assert (cache._keys.data_ptr(), cache._values.data_ptr()) == storage
+    with pytest.raises(Exception, match="max_len"):
+        engine.add([Request(prompts(1)[0], 200)])
