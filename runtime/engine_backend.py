@@ -147,7 +147,7 @@ class EngineBackend:
 
     def feeds(self, input_ids: torch.Tensor, layout: Layout, cache: KVCache) -> dict[str, torch.Tensor]:
         """The engine's inputs for one forward, each in the dtype the engine declares."""
-        past = int(cache.lengths.max())
+        past = cache.max_length()  # host-side copy of the lengths: no device sync
         lengths = cache.lengths.to(self.device, torch.long)
         values = {"input_ids": input_ids.to(self.device), "past_lens": lengths,
                   "position_ids": layout.position_ids(lengths)}
@@ -184,7 +184,7 @@ class EngineBackend:
         into `cache`, uncommitted."""
         c = self.config
         batch, num_new = input_ids.shape
-        past = int(cache.lengths.max())
+        past = cache.max_length()  # host-side copy of the lengths: no device sync
         bound = self.bind(input_ids, layout, cache)
         expected = {"logits": (batch, num_new, c.vocab_size)}
         expected.update({f"present_{kind}_{layer}": (batch, c.num_key_value_heads, past + num_new, c.head_dim)
