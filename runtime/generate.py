@@ -275,7 +275,11 @@ class DecodeEngine:
             if row.request.request_id in wanted and row.finish_reason is None:
                 row.finish_reason = reason
                 row.stats.decode_seconds = time.perf_counter() - row.started - row.stats.prefill_seconds
-                text = row.detokenizer.delta(final=True) if row.detokenizer else ""
+                text = ""
+                if row.detokenizer is not None:
+                    row.detokenizer.flush()
+                    row.text = row.detokenizer.text
+                    text = row.detokenizer.delta(final=True)
                 deltas.append(Delta(row.request.request_id, [], text, True, reason, row.stats))
         self._drop_finished()
         return deltas
@@ -383,10 +387,11 @@ class DecodeEngine:
         request = row.request
         before = len(row.tokens)
         limit = self.config.max_position_embeddings
+        cut = False
         for token in new_tokens:
             row.tokens.append(token)
             if row.detokenizer is not None and row.detokenizer.add(token):
-                row.finish_reason = "stop"  # a stop string: the text ends before it
+                row.finish_reason, cut = "stop", True  # a stop string: the text ends before it
                 break
             if token in row.eos_ids:
                 row.finish_reason = "stop"
@@ -395,6 +400,8 @@ class DecodeEngine:
                 row.finish_reason = "length"
                 break
         if row.detokenizer is not None:
+            if row.finish_reason is not None and not cut and row.detokenizer.flush():
+                row.finish_reason = "stop"
             row.text = row.detokenizer.text
         if row.finish_reason is not None:
             row.stats.decode_seconds = time.perf_counter() - row.started - row.stats.prefill_seconds

@@ -71,13 +71,29 @@ class IncrementalDetokenizer:
         self.text = ""
         self.sent = 0
         self._stream = DecodeStream(skip_special_tokens=True)
+        self._recent: list[int] = []  # the last few ids, for `flush`
+        self._pending = 0  # ids fed since the stream last produced text
 
     def add(self, token_id: int) -> bool:
         """Append one token's text; True if that completed a stop string (the text is then cut
         before it)."""
         chunk = self._stream.step(self.tokenizer._tok, token_id)
-        if not chunk:
+        self._recent = (self._recent + [token_id])[-max(8, self._pending + 1):]
+        self._pending = 0 if chunk else self._pending + 1
+        return self._append(chunk) if chunk else False
+
+    def flush(self) -> bool:
+        """At the end of the output: the text of ids still waiting to complete a character (an
+        incomplete UTF-8 sequence decodes to U+FFFD, as a full decode gives it), decoded with a
+        few ids before them as context. True if that completed a stop string."""
+        if not self._pending:
             return False
+        context, pending = self._recent[:-self._pending], self._recent[-self._pending:]
+        self._pending = 0
+        before, after = self.tokenizer.decode(context), self.tokenizer.decode(context + pending)
+        return self._append(after[len(before):] if after.startswith(before) else after)
+
+    def _append(self, chunk: str) -> bool:
         start = max(0, len(self.text) - self.holdback)  # a stop string may begin in the last holdback chars
         self.text += chunk
         hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]

@@ -6,7 +6,8 @@ Oracle: `Tokenizer.decode` of the whole output, once, after the fact. The genera
 tokens long, driven by a stand-in backend whose logits spell a fixed multilingual text over
 and over (no model: the point is the host side). Instead of timing the first and last 500
 steps (the project keeps timings out of unit tests), the test counts the work: no full
-decode during generation, and exactly one DecodeStream step per committed token.
+decode during generation (at the end, ids still waiting to complete a character are decoded
+with a few ids of context), and exactly one DecodeStream step per committed token.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def test_long_output_decodes_each_token_once(setup, monkeypatch, draft_len):
     request = Request(spelling[:5], LENGTH, eos_ids=())
     streamed = "".join(d.text for deltas in engine.stream([request]) for d in deltas)
     result = engine.finished.pop()
-    assert len(result.token_ids) == LENGTH and not full_decodes
+    assert len(result.token_ids) == LENGTH and all(n <= 16 for n in full_decodes)  # flush: a short tail at most
     assert steps == result.token_ids  # each committed token decoded once, in order
     monkeypatch.undo()
     assert result.text == streamed == tokenizer.decode(result.token_ids)
