@@ -4,6 +4,12 @@ The decode loop (generate.py) needs only: the model config, a KV cache it can co
 truncate per row, and one forward over the new tokens of a `Layout` that returns their
 logits and writes their K/V after each row's cached length. ONNX Runtime, TensorRT and
 TensorRT-LLM backends implement the same three members.
+
+A backend may also offer `hidden_states` (the same forward, returning the final hidden states)
+and `head` (the LM head on the rows picked from them). The loop then runs the head only on the
+rows it needs, in two goes: the verification rows, then the masks of the block the
+verification selected (docs/design.md §3.2, "Logits only where needed"). The torch backend
+does; the others return every row's logits.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import torch
 from .cache import KVCache
 from .config import TiDARConfig
 from .layout import Layout
-from .model import TiDARModel
+from .model import TiDARModel, gather_rows
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "trtllm")
 
@@ -29,6 +35,25 @@ class Backend(Protocol):
 
     def forward(self, input_ids: torch.Tensor, layout: Layout, cache: KVCache) -> torch.Tensor:
         """Logits [B, layout.num_new, vocab] of the new tokens `input_ids` [B, num_new]."""
+
+
+class StepLogits:
+    """The logits of one forward's new tokens, computed for the rows the loop asks for: with a
+    backend that has `hidden_states` and `head`, the LM head runs on those rows only; otherwise
+    the backend's full logits are indexed."""
+
+    def __init__(self, backend: Backend, input_ids: torch.Tensor, layout: Layout, cache: KVCache):
+        self._head = getattr(backend, "head", None)
+        if self._head is not None and hasattr(backend, "hidden_states"):
+            self._states = backend.hidden_states(input_ids, layout, cache)
+        else:
+            self._head = None
+            self._states = backend.forward(input_ids, layout, cache)
+
+    def rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Logits [B, R, vocab] at `rows` [B, R] (indices among the new tokens)."""
+        picked = gather_rows(self._states, rows)
+        return picked if self._head is None else self._head(picked)
 
 
 class TorchBackend:
@@ -51,8 +76,20 @@ class TorchBackend:
         return self.model.new_cache(batch, capacity)
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, layout: Layout, cache: KVCache) -> torch.Tensor:
-        return self.model(input_ids.to(self.model.device), layout, cache)
+    def forward(self, input_ids: torch.Tensor, layout: Layout, cache: KVCache,
+                logits_rows: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(input_ids.to(self.model.device), layout, cache, logits_rows=logits_rows)
+
+    @torch.inference_mode()
+    def hidden_states(self, input_ids: torch.Tensor, layout: Layout, cache: KVCache) -> torch.Tensor:
+        """Final-norm hidden states [B, num_new, hidden] of the new tokens (K/V written as by
+        `forward`); `head` turns the rows the caller picks into logits."""
+        return self.model.hidden_states(input_ids.to(self.model.device), layout, cache)
+
+    @torch.inference_mode()
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head on hidden states [..., hidden]: logits [..., vocab]."""
+        return self.model.lm_head(hidden)
 
 
 def load_backend(name: str, path: str | Path, **options) -> Backend:

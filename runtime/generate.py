@@ -42,7 +42,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .backend import Backend
+from .backend import Backend, StepLogits
 from .cache import KVCache
 from .layout import Layout
 from .sampling import SamplingBatch, SamplingParams, accept_greedy
@@ -149,7 +149,7 @@ class DecodeEngine:
         self.backend, self.config, self.tokenizer = backend, config, tokenizer
         if draft_len is None:
             draft_len = config.block_size
-        self._check_draft_len(draft_len)
+        self.check_draft_len(draft_len)
         if not 0.0 <= beta <= 1.0:
             raise RequestError(f"beta must be in [0, 1], got {beta!r}")
         for name, value in (("max_rows", max_rows), ("max_len", max_len)):
@@ -165,7 +165,8 @@ class DecodeEngine:
         self.finished: list[Result] = []
         """Results of rows that finished, in finishing order (drivers take theirs out)."""
 
-    def _check_draft_len(self, draft_len: int) -> None:
+    def check_draft_len(self, draft_len: int) -> None:
+        """Raise RequestError unless `draft_len` is usable by this model (0 .. block_size)."""
         block = self.config.block_size
         if isinstance(draft_len, bool) or not isinstance(draft_len, int) or not 0 <= draft_len <= block:
             raise RequestError(f"draft_len must be an integer in [0, block_size={block}] "
@@ -251,7 +252,7 @@ class DecodeEngine:
         """Use draft length `draft_len` from the next step on. Rows keep their output; their pending
         proposals are cut to the new length, or padded with repeats of the last one (any
         proposal is exact: verification compares it with the target's own choice)."""
-        self._check_draft_len(draft_len)
+        self.check_draft_len(draft_len)
         if draft_len == self.draft_len:
             return
         self.draft_len, self.layout = draft_len, Layout.decode(draft_len)
@@ -296,7 +297,7 @@ class DecodeEngine:
         prompt = list(request.prompt_ids)
         layout = Layout.prefill(len(prompt), b)
         tokens = torch.tensor([prompt + [self.config.mask_token_id] * b], device=cache.device)
-        logits = self.backend.forward(tokens, layout, cache)
+        out = StepLogits(self.backend, tokens, layout, cache)
         cache.commit([len(prompt)])
         params = request.sampling
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2 ** 62, ()).item())
@@ -305,14 +306,16 @@ class DecodeEngine:
                    stats=Stats(accepted_per_position=[0] * max(b - 1, 0)),
                    detokenizer=IncrementalDetokenizer(self.tokenizer, request.stop) if self.tokenizer else None,
                    started=started)
-        sampling = SamplingBatch.of([params], [seed], logits.device)
+        sampling = SamplingBatch.of([params], [seed], cache.device)
         # d_0 at position L: AR at the last prompt token, mixed with mask 0 (same position);
-        # d_1..d_{b-1} at positions L+1..: the block's masks 1..b-1.
+        # d_1..d_{b-1} at positions L+1..: the block's masks 1..b-1. The LM head runs on these rows only.
         L = len(prompt)
-        target = self._mix(logits[:, L - 1: L], logits[:, L: L + 1] if b else None)
-        positions = torch.arange(L, L + max(b, 1), device=logits.device)[None]
+        positions = torch.arange(L, L + max(b, 1), device=cache.device)[None]
+        mixed = b and self.beta < 1.0
+        logits = out.rows(torch.cat([positions[:, :1] - 1, positions[:, : 1 if mixed else 0], positions[:, 1:]], 1))
+        target = self._mix(logits[:, :1], logits[:, 1:2] if mixed else None)
         first = sampling.choose(target, positions[:, :1])
-        drafts = torch.cat([first, sampling.choose(logits[:, L + 1: L + b], positions[:, 1:])], dim=1)
+        drafts = torch.cat([first, sampling.choose(logits[:, 1 + mixed:], positions[:, 1:])], dim=1)
         row.stats.forward_passes = 1
         row.stats.prefill_seconds = time.perf_counter() - started
         return row, drafts
@@ -346,10 +349,16 @@ class DecodeEngine:
         batch, device = len(self.rows), self._drafts.device
         masks = torch.full((batch, layout.num_new - layout.causal_len), self.config.mask_token_id, device=device)
         past = cache.lengths.clone()  # position of each row's d_0
-        logits = self.backend.forward(torch.cat([self._drafts, masks], dim=1), layout, cache)
-        # Target at positions past+1 .. past+b: AR output at d_{i-1}, mixed with mask 0 of block i.
-        target = self._mix(logits[:, :nb], logits[:, layout.causal_len::b][:, :b] if b else None)
+        out = StepLogits(self.backend, torch.cat([self._drafts, masks], dim=1), layout, cache)
+        # Target at positions past+1 .. past+b: AR output at d_{i-1} (rows 0..b-1), mixed with
+        # mask 0 of block i when beta < 1. The LM head runs on these rows, then on b - 1 more.
         offsets = torch.arange(1, nb + 1, device=device)
+        rows = offsets - 1
+        mixed = b and self.beta < 1.0
+        if mixed:
+            rows = torch.cat([rows, layout.causal_len + b * (offsets - 1)])
+        logits = out.rows(rows[None].expand(batch, -1))
+        target = self._mix(logits[:, :nb], logits[:, nb:] if mixed else None)
         choices = self._sampling.choose(target, past[:, None] + offsets)
         accepted, next_token = accept_greedy(self._drafts[:, 1:], choices)
         committed = accepted + 1
@@ -360,8 +369,7 @@ class DecodeEngine:
         # past + committed + 1 ..
         drafts = next_token[:, None]
         if b > 1:
-            picks = layout.causal_len + accepted[:, None] * b + offsets[None, : b - 1]
-            mask_logits = logits.gather(1, picks[..., None].expand(-1, -1, logits.shape[-1]))
+            mask_logits = out.rows(layout.causal_len + accepted[:, None] * b + offsets[None, : b - 1])
             drafts = torch.cat([drafts, self._sampling.choose(mask_logits, past[:, None] + committed[:, None]
                                                               + offsets[None, : b - 1])], dim=1)
         self._drafts = drafts

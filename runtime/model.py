@@ -190,6 +190,12 @@ def _triton_kernel():
     return hybrid_attention
 
 
+def gather_rows(tensor: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """tensor [B, Q, ...] at `rows` [B, R] (per batch row indices along Q): [B, R, ...]."""
+    index = rows.to(tensor.device).reshape(*rows.shape, *([1] * (tensor.dim() - 2)))
+    return tensor.gather(1, index.expand(*rows.shape, *tensor.shape[2:]))
+
+
 class TiDARModel(nn.Module):
     """The TiDAR transformer: one LM head for AR and diffusion logits alike."""
 
@@ -278,10 +284,13 @@ class TiDARModel(nn.Module):
         return self.model.norm(x)
 
     def forward(self, input_ids: torch.Tensor, layout: Layout, cache: KVCache | None = None,
-                past_lens: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [B, Q, vocab] of the new tokens. With a cache, their K/V are written after each
-        row's cached length but not committed (call `cache.commit`)."""
-        return self.lm_head(self.hidden_states(input_ids, layout, cache, past_lens))
+                past_lens: torch.Tensor | None = None, logits_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, Q, vocab] of the new tokens, or with `logits_rows` [B, R] (indices among the
+        new tokens) only those rows, [B, R, vocab]: the LM head runs on them alone. With a cache,
+        the new tokens' K/V are written after each row's cached length but not committed (call
+        `cache.commit`)."""
+        hidden = self.hidden_states(input_ids, layout, cache, past_lens)
+        return self.lm_head(hidden if logits_rows is None else gather_rows(hidden, logits_rows))
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         c = self.config

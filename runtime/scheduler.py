@@ -28,6 +28,7 @@ call per metric in Triton's Python backend) never delays a step.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import threading
 import time
@@ -135,7 +136,7 @@ class Scheduler:
         here on). Raises `Overloaded` if the queue is full, RequestError if `draft_len` or
         `timeout` is invalid."""
         if draft_len is not None:
-            self.engines[ADAPTIVE]._check_draft_len(draft_len)
+            self.engines[ADAPTIVE].check_draft_len(draft_len)
         timeout = timeout if timeout is not None else self.config.default_timeout
         if timeout is not None and not timeout > 0:
             raise RequestError(f"timeout must be positive seconds, got {timeout!r}")
@@ -170,6 +171,15 @@ class Scheduler:
             self._closing = True
             self._cond.notify()
         self._thread.join(timeout)
+
+    def snapshot(self) -> SchedulerCounters:
+        """A copy of the counters taken under the scheduler's lock (the scheduler thread changes
+        them only under it); the histogram observations move into the copy."""
+        with self._cond:
+            c = self.counters
+            return dataclasses.replace(c, requests=collections.Counter(c.requests),
+                                       accepted_per_position=list(c.accepted_per_position),
+                                       tokens_per_forward=c.drain_observations())
 
     @property
     def idle(self) -> bool:
@@ -209,7 +219,8 @@ class Scheduler:
             self.counters.queue_depth = len(self._queue)
         for sub, why in waiting:
             if why is not None:
-                self.counters.requests[why] += 1
+                with self._cond:
+                    self.counters.requests[why] += 1
                 self._deliver(sub, Delta(sub.request.request_id, [], "", True, why))
         ending: dict[str, list[_Submission]] = collections.defaultdict(list)
         for sub in list(self._running.values()):
@@ -235,12 +246,14 @@ class Scheduler:
             try:
                 engine.check(sub.request)
             except RequestError as error:
-                self.counters.requests["invalid"] += 1
+                with self._cond:
+                    self.counters.requests["invalid"] += 1
                 _safe(sub.on_error, "invalid", str(error))
                 continue
             self._running[sub.request.request_id] = sub
-            self.counters.forward_passes += 1
-            self.counters.row_forwards += 1
+            with self._cond:
+                self.counters.forward_passes += 1
+                self.counters.row_forwards += 1
             self._dispatch(engine.add([sub.request]))
             self._collect(engine)
 
@@ -250,16 +263,19 @@ class Scheduler:
         engine = self.engines[ADAPTIVE]
         if engine.rows:
             engine.set_draft_len(self.policy.best(sum(len(e.rows) for e in self.engines.values())))
-        self.counters.draft_len = engine.draft_len
+        with self._cond:
+            self.counters.draft_len = engine.draft_len
 
     def _step(self) -> None:
         for engine in list(self.engines.values()):
             if engine.rows:
-                self.counters.forward_passes += 1
-                self.counters.row_forwards += len(engine.rows)
+                with self._cond:
+                    self.counters.forward_passes += 1
+                    self.counters.row_forwards += len(engine.rows)
                 self._dispatch(engine.step())
                 self._collect(engine)
-        self.counters.active_rows = len(self._running)
+        with self._cond:
+            self.counters.active_rows = len(self._running)
 
     # ------------------------------------------------------------------ plumbing
     def _engine(self, key: object) -> DecodeEngine:
@@ -272,12 +288,15 @@ class Scheduler:
             sub = self._running.get(delta.request_id)
             if sub is None:
                 continue
-            self._count(sub, delta)
+            with self._cond:
+                self._count(sub, delta)
             self._deliver(sub, delta)
             if delta.finished:
                 del self._running[delta.request_id]
-                self.counters.requests[delta.finish_reason] += 1
-        self.counters.active_rows = len(self._running)
+                with self._cond:
+                    self.counters.requests[delta.finish_reason] += 1
+        with self._cond:
+            self.counters.active_rows = len(self._running)
 
     def _deliver(self, sub: _Submission, delta: Delta) -> None:
         """Hand `delta` to the caller; a caller that raises (a broken stream) is cancelled."""
@@ -312,7 +331,8 @@ class Scheduler:
         with self._cond:
             queued, self._queue = list(self._queue), collections.deque()
         for sub in queued:
-            self.counters.requests[reason] += 1
+            with self._cond:
+                self.counters.requests[reason] += 1
             self._end(sub, reason, detail)
         for key, engine in self.engines.items():
             ids = [row.request.request_id for row in engine.rows]
@@ -324,16 +344,19 @@ class Scheduler:
             engine.finished.clear()
             if reason == "error":
                 for sub in [self._running.pop(i) for i in ids if i in self._running]:
-                    self.counters.requests[reason] += 1
+                    with self._cond:
+                        self.counters.requests[reason] += 1
                     _safe(sub.on_error, "error", f"internal error, the request was ended: {detail}")
             else:
                 self._dispatch(deltas)
         for sub in list(self._running.values()):  # rows lost with a broken engine
             self._running.pop(sub.request.request_id)
-            self.counters.requests[reason] += 1
+            with self._cond:
+                self.counters.requests[reason] += 1
             self._end(sub, reason, detail)
-        self.counters.active_rows = 0
-        self.counters.queue_depth = 0
+        with self._cond:
+            self.counters.active_rows = 0
+            self.counters.queue_depth = 0
 
     def _end(self, sub: _Submission, reason: str, detail: str) -> None:
         if reason == "error":

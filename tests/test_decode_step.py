@@ -86,3 +86,46 @@ def test_cache_storage_is_allocated_once(backend):
     assert (cache._keys.data_ptr(), cache._values.data_ptr()) == storage
     with pytest.raises(Exception, match="max_len"):
         engine.add([Request(prompts(1)[0], 200)])
+
+
+def count_head_rows(backend, monkeypatch) -> list[int]:
+    rows: list[int] = []
+    head = backend.model.lm_head
+    original = head.forward
+    monkeypatch.setattr(head, "forward", lambda x: rows.append(x[..., 0].numel()) or original(x))
+    return rows
+
+
+@pytest.mark.parametrize("draft_len,beta", [(0, 1.0), (1, 1.0), (4, 1.0), (8, 1.0), (8, 0.5)])
+def test_lm_head_runs_only_on_the_rows_it_needs(backend, monkeypatch, draft_len, beta):
+    """Per step and row: 2b - 1 rows (the b verification rows, then the b - 1 masks of the
+    selected block), 3b - 1 with beta < 1 (plus the first mask of each block); AR: 1. Down from
+    b(b+1). Prefill: 1 row for d_0 (2 with beta < 1) and b - 1 drafts."""
+    rows = count_head_rows(backend, monkeypatch)
+    engine = DecodeEngine(backend, draft_len=draft_len, beta=beta)
+    engine.add([Request(p, 40, eos_ids=()) for p in prompts(8)])
+    b = draft_len
+    mixed = b > 0 and beta < 1
+    assert rows == [1 + mixed + max(b - 1, 0)] * 8
+    rows.clear()
+    engine.step()
+    per_row = {0: 1, 1: 1 + mixed}.get(b, (3 * b - 1) if mixed else (2 * b - 1))
+    assert sum(rows) == 8 * per_row
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama"])
+def test_row_selected_logits_stay_lossless(family, tiny_backends, hf_models):
+    """I1 through the row-selecting path itself (the I1 tests of test_decode_invariants wrap the
+    backend and take every row's logits): batched greedy TiDAR equals transformers greedy."""
+    backend, hf = tiny_backends[family], hf_models[family]
+    generator = torch.Generator().manual_seed(4)
+    batch = [torch.randint(3, backend.config.vocab_size, (n,), generator=generator).tolist() for n in (3, 9, 17)]
+    expected = []
+    for prompt in batch:
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                              max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0)
+        expected.append(out[0, len(prompt):].tolist())
+    for draft_len in (2, 5, 16):
+        results = DecodeEngine(backend, draft_len=draft_len).generate([Request(p, 24, eos_ids=()) for p in batch])
+        assert [r.token_ids for r in results] == expected, f"b={draft_len}"

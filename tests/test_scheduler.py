@@ -175,6 +175,29 @@ def test_counters_agree_with_request_statistics(backend, tokenizer):
         scheduler.close()
 
 
+def test_snapshot_is_taken_under_the_lock_the_scheduler_counts_under(backend, tokenizer):
+    """While a caller holds the scheduler's lock, the running scheduler cannot change a counter
+    (it changes them only under that lock), so a snapshot never sees a half-made update; the
+    snapshot is a copy and takes the histogram observations with it."""
+    scheduler = Scheduler(backend, tokenizer, SchedulerConfig(draft_len=4))
+    try:
+        collector = Collector()
+        scheduler.submit(Request(tokenizer.encode(PROMPTS[0]), 400, eos_ids=()), collector.on_delta,
+                         collector.on_error)
+        while not scheduler.snapshot().generated_tokens:
+            time.sleep(0.01)
+        with scheduler._cond:
+            held = scheduler.snapshot()
+            time.sleep(0.5)  # the scheduler thread keeps stepping, up to its next count
+            assert scheduler.snapshot() == held
+        collector.wait()
+        final = scheduler.snapshot()
+        assert final.generated_tokens == 400 and final.requests["length"] == 1
+        assert final.requests is not scheduler.counters.requests and scheduler.counters.tokens_per_forward == []
+    finally:
+        scheduler.close()
+
+
 def slow_backend(backend, seconds):
     """The real backend with every forward slowed down, to make timing-dependent events certain."""
 

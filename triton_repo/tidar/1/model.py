@@ -55,7 +55,7 @@ class TritonPythonModel:
     def _publish_loop(self):
         while not self.stop_publishing.wait(PUBLISH_SECONDS):
             try:
-                self.metrics.publish(self.scheduler.counters)
+                self.metrics.publish(self.scheduler.snapshot())
             except Exception:  # metrics must never take the model down
                 pass
 
