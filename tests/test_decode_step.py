@@ -129,3 +129,18 @@ def test_row_selected_logits_stay_lossless(family, tiny_backends, hf_models):
     for draft_len in (2, 5, 16):
         results = DecodeEngine(backend, draft_len=draft_len).generate([Request(p, 24, eos_ids=()) for p in batch])
         assert [r.token_ids for r in results] == expected, f"b={draft_len}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the decode step on the GPU)")
+@pytest.mark.parametrize("draft_len", [0, 4])
+def test_decode_on_cuda_equals_cpu(backend, draft_len):
+    """R1: every tensor of the step lives on the logits' device. Greedy and seeded sampled
+    batches on CUDA give the CPU's tokens (fp32; the noise is the same integer hash on both)."""
+    cuda = TorchBackend(TiDARModel(backend.config).eval())
+    cuda.model.load_state_dict(backend.model.state_dict())
+    cuda.model.to("cuda")
+    settings = [SamplingParams(), SamplingParams(temperature=0.8, seed=3), SamplingParams(temperature=1.0, top_p=0.9,
+                                                                                          top_k=50, seed=4)]
+    requests = [Request(p, 32, params, eos_ids=()) for p, params in zip(prompts(6), itertools.cycle(settings))]
+    expected = [r.token_ids for r in DecodeEngine(backend, draft_len=draft_len).generate(requests)]
+    assert [r.token_ids for r in DecodeEngine(cuda, draft_len=draft_len).generate(requests)] == expected

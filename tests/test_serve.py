@@ -98,6 +98,23 @@ def test_sixteen_concurrent_streams_equal_their_solo_output(server, ar_oracle):
     assert rows > 2 * forwards, f"requests were not batched: {rows} rows in {forwards} forwards"
 
 
+def test_seeded_requests_repeat_under_concurrent_load(server):
+    """Issue 14: three seeded sampled requests, each sent four times at concurrency 16 among
+    greedy and unseeded requests of other lengths (so the adaptive draft length changes as the
+    batch grows and shrinks), get one answer each: the one the request gets alone in AR mode."""
+    seeded = [(PROMPTS[i], 40, dict(temperature=t, top_p=p, random_seed=s))
+              for i, t, p, s in ((0, 0.8, 1.0, 11), (3, 1.0, 0.9, 12), (8, 0.8, 0.95, 2 ** 63 + 13))]
+    others = [(PROMPTS[i], 16 + 3 * i, dict(temperature=0.9) if i % 2 else {}) for i in range(4, 8)]
+    load = seeded * 4 + others
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda a: request(server.grpc_url, a[0], a[1], **a[2]), load))
+    for index, (prompt, length, options) in enumerate(seeded):
+        answers = {tuple(results[index + 3 * k].token_ids) for k in range(4)}
+        alone = request(server.grpc_url, prompt, length, mode="ar", **options)
+        assert answers == {tuple(alone.token_ids)}, prompt
+    assert len({tuple(r.token_ids) for r in results[:3]}) == 3
+
+
 BAD_REQUESTS = {
     "missing text_input": (dict(drop="text_input"), r"text_input"),
     "max_tokens 0": (dict(max_tokens=0), r"'max_tokens' must be in \[1, 2048\], got 0"),
