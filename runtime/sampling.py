@@ -84,7 +84,8 @@ def process_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch
     if top_p is not None:
         sorted_probs = torch.softmax(sorted_x, dim=-1)
         mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-        drop_sorted = mass_before >= top_p[..., None]  # the first token is never dropped
+        # the first token is never dropped; nor is any of a row with top_p = 1 (round-off of the sum)
+        drop_sorted = (mass_before >= top_p[..., None]) & (top_p[..., None] < 1.0)
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         x = x.masked_fill(drop, float("-inf"))
     return x
