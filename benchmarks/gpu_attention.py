@@ -170,7 +170,7 @@ def run_forward(args) -> dict:
         cache = model.new_cache(batch, args.past + max(layout.num_new for *_, layout in layouts))
         cache.keys.normal_()
         cache.values.normal_()
-        cache.lengths.fill_(args.past)
+        cache.lengths = [args.past] * batch  # device and host copies of the lengths
         for attention in args.attention:
             model.set_attention(attention)
             for kind, size, layout in layouts:
