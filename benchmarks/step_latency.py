@@ -6,6 +6,9 @@ attention implementation asked for. Prints JSON (and writes it with --out), with
 machine, torch version and date, so figures can be quoted with their provenance.
 
     python benchmarks/step_latency.py CHECKPOINT --draft-lens 0 4 8 16 --attention eager sdpa flex --threads 1
+    python benchmarks/step_latency.py CHECKPOINT --draft-lens 8 16 --batch 1 8 16 --attention sdpa
+
+It uses only the public engine API, so the same script times any commit of the runtime.
 """
 
 from __future__ import annotations
@@ -24,12 +27,16 @@ from tidar.runtime.backend import TorchBackend
 from tidar.runtime.generate import DecodeEngine, Request
 
 
-def time_steps(backend: TorchBackend, draft_len: int, prompt_len: int, repeats: int, warmup: int) -> dict:
+def time_steps(backend: TorchBackend, draft_len: int, prompt_len: int, repeats: int, warmup: int,
+               batch: int = 1) -> dict:
     engine = DecodeEngine(backend, draft_len=draft_len)
-    prompt = [3 + (7 * i) % (backend.config.vocab_size - 3) for i in range(prompt_len)]
-    engine.add([Request(prompt, max_new_tokens=(repeats + warmup + 1) * max(draft_len, 1), eos_ids=())])
+    vocab = backend.config.vocab_size - 3
+    prompts = [[3 + (7 * i + 11 * r) % vocab for i in range(prompt_len + r)] for r in range(batch)]
+    engine.add([Request(p, max_new_tokens=(repeats + warmup + 1) * max(draft_len, 1), eos_ids=()) for p in prompts])
     step_times, forward_times = [], []
-    forward = backend.forward
+    # The model's forward: `hidden_states` where the runtime runs the LM head on chosen rows only.
+    name = "hidden_states" if hasattr(backend, "hidden_states") else "forward"
+    forward = getattr(backend, name)
 
     def timed_forward(*args, **kwargs):
         start = time.perf_counter()
@@ -37,7 +44,7 @@ def time_steps(backend: TorchBackend, draft_len: int, prompt_len: int, repeats: 
         forward_times.append(time.perf_counter() - start)
         return out
 
-    backend.forward = timed_forward
+    setattr(backend, name, timed_forward)
     try:
         for i in range(warmup + repeats):
             start = time.perf_counter()
@@ -45,10 +52,11 @@ def time_steps(backend: TorchBackend, draft_len: int, prompt_len: int, repeats: 
             if i >= warmup:
                 step_times.append(time.perf_counter() - start)
     finally:
-        backend.forward = forward
+        delattr(backend, name)  # back to the class's method
     forward_times = forward_times[warmup:]
     return {
         "draft_len": draft_len,
+        "batch": batch,
         "query_tokens": engine.layout.num_new,
         "step_ms_median": round(1000 * statistics.median(step_times), 3),
         "forward_ms_median": round(1000 * statistics.median(forward_times), 3),
@@ -62,6 +70,7 @@ def main() -> None:
     parser.add_argument("--draft-lens", type=int, nargs="+", default=[0, 4, 8, 16])
     parser.add_argument("--attention", nargs="+", default=["eager", "sdpa"])
     parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1], help="rows per step (each timed)")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--dtype", default="float32")
@@ -73,9 +82,10 @@ def main() -> None:
     results = []
     for attention in args.attention:
         backend = TorchBackend.load(args.checkpoint, dtype=args.dtype, attention=attention)
-        for draft_len in args.draft_lens:
-            row = time_steps(backend, draft_len, args.prompt_len, args.repeats, args.warmup)
-            results.append({"attention": attention, **row})
+        for batch in args.batch:
+            for draft_len in args.draft_lens:
+                row = time_steps(backend, draft_len, args.prompt_len, args.repeats, args.warmup, batch)
+                results.append({"attention": attention, **row})
     report = {
         "benchmark": "step_latency",
         "checkpoint": os.path.basename(os.path.normpath(args.checkpoint)),
