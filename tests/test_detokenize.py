@@ -69,7 +69,8 @@ def test_long_output_decodes_each_token_once(setup, monkeypatch, draft_len):
     full_decodes, original_stream = [], tokenizer_module.DecodeStream
     original_decode = Tokenizer.decode
     monkeypatch.setattr(tokenizer_module, "DecodeStream", CountingStream)
-    monkeypatch.setattr(Tokenizer, "decode", lambda self, ids: full_decodes.append(len(ids)) or original_decode(self, ids))
+    monkeypatch.setattr(Tokenizer, "decode",
+                        lambda self, ids: full_decodes.append(len(ids)) or original_decode(self, ids))
     engine = DecodeEngine(backend, tokenizer, draft_len=draft_len)
     request = Request(spelling[:5], LENGTH, eos_ids=())
     streamed = "".join(d.text for deltas in engine.stream([request]) for d in deltas)
