@@ -156,12 +156,13 @@ def _serve(args: argparse.Namespace) -> int:
     from tidar.serve import ServeError, serve
     from tidar.supervisor import RestartPolicy
 
-    if args.max_restarts < 0 or args.restart_backoff < 0:
-        raise CLIError(f"--max-restarts and --restart-backoff must be >= 0, got {args.max_restarts} and "
-                       f"{args.restart_backoff}")
+    if min(args.max_restarts, args.restart_backoff, args.stable_after) < 0:
+        raise CLIError(f"--max-restarts, --restart-backoff and --stable-after must be >= 0, got "
+                       f"{args.max_restarts}, {args.restart_backoff} and {args.stable_after}")
 
     try:
-        policy = RestartPolicy(max_restarts=args.max_restarts, backoff=args.restart_backoff)
+        policy = RestartPolicy(max_restarts=args.max_restarts, backoff=args.restart_backoff,
+                               stable_after=args.stable_after)
         return serve(args.repo, args.grpc_port, args.http_port, args.metrics_port,
                      command=args.command_after or None, verbose=args.verbose, policy=policy,
                      openai_port=args.openai_port)
@@ -318,14 +319,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Prometheus metrics port (default 8002; 0 = any free port)")
     srv.add_argument("--max-restarts", type=int, default=5,
                      help="restarts in a row after a dead model process or server before giving up with exit "
-                          "status 1 (default 5; 0 = exit 1 on the first fault); a server that served 60 s "
-                          "before its fault starts a new row")
+                          "status 1 (default 5; 0 = exit 1 on the first fault)")
     srv.add_argument("--restart-backoff", type=float, default=1.0,
                      help="seconds before the first restart of a row, doubled for each further one, at most "
                           "30 (default 1)")
     srv.add_argument("--openai-port", type=int, default=None,
                      help="also serve an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
                           "/v1/models) on this port (0 = any free port); needs the openai extra")
+    srv.add_argument("--stable-after", type=float, default=60.0,
+                     help="seconds of serving after which a fault starts a new row of restarts (default 60)")
     srv.add_argument("--verbose", action="store_true", help="verbose server log")
     srv.set_defaults(run=_serve)
 

@@ -182,8 +182,8 @@ class TritonServer:
                 raise ServeError(f"{name} port {port} is already in use; choose another with "
                                  f"--{name.lower()}-port (or stop what listens there)")
         self.verbose, self.ready_timeout = verbose, ready_timeout
-        self._workdir = Path(tempfile.mkdtemp(prefix="tidar-serve-"))
-        self.log_file = Path(log_file) if log_file else self._workdir / "tritonserver.log"
+        self.workdir = Path(tempfile.mkdtemp(prefix="tidar-serve-"))  # removed by stop()
+        self.log_file = Path(log_file) if log_file else self.workdir / "tritonserver.log"
         self.process: subprocess.Popen | None = None
         self.env: dict[str, str] = {}  # extra environment for the server (and its model processes)
         self._shm_regions: set[str] = set()
@@ -209,7 +209,7 @@ class TritonServer:
                    "--allow-gpu-metrics=false", f"--log-verbose={1 if self.verbose else 0}"]
         env = dict(os.environ)
         if python_backend is not None:  # nvidia-pytriton: a backend folder with this Python's stub
-            backends = self._workdir / "backends"
+            backends = self.workdir / "backends"
             shutil.copytree(python_backend, backends / "python", ignore=shutil.ignore_patterns("__pycache__"),
                             dirs_exist_ok=True)
             shutil.copy2(stub, backends / "python" / "triton_python_backend_stub")
@@ -333,8 +333,8 @@ class TritonServer:
         self.kill()  # whatever is left of the group, and the shared memory
         code = self.process.returncode if code is None else code
         # The working folder goes, unless it holds the log of a server that did not exit cleanly.
-        keep_log = self.log_file.parent == self._workdir and code != 0
-        shutil.rmtree(self._workdir / "backends" if keep_log else self._workdir, ignore_errors=True)
+        keep_log = self.log_file.parent == self.workdir and code != 0
+        shutil.rmtree(self.workdir / "backends" if keep_log else self.workdir, ignore_errors=True)
         return code
 
     def __enter__(self) -> "TritonServer":

@@ -26,6 +26,9 @@ from dataclasses import dataclass
 from typing import Callable, TextIO
 
 RESTARTS_ENV = "TIDAR_SERVER_RESTARTS"
+# A folder where a model keeps its start-up autotune measurement for the restarts of one
+# `tidar serve` (runtime/serving.py): a restart then skips the measurement.
+AUTOTUNE_CACHE_ENV = "TIDAR_AUTOTUNE_CACHE"
 # The metric's `cause` label: a model process died, or tritonserver died (or failed to restart).
 CAUSES = ("model_process", "tritonserver")
 
@@ -101,6 +104,9 @@ class Supervisor:
     def start(self, cancelled: Callable[[], bool] = lambda: False) -> None:
         """Start the server (ServeError if it does not become ready) and watch its model processes."""
         self.server.env[RESTARTS_ENV] = json.dumps(self.restarts)
+        # kept across restarts; TIDAR_AUTOTUNE_CACHE="" in the environment turns it off
+        self.server.env.setdefault(AUTOTUNE_CACHE_ENV, os.environ.get(AUTOTUNE_CACHE_ENV,
+                                                                      str(self.server.workdir / "autotune")))
         self.server.start(cancelled=cancelled)
         self.serving_since = time.monotonic()
 
@@ -155,7 +161,7 @@ class Supervisor:
             except Exception as error:  # noqa: BLE001 - any failed start is the next fault
                 self.server.kill()
                 cause = "model_process" if isinstance(error, ModelProcessDied) else "tritonserver"
-                what = f"restart failed: {str(error).splitlines()[0]} (log: {self.server.log_file})"
+                what = f"restart failed: {str(error).splitlines()[0].rstrip(':')} (log: {self.server.log_file})"
                 self.log(f"fault: {what}")
                 continue
             self.log(f"serving again {time.monotonic() - began:.1f} s after the fault")

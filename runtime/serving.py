@@ -26,8 +26,13 @@ finish reason "timeout" and the output so far).
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -335,6 +340,20 @@ class ServingOptions:
         return options
 
 
+def _autotune_cache(folder, options: ServingOptions, device: str):
+    """Where this model's start-up measurement is kept across restarts of one `tidar serve`
+    (the folder it names in the environment; None without it): a restarted server reuses the
+    draft-length policy measured on the same machine minutes before instead of measuring again."""
+    from ..supervisor import AUTOTUNE_CACHE_ENV
+
+    root = os.environ.get(AUTOTUNE_CACHE_ENV)
+    if not root:
+        return None
+    key = json.dumps([str(folder), device, dataclasses.asdict(options)], sort_keys=True, default=str)
+    Path(root).mkdir(parents=True, exist_ok=True)
+    return Path(root) / f"autotune-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+
 def build_scheduler(folder, options: ServingOptions, device: str = "cpu"):
     """Load the model of `folder` on `options.backend` and start a scheduler for it.
     Returns (scheduler, tokenizer, config, max_tokens_limit)."""
@@ -356,11 +375,21 @@ def build_scheduler(folder, options: ServingOptions, device: str = "cpu"):
     config = backend.config
     policy = None
     if options.draft_len is None:
-        acceptance = load_acceptance(folder, config.block_size) or calibrate_acceptance(backend, tokenizer)
-        batch_sizes = [b for b in options.autotune_batch_sizes if b <= options.max_batch_size] or [1]
-        draft_lens = [b for b in options.autotune_draft_lens if b <= config.block_size] or [0]
-        policy = BatchDraftPolicy.measure(backend, acceptance, batch_sizes, draft_lens, options.autotune_repeats,
-                                          tokenizer=tokenizer)
+        cache = _autotune_cache(folder, options, device)
+        if cache is not None and cache.is_file():
+            saved = json.loads(cache.read_text())
+            policy = BatchDraftPolicy(saved["acceptance"], {int(batch): {int(b): seconds for b, seconds in row.items()}
+                                                            for batch, row in saved["step_seconds"].items()})
+        else:
+            acceptance = load_acceptance(folder, config.block_size) or calibrate_acceptance(backend, tokenizer)
+            batch_sizes = [b for b in options.autotune_batch_sizes if b <= options.max_batch_size] or [1]
+            draft_lens = [b for b in options.autotune_draft_lens if b <= config.block_size] or [0]
+            policy = BatchDraftPolicy.measure(backend, acceptance, batch_sizes, draft_lens, options.autotune_repeats,
+                                              tokenizer=tokenizer)
+            if cache is not None:  # atomically: instances of one model may start together
+                partial = cache.with_suffix(f".{os.getpid()}.tmp")
+                partial.write_text(json.dumps({"acceptance": policy.acceptance, "step_seconds": policy.step_seconds}))
+                os.replace(partial, cache)
     scheduler = Scheduler(backend, tokenizer, SchedulerConfig(
         max_batch_size=options.max_batch_size, max_queue_size=options.max_queue_size,
         draft_len=options.draft_len, default_timeout=options.default_timeout), policy=policy)
