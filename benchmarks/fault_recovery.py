@@ -186,7 +186,7 @@ def main() -> None:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()},
-        "model": args.model, "backend": args.backend, "streams": args.streams, "variants": variants,
+        "model": "bundled" if args.model == str(tidar.BUNDLED_MODEL) else args.model, "backend": args.backend, "streams": args.streams, "variants": variants,
         "goals": {"streams_ended_s": 10, "unready_s": 5, "serving_again_s": 60},
         "all_unready_until_serving": all(t["unready_until_serving"] for v in variants.values() for t in v["trials"]),
         "all_same_greedy_output": all(t["same_greedy_output"] for v in variants.values() for t in v["trials"]),
