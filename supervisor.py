@@ -160,6 +160,8 @@ class Supervisor:
                 self.start(cancelled=lambda: not keep_going())
             except Exception as error:  # noqa: BLE001 - any failed start is the next fault
                 self.server.kill()
+                if not keep_going():  # stopped while starting
+                    break
                 cause = "model_process" if isinstance(error, ModelProcessDied) else "tritonserver"
                 what = f"restart failed: {str(error).splitlines()[0].rstrip(':')} (log: {self.server.log_file})"
                 self.log(f"fault: {what}")
