@@ -278,6 +278,7 @@ class Streams:
 
     def close(self):
         for client in self.clients:
+            client.stop_stream(cancel_requests=True)  # a stream the server never ends must not hang here
             client.close()
 
 
