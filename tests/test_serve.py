@@ -342,3 +342,16 @@ def test_triton_refuses_a_batch_of_two(server):
     client.async_stream_infer("ensemble", inputs)
     client.stop_stream()
     assert errors and "batch" in str(errors[0]).lower(), errors
+
+
+def test_tidar_serve_runs_a_command_against_the_ready_server_and_exits_with_its_status(tmp_path):
+    """`tidar serve REPO -- COMMAND` (the README's main job): COMMAND runs once the server is
+    ready, with TIDAR_GRPC_URL set; the server stops cleanly after it; its status is the exit status."""
+    repo = render_repository(tmp_path / "repo", model_dir=str(BUNDLED_MODEL), backend="torch", draft_len="0")
+    script = ("import os, sys; from tidar.client import request\n"
+              "sys.exit(3 if len(request(os.environ['TIDAR_GRPC_URL'], 'import os\\n', 4).token_ids) == 4 else 1)")
+    run = subprocess.run([sys.executable, "-m", "tidar.cli", "serve", str(repo), "--grpc-port", "0", "--http-port",
+                          "0", "--metrics-port", "0", "--", sys.executable, "-c", script],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 3, run.stderr
+    assert "tritonserver stopped (status 0)" in run.stderr and "fault" not in run.stderr
