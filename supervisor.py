@@ -5,7 +5,7 @@ Why the whole server is restarted, not the model reloaded: when the Python backe
 model process, which holds the runtime) dies, Triton 2.51 keeps the decoupled model "ready" and
 never ends its in-flight streams; a reload through the repository API (explicit model control)
 loads a new stub but still leaves those streams hanging and both readiness endpoints at 200 (the
-Python backend restarts stubs only for non-decoupled models). Killing tritonserver's process
+Python backend does not restart the stub of a decoupled model). Killing tritonserver's process
 group closes every connection (clients see gRPC UNAVAILABLE at once) and its readiness
 endpoints stop answering until the new server has loaded every model.
 
