@@ -11,7 +11,7 @@ layout's mask_mod (torch.compile'd) and SDPA with the dense mask; the max error 
 
 forward: latency of one forward of a random-weight Qwen2.5-1.5B-shaped TiDARModel (bf16, KV
 cache of --past tokens) as the query tokens grow 1..512 (a causal run: the "free token" curve
-of SPEC §5), plus the TiDAR decode steps of --draft-lens, for each attention implementation.
+of docs/design.md §5), plus the TiDAR decode steps of --draft-lens, for each attention implementation.
 
 Each writes OUT/<name>.json (device, date, versions, settings, results; median times in ms)
 and OUT/<name>.png. Without CUDA the script exits with status 2 and says so.

@@ -270,7 +270,7 @@ def check_triton_repo(out: Path) -> Check:
 
 def check_engine(out: Path, step: str, reference, origin: str) -> Check:
     """An engine of the build ("tensorrt": the TensorRT engine of the plugin graph; "engine": the
-    TensorRT-LLM engine, tp = 1) gives the reference's greedy tokens (SPEC I5) through the
+    TensorRT-LLM engine, tp = 1) gives the reference's greedy tokens (docs/design.md I5) through the
     runtime's engine backend; skipped with the reason where it cannot run here."""
     from tidar.runtime.backend import TorchBackend
     from tidar.runtime.engine_backend import TENSORRT_ENGINE, TRTLLM_ENGINE, EngineBackend

@@ -69,7 +69,7 @@ class Layout:
 
     @classmethod
     def decode(cls, draft_len: int) -> "Layout":
-        """One TiDAR step (SPEC §3): drafts d_0..d_{b-1}, then blocks j = 1..b of b masks,
+        """One TiDAR step (docs/design.md §3): drafts d_0..d_{b-1}, then blocks j = 1..b of b masks,
         block j seeing d_0..d_{j-1}. Draft length 0 is AR decoding: d_0 alone, no blocks."""
         if draft_len == 0:
             return cls.autoregressive(1)
@@ -78,7 +78,7 @@ class Layout:
 
     @classmethod
     def training(cls, seq_len: int, block_size: int) -> "Layout":
-        """The full-mask objective (SPEC §2): S clean tokens then S masks in blocks of b; the
+        """The full-mask objective (docs/design.md §2): S clean tokens then S masks in blocks of b; the
         block starting at position p sees the clean tokens before p. S must be a multiple of b."""
         if block_size <= 0 or seq_len % block_size:
             raise ValueError(f"training sequence length {seq_len} is not a multiple of block size {block_size}")

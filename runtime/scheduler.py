@@ -17,7 +17,7 @@ One background thread runs the loop. Between two steps it
 Requests that ask for a fixed draft length (or AR, `draft_len=0`) run in an engine of their
 own for that length, since one forward has one layout; requests without one share the
 adaptive engine. Rows of one engine keep their own lengths, sampling settings and stop
-conditions (SPEC I4: each row's output equals the request served alone).
+conditions (docs/design.md I4: each row's output equals the request served alone).
 
 The queue is bounded: `submit` raises `Overloaded` when `max_queue_size` requests wait.
 Counters (`SchedulerCounters`) follow vLLM's speculative-decoding metrics; they are plain

@@ -1,4 +1,4 @@
-"""Invariants of the draft-verify loop (SPEC §3 and §4), each against an independent oracle.
+"""Invariants of the draft-verify loop (docs/design.md §3 and §4), each against an independent oracle.
 
 - I1 lossless: greedy TiDAR output equals `transformers` greedy `generate` of the same weights,
   for every family, draft length 1..16 and 20 prompts, solo and batched; draft length 0 (AR

@@ -1,7 +1,7 @@
-"""The hybrid attention mask `Layout` against the SPEC, and its lowerings against each other.
+"""The hybrid attention mask `Layout` against the design document (docs/design.md), and its lowerings against each other.
 
 The expected positions and visibility are rebuilt here, independently of layout.py, from
-the words of SPEC §2 (training) and §3 (prefill, decode step) with plain Python loops over
+the words of docs/design.md §2 (training) and §3 (prefill, decode step) with plain Python loops over
 tokens; `Layout.dense_mask` / `position_ids` must equal them entry by entry (over KV slots,
 with per-row cached lengths, slots past a row's new tokens invisible). The FlexAttention
 `mask_mod` lowering must equal the dense one, `kernel_scalars()` must round-trip, and
@@ -19,11 +19,11 @@ PASTS = (0, 1, 7)
 SLACK = 3  # extra KV slots after the longest row's new tokens: never visible
 
 
-# ---------------------------------------------------------------- oracles from the SPEC's words
+# ---------------------------------------------------------------- oracles from the design document's words
 # A token is (kind, group, index, position offset): kind 'clean' / 'draft' / 'mask'.
 
 def spec_decode_tokens(b: int) -> list[tuple[str, int, int, int]]:
-    """SPEC §3 step: row 0 = drafts d_0..d_{b-1} at L..L+b-1; rows j = 1..b = b masks at L+j..L+j+b-1."""
+    """docs/design.md §3 step: row 0 = drafts d_0..d_{b-1} at L..L+b-1; rows j = 1..b = b masks at L+j..L+j+b-1."""
     tokens = [("draft", 0, i, i) for i in range(b)]
     for j in range(1, b + 1):
         tokens += [("mask", j, m, j + m) for m in range(b)]
@@ -40,7 +40,7 @@ def spec_decode_sees(q, k) -> bool:
 
 
 def spec_prefill_tokens(prompt: int, b: int) -> list[tuple[str, int, int, int]]:
-    """SPEC §3 prefill: the prompt (causal), then b masks at positions P..P+b-1."""
+    """docs/design.md §3 prefill: the prompt (causal), then b masks at positions P..P+b-1."""
     return [("clean", 0, i, i) for i in range(prompt)] + [("mask", 0, m, prompt + m) for m in range(b)]
 
 
@@ -52,7 +52,7 @@ def spec_prefill_sees(q, k) -> bool:
 
 
 def spec_training_tokens(seq_len: int, b: int) -> list[tuple[str, int, int, int]]:
-    """SPEC §2: x_1..x_S then m_1..m_S; mask i at the position of x_i; masks in blocks of b."""
+    """docs/design.md §2: x_1..x_S then m_1..m_S; mask i at the position of x_i; masks in blocks of b."""
     return [("clean", 0, i, i) for i in range(seq_len)] + [("mask", i // b, i, i) for i in range(seq_len)]
 
 
@@ -101,13 +101,13 @@ def check(layout: Layout, tokens, sees, pasts: list[int]) -> None:
     if not torch.equal(got, want_mask):
         row, q, slot = (got != want_mask).nonzero()[0].tolist()
         pytest.fail(f"{layout}: row {row} (past {pasts[row]}) token {tokens[q]} vs slot {slot}: "
-                    f"got {bool(got[row, q, slot])}, SPEC says {bool(want_mask[row, q, slot])}")
+                    f"got {bool(got[row, q, slot])}, the design says {bool(want_mask[row, q, slot])}")
 
 
-# ---------------------------------------------------------------- SPEC conformance
+# ---------------------------------------------------------------- design conformance
 @pytest.mark.parametrize("b", range(1, 17))
 def test_decode_layout_matches_spec(b):
-    """Layout.decode(b): b(b+1) tokens, positions and visibility as SPEC §3 words them, for single
+    """Layout.decode(b): b(b+1) tokens, positions and visibility as docs/design.md §3 words them, for single
     rows with past 0, 1, 7 and for one batch mixing those past lengths."""
     layout = Layout.decode(b)
     assert layout.num_new == b * (b + 1)

@@ -3,7 +3,7 @@
 Oracle: the torch reference backend. The graph's logits and present K/V match it within 1e-4
 for prefill, AR and TiDAR decode layouts with ragged cached lengths, one file serves every
 batch size / new-token count / past length, and greedy decoding through ONNX Runtime gives
-the torch backend's tokens (SPEC invariant I5). The plugin lowering is checked structurally
+the torch backend's tokens (docs/design.md invariant I5). The plugin lowering is checked structurally
 (ONNX Runtime cannot run tidar::hybrid_attention).
 """
 
@@ -102,7 +102,7 @@ def test_graph_axes_are_dynamic(onnx_backends):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_tokens_match_torch(family, tiny_backends, onnx_backends, tiny_checkpoints):
-    """SPEC I5: the same greedy tokens on every backend, for AR and TiDAR decoding, batched."""
+    """docs/design.md I5: the same greedy tokens on every backend, for AR and TiDAR decoding, batched."""
     tokenizer = Tokenizer(tiny_checkpoints[family])
     requests = [Request(tokenizer.encode(prompt), max_new_tokens=20, eos_ids=()) for prompt in PROMPTS]
     for draft_len in (0, 4, 16):

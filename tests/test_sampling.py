@@ -1,7 +1,7 @@
 """Sampling: settings, logit processing, draft verification, and invariant I2 (exact sampling).
 
 What is tested
-- I2 (SPEC §4): TiDAR sampling (draft lengths 2, 3, 4; beta = 1) of a tiny random-weight model
+- I2 (docs/design.md §4): TiDAR sampling (draft lengths 2, 3, 4; beta = 1) of a tiny random-weight model
   with a 6-token vocabulary gives continuations of length 4 distributed exactly as AR sampling
   of the same weights. The exact AR distribution of all 6**4 continuations is enumerated with
   the model's own causal forward; thousands of engine samples (one batch, one seed per row)

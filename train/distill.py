@@ -104,7 +104,7 @@ def accepted_drafts(model: TiDARModel, tokens: torch.Tensor, prompt_len: int) ->
     `prompt_len`: it sees x_<p, like the block a decode step drafts from when x_<p is committed.
     Its draft d_j (mask j, j >= 1) is accepted when it equals x_{p+j} and x_{p+j} is the model's
     AR choice there (so the trajectory is the model's own greedy one); acceptance stops at the
-    first refusal, as in verification (SPEC §3). A block whose d_0 = x_p is not the AR choice
+    first refusal, as in verification (docs/design.md §3). A block whose d_0 = x_p is not the AR choice
     does not count (the model's greedy path leaves the rollout there)."""
     from .objective import full_mask_inputs
 

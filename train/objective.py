@@ -1,4 +1,4 @@
-"""The full-mask TiDAR training objective (SPEC §2).
+"""The full-mask TiDAR training objective (docs/design.md §2).
 
 Input of length 2S: the clean tokens x_0..x_{S-1}, then S mask tokens; mask i takes position
 i. Attention is the runtime's `Layout.training(S, b)`: the clean half is causal and never sees
