@@ -189,6 +189,7 @@ class TritonServer:
         self._shm_regions: set[str] = set()
         self._seen: dict[int, ModelProcess] = {}  # this run's model processes, dead ones included
         self._zombie_since: dict[int, float] = {}
+        self._seen_dead: dict[int, tuple[str, float]] = {}  # stubs seen as zombies: how they ended, when
 
     @property
     def grpc_url(self) -> str:
@@ -227,7 +228,7 @@ class TritonServer:
         may be called again after `kill` (a restart on the same ports)."""
         command, env = self._command_and_env()
         log = open(self.log_file, "ab")
-        self._seen, self._zombie_since = {}, {}
+        self._seen, self._zombie_since, self._seen_dead = {}, {}, {}
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
                                         start_new_session=True)
         log.close()
@@ -241,6 +242,7 @@ class TritonServer:
                 self.kill()
                 raise ModelProcessDied(f"{died} while the models were loading")
             if self._ready():
+                self._seen_dead.clear()  # stubs Triton ended itself while loading (config auto-complete)
                 self.model_processes()
                 return self
             if cancelled():
@@ -274,7 +276,7 @@ class TritonServer:
         self._shm_regions.update(process.shm_region for process in found)
         return found
 
-    def dead_model_process(self, scan: bool = True) -> str | None:
+    def dead_model_process(self, scan: bool = True, grace: float = ZOMBIE_GRACE) -> str | None:
         """'model process tidar_0_0 (pid N) killed by signal 9 (SIGKILL)' once one of this run's
         model processes has died, else None. A dead stub is one left unreaped for ZOMBIE_GRACE
         seconds: Triton reaps the stubs it ends itself (the model-level stub of config
@@ -292,9 +294,19 @@ class TritonServer:
         for pid, (name, status) in dead.items():
             if status is None:
                 self._zombie_since.pop(pid, None)
-            elif now - self._zombie_since.setdefault(pid, now) >= ZOMBIE_GRACE:
-                return f"{name} {status}"
+                continue
+            self._seen_dead.setdefault(pid, (f"{name} {status}", now))
+            if now - self._zombie_since.setdefault(pid, now) >= grace:
+                return self._seen_dead[pid][0]
         return None
+
+    def model_process_seen_dead(self, within: float = 2.0) -> str | None:
+        """A model process of this run seen dead in the last `within` seconds, even if it has been
+        reaped since: when the server dies right after one of its stubs (Triton may abort on
+        losing one), the stub's death is the fault's cause."""
+        self.dead_model_process(scan=False, grace=0.0)
+        now = time.monotonic()
+        return next((what for what, seen in self._seen_dead.values() if now - seen <= within), None)
 
     def kill(self, wait: float = 10.0) -> int | None:
         """SIGKILL the server's process group (the server and its model processes; open

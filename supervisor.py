@@ -112,9 +112,13 @@ class Supervisor:
 
     def fault(self) -> tuple[str, str] | None:
         """(cause, description) of a fault of the running server, or None while it is healthy."""
+        stub_died = self.server.model_process_seen_dead()  # looked at before the server: see its docstring
         code = self.server.process.poll()
         if code is not None:
-            return "tritonserver", f"tritonserver (pid {self.server.process.pid}) {describe_status(code)}"
+            server_died = f"tritonserver (pid {self.server.process.pid}) {describe_status(code)}"
+            if stub_died:
+                return "model_process", f"{stub_died}, then {server_died}"
+            return "tritonserver", server_died
         scan = time.monotonic() >= self.next_scan
         if scan:
             self.next_scan = time.monotonic() + self.scan_every

@@ -390,3 +390,22 @@ def test_killed_tritonserver_is_restarted_then_gives_up_ending_the_command(repo)
         assert regions and not any((Path("/dev/shm") / name).exists() for name in regions), regions
     finally:
         serve.close()
+
+
+def test_a_server_that_dies_right_after_its_model_process_is_a_model_process_fault():
+    """Triton may abort right after losing a stub; the stub's death, seen first, is the cause."""
+    from types import SimpleNamespace
+
+    class DyingServer:
+        process = SimpleNamespace(pid=7, poll=lambda: -6)  # tritonserver: SIGABRT
+
+        def __init__(self, stub_died):
+            self.stub_died = stub_died
+
+        def model_process_seen_dead(self):
+            return self.stub_died
+
+    stub = "model process tidar_0_0 (pid 9) killed by signal 9 (SIGKILL)"
+    cause, what = supervised(DyingServer(stub))[0].fault()
+    assert cause == "model_process" and what.startswith(f"{stub}, then tritonserver (pid 7) killed by signal 6")
+    assert supervised(DyingServer(None))[0].fault() == ("tritonserver", f"tritonserver (pid 7) {describe_status(-6)}")
