@@ -44,7 +44,9 @@ import torch
 
 from .backend import Backend, StepLogits
 from .cache import KVCache
+from . import logits_processor
 from .layout import Layout
+from .logits_processor import LogitsProcessor, ProcessorState
 from .sampling import SamplingBatch, SamplingParams, accept_greedy
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -69,6 +71,8 @@ class Request:
     """End ids (None: the model's eos ids; empty: never stop on a token)."""
     request_id: object = None
     """Caller's handle, echoed in deltas and results."""
+    return_log_probs: bool = False
+    """Report each token's log-probability (`SamplingBatch.choose_with_log_probs`) in deltas and results."""
 
 
 @dataclass
@@ -100,6 +104,8 @@ class Delta:
     finish_reason: str | None = None
     stats: Stats | None = field(default=None, repr=False, compare=False)
     """The request's counters so far (cumulative; the final delta carries the totals)."""
+    log_probs: list[float] | None = None
+    """One per token of `token_ids` when the request asked for them."""
 
 
 @dataclass
@@ -113,6 +119,8 @@ class Result:
     draft_len: int
     seconds: float
     request: Request = field(repr=False, compare=False, default=None)
+    log_probs: list[float] | None = None
+    """One per token of `token_ids` when the request asked for them."""
 
     @property
     def tokens_per_forward(self) -> float:
@@ -133,6 +141,7 @@ class _Row:
     detokenizer: IncrementalDetokenizer | None
     started: float
     tokens: list[int] = field(default_factory=list)
+    log_probs: list[float] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
 
@@ -162,6 +171,8 @@ class DecodeEngine:
         self.rows: list[_Row] = []
         self._drafts: torch.Tensor | None = None  # [B, max(b, 1)]: d_0 .. d_{b-1} of each row, on the device
         self._sampling: SamplingBatch | None = None
+        self._processor: LogitsProcessor | None = None  # None while no row has penalties, min_tokens or bad words
+        self._log_probs = False  # whether any row asked for log probs
         self.finished: list[Result] = []
         """Results of rows that finished, in finishing order (drivers take theirs out)."""
 
@@ -200,6 +211,9 @@ class DecodeEngine:
         eos = request.eos_ids if request.eos_ids is not None else ()
         if any(not isinstance(t, int) or not 0 <= t < vocab for t in eos):
             raise RequestError(f"eos_ids {list(eos)!r} must be token ids in [0, {vocab})")
+        for word in request.sampling.bad_words:
+            if any(t >= vocab for t in word):
+                raise RequestError(f"bad_words entry {list(word)!r} holds a token id outside the vocabulary [0, {vocab})")
 
     def _capacity(self, request: Request) -> int:
         """Slots a row of `request` may use: any draft length fits without growing the cache."""
@@ -231,22 +245,32 @@ class DecodeEngine:
             return []
         self._reserve(requests)
         indices = self.cache.add_rows(len(requests))
-        rows, drafts = [], []
+        rows, drafts, states, firsts = [], [], [], []
         for index, request in zip(indices, requests):
-            row, row_drafts = self._prefill(request, self.cache.row(index))
+            row, row_drafts, state, first = self._prefill(request, self.cache.row(index))
             rows.append(row)
             drafts.append(row_drafts)
+            states.append(state)
+            firsts.append(first)
         self.rows.extend(rows)
         known = [self._drafts] if self._drafts is not None and self._drafts.shape[0] else []
         self._drafts = torch.cat(known + drafts)
         self._sampling = self._sampling_batch()
-        deltas = [self._emit(row, [int(first)]) for row, first in zip(rows, torch.cat(drafts)[:, 0].tolist())]
+        self._processor = logits_processor.join(self._processor, states, *self._processor_settings(),
+                                                self.config.vocab_size, self.cache.device)
+        self._log_probs = any(row.request.return_log_probs for row in self.rows)
+        # the first tokens and their log probs: one device->host transfer
+        firsts = torch.cat(firsts).tolist()
+        deltas = [self._emit(row, [int(first[0])], first[1:]) for row, first in zip(rows, firsts)]
         self._drop_finished()
         return deltas
 
     def _sampling_batch(self) -> SamplingBatch:
         return SamplingBatch.of([row.request.sampling for row in self.rows], [row.seed for row in self.rows],
                                 self.cache.device)
+
+    def _processor_settings(self) -> tuple[list[SamplingParams], list[frozenset[int]]]:
+        return [row.request.sampling for row in self.rows], [row.eos_ids for row in self.rows]
 
     def set_draft_len(self, draft_len: int) -> None:
         """Use draft length `draft_len` from the next step on. Rows keep their output; their pending
@@ -288,10 +312,14 @@ class DecodeEngine:
     def reset(self) -> None:
         """Drop every row without a result (after an internal error); the cache is made anew."""
         self.rows, self.cache, self._drafts, self._sampling = [], None, None, None
+        self._processor, self._log_probs = None, False
 
     # ------------------------------------------------------------------ phases
-    def _prefill(self, request: Request, cache: KVCache) -> tuple[_Row, torch.Tensor]:
-        """Prefill one request into its cache row; returns the row and its drafts [1, max(b, 1)]."""
+    def _prefill(self, request: Request, cache: KVCache) -> tuple[_Row, torch.Tensor, ProcessorState | None,
+                                                                  torch.Tensor]:
+        """Prefill one request into its cache row. Returns the row, its drafts [1, max(b, 1)], its
+        processor state with d_0 committed (None without processors) and [d_0, log prob of d_0]
+        (float64 [1, 2]; the log prob is 0 unless the request asked for it)."""
         started = time.perf_counter()
         b = self.draft_len
         prompt = list(request.prompt_ids)
@@ -307,6 +335,11 @@ class DecodeEngine:
                    detokenizer=IncrementalDetokenizer(self.tokenizer, request.stop) if self.tokenizer else None,
                    started=started)
         sampling = SamplingBatch.of([params], [seed], cache.device)
+        processor = state = None
+        if params.processes_logits:
+            state = ProcessorState.of_prompt(prompt, self.config.vocab_size, cache.device)
+            processor = LogitsProcessor([params], [row.eos_ids], state, self.config.vocab_size)
+        adjust = processor.adjust if processor is not None else None
         # d_0 at position L: AR at the last prompt token, mixed with mask 0 (same position);
         # d_1..d_{b-1} at positions L+1..: the block's masks 1..b-1. The LM head runs on these rows only.
         L = len(prompt)
@@ -314,20 +347,27 @@ class DecodeEngine:
         mixed = b and self.beta < 1.0
         logits = out.rows(torch.cat([positions[:, :1] - 1, positions[:, : 1 if mixed else 0], positions[:, 1:]], 1))
         target = self._mix(logits[:, :1], logits[:, 1:2] if mixed else None)
-        first = sampling.choose(target, positions[:, :1])
-        drafts = torch.cat([first, sampling.choose(logits[:, 1 + mixed:], positions[:, 1:])], dim=1)
+        if request.return_log_probs:
+            first, log_prob = sampling.choose_with_log_probs(target, positions[:, :1], adjust)
+            reported = torch.cat([first.double(), log_prob.double()], dim=1)
+        else:
+            first = sampling.choose(target, positions[:, :1], adjust)
+            reported = torch.cat([first.double(), torch.zeros_like(first, dtype=torch.float64)], dim=1)
+        if state is not None:
+            state.commit(first, torch.ones(1, dtype=torch.long, device=cache.device))
+        drafts = torch.cat([first, sampling.choose(logits[:, 1 + mixed:], positions[:, 1:], adjust)], dim=1)
         row.stats.forward_passes = 1
         row.stats.prefill_seconds = time.perf_counter() - started
-        return row, drafts
+        return row, drafts, state, reported
 
     def step(self) -> list[Delta]:
         """One forward for every active row; returns one delta per row."""
         if not self.rows:
             return []
-        committed, tokens = self._read(*self._device_step())
+        committed, tokens, log_probs = self._read(*self._device_step())
         deltas = []
         b = self.draft_len
-        for row, count, new_tokens in zip(self.rows, committed, tokens):
+        for row, count, new_tokens, new_log_probs in zip(self.rows, committed, tokens, log_probs):
             stats = row.stats
             stats.forward_passes += 1
             if b > 1:
@@ -336,14 +376,15 @@ class DecodeEngine:
                 stats.accepted_tokens += count - 1
                 for i in range(count - 1):
                     stats.accepted_per_position[i] += 1
-            deltas.append(self._emit(row, new_tokens[:count]))
+            deltas.append(self._emit(row, new_tokens[:count], new_log_probs[:count]))
         self._drop_finished()
         return deltas
 
     def _device_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward, verification and next drafts for all rows, on the device. Returns the packed
         output [B, 1 + max(b, 1)] (each row's committed count, then its tokens; entries past the
-        count are padding) and the counts [B] for the cache commit."""
+        count are padding), followed by the tokens' log probs (float64 [B, 1 + 2 max(b, 1)]) when
+        a row asked for them, and the counts [B] for the cache commit."""
         b, layout, cache = self.draft_len, self.layout, self.cache
         nb = max(b, 1)
         batch, device = len(self.rows), self._drafts.device
@@ -359,29 +400,43 @@ class DecodeEngine:
             rows = torch.cat([rows, layout.causal_len + b * (offsets - 1)])
         logits = out.rows(rows[None].expand(batch, -1))
         target = self._mix(logits[:, :nb], logits[:, nb:] if mixed else None)
-        choices = self._sampling.choose(target, past[:, None] + offsets)
+        # the target at d_i's position assumes d_1..d_{i-1} accepted: with processors, they count
+        processor = self._processor
+        adjust = (lambda scores: processor.adjust(scores, self._drafts[:, 1:nb])) if processor is not None else None
+        if self._log_probs:
+            choices, log_probs = self._sampling.choose_with_log_probs(target, past[:, None] + offsets, adjust)
+        else:
+            choices = self._sampling.choose(target, past[:, None] + offsets, adjust)
         accepted, next_token = accept_greedy(self._drafts[:, 1:], choices)
         committed = accepted + 1
         # Emitted tokens: d_1..d_accepted, then the correction or bonus token.
         shifted = torch.cat([self._drafts[:, 1:], next_token[:, None]], dim=1)
         emitted = torch.where(torch.arange(nb, device=device) < accepted[:, None], shifted, next_token[:, None])
+        if processor is not None:
+            processor.state.commit(emitted, committed)
         # Next drafts: block `accepted` (it sees d_0..d_accepted), masks 1..b-1, at positions
-        # past + committed + 1 ..
+        # past + committed + 1 .. (processed with the committed state, which holds the new d_0)
         drafts = next_token[:, None]
         if b > 1:
             mask_logits = out.rows(layout.causal_len + accepted[:, None] * b + offsets[None, : b - 1])
             drafts = torch.cat([drafts, self._sampling.choose(mask_logits, past[:, None] + committed[:, None]
-                                                              + offsets[None, : b - 1])], dim=1)
+                                                              + offsets[None, : b - 1],
+                                                              processor.adjust if processor is not None else None)],
+                               dim=1)
         self._drafts = drafts
+        if self._log_probs:  # emitted tokens are the target's choices at offsets < committed
+            return torch.cat([committed[:, None].double(), emitted.double(), log_probs.double()], dim=1), committed
         return torch.cat([committed[:, None], emitted], dim=1), committed
 
-    def _read(self, packed: torch.Tensor, counts: torch.Tensor) -> tuple[list[int], list[list[int]]]:
+    def _read(self, packed: torch.Tensor, counts: torch.Tensor) -> tuple[list[int], list[list[int]], list[list[float]]]:
         """The step's one device->host transfer; then the cache commit (the device adds `counts`,
-        the host its copy of them)."""
+        the host its copy of them). Returns the committed counts, tokens and log probs (empty
+        lists unless they were packed)."""
         host = packed.tolist()
-        committed = [row[0] for row in host]
+        width = max(self.draft_len, 1)
+        committed = [int(row[0]) for row in host]
         self.cache.commit(counts, committed)
-        return committed, [row[1:] for row in host]
+        return committed, [[int(t) for t in row[1:1 + width]] for row in host], [row[1 + width:] for row in host]
 
     def _mix(self, ar_logits: torch.Tensor, diff_logits: torch.Tensor | None) -> torch.Tensor:
         if diff_logits is None or self.beta == 1.0:
@@ -389,15 +444,18 @@ class DecodeEngine:
         return self.beta * ar_logits.float() + (1.0 - self.beta) * diff_logits.float()
 
     # ------------------------------------------------------------------ output
-    def _emit(self, row: _Row, new_tokens: list[int]) -> Delta:
-        """Append committed tokens to `row`, apply the stop conditions, return the delta. The text
-        grows token by token (no re-decoding of the output)."""
+    def _emit(self, row: _Row, new_tokens: list[int], new_log_probs: list[float] = ()) -> Delta:
+        """Append committed tokens (and their log probs when the request asked for them) to `row`,
+        apply the stop conditions, return the delta. The text grows token by token (no
+        re-decoding of the output)."""
         request = row.request
         before = len(row.tokens)
         limit = self.config.max_position_embeddings
         cut = False
-        for token in new_tokens:
+        for index, token in enumerate(new_tokens):
             row.tokens.append(token)
+            if request.return_log_probs:
+                row.log_probs.append(new_log_probs[index])
             if row.detokenizer is not None and row.detokenizer.add(token):
                 row.finish_reason, cut = "stop", True  # a stop string: the text ends before it
                 break
@@ -415,7 +473,7 @@ class DecodeEngine:
             row.stats.decode_seconds = time.perf_counter() - row.started - row.stats.prefill_seconds
         text = row.detokenizer.delta(final=row.finish_reason is not None) if row.detokenizer else ""
         return Delta(request.request_id, row.tokens[before:], text, row.finish_reason is not None,
-                     row.finish_reason, row.stats)
+                     row.finish_reason, row.stats, row.log_probs[before:] if request.return_log_probs else None)
 
     def _drop_finished(self) -> None:
         gone = [i for i, row in enumerate(self.rows) if row.finish_reason is not None]
@@ -426,10 +484,13 @@ class DecodeEngine:
         self.rows = [self.rows[i] for i in order]
         self._drafts = self._drafts[torch.tensor(order, dtype=torch.long, device=self._drafts.device)]
         self._sampling = self._sampling_batch() if self.rows else None
+        self._processor = logits_processor.keep(self._processor, order, *self._processor_settings())
+        self._log_probs = any(row.request.return_log_probs for row in self.rows)
 
     def _result(self, row: _Row) -> Result:
         return Result(row.request.request_id, row.prompt_ids, list(row.tokens), row.text, row.finish_reason,
-                      row.stats, self.draft_len, time.perf_counter() - row.started, row.request)
+                      row.stats, self.draft_len, time.perf_counter() - row.started, row.request,
+                      list(row.log_probs) if row.request.return_log_probs else None)
 
     # ------------------------------------------------------------------ drivers
     def stream(self, requests: Sequence[Request]) -> Iterator[list[Delta]]:

@@ -25,12 +25,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
+
+Adjust = Callable[[torch.Tensor], torch.Tensor]
+"""A batched change of temperature-scaled scores [B, n, V] (runtime/logits_processor.py)."""
 
 
 class SamplingError(ValueError):
     """Sampling settings out of range; the message names the setting."""
+
+
+MAX_BAD_WORD_TOKENS = 32
+"""Longest bad word, in tokens (the processor keeps this many recent tokens of each row)."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,18 @@ class SamplingParams:
     """Keep only the k most likely tokens; 0 keeps all."""
     seed: int | None = None
     """Key of the row's noise (None: drawn from torch's global generator at admission)."""
+    repetition_penalty: float = 1.0
+    """> 0; a token already in the sequence (prompt or output) has its logit divided by it when
+    positive, multiplied when negative (runtime/logits_processor.py has the exact rule)."""
+    presence_penalty: float = 0.0
+    """Subtracted from the logit of every token already in the sequence."""
+    frequency_penalty: float = 0.0
+    """Subtracted from a token's logit once per occurrence in the sequence."""
+    min_tokens: int = 0
+    """The end ids are banned while fewer than this many tokens have been generated."""
+    bad_words: tuple[tuple[int, ...], ...] = ()
+    """Token-id sequences never generated: the last token of each is banned where the sequence
+    so far ends with the others (a one-token word is banned everywhere)."""
 
     def __post_init__(self) -> None:
         t = self.temperature
@@ -58,20 +78,52 @@ class SamplingParams:
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
                                       or not 0 <= self.seed < 2 ** 64):
             raise SamplingError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
+        r = self.repetition_penalty
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r <= 0:
+            raise SamplingError(f"repetition_penalty must be a finite number > 0, got {r!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise SamplingError(f"{name} must be a finite number, got {value!r}")
+        m = self.min_tokens
+        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+            raise SamplingError(f"min_tokens must be an integer >= 0, got {m!r}")
+        if isinstance(self.bad_words, (str, bytes)) or not isinstance(self.bad_words, (list, tuple)):
+            raise SamplingError(f"bad_words must be a list of token-id sequences, got {self.bad_words!r}")
+        words = []
+        for word in self.bad_words:
+            if isinstance(word, (str, bytes)) or not isinstance(word, (list, tuple)) or not word or any(
+                    isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in word):
+                raise SamplingError(f"bad_words must hold non-empty sequences of token ids >= 0, got {word!r}")
+            if len(word) > MAX_BAD_WORD_TOKENS:
+                raise SamplingError(f"bad_words entry {list(word)!r} has {len(word)} tokens, more than "
+                                    f"{MAX_BAD_WORD_TOKENS}")
+            words.append(tuple(word))
+        object.__setattr__(self, "bad_words", tuple(words))
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def processes_logits(self) -> bool:
+        """Whether a penalty, min_tokens or bad words change this request's logits."""
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or self.min_tokens > 0 or bool(self.bad_words))
+
 
 def process_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor | None = None,
-                   top_p: torch.Tensor | None = None) -> torch.Tensor:
+                   top_p: torch.Tensor | None = None, adjust: Adjust | None = None) -> torch.Tensor:
     """Scaled and filtered logits (float32) over the last dim, batched with per-row settings:
-    divide by `temperature`, then keep the top_k largest (0: all), then the smallest set of most
-    likely tokens whose probability reaches top_p; dropped tokens get -inf. The settings are
-    tensors broadcastable to logits.shape[:-1]; None skips that filter (decided on the host,
-    so nothing here waits for the device)."""
+    divide by `temperature`, then `adjust` (the penalties, min_tokens and bad words of
+    runtime/logits_processor.py, in TensorRT-LLM's order: after the temperature, before the
+    filters), then keep the top_k largest (0: all), then the smallest set of most likely tokens
+    whose probability reaches top_p; dropped tokens get -inf. The settings are tensors
+    broadcastable to logits.shape[:-1]; None skips that step (decided on the host, so nothing
+    here waits for the device)."""
     x = logits.float() / temperature[..., None]
+    if adjust is not None:
+        x = adjust(x)
     if top_k is None and top_p is None:
         return x
     vocab = x.shape[-1]
@@ -191,15 +243,35 @@ class SamplingBatch:
                    keys=tensor([seed_key(s) for s in seeds], torch.long),
                    all_greedy=all(p.greedy for p in params))
 
-    def choose(self, logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def choose(self, logits: torch.Tensor, positions: torch.Tensor, adjust: Adjust | None = None) -> torch.Tensor:
         """The token [B, n] each row picks from `logits` [B, n, V] at absolute `positions` [B, n]:
         the argmax for greedy rows, argmax(processed logits + G(seed, position, token)) for
-        sampled rows (a sample of the processed distribution)."""
-        if self.all_greedy:
+        sampled rows (a sample of the processed distribution). `adjust` (None: nothing to
+        adjust) applies the rows' logits processors; greedy rows then take the argmax of the
+        adjusted logits at temperature 1."""
+        if self.all_greedy and adjust is None:
             return logits.argmax(-1)
-        scores = process_logits(logits, self.temperature[:, None], _rows(self.top_k), _rows(self.top_p))
-        scores = scores + gumbel_noise(self.keys, positions, logits.shape[-1])
-        return torch.where(self.greedy[:, None], logits.argmax(-1), scores.argmax(-1))
+        return self._pick(logits, positions, adjust)[0]
+
+    def choose_with_log_probs(self, logits: torch.Tensor, positions: torch.Tensor,
+                              adjust: Adjust | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`choose`, and the log-probability (float32 [B, n]) of each chosen token under the
+        distribution it was drawn from: log_softmax of the processed logits (temperature,
+        processors, top-k and top-p). A greedy row draws from the one-hot distribution of its
+        argmax: 0, as TensorRT-LLM reports for greedy decoding (top-k 1, normalised log probs)."""
+        tokens, scores = self._pick(logits, positions, adjust)
+        log_probs = torch.log_softmax(scores, dim=-1).gather(-1, tokens[..., None])[..., 0]
+        return tokens, torch.where(self.greedy[:, None], 0.0, log_probs)
+
+    def _pick(self, logits: torch.Tensor, positions: torch.Tensor,
+              adjust: Adjust | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens [B, n], processed logits [B, n, V] float32)."""
+        scores = process_logits(logits, self.temperature[:, None], _rows(self.top_k), _rows(self.top_p), adjust)
+        greedy = (scores if adjust is not None else logits).argmax(-1)
+        if self.all_greedy:
+            return greedy, scores
+        sampled = (scores + gumbel_noise(self.keys, positions, logits.shape[-1])).argmax(-1)
+        return torch.where(self.greedy[:, None], greedy, sampled), scores
 
 
 def _rows(setting: torch.Tensor | None) -> torch.Tensor | None:

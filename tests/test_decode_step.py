@@ -51,14 +51,25 @@ def count_conversions(monkeypatch, call) -> collections.Counter:
     return counts
 
 
-@pytest.mark.parametrize("mode", ["greedy", "sampled", "mixed"])
+PROCESSORS = dict(repetition_penalty=1.2, presence_penalty=0.3, frequency_penalty=0.2, min_tokens=40,
+                  bad_words=((7,), (9, 10)))
+
+
+@pytest.mark.parametrize("mode", ["greedy", "sampled", "mixed", "processors"])
 @pytest.mark.parametrize("draft_len", [0, 4])
 def test_one_host_transfer_per_step(backend, monkeypatch, mode, draft_len):
+    """`processors`: penalties, min_tokens and bad words on half the rows, log probs on a
+    quarter (runtime/logits_processor.py): still one transfer."""
     settings = {"greedy": [SamplingParams()],
                 "sampled": [SamplingParams(temperature=1.0, top_p=0.9, seed=0)],
-                "mixed": [SamplingParams(), SamplingParams(temperature=0.7, top_k=40, seed=1)]}[mode]
+                "mixed": [SamplingParams(), SamplingParams(temperature=0.7, top_k=40, seed=1)],
+                "processors": [SamplingParams(temperature=0.9, seed=0, **PROCESSORS), SamplingParams(),
+                               SamplingParams(**PROCESSORS), SamplingParams(temperature=0.7, top_k=40, seed=1)]}[mode]
     engine = DecodeEngine(backend, draft_len=draft_len)
-    engine.add([Request(p, 64, params, eos_ids=()) for p, params in zip(prompts(8), itertools.cycle(settings))])
+    engine.add([Request(p, 64, params, eos_ids=(0,) if mode == "processors" else (),
+                        return_log_probs=mode == "processors" and i % 4 == 0)
+                for i, (p, params) in enumerate(zip(prompts(8), itertools.cycle(settings)))])
+    assert (engine._processor is not None) == engine._log_probs == (mode == "processors")
     engine.step()  # warm-up
     for _ in range(3):
         counts = count_conversions(monkeypatch, engine.step)
