@@ -15,11 +15,18 @@ Meaning of tensorrtllm_backend's inputs here (docs/design.md §3):
   with `sequence_index`; `beam_width` must be 1; `pad_id` is checked (outputs are never padded);
 - empty `stop_words` / `bad_words` strings mean none; `length_penalty` has no effect at beam
   width 1 (as in TensorRT-LLM);
+- `repetition_penalty`, `presence_penalty`, `frequency_penalty`, `min_tokens` and `bad_words` are
+  honoured with TensorRT-LLM's semantics (runtime/logits_processor.py, docs/design.md §3.7);
+  each bad word is tokenised without special tokens, as tensorrtllm_backend's preprocessing
+  model does (words that tokenise to nothing are dropped); an absent `min_tokens` is 0;
+- `return_log_probs` adds `cum_log_probs` [1, 1] and `output_log_probs` [1, 1, n] (beam 1) for
+  the tokens of the response: the log-probability of each token under the distribution it was
+  drawn from (`SamplingBatch.choose_with_log_probs`); `cum_log_probs` is the sum over the output
+  so far; `exclude_input_in_output` does not change them;
 - `return_perf_metrics` adds the acceptance counters and timing outputs to every response;
-- what would change the target distribution or the model input (penalties, `min_tokens` > 1, bad
-  words, embedding bias, logits / log-prob outputs, LoRA, prompt tables, guided decoding,
-  multimodal and encoder inputs, an external draft model) is refused with INVALID_ARG naming the
-  input, unless the value is the neutral one.
+- what would change the model input or the outputs beyond that (embedding bias, logits outputs,
+  LoRA, prompt tables, guided decoding, multimodal and encoder inputs, an external draft model)
+  is refused with INVALID_ARG naming the input, unless the value is the neutral one.
 Beyond the contract: `draft_len`, `mode` (tidar | ar) and `timeout` (seconds; the request ends with
 finish reason "timeout" and the output so far).
 """
@@ -56,6 +63,7 @@ class ServingRequest:
     timeout: float | None
     exclude_input_in_output: bool = False
     return_perf_metrics: bool = False
+    return_log_probs: bool = False
 
     @property
     def request(self) -> Request:
@@ -117,12 +125,6 @@ def _unsupported(inputs) -> None:
 
     neutral = {
         "beam_width": (lambda v: v is None or v == 1, "beam search is not supported: beam_width must be 1"),
-        "repetition_penalty": (lambda v: v is None or v == 1.0, "penalties are not supported yet (they change "
-                               "the distribution that verification and drafting must share): only 1.0"),
-        "presence_penalty": (lambda v: v is None or v == 0.0, "penalties are not supported yet: only 0.0"),
-        "frequency_penalty": (lambda v: v is None or v == 0.0, "penalties are not supported yet: only 0.0"),
-        "min_tokens": (lambda v: v is None or v <= 1, "min_tokens > 1 is not supported yet"),
-        "return_log_probs": (lambda v: not v, "log probabilities are not returned yet: only false"),
         "return_context_logits": (lambda v: not v, "logits are not returned: only false"),
         "return_generation_logits": (lambda v: not v, "logits are not returned: only false"),
         "use_draft_logits": (lambda v: not v, "TiDAR drafts itself (no draft model): only false"),
@@ -134,9 +136,7 @@ def _unsupported(inputs) -> None:
         value = scalar(name)
         if not accept(value):
             raise RequestError(f"input '{name}' = {value!r} is not supported: {reason}")
-    for name, reason in (("bad_words", "bad words are not supported yet (they change the distribution that "
-                          "verification and drafting must share); send none or an empty string"),
-                         ("embedding_bias_words", "embedding bias is not supported"),
+    for name, reason in (("embedding_bias_words", "embedding bias is not supported"),
                          ("embedding_bias_weights", "embedding bias is not supported"),
                          ("decoder_text_input", "encoder-decoder models are not supported"),
                          ("image_input", "multimodal inputs are not supported"),
@@ -185,8 +185,16 @@ def parse_request(inputs: dict[str, np.ndarray], tokenizer: Tokenizer, config: T
         raise RequestError(f"inputs 'seed' = {seed} and 'random_seed' = {old_seed} disagree (send one)")
     seed = seed if seed is not None else old_seed
     temperature, top_k, top_p = sampling_choice(temperature, number("top_k", int), top_p)
+    processors = {}  # penalties, min_tokens, bad words: left at SamplingParams' neutral values when absent
+    for name, kind in (("repetition_penalty", float), ("presence_penalty", float), ("frequency_penalty", float),
+                       ("min_tokens", int)):
+        value = number(name, kind)
+        if value is not None:
+            processors[name] = value
+    bad_words = [tuple(tokenizer.encode(word, add_special_tokens=False)) for word in _words(inputs, "bad_words")]
+    processors["bad_words"] = tuple(word for word in bad_words if word)
     try:
-        sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+        sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, **processors)
     except SamplingError as error:
         raise RequestError(f"input {error}") from None
 
@@ -222,17 +230,18 @@ def parse_request(inputs: dict[str, np.ndarray], tokenizer: Tokenizer, config: T
         raise RequestError(f"input 'num_return_sequences' must be in [1, {MAX_RETURN_SEQUENCES}], got {count}")
 
     prompt_ids = tokenizer.encode(text)
+    flag = lambda name: bool(_scalar(inputs, name)) if name in inputs else False  # noqa: E731
+    log_probs = flag("return_log_probs")
     requests = []
     for index in range(count):
         row_sampling = sampling
         if index and seed is not None:
-            row_sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k,
-                                          seed=(seed + index) % 2 ** 64)
-        requests.append(Request(prompt_ids, max_tokens, row_sampling, stop=tuple(stop), eos_ids=eos_ids))
-    flag = lambda name: bool(_scalar(inputs, name)) if name in inputs else False  # noqa: E731
+            row_sampling = dataclasses.replace(sampling, seed=(seed + index) % 2 ** 64)
+        requests.append(Request(prompt_ids, max_tokens, row_sampling, stop=tuple(stop), eos_ids=eos_ids,
+                                return_log_probs=log_probs))
     return ServingRequest(requests, text, flag("stream"), draft_len, timeout,
                           exclude_input_in_output=flag("exclude_input_in_output"),
-                          return_perf_metrics=flag("return_perf_metrics"))
+                          return_perf_metrics=flag("return_perf_metrics"), return_log_probs=log_probs)
 
 
 @dataclass
@@ -246,11 +255,13 @@ class Timing:
 
 
 def response_tensors(text: str, token_ids: list[int], finish_reason: str | None, delta: Delta | None,
-                     sequence_index: int | None = None, timing: Timing | None = None) -> dict:
+                     sequence_index: int | None = None, timing: Timing | None = None,
+                     log_probs: tuple[list[float], float] | None = None) -> dict:
     """Output tensors of one response, batch dimension included: `text` and `token_ids` are what
     this response adds (streaming) or the whole output (the single response of a non-streaming
     request); the counters are the request's totals so far. `sequence_index` is sent when the
-    request asked for several sequences, the perf metrics when `timing` is given."""
+    request asked for several sequences, the perf metrics when `timing` is given, the log probs
+    (those of `token_ids`, and the sum over the output so far) when `log_probs` is."""
     stats = delta.stats if delta is not None else None
     draft_tokens = stats.draft_tokens if stats else 0
     accepted = stats.accepted_tokens if stats else 0
@@ -268,6 +279,11 @@ def response_tensors(text: str, token_ids: list[int], finish_reason: str | None,
     }
     if sequence_index is not None:
         tensors["sequence_index"] = one("sequence_index", sequence_index)
+    if log_probs is not None:
+        tokens_log_probs, cumulative = log_probs
+        tensors["cum_log_probs"] = one("cum_log_probs", cumulative)  # [batch, beam]
+        tensors["output_log_probs"] = np.array(tokens_log_probs, dtype=OUTPUT_SPECS["output_log_probs"].numpy_dtype
+                                               ).reshape(1, 1, -1)  # [batch, beam, tokens]
     if timing is not None:
         values = {"kv_cache_alloc_new_blocks": 0, "kv_cache_reused_blocks": 0, "kv_cache_alloc_total_blocks": 0,
                   "arrival_time_ns": timing.arrival_ns, "first_scheduled_time_ns": timing.first_scheduled_ns,

@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -31,6 +32,7 @@ from tidar.client import ClientError, build_inputs, request
 from tidar.export.triton_repo import render_repository
 from tidar.runtime.backend import TorchBackend
 from tidar.runtime.generate import DecodeEngine, Request
+from tidar.runtime.sampling import SamplingParams
 from tidar.runtime.tokenizer import Tokenizer
 from tidar.runtime.wire import PERF_METRIC_OUTPUTS
 from tidar.serve import TritonServer
@@ -67,6 +69,7 @@ def ar_oracle():
     def greedy(text: str, max_tokens: int):
         return engine.generate([Request(tokenizer.encode(text), max_tokens)])[0]
 
+    greedy.engine = engine
     return greedy
 
 
@@ -124,7 +127,8 @@ BAD_REQUESTS = {
     "top_p above 1": (dict(top_p=1.5), r"'top_p' must be <= 1"),
     "beam search": (dict(beam_width=2), r"'beam_width' = 2 is not supported"),
     "LoRA": (dict(lora_task_id=3), r"'lora_task_id' = 3 is not supported: LoRA"),
-    "bad words": (dict(bad_words=["import"]), r"'bad_words' is not supported"),
+    "zero repetition penalty": (dict(repetition_penalty=0.0), r"input repetition_penalty must be a finite number > 0"),
+    "negative min_tokens": (dict(min_tokens=-1), r"input min_tokens must be an integer >= 0"),
     "prompt over the context limit": (dict(text="x = 1\n" * 1200), r"prompt of \d+ tokens is too long"),
 }
 
@@ -316,6 +320,41 @@ def test_published_contract_perf_metrics_and_several_sequences(server):
     for index in (0, 1):  # sequence i is the seeded request with seed 7 + i, whatever else runs
         solo = request(server.grpc_url, prompt, 16, seed=7 + index, temperature=0.9, top_p=1.0, draft_len=3)
         assert texts[index] == solo.text
+
+
+def test_penalties_min_tokens_bad_words_and_log_probs_are_served(server, ar_oracle):
+    """Issue 13: the processors and log-prob inputs of the contract, sampled, through the ensemble
+    (one response) and the tidar model (streamed): the tokens of the same request decoded in this
+    process, the log probs within 1e-4 (another batch shape and draft length: fp32 round-off),
+    cum_log_probs their running sum; out-of-range values are INVALID_ARG naming the input."""
+    engine, tokenizer = ar_oracle.engine, ar_oracle.engine.tokenizer
+    prompt = "import os\nimport sys\n"
+    plain = ar_oracle(prompt, 24).token_ids
+    words = [tokenizer.decode([plain[1]]), tokenizer.decode(plain[4:6])]
+    sampling = SamplingParams(temperature=0.9, top_k=50, seed=3, repetition_penalty=1.3, presence_penalty=0.2,
+                              frequency_penalty=0.1, min_tokens=8,
+                              bad_words=[tokenizer.encode(w, add_special_tokens=False) for w in words])
+    expected = engine.generate([Request(tokenizer.encode(prompt), 24, sampling, return_log_probs=True)])[0]
+    values = dict(temperature=np.float32(0.9), top_k=np.int32(50), seed=np.uint64(3),
+                  repetition_penalty=np.float32(1.3), presence_penalty=np.float32(0.2),
+                  frequency_penalty=np.float32(0.1), min_tokens=np.int32(8), bad_words=words, return_log_probs=True)
+    outputs = ["text_output", "output_ids", "cum_log_probs", "output_log_probs"]
+    for model, stream in (("ensemble", False), ("tidar", True)):
+        responses = stream_responses(server, model, published_request(prompt, 24, stream=stream, **values), outputs)
+        ids = [int(t) for r in responses for t in r.as_numpy("output_ids").reshape(-1)]
+        log_probs = [float(v) for r in responses for v in r.as_numpy("output_log_probs").reshape(-1)]
+        assert all(r.as_numpy("cum_log_probs").shape == (1, 1) and r.as_numpy("output_log_probs").ndim == 3
+                   for r in responses)
+        assert ids == expected.token_ids, model
+        assert log_probs == pytest.approx(expected.log_probs, abs=1e-4), model
+        assert float(responses[-1].as_numpy("cum_log_probs")[0, 0]) == pytest.approx(sum(expected.log_probs), abs=1e-3)
+    # INVALID_ARG is HTTP 400 on the generate endpoint (a gRPC stream error carries no status)
+    body = b'{"text_input": "x", "max_tokens": 4, "repetition_penalty": 0.0}'
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(urllib.request.Request(f"{server.http_url}/v2/models/ensemble/generate", data=body,
+                                                      method="POST"), timeout=60)
+    assert refused.value.code == 400
+    assert "input repetition_penalty must be a finite number > 0, got 0.0" in refused.value.read().decode()
 
 
 def test_quick_start_generate_request_against_ensemble(server, ar_oracle):

@@ -123,12 +123,13 @@ def test_sampling_inputs_mean_what_they_mean_in_tensorrt_llm(temperature, top_k,
     (dict(extra=np.array([1])), r"unknown input\(s\) \['extra'\]"),
     # refused by name: what would change the target distribution or the model's input
     (dict(beam_width=np.array([2], np.int32)), "'beam_width' = 2 is not supported: beam search"),
-    (dict(repetition_penalty=np.array([1.2], np.float32)), "'repetition_penalty' = 1.2"),
-    (dict(presence_penalty=np.array([0.5], np.float32)), "'presence_penalty' = 0.5"),
-    (dict(frequency_penalty=np.array([0.5], np.float32)), "'frequency_penalty' = 0.5"),
-    (dict(min_tokens=np.array([4], np.int32)), "'min_tokens' = 4"),
-    (dict(bad_words=np.array([b"import"], np.object_)), "'bad_words' is not supported"),
-    (dict(return_log_probs=np.array([True])), "'return_log_probs' = True"),
+    # logits processors: out of range values are named
+    (dict(repetition_penalty=np.array([0.0], np.float32)), "input repetition_penalty must be a finite number > 0"),
+    (dict(presence_penalty=np.array([np.inf], np.float32)), "input presence_penalty must be a finite number"),
+    (dict(frequency_penalty=np.array([np.nan], np.float32)), "input frequency_penalty must be a finite number"),
+    (dict(min_tokens=np.array([-2], np.int32)), "input min_tokens must be an integer >= 0, got -2"),
+    (dict(bad_words=np.array([b"\xff"], np.object_)), "'bad_words' is not valid UTF-8"),
+    (dict(bad_words=np.array(["x " * 40], np.object_)), "input bad_words entry .* more than 32"),
     (dict(return_generation_logits=np.array([True])), "'return_generation_logits' = True"),
     (dict(use_draft_logits=np.array([True])), "'use_draft_logits' = True"),
     (dict(lora_task_id=np.array([3], np.uint64)), "'lora_task_id' = 3 is not supported: LoRA"),
@@ -140,6 +141,26 @@ def test_sampling_inputs_mean_what_they_mean_in_tensorrt_llm(temperature, top_k,
 def test_bad_requests_name_the_input(model, values, message):
     with pytest.raises(RequestError, match=message):
         parse(model, **values)
+
+
+def test_logits_processor_inputs_become_sampling_params(model):
+    """Penalties and min_tokens as sent; each bad word tokenised without special tokens (as
+    tensorrtllm_backend's preprocessing does), empty ones dropped; return_log_probs on every row."""
+    tokenizer, _ = model
+    parsed = parse(model, repetition_penalty=np.array([1.3], np.float32), presence_penalty=np.array([-0.5], np.float32),
+                   frequency_penalty=np.array([0.25], np.float32), min_tokens=np.array([7], np.int32),
+                   bad_words=np.array([b" import", b"", b"def main"], np.object_), return_log_probs=np.array([True]),
+                   num_return_sequences=np.array([2], np.int32), seed=np.array([4], np.uint64),
+                   temperature=np.array([0.8], np.float32), top_p=np.array([0.9], np.float32))
+    for index, request in enumerate(parsed.requests):
+        sampling = request.sampling
+        assert (sampling.repetition_penalty, sampling.presence_penalty, sampling.frequency_penalty) == pytest.approx(
+            (1.3, -0.5, 0.25))
+        assert sampling.min_tokens == 7 and sampling.seed == 4 + index and request.return_log_probs
+        assert sampling.bad_words == (tuple(tokenizer.encode(" import")), tuple(tokenizer.encode("def main")))
+    assert parsed.return_log_probs and len(parsed.request.sampling.bad_words[1]) > 1
+    plain = parse(model).request
+    assert not plain.sampling.processes_logits and not plain.return_log_probs and plain.sampling.min_tokens == 0
 
 
 def test_a_request_without_the_batch_dimension_is_named(model):
@@ -165,6 +186,11 @@ def test_response_tensors_follow_the_contract():
     assert more["sequence_index"].tolist() == [[2]] and set(PERF_METRIC_OUTPUTS) < set(more)
     assert [more[n][0, 0] for n in ("arrival_time_ns", "first_token_time_ns", "last_token_time_ns")] == [10, 12, 13]
     assert more["output_ids"].shape == (1, 0)
+    scored = response_tensors("ab", [5, 6], None, None, log_probs=([-0.5, -1.25], -3.0))
+    for name, shape in (("cum_log_probs", (1, 1)), ("output_log_probs", (1, 1, 2))):
+        assert scored[name].dtype == specs[name].numpy_dtype and scored[name].shape == shape, name
+        assert scored[name].ndim == 1 + len(specs[name].dims)  # the declared dims, after the batch dimension
+    assert scored["cum_log_probs"].tolist() == [[-3.0]] and scored["output_log_probs"].tolist() == [[[-0.5, -1.25]]]
 
 
 def test_contract_is_tensorrtllm_backends():

@@ -105,6 +105,7 @@ class Reply:
         count = len(parsed.requests)
         self.text = [[] for _ in range(count)]
         self.token_ids = [[] for _ in range(count)]
+        self.log_probs = [[] for _ in range(count)]  # per sequence, the output's so far
         self.timing = [Timing(arrival_ns) for _ in range(count)]
         self.open = count
         self.closed = False
@@ -125,19 +126,23 @@ class Reply:
                 prefill = delta.stats.prefill_seconds if delta.stats else 0.0
                 timing.first_scheduled_ns = max(timing.arrival_ns, now - int(prefill * 1e9))
             timing.last_token_ns = now
+        self.log_probs[index].extend(delta.log_probs or ())
         if self.parsed.stream:
             text, token_ids = delta.text, delta.token_ids
+            log_probs = list(delta.log_probs or ())
         else:
             self.text[index].append(delta.text)
             self.token_ids[index].extend(delta.token_ids)
             if not delta.finished:
                 return
-            text, token_ids = "".join(self.text[index]), self.token_ids[index]
+            text, token_ids, log_probs = "".join(self.text[index]), self.token_ids[index], self.log_probs[index]
             if not self.parsed.exclude_input_in_output:
                 text = self.parsed.prompt + text
         tensors = response_tensors(text, token_ids, delta.finish_reason, delta,
                                    sequence_index=index if len(self.timing) > 1 else None,
-                                   timing=timing if self.parsed.return_perf_metrics else None)
+                                   timing=timing if self.parsed.return_perf_metrics else None,
+                                   log_probs=(log_probs, sum(self.log_probs[index])) if self.parsed.return_log_probs
+                                   else None)
         response = pb_utils.InferenceResponse([pb_utils.Tensor(name, value) for name, value in tensors.items()])
         with self.lock:
             if self.closed:
