@@ -11,8 +11,12 @@ its scheduler stay the one place that batches; a client that disconnects cancels
 stream, and the model frees the row at its next step.
 
 Parameters: `max_tokens` (chat: also `max_completion_tokens`), `temperature` (0 = greedy),
-`top_p`, `seed`, `stop`, `n`, `stream`, `echo` (completions); `presence_penalty` /
-`frequency_penalty` other than 0, `logprobs`, `logit_bias`, `best_of` > n, `tools` and a
+`top_p`, `seed`, `stop`, `n`, `stream`, `echo` (completions), `presence_penalty` and
+`frequency_penalty` (in [-2, 2]; forwarded to the model's inputs of the same names, so they
+count the prompt's tokens too, as TensorRT-LLM does: docs/design.md §3.7), the sampled tokens'
+log probs (completions: `logprobs` = 0; chat: `logprobs` true with no `top_logprobs`; the
+model's `return_log_probs`, so a greedy token's is 0 as there); alternatives (`logprobs` > 0,
+`top_logprobs` > 0), `echo` with `logprobs`, `logit_bias`, `best_of` > n, `tools` and a
 `response_format` other than text are refused with a 400 naming the parameter. Chat prompts are
 rendered with the chat template of the checkpoint's tokenizer_config.json (Jinja, sandboxed, as
 transformers renders it); a checkpoint without one gets a 400. Errors use OpenAI's body
@@ -33,8 +37,7 @@ from aiohttp import web
 from tidar.runtime.wire import INPUT_SPECS, request_arrays
 
 FINISH_REASONS = {"stop": "stop", "length": "length", "timeout": "length"}
-REFUSED = {"presence_penalty": 0, "frequency_penalty": 0, "logprobs": None, "top_logprobs": None,
-           "logit_bias": None, "tools": None, "functions": None, "suffix": None}
+REFUSED = {"logit_bias": None, "tools": None, "functions": None, "suffix": None}
 
 
 class APIError(Exception):
@@ -111,10 +114,32 @@ def sampling_inputs(body: dict) -> dict:
         raise APIError(400, "'stop' must be a string or a list of at most 4 strings", "stop")
     seed = _number(body, "seed", int)
     return {"temperature": _number(body, "temperature", float, 0, 2, default=1.0),
+            "presence_penalty": _number(body, "presence_penalty", float, -2, 2),
+            "frequency_penalty": _number(body, "frequency_penalty", float, -2, 2),
             "top_p": _number(body, "top_p", float, 0, 1, default=1.0),  # 0: greedy, as in the contract
             "seed": None if seed is None else seed % 2 ** 64,
             "stop_words": [s for s in stop or [] if s] or None,
             "num_return_sequences": _number(body, "n", int, 1, 16, default=1)}
+
+
+def wants_log_probs(body: dict, chat: bool, echo: bool) -> bool:
+    """Whether the sampled tokens' log probs are asked for (no alternatives: the model returns
+    only the chosen token's)."""
+    if chat:
+        if body.get("top_logprobs") not in (None, 0):
+            raise APIError(400, "'top_logprobs' is not supported by this server (no alternatives)", "top_logprobs")
+        wanted = body.get("logprobs")
+        if wanted not in (None, True, False):
+            raise APIError(400, f"'logprobs' must be a boolean, got {wanted!r}", "logprobs")
+        return bool(wanted)
+    if body.get("top_logprobs") is not None:
+        raise APIError(400, "'top_logprobs' is a chat parameter; completions use 'logprobs'", "top_logprobs")
+    wanted = _number(body, "logprobs", int, 0, 5)
+    if wanted:
+        raise APIError(400, "'logprobs' > 0 is not supported by this server (no alternatives): send 0", "logprobs")
+    if wanted is not None and echo:
+        raise APIError(400, "'logprobs' with 'echo' is not supported by this server", "logprobs")
+    return wanted is not None
 
 
 class OpenAIFront:
@@ -233,15 +258,18 @@ class OpenAIFront:
         import tritonclient.grpc as grpcclient
 
         values = sampling_inputs(body)
+        log_probs = wants_log_probs(body, chat, echo)
         count = values["num_return_sequences"]
         limit = max_tokens or 16
-        arrays = request_arrays(prompt, limit, stream=True, exclude_input_in_output=True, **values)
+        arrays = request_arrays(prompt, limit, stream=True, exclude_input_in_output=True,
+                                return_log_probs=log_probs or None, **values)
         inputs = []
         for name, array in arrays.items():
             tensor = grpcclient.InferInput(name, list(array.shape), INPUT_SPECS[name].wire_type)
             tensor.set_data_from_numpy(array)
             inputs.append(tensor)
         outputs = ["text_output", "output_ids", "finish_reason"] + (["sequence_index"] if count > 1 else [])
+        outputs += ["output_log_probs"] if log_probs else []
 
         async def requests():
             yield {"model_name": self.triton_model, "inputs": inputs,
@@ -255,6 +283,8 @@ class OpenAIFront:
         include_usage = stream and bool((body.get("stream_options") or {}).get("include_usage"))
         responses = self.client.stream_infer(requests())
         texts, tokens, reasons = [""] * count, [0] * count, [None] * count
+        scored = [[] for _ in range(count)]  # (token id, log prob) of each sequence, when asked for
+        text_offsets = [0] * count  # streamed: the length of the tokens' texts sent so far
         sse = None
         try:
             async for result, error in responses:
@@ -262,7 +292,11 @@ class OpenAIFront:
                     raise _triton_error(str(error))
                 index = int(result.as_numpy("sequence_index").reshape(-1)[0]) if count > 1 else 0
                 piece = result.as_numpy("text_output")[0].decode("utf-8")
-                tokens[index] += result.as_numpy("output_ids").size
+                ids = result.as_numpy("output_ids").reshape(-1).tolist()
+                tokens[index] += len(ids)
+                new_scored = list(zip(ids, result.as_numpy("output_log_probs").reshape(-1).tolist())) if log_probs \
+                    else []
+                scored[index] += new_scored
                 reason = result.as_numpy("finish_reason").reshape(-1)[0].decode() or None
                 reasons[index] = FINISH_REASONS.get(reason, reason) if reason else None
                 if stream:
@@ -277,10 +311,13 @@ class OpenAIFront:
                             for i in range(count):
                                 await _send(sse, {**meta, "choices": [{"index": i, "text": prompt,
                                                                        "finish_reason": None}]})
-                    if piece or reasons[index]:
+                    if piece or reasons[index] or new_scored:
                         choice = ({"index": index, "delta": {"content": piece} if piece else {},
                                    "finish_reason": reasons[index]} if chat else
                                   {"index": index, "text": piece, "finish_reason": reasons[index]})
+                        if log_probs:
+                            choice["logprobs"], text_offsets[index] = self._log_probs_body(new_scored, chat,
+                                                                                           text_offsets[index])
                         chunk = {**meta, "choices": [choice]}
                         if chat:
                             chunk["object"] = "chat.completion.chunk"
@@ -309,13 +346,29 @@ class OpenAIFront:
             await sse.write(b"data: [DONE]\n\n")
             await sse.write_eof()
             return sse
+        scores = [self._log_probs_body(scored[i], chat, 0)[0] if log_probs else None for i in range(count)]
         if chat:
             choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
-                        "finish_reason": reasons[i], "logprobs": None} for i in range(count)]
+                        "finish_reason": reasons[i], "logprobs": scores[i]} for i in range(count)]
         else:
             choices = [{"index": i, "text": (prompt if echo else "") + texts[i], "finish_reason": reasons[i],
-                        "logprobs": None} for i in range(count)]
+                        "logprobs": scores[i]} for i in range(count)]
         return web.json_response({**meta, "choices": choices, "usage": usage})
+
+    def _log_probs_body(self, scored: list[tuple[int, float]], chat: bool, offset: int) -> tuple[dict, int]:
+        """OpenAI's `logprobs` object for tokens (id, log prob), and the text offset after them:
+        each token's text is its own decoding, `offset` the length of the texts before the first
+        (completions' text_offset)."""
+        texts = [self.tokenizer.decode([token]) for token, _ in scored]
+        offsets = []
+        for text in texts:
+            offsets.append(offset)
+            offset += len(text)
+        if chat:
+            return {"content": [{"token": text, "logprob": value, "bytes": list(text.encode("utf-8")),
+                                 "top_logprobs": []} for text, (_, value) in zip(texts, scored)]}, offset
+        return {"tokens": texts, "token_logprobs": [value for _, value in scored], "top_logprobs": None,
+                "text_offset": offsets}, offset
 
     async def _open_sse(self, request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})

@@ -26,6 +26,7 @@ from tidar.export.triton_repo import render_repository
 from tidar.openai_server import OpenAIFront, served_name_of
 from tidar.runtime.backend import TorchBackend
 from tidar.runtime.generate import DecodeEngine, Request
+from tidar.runtime.sampling import SamplingParams
 from tidar.runtime.tokenizer import Tokenizer
 from tidar.serve import TritonServer
 
@@ -56,6 +57,7 @@ def greedy():
     def run(text: str, max_tokens: int):
         return engine.generate([Request(engine.tokenizer.encode(text), max_tokens)])[0]
 
+    run.engine = engine
     return run
 
 
@@ -114,10 +116,42 @@ def test_chat_uses_the_checkpoints_template_and_refuses_without_one(setup, greed
         client_of(plain).chat.completions.create(model=plain.served_name, messages=messages, max_tokens=4)
 
 
+def test_penalties_and_log_probs(setup, greedy):
+    """presence / frequency penalties and the sampled tokens' log probs (completions `logprobs` = 0,
+    chat `logprobs` true, streamed and not): the text and log probs of the same request decoded
+    in this process (log probs within 1e-4: another batch shape, fp32 round-off)."""
+    _, chat, _, chat_model = setup
+    client, engine = client_of(chat), greedy.engine
+    prompt = "import os\nimport sys\n"
+    sampling = SamplingParams(temperature=0.9, seed=11, presence_penalty=0.5, frequency_penalty=0.3)
+    expected = engine.generate([Request(engine.tokenizer.encode(prompt), 16, sampling, return_log_probs=True)])[0]
+    options = dict(model=chat.served_name, max_tokens=16, temperature=0.9, seed=11, presence_penalty=0.5,
+                   frequency_penalty=0.3)
+    whole = client.completions.create(prompt=prompt, logprobs=0, **options).choices[0]
+    assert whole.text == expected.text
+    assert whole.logprobs.token_logprobs == pytest.approx(expected.log_probs, abs=1e-4)
+    assert "".join(whole.logprobs.tokens) == expected.text and whole.logprobs.text_offset[0] == 0
+    streamed = [c.choices[0].logprobs for c in client.completions.create(prompt=prompt, logprobs=0, stream=True,
+                                                                        **options) if c.choices]
+    assert [v for piece in streamed if piece for v in piece.token_logprobs] == whole.logprobs.token_logprobs
+    assert [o for piece in streamed if piece for o in piece.text_offset] == whole.logprobs.text_offset
+    messages = [{"role": "user", "content": "A loop, please."}]
+    rendered = AutoTokenizer.from_pretrained(chat_model).apply_chat_template(messages, tokenize=False,
+                                                                           add_generation_prompt=True)
+    expected = engine.generate([Request(engine.tokenizer.encode(rendered), 16, sampling, return_log_probs=True)])[0]
+    answer = client.chat.completions.create(messages=messages, logprobs=True, **options).choices[0]
+    assert answer.message.content == expected.text
+    assert [t.logprob for t in answer.logprobs.content] == pytest.approx(expected.log_probs, abs=1e-4)
+    with pytest.raises(openai.BadRequestError, match="top_logprobs"):
+        client.chat.completions.create(messages=messages, logprobs=True, top_logprobs=2, **options)
+
+
 @pytest.mark.parametrize("options,error,param", [
     (dict(temperature=3.0), openai.BadRequestError, "temperature"),
-    (dict(presence_penalty=0.5), openai.BadRequestError, "presence_penalty"),
+    (dict(presence_penalty=2.5), openai.BadRequestError, "presence_penalty"),
+    (dict(frequency_penalty="high"), openai.BadRequestError, "frequency_penalty"),
     (dict(logprobs=2), openai.BadRequestError, "logprobs"),
+    (dict(logprobs=0, echo=True), openai.BadRequestError, "logprobs"),
     (dict(max_tokens=0), openai.BadRequestError, "max_tokens"),
     (dict(n=20), openai.BadRequestError, "n"),
     (dict(model="gpt-4"), openai.NotFoundError, "model"),
