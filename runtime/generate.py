@@ -213,7 +213,8 @@ class DecodeEngine:
             raise RequestError(f"eos_ids {list(eos)!r} must be token ids in [0, {vocab})")
         for word in request.sampling.bad_words:
             if any(t >= vocab for t in word):
-                raise RequestError(f"bad_words entry {list(word)!r} holds a token id outside the vocabulary [0, {vocab})")
+                raise RequestError(f"bad_words entry {list(word)!r} holds a token id outside the vocabulary "
+                                   f"[0, {vocab})")
 
     def _capacity(self, request: Request) -> int:
         """Slots a row of `request` may use: any draft length fits without growing the cache."""

@@ -2,9 +2,11 @@
 
 The decode loop picks every token with one rule, batched over rows on the logits' device:
     token at absolute position n = argmax over v of  processed_logits(v) + G(seed, n, v)
-where `processed_logits` applies temperature, top-k and top-p (filtered tokens get -inf) and
-G(seed, n, v) is Gumbel noise computed by a counter-based hash of (seed, position, token).
-Greedy rows use the raw logits (no noise). By the Gumbel-max trick the token is a sample of
+where `processed_logits` applies temperature, the row's penalties, min_tokens and bad words
+(runtime/logits_processor.py, docs/design.md §3.7), top-k and top-p (filtered tokens get -inf)
+and G(seed, n, v) is Gumbel noise computed by a counter-based hash of (seed, position, token).
+Greedy rows use the argmax of the logits (processed at temperature 1 when they have
+processors; no noise). By the Gumbel-max trick the token is a sample of
 the processed distribution p; the noise at each position is independent of every other
 position's, so the committed sequence is distributed exactly as AR sampling (I2). Drafts are
 chosen by the same rule on the diffusion logits at their own positions, so verification is a
