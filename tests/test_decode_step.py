@@ -146,12 +146,19 @@ def test_row_selected_logits_stay_lossless(family, tiny_backends, hf_models):
 @pytest.mark.parametrize("draft_len", [0, 4])
 def test_decode_on_cuda_equals_cpu(backend, draft_len):
     """R1: every tensor of the step lives on the logits' device. Greedy and seeded sampled
-    batches on CUDA give the CPU's tokens (fp32; the noise is the same integer hash on both)."""
+    batches, with and without logits processors, on CUDA give the CPU's tokens (fp32; the noise
+    is the same integer hash on both)."""
     cuda = TorchBackend(TiDARModel(backend.config).eval())
     cuda.model.load_state_dict(backend.model.state_dict())
     cuda.model.to("cuda")
     settings = [SamplingParams(), SamplingParams(temperature=0.8, seed=3), SamplingParams(temperature=1.0, top_p=0.9,
-                                                                                          top_k=50, seed=4)]
-    requests = [Request(p, 32, params, eos_ids=()) for p, params in zip(prompts(6), itertools.cycle(settings))]
-    expected = [r.token_ids for r in DecodeEngine(backend, draft_len=draft_len).generate(requests)]
-    assert [r.token_ids for r in DecodeEngine(cuda, draft_len=draft_len).generate(requests)] == expected
+                                                                                          top_k=50, seed=4),
+                SamplingParams(temperature=0.9, seed=5, **PROCESSORS)]
+    requests = [Request(p, 32, params, eos_ids=(0,), return_log_probs=i % 2 == 1)
+                for i, (p, params) in enumerate(zip(prompts(8), itertools.cycle(settings)))]
+    expected = DecodeEngine(backend, draft_len=draft_len).generate(requests)
+    got = DecodeEngine(cuda, draft_len=draft_len).generate(requests)
+    assert [r.token_ids for r in got] == [r.token_ids for r in expected]
+    for mine, theirs in zip(got, expected):  # log probs: the same within fp32 round-off
+        assert (mine.log_probs is None) == (theirs.log_probs is None)
+        assert mine.log_probs is None or mine.log_probs == pytest.approx(theirs.log_probs, abs=1e-4)
