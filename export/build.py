@@ -16,9 +16,10 @@ Steps, in order (each is an existing function; this module only sequences and re
               `build_engine.sh`, the exact `trtllm-build` command for a GPU host.
 4. onnx/      `decode_step.onnx` (standard lowering, runs in ONNX Runtime) and
               `decode_step_plugin.onnx` (tidar::hybrid_attention nodes, the TensorRT plugin's
-              contract), both float32, traced without weights and sharing one external-data file
-              `decode_step.weights` written tensor by tensor from the checkpoint
-              (`export.onnx_export.export_decode_steps`).
+              contract), which end at the final-norm hidden states, and `lm_head.onnx` (hidden
+              states of the rows the runtime picks -> float32 logits), all float32, traced
+              without weights and sharing one external-data file `decode_step.weights` written
+              tensor by tensor from the checkpoint (`export.onnx_export.export_decode_steps`).
 5. engine/    the TensorRT-LLM engine (config.json + rank{r}.engine), built per rank through
               TensorRT-LLM's Python API from `export/trtllm_model.py` where TensorRT-LLM 1.2.x is
               importable, and tensorrt/decode_step.engine, the TensorRT engine of the plugin ONNX
@@ -61,7 +62,7 @@ from typing import Iterator
 
 import tidar
 from tidar.runtime.checkpoint import CheckpointError, weight_files
-from tidar.runtime import engine_backend
+from tidar.runtime import engine_backend, onnx_backend
 from tidar.runtime.config import ConfigError, TiDARConfig
 from tidar.runtime.layout import Layout
 from tidar.runtime.tokenizer import Tokenizer, TokenizerError
@@ -76,9 +77,11 @@ MANIFEST = "manifest.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 MODEL_FILES = ("config.json", *TOKENIZER_FILES, "generation_config.json", "acceptance.json")
 """Files copied from the checkpoint into OUT when present (config.json and tokenizer.json always are)."""
-ONNX_GRAPHS = {"standard": "onnx/decode_step.onnx", "plugin": "onnx/decode_step_plugin.onnx"}
+ONNX_GRAPHS = {"standard": onnx_backend.STEP_GRAPH, "plugin": "onnx/decode_step_plugin.onnx"}
+ONNX_HEAD = onnx_backend.HEAD_GRAPH
+"""The LM-head graph (where the runtime's onnxruntime and tensorrt backends look)."""
 ONNX_WEIGHTS = "onnx/decode_step.weights"
-"""The external-data file both ONNX graphs read their weights from."""
+"""The external-data file every ONNX graph reads its weights from."""
 ONNX_DTYPE = "float32"  # ONNX Runtime's CPU provider has no bfloat16 kernels; the graphs are the fp32 reference
 VERSIONED_PACKAGES = ("torch", "safetensors", "tokenizers", "onnx", "onnxruntime", "onnxscript", "triton", "tensorrt",
                       "tensorrt_llm")
@@ -172,14 +175,15 @@ def config_summary(config: TiDARConfig) -> dict:
 
 # ---------------------------------------------------------------- onnx
 def export_onnx(config: TiDARConfig, source: CheckpointSource, folder: Path, steps: "_Steps") -> None:
-    """Both ONNX graphs of ONNX_GRAPHS and their shared weights file ONNX_WEIGHTS, in `folder`."""
+    """Both ONNX step graphs of ONNX_GRAPHS, the LM-head graph ONNX_HEAD and their shared
+    weights file ONNX_WEIGHTS, in `folder`."""
     from .onnx_export import export_decode_steps
 
     dtype = DTYPES[ONNX_DTYPE]
     with steps.quiet_library():
         export_decode_steps(config, lambda name: source.row_chunks(name, dtype),
                             {attention: folder / relative for attention, relative in ONNX_GRAPHS.items()},
-                            folder / ONNX_WEIGHTS, dtype=dtype, progress=steps.note)
+                            folder / ONNX_WEIGHTS, folder / ONNX_HEAD, dtype=dtype, progress=steps.note)
 
 
 # ---------------------------------------------------------------- engines
@@ -415,7 +419,7 @@ def build(checkpoint: str | Path, out: str | Path, tp: int = 1, dtype: str | Non
             built.append("trtllm")
             steps.done()
 
-            steps.start(f"ONNX decode step ({', '.join(ONNX_GRAPHS)})")
+            steps.start(f"ONNX decode step ({', '.join(ONNX_GRAPHS)}) and LM head")
             export_onnx(config, source, partial, steps)
             built.append("onnx")
             steps.done()

@@ -2,8 +2,14 @@
 
 `export_decode_step(model, path)` writes one graph that serves every `Layout`: the layout is a
 runtime input, so the same file runs prefill, TiDAR decode steps of any draft length and plain
-AR decoding. `export_decode_steps(config, chunks, graphs, weights_path)` writes several lowerings
-of one checkpoint without ever holding its weights (what `tidar-export build` uses).
+AR decoding. `export_decode_steps(config, chunks, graphs, weights_path, head_path)` writes several
+lowerings of one checkpoint without ever holding its weights (what `tidar-export build` uses).
+
+The decode step ends at the final norm: it outputs hidden states, and the LM head is a graph of
+its own (`head_path`, onnx/lm_head.onnx in a build), which the runtime runs on the rows it needs
+only: the verification rows, then the masks of the block the verification picked
+(docs/design.md §3.2 "Logits only where needed", §4.1). A step's second set of rows depends on
+the first's verification, so a single graph could produce them only with verification inside it.
 
 Graph inputs
     input_ids        int64 [batch, new]                  the new tokens of the layout
@@ -14,9 +20,14 @@ Graph inputs
                      float [batch, kv_heads, past, head_dim]   per layer; past = the padded
                                                          maximum of past_lens (may be 0)
 Graph outputs
-    logits           float [batch, new, vocab]
+    hidden_states    float [batch, new, hidden]          final-norm hidden states (the graph's dtype)
     present_key_{i}, present_value_{i}
                      float [batch, kv_heads, past + new, head_dim]
+
+The LM-head graph
+    input   hidden_states  float [batch, rows, hidden]   rows picked from the decode step's output
+    output  logits         float32 [batch, rows, vocab]
+    weight  lm_head.weight, or the embedding when embeddings are tied (`head_weight_source`)
 
 Slot convention (the one of runtime/cache.py): `present` is `past` followed by `new` free slots,
 and the new tokens of row r are written to slots past_lens[r] .. past_lens[r] + new - 1, so a
@@ -48,8 +59,9 @@ to their shapes (no memory), then optimised by onnxscript with the weights left 
 folding (a weight is never turned into a derived constant, e.g. a pre-transposed copy: the graph
 keeps the Transpose). The weights are then written once, tensor by tensor (row chunks converted
 to the graph's dtype), to an external-data file in the graph's folder, and every graph of that
-folder points its initializers at it, so the standard and the plugin graph share one copy. Only
-the RoPE table and small shape constants stay inside the graph files.
+folder points its initializers at it, so the standard graph, the plugin graph and the LM-head
+graph share one copy (a tied head reads the embedding's bytes). Only the RoPE table and small
+shape constants stay inside the graph files.
 """
 
 from __future__ import annotations
@@ -77,9 +89,21 @@ def input_names(num_layers: int) -> list[str]:
     return ["input_ids", "past_lens", *LAYOUT_SCALARS, *_per_layer("past", num_layers)]
 
 
+HIDDEN_STATES = "hidden_states"
+"""The decode step's first output and the LM-head graph's input."""
+LOGITS = "logits"
+"""The LM-head graph's output (float32)."""
+
+
 def output_names(num_layers: int) -> list[str]:
     """Names of the graph outputs, in order."""
-    return ["logits", *_per_layer("present", num_layers)]
+    return [HIDDEN_STATES, *_per_layer("present", num_layers)]
+
+
+def head_weight_source(config: TiDARConfig) -> str:
+    """The checkpoint tensor the LM head multiplies by: lm_head.weight, or the embedding when
+    embeddings are tied (a tied checkpoint stores no lm_head.weight)."""
+    return "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
 
 
 def _per_layer(prefix: str, num_layers: int) -> list[str]:
@@ -188,7 +212,8 @@ class DecodeStep(nn.Module):
     """One forward of a TiDAR model with graph inputs only (see the module docstring).
 
     It borrows the reference `TiDARModel.hidden_states` unchanged and replaces only the two
-    steps that need concrete sizes: `plan` (the mask and the write slots) and `_attend`."""
+    steps that need concrete sizes: `plan` (the mask and the write slots) and `_attend`. It ends
+    at the final norm: the LM head is `LMHead`, a graph of its own."""
 
     hidden_states = TiDARModel.hidden_states
 
@@ -198,7 +223,7 @@ class DecodeStep(nn.Module):
             raise ValueError(f"unknown attention lowering {attention!r}; "
                              f"choose one of {', '.join(ATTENTION_LOWERINGS)}")
         self.config, self.attention = model.config, attention
-        self.model, self.lm_head, self.inv_freq = model.model, model.lm_head, model.inv_freq
+        self.model, self.inv_freq = model.model, model.inv_freq
         self.dtype = model.dtype
 
     def plan(self, layout: GraphLayout, past_lens: torch.Tensor, cache: PresentCache) -> AttentionPlan:
@@ -227,8 +252,19 @@ class DecodeStep(nn.Module):
                        first_visible=first_visible, visible_stride=visible_stride)
         layout = GraphLayout(input_ids.shape[1], scalars)
         cache = PresentCache(list(past_key_values))
-        logits = self.lm_head(self.hidden_states(input_ids, layout, cache, past_lens))
-        return (logits, *cache.present)
+        return (self.hidden_states(input_ids, layout, cache, past_lens), *cache.present)
+
+
+class LMHead(nn.Module):
+    """The LM head as a graph of its own: hidden states [batch, rows, hidden] -> float32 logits
+    [batch, rows, vocab], for the rows the runtime picks from the decode step's output."""
+
+    def __init__(self, model: TiDARModel):
+        super().__init__()
+        self.lm_head = model.lm_head
+
+    def forward(self, hidden_states):
+        return self.lm_head(hidden_states).float()
 
 
 def example_inputs(config, batch: int = 2, past: int = 3, draft_len: int = 2,
@@ -298,21 +334,36 @@ def trace_decode_step(config: TiDARConfig, attention: str = "standard", opset: i
     values (the caller attaches them as external data) and the graph is optimised (constant
     folding, common subexpressions) around them with onnxscript's optimizer, so no weight is
     ever folded into a derived constant: the weights in the file are the checkpoint's own."""
-    import onnxscript.optimizer
-
     step = DecodeStep(placeholder_model(config, dtype), attention).eval()
-    names = weight_names(step, _hf_names(config))
     layers = config.num_hidden_layers
     batch, new, past = torch.export.Dim("batch"), torch.export.Dim("new"), torch.export.Dim("past")
     cache_shape = {0: batch, 2: past}
     dynamic_shapes = ({0: batch, 1: new}, {0: batch}, *([None] * len(LAYOUT_SCALARS)),
                       tuple([cache_shape] * (2 * layers)))  # *past_key_values: one tuple
     translations = {torch.ops.tidar.hybrid_attention.default: _plugin_translation} if attention == "plugin" else None
+    return _trace(step, example_inputs(config, dtype=dtype), input_names(layers), output_names(layers),
+                  dynamic_shapes, weight_names(step, _hf_names(config)), opset, translations)
+
+
+def trace_lm_head(config: TiDARConfig, opset: int = DEFAULT_OPSET, dtype: torch.dtype = torch.float32):
+    """(onnx_ir Model, {weight initializer: (HF name, shape)}) of the LM-head graph of a `config`
+    model (see the module docstring), traced and optimised as `trace_decode_step`."""
+    head = LMHead(placeholder_model(config, dtype)).eval()
+    rows = (torch.export.Dim("batch"), torch.export.Dim("rows"))
+    example = torch.zeros(2, 3, config.hidden_size, dtype=dtype)
+    return _trace(head, (example,), [HIDDEN_STATES], [LOGITS], ({0: rows[0], 1: rows[1]},),
+                  {"lm_head.weight": head_weight_source(config)}, opset, None)
+
+
+def _trace(module: nn.Module, inputs: tuple, inputs_named: list[str], outputs_named: list[str], dynamic_shapes,
+           names: dict[str, str], opset: int, translations):
+    """Trace `module` without weights (see `trace_decode_step`); `names`: {parameter name: HF name}."""
+    import onnxscript.optimizer
+
     with torch.no_grad():
         program = torch.onnx.export(
-            step, example_inputs(config, dtype=dtype), dynamo=True, opset_version=opset,
-            input_names=input_names(layers), output_names=output_names(layers),
-            dynamic_shapes=dynamic_shapes, custom_translation_table=translations,
+            module, inputs, dynamo=True, opset_version=opset, input_names=inputs_named,
+            output_names=outputs_named, dynamic_shapes=dynamic_shapes, custom_translation_table=translations,
             external_data=False, optimize=False, verbose=False)
     model = program.model
     weights = {}
@@ -364,57 +415,92 @@ def write_weights(path: Path, tensors: dict[str, tuple[int, ...]], chunks: Weigh
     return extents
 
 
-def export_decode_steps(config: TiDARConfig, chunks: WeightChunks, graphs: dict[str, str | Path],
-                        weights_path: str | Path, opset: int = DEFAULT_OPSET,
-                        dtype: torch.dtype = torch.float32,
-                        progress: Callable[[str], None] | None = None) -> dict[str, Path]:
-    """Write one graph per lowering of `graphs` ({attention: path}) and the weights they all
-    share, once, to `weights_path` (ONNX external data in the same folder as every graph);
-    `chunks` supplies the weights (`WeightChunks`) converted here to `dtype`. Memory holds one
-    traced graph and one chunk of weights at a time. Returns {attention: path}."""
+def _attach_and_save(model, weights: dict[str, tuple[str, tuple[int, ...]]], extents: dict[str, tuple[int, int]],
+                     weights_path: Path, dtype: torch.dtype, path: Path) -> None:
+    """Point the weight initializers of the traced `model` at their extents of `weights_path`
+    and save the graph to `path`."""
     import onnx_ir as ir
 
+    for name, (hf, shape) in weights.items():
+        if hf not in extents:
+            raise ValueError(f"{path}: weight {hf!r} is not in the shared weights file {weights_path}")
+        offset, length = extents[hf]
+        model.graph.initializers[name].const_value = ir.ExternalTensor(
+            weights_path.name, offset, length, getattr(ir.DataType, _IR_DTYPES[dtype]),
+            shape=ir.Shape(shape), name=name, base_dir=str(weights_path.parent))
+    unset = [name for name, value in model.graph.initializers.items() if value.const_value is None]
+    if unset:
+        raise ValueError(f"{path}: initializer {unset[0]!r} has no value (not a checkpoint weight)")
+    ir.save(model, str(path))
+
+
+def export_decode_steps(config: TiDARConfig, chunks: WeightChunks, graphs: dict[str, str | Path],
+                        weights_path: str | Path, head_path: str | Path, opset: int = DEFAULT_OPSET,
+                        dtype: torch.dtype = torch.float32,
+                        progress: Callable[[str], None] | None = None) -> dict[str, Path]:
+    """Write one graph per lowering of `graphs` ({attention: path}), the LM-head graph to
+    `head_path`, and the weights they all share, once, to `weights_path` (ONNX external data in
+    the same folder as every graph); `chunks` supplies the weights (`WeightChunks`) converted
+    here to `dtype`. Memory holds one traced step graph (and the small head graph) and one chunk
+    of weights at a time. Returns {attention: path, "lm_head": head_path}."""
     weights_path = Path(weights_path)
     paths = {attention: Path(path) for attention, path in graphs.items()}
     for attention, path in paths.items():
         if attention not in ATTENTION_LOWERINGS:
             raise ValueError(f"unknown attention lowering {attention!r}; "
                              f"choose one of {', '.join(ATTENTION_LOWERINGS)}")
+    head_path = Path(head_path)
+    for path in (*paths.values(), head_path):
         if path.parent.resolve() != weights_path.parent.resolve():
             raise ValueError(f"{path}: a graph must sit in the folder of its weights file {weights_path}")
     weights_path.parent.mkdir(parents=True, exist_ok=True)
+    head, head_weights = trace_lm_head(config, opset, dtype)
     extents: dict[str, tuple[int, int]] | None = None
+
+    def write(step_weights: dict) -> dict[str, tuple[int, int]]:
+        """The file's contents: every weight of the first step graph, then the head's if it is not
+        one of them (an untied lm_head.weight)."""
+        tensors = dict(step_weights.values())
+        tensors.update(head_weights.values())
+        written = write_weights(weights_path, tensors, chunks, dtype)
+        if progress:
+            progress(f"wrote {weights_path}")
+        return written
+
     for attention, path in paths.items():
         model, weights = trace_decode_step(config, attention, opset, dtype)
-        if extents is None:  # the first graph decides the file's contents
-            extents = write_weights(weights_path, dict(weights.values()), chunks, dtype)
-            if progress:
-                progress(f"wrote {weights_path}")
-        for name, (hf, shape) in weights.items():
-            if hf not in extents:
-                raise ValueError(f"{path}: weight {hf!r} is not in the shared weights file {weights_path}")
-            offset, length = extents[hf]
-            model.graph.initializers[name].const_value = ir.ExternalTensor(
-                weights_path.name, offset, length, getattr(ir.DataType, _IR_DTYPES[dtype]),
-                shape=ir.Shape(shape), name=name, base_dir=str(weights_path.parent))
-        unset = [name for name, value in model.graph.initializers.items() if value.const_value is None]
-        if unset:
-            raise ValueError(f"{path}: initializer {unset[0]!r} has no value (not a checkpoint weight)")
-        ir.save(model, str(path))
+        if extents is None:
+            extents = write(weights)
+        _attach_and_save(model, weights, extents, weights_path, dtype, path)
         del model  # before the next lowering is traced
         if progress:
             progress(f"wrote {path}")
-    return paths
+    if extents is None:
+        extents = write({})
+    _attach_and_save(head, head_weights, extents, weights_path, dtype, head_path)
+    if progress:
+        progress(f"wrote {head_path}")
+    return {**paths, "lm_head": head_path}
+
+
+def default_head_path(path: str | Path) -> Path:
+    """Where `export_decode_step` writes the LM-head graph of the step graph `path` by default:
+    beside it, named STEM.lm_head.onnx."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.lm_head.onnx")
 
 
 def export_decode_step(model: TiDARModel, path: str | Path, attention: str = "standard",
-                       opset: int = DEFAULT_OPSET, weights_path: str | Path | None = None) -> Path:
+                       opset: int = DEFAULT_OPSET, weights_path: str | Path | None = None,
+                       head_path: str | Path | None = None) -> Path:
     """Write the ONNX graph of one forward of the in-memory `model` to `path` (see the module
-    docstring), its weights to `weights_path` (default: `path` with the suffix `.weights`);
-    `attention` is "standard" (runs in ONNX Runtime) or "plugin" (tidar::hybrid_attention nodes)."""
+    docstring), its LM-head graph to `head_path` (default: `default_head_path(path)`) and their
+    weights to `weights_path` (default: `path` with the suffix `.weights`); `attention` is
+    "standard" (runs in ONNX Runtime) or "plugin" (tidar::hybrid_attention nodes). Returns `path`."""
     path = Path(path)
     state = model.state_dict()
     weights_path = Path(weights_path) if weights_path is not None else path.with_suffix(".weights")
+    head_path = Path(head_path) if head_path is not None else default_head_path(path)
     graphs = export_decode_steps(model.config, lambda name: (state[name],), {attention: path}, weights_path,
-                                 opset, model.dtype)
+                                 head_path, opset, model.dtype)
     return graphs[attention]

@@ -12,8 +12,16 @@ hybrid-mask plugin `tidar.plugins.trtllm_plugin.hybrid_attention_trtllm`:
     inputs   input_ids [batch, new] int32, position_ids [batch, new] int32,
              past_lens [batch] int32, the five layout scalars (`Layout.kernel_scalars()`) int32 [],
              past_key_{i}, past_value_{i} [batch, kv_heads_local, past, head_dim] (model dtype)
-    outputs  logits [batch, new, vocab] float32 (every new token: AR and diffusion rows alike),
+    outputs  hidden_states [batch, new, hidden] (model dtype): the final-norm hidden states of
+             every new token, AR and diffusion rows alike,
              present_key_{i}, present_value_{i} [batch, kv_heads_local, past + new, head_dim]
+
+The LM head is not part of the network. The decode loop needs logits of 2b - 1 rows per step,
+and which b - 1 of them depends on the step's verification, so the runtime applies the head to
+the rows it picks from `hidden_states` (runtime/engine_backend.py; docs/design.md §3.7). The model
+still declares and loads `lm_head` (the checkpoint keeps TensorRT-LLM's causal-LM layout, and the
+runtime reads lm_head.weight from rank0.safetensors), but `forward` never uses it, so the engine
+holds no copy.
 
 New tokens' K/V are written at slots past_lens[r] .. past_lens[r] + new - 1 of `present` (the
 slot convention of runtime/cache.py); slots after them hold stale values the mask never reads.
@@ -39,7 +47,6 @@ from tidar.export.engine_shapes import LAYOUT_SCALARS, DimRange, max_past_for_se
 
 ARCHITECTURE = "TiDARForCausalLM"
 INDEX_DTYPE = "int32"
-LOGITS_DTYPE = "float32"
 
 
 # ---------------------------------------------------------------- sizes (plain Python)
@@ -143,15 +150,16 @@ def input_specs(config: dict) -> list[InputSpec]:
 
 
 def output_names(config: dict) -> list[str]:
-    return ["logits", *(f"present_{kind}_{i}" for i in range(config["num_hidden_layers"]) for kind in ("key", "value"))]
+    return ["hidden_states",
+            *(f"present_{kind}_{i}" for i in range(config["num_hidden_layers"]) for kind in ("key", "value"))]
 
 
 def output_specs(config: dict) -> list[InputSpec]:
     """The network outputs in order, with the dtypes the model marks them with (`forward`):
-    float32 logits over the unpadded vocabulary, K/V presents in the model dtype. "kv" is the
-    past length plus the new tokens."""
+    final-norm hidden states and K/V presents in the model dtype. "kv" is the past length plus
+    the new tokens."""
     s = rank_sizes(config)
-    specs = [InputSpec("logits", LOGITS_DTYPE, ("batch", "new", s.vocab_size))]
+    specs = [InputSpec("hidden_states", config["dtype"], ("batch", "new", s.hidden_size))]
     specs += [InputSpec(name, config["dtype"], ("batch", s.num_kv_heads, "kv", s.head_dim))
               for name in output_names(config)[1:]]
     return specs
@@ -332,10 +340,9 @@ else:
 
         def forward(self, input_ids, position_ids, past_lens, causal_len, num_blocks, block_len, first_visible,
                     visible_stride, past_key_values):
-            s = self.sizes
             scalars = [causal_len, num_blocks, block_len, first_visible, visible_stride]
             cos, sin = self._rope(position_ids)
-            batch, new = F.shape(input_ids, 0), F.shape(input_ids, 1)
+            new = F.shape(input_ids, 1)
             start = F.constant(np.array(0, dtype=np.int32))  # arange takes two ints or two tensors
             offsets = F.unsqueeze(F.arange(start, F.cast(new, INDEX_DTYPE), INDEX_DTYPE), 0)
             slots = F.unsqueeze(F.unsqueeze(F.unsqueeze(past_lens, 1) + offsets, 1), 3)  # [batch, 1, new, 1]
@@ -345,13 +352,12 @@ else:
                 x, present_key, present_value = layer(x, cos, sin, slots, past_key_values[2 * i],
                                                       past_key_values[2 * i + 1], past_lens, scalars)
                 presents += [present_key, present_value]
-            logits = self.lm_head(self.transformer.ln_f(x))
-            logits = F.slice(logits, starts=[0, 0, 0], sizes=F.concat([batch, new, s.vocab_size]))
+            hidden = self.transformer.ln_f(x)  # the runtime applies lm_head to the rows it picks
             names = output_names(self.config.checkpoint_dict())
-            F.cast(logits, LOGITS_DTYPE).mark_output(names[0], LOGITS_DTYPE)
+            hidden.mark_output(names[0], self.config.dtype)
             for name, present in zip(names[1:], presents):
                 present.mark_output(name, self.config.dtype)
-            return logits
+            return hidden
 
         def prepare_inputs(self, max_batch_size, max_input_len, max_seq_len, max_draft_len=0, **_unused):
             """The network inputs of `input_specs`, with one optimization profile from the builder's

@@ -11,7 +11,8 @@ Checks (each a `Check` in the report: "ok", "failed" or "skipped", with a one-li
                   artifacts themselves, and say so; if it changed, this check fails.
 - trtllm          the rank files reassemble (`trtllm_checkpoint.reassemble`) into exactly the
                   source tensors (in the export's dtype) and the source config.
-- onnx:standard   ONNX Runtime logits equal the fp32 reference model's within 1e-4 on fixed
+- onnx:standard   ONNX Runtime logits (the standard step graph, then the LM-head graph on every
+                  row) equal the fp32 reference model's within 1e-4 on fixed
                   prompts (a prefill and a decode step), and greedy decoding through
                   `DecodeEngine` gives identical tokens for draft lengths 0, 4 and the block size.
                   The reference is the source checkpoint, or, without it, the weights reassembled
@@ -39,12 +40,13 @@ from pathlib import Path
 import torch
 
 from tidar.runtime.checkpoint import CheckpointError, ignorable_tensor, load_model, weight_files
+from tidar.runtime.engine_backend import TENSORRT_ENGINE, TRTLLM_ENGINE, TRTLLM_WEIGHTS
 from tidar.runtime.config import ConfigError, TiDARConfig
 from tidar.runtime.generate import DecodeEngine, Request
 from tidar.runtime.layout import Layout
 from tidar.runtime.tokenizer import Tokenizer
 
-from .build import MANIFEST, ONNX_GRAPHS, sha256
+from .build import MANIFEST, ONNX_GRAPHS, ONNX_HEAD, sha256
 from .trtllm_checkpoint import DTYPES, ConversionError, reassemble
 
 TOLERANCE = 1e-4
@@ -177,9 +179,10 @@ def check_onnx_standard(out: Path, reference, origin: str, threads: int) -> Chec
     if reference is None:
         return Check(name, "skipped", f"no reference model: {origin}")
     try:
-        onnx_backend = OnnxRuntimeBackend(out / ONNX_GRAPHS["standard"], TiDARConfig.from_file(out), threads=threads)
+        onnx_backend = OnnxRuntimeBackend(out / ONNX_GRAPHS["standard"], out / ONNX_HEAD, TiDARConfig.from_file(out),
+                                          threads=threads)
     except Exception as exc:  # onnxruntime raises its own exception types for unreadable graphs
-        return Check(name, "failed", f"{ONNX_GRAPHS['standard']}: ONNX Runtime cannot load it ({exc})")
+        return Check(name, "failed", f"{ONNX_GRAPHS['standard']}, {ONNX_HEAD}: ONNX Runtime cannot load them ({exc})")
     torch_backend = TorchBackend(reference)
     tokenizer = Tokenizer(out)
     config = reference.config
@@ -261,10 +264,11 @@ def check_triton_repo(out: Path) -> Check:
     if model_dir != out.resolve():
         return Check("triton_repo", "failed", f"{config_file}: model_dir {options.model_dir!r} resolves to "
                                               f"{model_dir}, not OUT")
-    artifact = {"onnxruntime": "onnx/decode_step.onnx", "tensorrt": "tensorrt/decode_step.engine",
-                "trtllm": "engine/rank0.engine"}.get(options.backend)
-    if artifact and not (out / artifact).is_file():
-        return Check("triton_repo", "failed", f"backend {options.backend} needs {artifact}, which is missing")
+    artifacts = {"onnxruntime": (ONNX_GRAPHS["standard"], ONNX_HEAD), "tensorrt": (TENSORRT_ENGINE, ONNX_HEAD),
+                 "trtllm": (TRTLLM_ENGINE, TRTLLM_WEIGHTS)}.get(options.backend, ())
+    for artifact in artifacts:
+        if not (out / artifact).is_file():
+            return Check("triton_repo", "failed", f"backend {options.backend} needs {artifact}, which is missing")
     return Check("triton_repo", "ok", f"model tidar serves OUT on the {options.backend} backend")
 
 
@@ -273,7 +277,7 @@ def check_engine(out: Path, step: str, reference, origin: str) -> Check:
     TensorRT-LLM engine, tp = 1) gives the reference's greedy tokens (docs/design.md I5) through the
     runtime's engine backend; skipped with the reason where it cannot run here."""
     from tidar.runtime.backend import TorchBackend
-    from tidar.runtime.engine_backend import TENSORRT_ENGINE, TRTLLM_ENGINE, EngineBackend
+    from tidar.runtime.engine_backend import EngineBackend
 
     from .build import engine_unavailable_reason
     from .tensorrt_engine import unavailable_reason

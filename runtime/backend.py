@@ -5,11 +5,12 @@ truncate per row, and one forward over the new tokens of a `Layout` that returns
 logits and writes their K/V after each row's cached length. ONNX Runtime, TensorRT and
 TensorRT-LLM backends implement the same three members.
 
-A backend may also offer `hidden_states` (the same forward, returning the final hidden states)
-and `head` (the LM head on the rows picked from them). The loop then runs the head only on the
-rows it needs, in two goes: the verification rows, then the masks of the block the
-verification selected (docs/design.md §3.2, "Logits only where needed"). The torch backend
-does; the others return every row's logits.
+Every backend here also offers `hidden_states` (the same forward, returning the final-norm
+hidden states) and `head` (the LM head on the rows picked from them, float32 logits). The loop
+then runs the head only on the rows it needs, in two goes: the verification rows, then the
+masks of the block the verification selected (docs/design.md §3.2 "Logits only where
+needed", §3.7). A backend with `forward` alone (a test double) still works: its full logits
+are indexed.
 """
 
 from __future__ import annotations
@@ -37,10 +38,19 @@ class Backend(Protocol):
         """Logits [B, layout.num_new, vocab] of the new tokens `input_ids` [B, num_new]."""
 
 
+class SplitHead:
+    """`forward` of a backend whose step ends at the hidden states: the head on every row."""
+
+    def forward(self, input_ids: torch.Tensor, layout: Layout, cache: KVCache) -> torch.Tensor:
+        """Logits [B, layout.num_new, vocab] (float32); the new K/V are written into `cache`,
+        uncommitted."""
+        return self.head(self.hidden_states(input_ids, layout, cache))
+
+
 class StepLogits:
     """The logits of one forward's new tokens, computed for the rows the loop asks for: with a
-    backend that has `hidden_states` and `head`, the LM head runs on those rows only; otherwise
-    the backend's full logits are indexed."""
+    backend that has `hidden_states` and `head` (every backend of this module), the LM head runs
+    on those rows only; with `forward` alone (a test double), its full logits are indexed."""
 
     def __init__(self, backend: Backend, input_ids: torch.Tensor, layout: Layout, cache: KVCache):
         self._head = getattr(backend, "head", None)
@@ -105,20 +115,23 @@ def load_backend(name: str, path: str | Path, **options) -> Backend:
 
 def load_onnxruntime(path: str | Path, dtype: str | None = None, attention: str = "eager", threads: int = 0):
     """The ONNX Runtime backend of a `tidar-export build` output: OUT/onnx/decode_step.onnx
-    (standard lowering) with OUT/config.json. The graph fixes dtype and attention: `dtype` may
-    only name the graph's own, `attention` only "eager" (the graph's dense-mask attention)."""
+    (standard lowering) and OUT/onnx/lm_head.onnx with OUT/config.json. The graph fixes dtype and
+    attention: `dtype` may only name the graph's own, `attention` only "eager" (the graph's
+    dense-mask attention)."""
     from .checkpoint import CheckpointError
-    from .onnx_backend import OnnxRuntimeBackend
+    from .onnx_backend import HEAD_GRAPH, STEP_GRAPH, OnnxRuntimeBackend
 
     folder = Path(path)
-    graph = folder / "onnx" / "decode_step.onnx"
-    if not graph.is_file():
-        raise CheckpointError(f"{folder}: no onnx/decode_step.onnx; the onnxruntime backend opens the output "
-                              "folder of `tidar-export build`")
+    graph = folder / STEP_GRAPH
+    for relative in (STEP_GRAPH, HEAD_GRAPH):
+        if not (folder / relative).is_file():
+            raise CheckpointError(f"{folder}: no {relative}; the onnxruntime backend opens the output folder of "
+                                  "`tidar-export build` (an export made before the LM head became its own graph "
+                                  "lacks onnx/lm_head.onnx: build it again)")
     if attention != "eager":
         raise CheckpointError(f"{graph}: attention {attention!r} is a torch backend option; the graph has its "
                               "own (eager) attention")
-    backend = OnnxRuntimeBackend(graph, TiDARConfig.from_file(folder), threads=threads)
+    backend = OnnxRuntimeBackend(graph, folder / HEAD_GRAPH, TiDARConfig.from_file(folder), threads=threads)
     if dtype is not None and backend.dtype != getattr(torch, dtype, None):
         raise CheckpointError(f"{graph}: the graph computes in {str(backend.dtype).removeprefix('torch.')}, "
                               f"not {dtype}")

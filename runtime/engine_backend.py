@@ -9,14 +9,21 @@
 
 Both engines have the explicit-cache interface of the exported decode step: inputs `input_ids`,
 (`position_ids` for TensorRT-LLM), `past_lens`, the five layout scalars and `past_key_i` /
-`past_value_i`; outputs `logits` and `present_key_i` / `present_value_i`. Each forward hands the
-first max(lengths) slots of the runtime's KVCache (on the GPU) to the engine and copies
-`present` back, which writes the new tokens' K/V without committing them, as the ONNX Runtime
-backend does.
+`past_value_i`; outputs `hidden_states` (final-norm, [batch, new, hidden]) and `present_key_i` /
+`present_value_i`. Each forward hands the first max(lengths) slots of the runtime's KVCache (on
+the GPU) to the engine and copies `present` back, which writes the new tokens' K/V without
+committing them, as the ONNX Runtime backend does.
+
+The LM head is not in the engines: `head` multiplies the rows the decode loop picks from the
+engine's `hidden_states` buffer by the head weight on the device (one GEMM, float32 logits), so
+a step computes 2b - 1 rows of logits instead of b(b + 1) (docs/design.md §3.2, §3.7). The weight
+is the one each engine was built from, in the engine's hidden-state dtype: for TensorRT-LLM,
+lm_head.weight of trtllm/rank0.safetensors (the embedding's copy when tied) cut to the vocabulary;
+for TensorRT, the weight of onnx/lm_head.onnx (the graph the ONNX Runtime backend runs).
 
 The engine, not this module, decides every dtype and shape: the exporters declare different I/O
-(the TensorRT-LLM engine takes int32 indices and writes float32 logits, the ONNX -> TensorRT
-engine takes int64 indices and writes logits of the model dtype), and TensorRT's
+(the TensorRT-LLM engine takes int32 indices and writes hidden states and K/V of the model dtype,
+the ONNX -> TensorRT engine takes int64 indices and writes those of the graph's dtype), and TensorRT's
 `set_tensor_address` takes a bare pointer with no dtype check. So each feed is cast to
 `engine.get_tensor_dtype(name)`, each output buffer is allocated with that dtype and the shape
 `context.get_tensor_shape(name)` reports once the input shapes are set, and an input shape
@@ -32,15 +39,20 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
+from .backend import SplitHead
 from .cache import KVCache
 from .config import TiDARConfig
 from .layout import Layout
+from .onnx_backend import HEAD_GRAPH, head_graph_weight
 
 TENSORRT_ENGINE = "tensorrt/decode_step.engine"
 TRTLLM_ENGINE = "engine/rank0.engine"
+TRTLLM_WEIGHTS = "trtllm/rank0.safetensors"
+"""The TensorRT-LLM checkpoint's rank file (tp = 1), whose lm_head.weight the trtllm backend applies."""
 
 # tensorrt.DataType member names -> torch dtypes (the I/O dtypes either exporter can declare)
 TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32,
@@ -91,26 +103,37 @@ def engine_io(engine) -> dict[str, TensorIO]:
     return found
 
 
-class EngineBackend:
-    """The runtime's Backend protocol (`forward`, `new_cache`) over one deserialized engine."""
+class EngineBackend(SplitHead):
+    """The runtime's Backend protocol (`hidden_states`, `head`, `forward`, `new_cache`) over one
+    deserialized engine and the LM-head weight."""
 
-    def __init__(self, engine, config: TiDARConfig, name: str, device: torch.device | str = "cuda"):
+    def __init__(self, engine, config: TiDARConfig, name: str, head_weight: torch.Tensor,
+                 device: torch.device | str = "cuda"):
         """`engine`: a deserialized ICudaEngine (or anything with its I/O queries and
-        `create_execution_context`)."""
+        `create_execution_context`); `head_weight`: the LM head [vocab, hidden] the engine's
+        hidden states are multiplied by (see the module docstring)."""
         self.name, self.config, self.device = name, config, torch.device(device)
         self.engine = engine
         self.context = engine.create_execution_context()
         self.io = engine_io(engine)
         self.inputs = [n for n, t in self.io.items() if t.is_input]
         self.outputs = [n for n, t in self.io.items() if not t.is_input]
-        missing = [n for n in ("input_ids", "past_lens", "past_key_0", "logits", "present_key_0") if n not in self.io]
+        missing = [n for n in ("input_ids", "past_lens", "past_key_0", "hidden_states", "present_key_0")
+                   if n not in self.io]
         if missing:
-            raise EngineUnavailable(f"the {name} engine has no tensor {', '.join(missing)}: not a tidar decode step")
+            raise EngineUnavailable(f"the {name} engine has no tensor {', '.join(missing)}: not a tidar decode step "
+                                    "(an engine built before the LM head left the engine has `logits` instead of "
+                                    "`hidden_states`: build it again)")
         self.dtype = self.io["past_key_0"].dtype  # the KV cache's dtype
+        if tuple(head_weight.shape) != (config.vocab_size, config.hidden_size):
+            raise EngineUnavailable(f"the {name} backend's LM head weight has shape {tuple(head_weight.shape)}, "
+                                    f"config.json implies {(config.vocab_size, config.hidden_size)}")
+        self.head_weight = head_weight.to(self.device, self.io["hidden_states"].dtype)
 
     @classmethod
-    def open(cls, engine_path: Path, config: TiDARConfig, name: str) -> "EngineBackend":
-        """Deserialize `engine_path` on the current CUDA device."""
+    def open(cls, engine_path: Path, config: TiDARConfig, name: str,
+             head_weight: Callable[[], torch.Tensor]) -> "EngineBackend":
+        """Deserialize `engine_path` on the current CUDA device; `head_weight` reads the LM head."""
         trt = _require("tensorrt", f"the {name} backend")
         if not torch.cuda.is_available():
             raise EngineUnavailable(f"the {name} backend runs on an NVIDIA GPU; torch sees no CUDA device")
@@ -121,14 +144,17 @@ class EngineBackend:
         if engine is None:
             raise EngineUnavailable(f"{engine_path}: TensorRT cannot deserialize the engine (built for another "
                                     "TensorRT version or GPU?)")
-        return cls(engine, config, name)
+        return cls(engine, config, name, head_weight())
 
     @classmethod
     def tensorrt(cls, folder: str | Path, config: TiDARConfig | None = None) -> "EngineBackend":
         _require("tensorrt", "the tensorrt backend")
+        _require("onnx", "the tensorrt backend (its LM head is the weight of onnx/lm_head.onnx)")
         _require("tidar.plugins.tensorrt_plugin", "the tensorrt backend").register()  # before deserializing
         folder = Path(folder)
-        return cls.open(folder / TENSORRT_ENGINE, config or TiDARConfig.from_file(folder), "tensorrt")
+        config = config or TiDARConfig.from_file(folder)
+        return cls.open(folder / TENSORRT_ENGINE, config, "tensorrt",
+                        lambda: onnx_head_weight(folder / HEAD_GRAPH, config))
 
     @classmethod
     def trtllm(cls, folder: str | Path, config: TiDARConfig | None = None) -> "EngineBackend":
@@ -138,7 +164,9 @@ class EngineBackend:
         if (folder / "engine" / "rank1.engine").exists():
             raise EngineUnavailable(f"{folder / 'engine'}: a tensor-parallel engine; serving engines of "
                                     "tensor-parallel size > 1 is not supported (build with --tp 1 to serve)")
-        return cls.open(folder / TRTLLM_ENGINE, config or TiDARConfig.from_file(folder), "trtllm")
+        config = config or TiDARConfig.from_file(folder)
+        return cls.open(folder / TRTLLM_ENGINE, config, "trtllm",
+                        lambda: trtllm_head_weight(folder / TRTLLM_WEIGHTS, config))
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         c = self.config
@@ -179,14 +207,14 @@ class EngineBackend:
             bound[name] = torch.empty(shape, dtype=self.io[name].dtype, device=self.device)
         return bound
 
-    def forward(self, input_ids: torch.Tensor, layout: Layout, cache: KVCache) -> torch.Tensor:
-        """Logits [B, layout.num_new, vocab] in the engine's logits dtype; the new K/V are written
-        into `cache`, uncommitted."""
+    def hidden_states(self, input_ids: torch.Tensor, layout: Layout, cache: KVCache) -> torch.Tensor:
+        """Final-norm hidden states [B, layout.num_new, hidden] in the engine's dtype (its output
+        buffer); the new K/V are written into `cache`, uncommitted."""
         c = self.config
         batch, num_new = input_ids.shape
         past = cache.max_length()  # host-side copy of the lengths: no device sync
         bound = self.bind(input_ids, layout, cache)
-        expected = {"logits": (batch, num_new, c.vocab_size)}
+        expected = {"hidden_states": (batch, num_new, c.hidden_size)}
         expected.update({f"present_{kind}_{layer}": (batch, c.num_key_value_heads, past + num_new, c.head_dim)
                          for layer in range(c.num_hidden_layers) for kind in ("key", "value")})
         for name, shape in expected.items():
@@ -206,4 +234,30 @@ class EngineBackend:
         for layer in range(c.num_hidden_layers):
             cache.keys[layer, :, :, :past + num_new] = bound[f"present_key_{layer}"]
             cache.values[layer, :, :, :past + num_new] = bound[f"present_value_{layer}"]
-        return bound["logits"]
+        return bound["hidden_states"]
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits [..., vocab] of hidden states [..., hidden]: the LM head GEMM in the
+        engine's hidden-state dtype on the device (as the head inside an engine computed it), then
+        float32."""
+        return torch.nn.functional.linear(hidden.to(self.device, self.head_weight.dtype), self.head_weight).float()
+
+
+def onnx_head_weight(path: Path, config: TiDARConfig) -> torch.Tensor:
+    """The weight [vocab, hidden] of the LM-head graph `path` (what the tensorrt backend applies)."""
+    if not path.is_file():
+        raise EngineUnavailable(f"{path}: missing; the tensorrt backend applies this graph's LM head weight")
+    return head_graph_weight(path, config)
+
+
+def trtllm_head_weight(path: Path, config: TiDARConfig) -> torch.Tensor:
+    """lm_head.weight of the TensorRT-LLM rank file `path` (tp = 1: the whole head, its vocabulary
+    zero-padded) cut to the vocabulary: [vocab, hidden] as stored."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise EngineUnavailable(f"{path}: missing; the trtllm backend applies its lm_head.weight")
+    with safe_open(str(path), framework="pt") as handle:
+        if "lm_head.weight" not in handle.keys():
+            raise EngineUnavailable(f"{path}: has no tensor 'lm_head.weight'")
+        return handle.get_slice("lm_head.weight")[:config.vocab_size]

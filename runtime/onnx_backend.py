@@ -1,4 +1,9 @@
-"""ONNX Runtime backend: runs the graph written by `tidar.export.onnx_export` (standard lowering).
+"""ONNX Runtime backend: runs the graphs written by `tidar.export.onnx_export` (standard lowering).
+
+Two sessions: the decode step, which outputs the final-norm hidden states of the new tokens,
+and the LM-head graph, which turns the rows the decode loop picks into float32 logits. The
+backend offers `hidden_states` and `head` (backend.py), so the loop runs the head on the rows
+it needs only (docs/design.md §3.2, §3.7); `forward` is the head on every row.
 
 It implements the `Backend` protocol of backend.py, so `DecodeEngine` drives it unchanged. The
 cache is the runtime's own `KVCache` (torch tensors, so commit / row / keep_rows / concat keep
@@ -17,9 +22,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .backend import SplitHead
 from .cache import KVCache
 from .config import TiDARConfig
 from .layout import Layout
+
+STEP_GRAPH = "onnx/decode_step.onnx"
+"""The decode-step graph (standard lowering) in a `tidar-export build` output."""
+HEAD_GRAPH = "onnx/lm_head.onnx"
+"""The LM-head graph in a `tidar-export build` output; the engine backends read its weight too."""
 
 _NUMPY_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16,
                  "tensor(double)": torch.float64}
@@ -34,29 +45,40 @@ def _import_onnxruntime():
     return onnxruntime
 
 
-class OnnxRuntimeBackend:
-    """A decode-step graph executed by ONNX Runtime on the CPU execution provider."""
+class OnnxRuntimeBackend(SplitHead):
+    """A decode-step graph and its LM-head graph executed by ONNX Runtime on the CPU execution
+    provider."""
 
     name = "onnxruntime"
 
-    def __init__(self, model_path: str | Path, config: TiDARConfig, threads: int = 0):
+    def __init__(self, model_path: str | Path, head_path: str | Path, config: TiDARConfig, threads: int = 0):
         """`model_path`: a .onnx file of `export_decode_step(..., attention="standard")`;
-        `threads`: ONNX Runtime intra-op threads (0: its default)."""
+        `head_path`: the LM-head graph written with it; `threads`: ONNX Runtime intra-op threads
+        (0: its default)."""
         ort = _import_onnxruntime()
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         self.config = config
         self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        self.head_session = ort.InferenceSession(str(head_path), options, providers=["CPUExecutionProvider"])
         inputs = {graph_input.name: graph_input for graph_input in self.session.get_inputs()}
         self.dtype = _NUMPY_DTYPES[inputs["past_key_0"].type]
         self.output_names = [output.name for output in self.session.get_outputs()]
+        self.head_input = self.head_session.get_inputs()[0].name
+        self.head_output = self.head_session.get_outputs()[0].name
+        widths = {"decode step": self.session.get_outputs()[0].shape[-1],
+                  "LM head": self.head_session.get_inputs()[0].shape[-1]}
+        if set(widths.values()) != {config.hidden_size}:
+            raise ValueError(f"{model_path}, {head_path}: hidden widths {widths} do not match config.json's "
+                             f"hidden_size {config.hidden_size}")
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         c = self.config
         return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, capacity, c.head_dim, dtype=self.dtype)
 
-    def forward(self, input_ids: torch.Tensor, layout: Layout, cache: KVCache) -> torch.Tensor:
-        """Logits [B, layout.num_new, vocab]; the new K/V are written into `cache`, uncommitted."""
+    def hidden_states(self, input_ids: torch.Tensor, layout: Layout, cache: KVCache) -> torch.Tensor:
+        """Final-norm hidden states [B, layout.num_new, hidden]; the new K/V are written into
+        `cache`, uncommitted."""
         batch, num_new = input_ids.shape
         if num_new != layout.num_new:
             raise ValueError(f"{num_new} input tokens for a layout of {layout.num_new}")
@@ -69,8 +91,32 @@ class OnnxRuntimeBackend:
         for layer in range(self.config.num_hidden_layers):
             for kind, tensor in (("key", cache.keys), ("value", cache.values)):
                 feeds[f"past_{kind}_{layer}"] = np.ascontiguousarray(tensor[layer, :, :, :past].detach().cpu().numpy())
-        logits, *present = self.session.run(self.output_names, feeds)
+        hidden, *present = self.session.run(self.output_names, feeds)
         for layer in range(self.config.num_hidden_layers):
             cache.keys[layer, :, :, :past + num_new] = torch.from_numpy(present[2 * layer])
             cache.values[layer, :, :, :past + num_new] = torch.from_numpy(present[2 * layer + 1])
+        return torch.from_numpy(hidden)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits [B, R, vocab] of hidden states [B, R, hidden] (the LM-head graph)."""
+        rows = np.ascontiguousarray(hidden.detach().to("cpu", self.dtype).numpy())
+        (logits,) = self.head_session.run([self.head_output], {self.head_input: rows})
         return torch.from_numpy(logits)
+
+
+def head_graph_weight(path: str | Path, config: TiDARConfig) -> torch.Tensor:
+    """The weight [vocab, hidden] of the LM-head graph `path` (its one initializer of that shape,
+    read from the external-data file it points at), as stored (the graph's dtype)."""
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError as error:
+        raise ImportError(f"reading the LM head of {path} needs the `onnx` package: pip install onnx") from error
+    graph = onnx.load(str(path), load_external_data=False)
+    shape = [config.vocab_size, config.hidden_size]
+    found = [tensor for tensor in graph.graph.initializer if list(tensor.dims) == shape]
+    if len(found) != 1:
+        raise ValueError(f"{path}: {len(found)} initializers of shape {shape} (vocab, hidden); an LM-head "
+                         "graph has one")
+    onnx.external_data_helper.load_external_data_for_tensor(found[0], str(Path(path).parent))
+    return torch.from_numpy(numpy_helper.to_array(found[0]).copy())

@@ -3,9 +3,10 @@ and shape from the engine's declared tensors, for the I/O each exporter declares
 
 TensorRT's runtime needs a GPU, so `DeclaredEngine` stands in for ICudaEngine and its execution
 context only. It declares exactly the I/O an exporter declares: the ONNX graph's inputs and
-outputs for the ONNX -> TensorRT engine (int64 indices, logits in the graph's dtype), or
-`trtllm_model.input_specs` / `output_specs` for the TensorRT-LLM engine (int32 indices, float32
-logits, K/V in the model dtype). Like TensorRT, it refuses input shapes outside the engine's
+outputs for the ONNX -> TensorRT engine (int64 indices, hidden states in the graph's dtype), or
+`trtllm_model.input_specs` / `output_specs` for the TensorRT-LLM engine (int32 indices, hidden
+states and K/V in the model dtype). The LM head is applied by the backend to the rows the loop
+picks, with the weight each engine was built from (onnx/lm_head.onnx's, trtllm/rank0's). Like TensorRT, it refuses input shapes outside the engine's
 optimization profile (set_input_shape returns False) and derives each output's shape from the
 input shapes. Unlike TensorRT (whose set_tensor_address takes a bare pointer and checks
 nothing), its execute checks that every bound address is a buffer of the declared dtype and
@@ -24,11 +25,13 @@ import pytest
 import torch
 
 from tidar.export.engine_shapes import dimension_ranges, input_shapes
-from tidar.export.onnx_export import export_decode_step
+from tidar.export.onnx_export import default_head_path, export_decode_step
 from tidar.export.trtllm_checkpoint import convert
 from tidar.export.trtllm_model import builder_ranges, input_specs, output_specs
 from tidar.runtime import engine_backend
-from tidar.runtime.engine_backend import EngineBackend, engine_io, torch_dtype
+from tidar.runtime.engine_backend import EngineBackend, engine_io, onnx_head_weight, torch_dtype, trtllm_head_weight
+from tidar.runtime.model import gather_rows
+from tidar.runtime.onnx_backend import OnnxRuntimeBackend
 from tidar.runtime.layout import Layout
 
 # TensorRT's ONNX parser keeps the graph's I/O types: ONNX element type -> tensorrt.DataType name
@@ -163,17 +166,20 @@ def onnx_declared(path) -> dict:
 
 
 def test_tensorrt_engine_io_from_the_onnx_graph(standard_graph, tiny_backends, tiny_checkpoints, monkeypatch):
-    """The ONNX -> TensorRT engine (int64 indices, fp32 logits): greedy tokens through
-    EngineBackend equal the torch backend's, with every buffer as the engine declares it."""
+    """The ONNX -> TensorRT engine (int64 indices, fp32 hidden states) and the head graph's weight:
+    greedy tokens through EngineBackend equal the torch backend's, with every buffer as the
+    engine declares it."""
     from tidar.export.verify import greedy_mismatch
     from tidar.runtime.tokenizer import Tokenizer
 
     path, session = standard_graph
     declared = onnx_declared(path)
     config = tiny_backends["qwen2"].config
-    assert declared["input_ids"][1] == "INT64" and declared["logits"][1] == "FLOAT"
+    assert declared["input_ids"][1] == "INT64" and declared["hidden_states"][1] == "FLOAT"
+    assert "logits" not in declared  # the LM head is not in the engine
     # the graph's symbolic dims, renamed to the profile's dimensions by their positions
-    rename = {"input_ids": ("batch", "new"), "past_lens": ("batch",), "logits": ("batch", "new", config.vocab_size)}
+    rename = {"input_ids": ("batch", "new"), "past_lens": ("batch",),
+              "hidden_states": ("batch", "new", config.hidden_size)}
     for name, (is_input, dtype, dims) in declared.items():
         if name.startswith(("past_key", "past_value")):
             dims = ("batch", dims[1], "past", dims[3])
@@ -183,16 +189,23 @@ def test_tensorrt_engine_io_from_the_onnx_graph(standard_graph, tiny_backends, t
     assert {n for n, d in declared.items() if d[0]} == set(input_shapes(config, 4))
     engine = DeclaredEngine(declared, dimension_ranges(config, 4), onnx_runner(session))
     recording_bind(monkeypatch, engine)
-    backend = EngineBackend(engine, config, "tensorrt", device="cpu")
+    head = onnx_head_weight(default_head_path(path), config)
+    assert torch.equal(head, tiny_backends["qwen2"].model.lm_head.weight)  # tied: the embedding's values
+    backend = EngineBackend(engine, config, "tensorrt", head, device="cpu")
     assert backend.dtype == torch.float32
     assert greedy_mismatch(tiny_backends["qwen2"], backend, Tokenizer(tiny_checkpoints["qwen2"]), (0, 4)) is None
     assert engine.executions > 0
 
 
 @pytest.fixture(scope="module")
-def trtllm_config(tiny_checkpoints, tmp_path_factory):
-    folder = convert(tiny_checkpoints["qwen2"], tmp_path_factory.mktemp("trtllm"), 1, "bfloat16")
-    return json.loads((folder / "config.json").read_text())
+def trtllm_folder(tiny_checkpoints, tmp_path_factory):
+    """The TensorRT-LLM checkpoint (tp 1, bf16) of the tiny qwen2 model."""
+    return convert(tiny_checkpoints["qwen2"], tmp_path_factory.mktemp("trtllm"), 1, "bfloat16")
+
+
+@pytest.fixture(scope="module")
+def trtllm_config(trtllm_folder):
+    return json.loads((trtllm_folder / "config.json").read_text())
 
 
 def trtllm_declared(config: dict) -> dict:
@@ -202,14 +215,18 @@ def trtllm_declared(config: dict) -> dict:
     return declared
 
 
-def test_trtllm_engine_io_int32_indices_fp32_logits(trtllm_config, standard_graph, tiny_backends, monkeypatch):
-    """The TensorRT-LLM engine (int32 indices and position ids, float32 logits, bf16 K/V): every
-    feed is cast to the declared dtype (ids keep their values), logits come back float32 and the
-    cache holds the engine's presents."""
+def test_trtllm_engine_io_int32_indices_bf16_hidden_states(trtllm_config, trtllm_folder, standard_graph, tiny_backends,
+                                                           monkeypatch):
+    """The TensorRT-LLM engine (int32 indices and position ids, bf16 hidden states and K/V) and
+    rank0's LM head: every feed is cast to the declared dtype (ids keep their values), the
+    hidden states are the engine's buffer, logits come back float32 from the bf16 head (within
+    bf16 rounding of the fp32 head graph on the same rows) and the cache holds the engine's
+    presents."""
     config = tiny_backends["qwen2"].config
     declared = trtllm_declared(trtllm_config)
     assert declared["input_ids"][1] == "INT32" and declared["causal_len"][1] == "INT32"
-    assert declared["logits"][1] == "FLOAT" and declared["present_key_0"][1] == "BF16"
+    assert declared["hidden_states"][1] == "BF16" and declared["present_key_0"][1] == "BF16"
+    assert "logits" not in declared
     seen = {}
     run_onnx = onnx_runner(standard_graph[1])
 
@@ -220,7 +237,10 @@ def test_trtllm_engine_io_int32_indices_fp32_logits(trtllm_config, standard_grap
     ranges = builder_ranges(trtllm_config, 8, 1023, 1024 + 20, 4)
     engine = DeclaredEngine(declared, ranges, run)
     recording_bind(monkeypatch, engine)
-    backend = EngineBackend(engine, config, "trtllm", device="cpu")
+    head = trtllm_head_weight(trtllm_folder / "rank0.safetensors", config)
+    reference = tiny_backends["qwen2"].model
+    assert torch.equal(head, reference.lm_head.weight.bfloat16())  # tied: the embedding, cut to the vocabulary
+    backend = EngineBackend(engine, config, "trtllm", head, device="cpu")
     assert backend.dtype == torch.bfloat16
     cache = backend.new_cache(2, 64)
     cache.keys.normal_()
@@ -228,20 +248,30 @@ def test_trtllm_engine_io_int32_indices_fp32_logits(trtllm_config, standard_grap
     cache.commit([5, 9])
     layout = Layout.decode(4)
     ids = torch.randint(0, config.vocab_size, (2, layout.num_new))
-    logits = backend.forward(ids, layout, cache)
-    assert logits.dtype == torch.float32 and logits.shape == (2, layout.num_new, config.vocab_size)
+    hidden = backend.hidden_states(ids, layout, cache)
+    assert hidden.dtype == torch.bfloat16 and hidden.shape == (2, layout.num_new, config.hidden_size)
+    assert hidden.data_ptr() == engine.bound["hidden_states"].data_ptr()  # the engine's buffer, not a copy
     assert engine.bound["input_ids"].dtype == torch.int32 and np.array_equal(seen["input_ids"], ids.numpy())
     assert np.array_equal(seen["position_ids"], layout.position_ids(cache.lengths).numpy())
     assert {n: int(seen[n]) for n in layout.kernel_scalars()} == layout.kernel_scalars()
     assert torch.equal(cache.keys[0, :, :, :9 + layout.num_new], engine.bound["present_key_0"])
     expected = run_onnx({n: v for n, v in seen.items()})
-    assert np.array_equal(logits.numpy(), expected["logits"])
+    assert torch.equal(hidden, torch.from_numpy(expected["hidden_states"]).bfloat16())
+    rows = torch.tensor([[0, 3, 7], [4, 11, 19]])
+    logits = backend.head(gather_rows(hidden, rows))
+    assert logits.dtype == torch.float32 and logits.shape == (2, 3, config.vocab_size)
+    path = standard_graph[0]
+    fp32_head = OnnxRuntimeBackend(path, default_head_path(path), config, threads=1).head
+    oracle = fp32_head(gather_rows(hidden, rows).float())
+    scale = oracle.abs().max().item()
+    assert (logits - oracle).abs().max().item() < 2e-2 * scale  # bf16 weight and output rounding only
 
 
 def test_shape_outside_the_profile_is_named(trtllm_config, tiny_backends):
     config = tiny_backends["qwen2"].config
     ranges = builder_ranges(trtllm_config, 2, 1023, 1024 + 20, 4)  # at most 2 rows
-    backend = EngineBackend(DeclaredEngine(trtllm_declared(trtllm_config), ranges, None), config, "trtllm",
+    head = torch.zeros(config.vocab_size, config.hidden_size)
+    backend = EngineBackend(DeclaredEngine(trtllm_declared(trtllm_config), ranges, None), config, "trtllm", head,
                             device="cpu")
     cache = backend.new_cache(3, 64)
     with pytest.raises(ValueError, match=r"input 'input_ids' of shape \(3, 20\) is outside the engine's "
@@ -259,3 +289,20 @@ def test_dtype_map_refuses_what_it_cannot_bind():
     engine = DeclaredEngine({"input_ids": (True, "INT4", ("batch", "new"))}, {}, None)
     with pytest.raises(ValueError, match="INT4"):
         engine_io(engine)
+
+
+def test_engine_without_hidden_states_or_with_a_wrong_head_is_named(trtllm_config, tiny_backends):
+    """An engine built when the LM head was inside it (output `logits`) is refused with the
+    advice to rebuild; a head weight of the wrong shape is refused with both shapes."""
+    config = tiny_backends["qwen2"].config
+    ranges = builder_ranges(trtllm_config, 2, 1023, 1024 + 20, 4)
+    head = torch.zeros(config.vocab_size, config.hidden_size)
+    old = trtllm_declared(trtllm_config)
+    old["logits"] = (False, "FLOAT", ("batch", "new", config.vocab_size))
+    del old["hidden_states"]
+    with pytest.raises(engine_backend.EngineUnavailable, match="no tensor hidden_states.*build it again"):
+        EngineBackend(DeclaredEngine(old, ranges, None), config, "trtllm", head, device="cpu")
+    padded = (config.vocab_size + 6, config.hidden_size)  # e.g. a head not cut to the vocabulary
+    with pytest.raises(engine_backend.EngineUnavailable, match=rf"shape \({padded[0]}, {padded[1]}\), config.json"):
+        EngineBackend(DeclaredEngine(trtllm_declared(trtllm_config), ranges, None), config, "trtllm",
+                      torch.zeros(padded), device="cpu")

@@ -1,10 +1,13 @@
-"""The ONNX graph of a decode step (export/onnx_export.py) and its ONNX Runtime backend.
+"""The ONNX graphs of a decode step and its LM head (export/onnx_export.py) and their ONNX
+Runtime backend.
 
-Oracle: the torch reference backend. The graph's logits and present K/V match it within 1e-4
-for prefill, AR and TiDAR decode layouts with ragged cached lengths, one file serves every
-batch size / new-token count / past length, and greedy decoding through ONNX Runtime gives
-the torch backend's tokens (docs/design.md invariant I5). The plugin lowering is checked structurally
-(ONNX Runtime cannot run tidar::hybrid_attention).
+Oracle: the torch reference backend. The graphs' logits (the step's hidden states through the
+head graph) and present K/V match it within 1e-4 for prefill, AR and TiDAR decode layouts with
+ragged cached lengths, on every row and on rows picked per batch row; one file serves every
+batch size / new-token count / past length; greedy decoding through ONNX Runtime gives the
+torch backend's tokens (docs/design.md invariant I5) while the head graph sees 2b - 1 rows per
+step and row (docs/design.md §3.2). The plugin lowering is checked structurally (ONNX Runtime
+cannot run tidar::hybrid_attention).
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ pytest.importorskip("onnxscript")
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from tidar.export.onnx_export import LAYOUT_SCALARS, PLUGIN_DOMAIN, PLUGIN_OP, export_decode_step  # noqa: E402
+from tidar.export.onnx_export import (LAYOUT_SCALARS, PLUGIN_DOMAIN, PLUGIN_OP, default_head_path,  # noqa: E402
+                                      export_decode_step)
 from tidar.runtime.generate import DecodeEngine, Request  # noqa: E402
 from tidar.runtime.layout import Layout  # noqa: E402
+from tidar.runtime.model import gather_rows  # noqa: E402
 from tidar.runtime.onnx_backend import OnnxRuntimeBackend  # noqa: E402
 from tidar.runtime.sampling import SamplingParams  # noqa: E402
 from tidar.runtime.tokenizer import Tokenizer  # noqa: E402
@@ -37,7 +42,7 @@ def onnx_backends(tiny_backends, tmp_path_factory):
     backends = {}
     for family, torch_backend in tiny_backends.items():
         path = export_decode_step(torch_backend.model, root / f"{family}.onnx")
-        backends[family] = OnnxRuntimeBackend(path, torch_backend.config, threads=1)
+        backends[family] = OnnxRuntimeBackend(path, default_head_path(path), torch_backend.config, threads=1)
     return backends
 
 
@@ -88,16 +93,80 @@ def test_logits_and_cache_match_torch(family, tiny_backends, onnx_backends):
     print(f"{family}: max |logit difference| {worst:.2e}")
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_of_picked_rows_match_torch(family, tiny_backends, onnx_backends):
+    """The head graph on rows picked per batch row from the step graph's hidden states equals the
+    torch model's LM head on the same rows (qwen2 ties the head to the embedding; the others do not)."""
+    generator = torch.Generator().manual_seed(7)
+    for seed, (name, (layout, past_lens)) in enumerate(CASES.items()):
+        torch_backend, onnx_backend = tiny_backends[family], onnx_backends[family]
+        batch = len(past_lens)
+        rows = torch.randint(0, layout.num_new, (batch, 5), generator=generator)
+        vocab, capacity = torch_backend.config.vocab_size, max(past_lens) + layout.num_new
+        input_ids = torch.randint(0, vocab, (batch, layout.num_new), generator=generator)
+        reference, candidate = torch_backend.new_cache(batch, capacity), onnx_backend.new_cache(batch, capacity)
+        for cache in (reference, candidate):  # same (zero) cache contents, ragged lengths
+            cache.commit(past_lens)
+        expected = torch_backend.forward(input_ids, layout, reference, logits_rows=rows)
+        hidden = onnx_backend.hidden_states(input_ids, layout, candidate)
+        assert hidden.shape == (batch, layout.num_new, torch_backend.config.hidden_size)
+        actual = onnx_backend.head(gather_rows(hidden, rows))
+        assert actual.dtype == torch.float32 and actual.shape == expected.shape == (batch, 5, vocab)
+        difference = (actual - expected).abs().max().item()
+        assert difference < TOLERANCE, f"{family} {name}: logits of picked rows differ by {difference}"
+
+
 def test_graph_axes_are_dynamic(onnx_backends):
-    session = onnx_backends["llama"].session
+    backend = onnx_backends["llama"]
+    config = backend.config
+    session = backend.session
     shapes = {graph_input.name: graph_input.shape for graph_input in session.get_inputs()}
     assert shapes["input_ids"] == ["batch", "new"]
     assert shapes["past_lens"] == ["batch"]
     assert all(shapes[name] == [] for name in LAYOUT_SCALARS)
     assert shapes["past_key_0"][0] == "batch" and shapes["past_key_0"][2] == "past"
-    logits, present = session.get_outputs()[0], session.get_outputs()[1]
-    assert logits.shape[:2] == ["batch", "new"]
+    hidden, present = session.get_outputs()[0], session.get_outputs()[1]
+    assert hidden.name == "hidden_states" and hidden.shape[:2] == ["batch", "new"]
+    assert hidden.shape[2] == config.hidden_size
     assert isinstance(present.shape[2], str)  # past + new
+    (head_input,), (head_output,) = backend.head_session.get_inputs(), backend.head_session.get_outputs()
+    assert head_input.name == "hidden_states" and isinstance(head_input.shape[1], str)
+    assert head_input.shape[2] == config.hidden_size
+    assert head_output.name == "logits" and head_output.type == "tensor(float)"
+    assert head_output.shape[2] == config.vocab_size
+
+
+class _CountingSession:
+    """An ONNX Runtime session that records the row count [batch * rows] of every run."""
+
+    def __init__(self, session):
+        self.session, self.rows = session, []
+
+    def run(self, names, feeds):
+        (hidden,) = feeds.values()
+        self.rows.append(hidden.shape[0] * hidden.shape[1])
+        return self.session.run(names, feeds)
+
+
+@pytest.mark.parametrize("draft_len,beta", [(0, 1.0), (4, 1.0), (16, 1.0), (4, 0.5)])
+def test_head_graph_runs_on_2b_minus_1_rows_per_step(onnx_backends, tiny_checkpoints, monkeypatch, draft_len, beta):
+    """docs/design.md §3.2 on ONNX Runtime: per step and row, the LM-head graph sees the b
+    verification rows then the b - 1 masks of the selected block (3b - 1 with beta < 1, plus
+    the first mask of each block); AR: 1 row. Not b(b + 1)."""
+    backend = onnx_backends["qwen2"]
+    counting = _CountingSession(backend.head_session)
+    monkeypatch.setattr(backend, "head_session", counting)
+    tokenizer = Tokenizer(tiny_checkpoints["qwen2"])
+    engine = DecodeEngine(backend, tokenizer, draft_len=draft_len, beta=beta)
+    engine.add([Request(tokenizer.encode(prompt), 40, eos_ids=()) for prompt in PROMPTS])
+    b, mixed = draft_len, draft_len > 0 and beta < 1
+    assert counting.rows == [1 + mixed + max(b - 1, 0)] * len(PROMPTS)  # each prefill: d_0 and b - 1 drafts
+    for _ in range(3):
+        counting.rows.clear()
+        engine.step()
+        per_row = 1 if b == 0 else (3 * b - 1 if mixed else 2 * b - 1)
+        assert sum(counting.rows) == len(PROMPTS) * per_row
+        assert len(counting.rows) == (1 if b <= 1 else 2)  # the verification rows, then the drafting rows
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -155,4 +224,4 @@ def test_export_rejects_unknown_attention(tiny_backends, tmp_path):
 def test_missing_onnxruntime_is_a_clear_error(monkeypatch, tmp_path, tiny_backends):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(ImportError, match="pip install"):
-        OnnxRuntimeBackend(tmp_path / "missing.onnx", tiny_backends["qwen2"].config)
+        OnnxRuntimeBackend(tmp_path / "missing.onnx", tmp_path / "missing.lm_head.onnx", tiny_backends["qwen2"].config)
