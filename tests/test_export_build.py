@@ -68,7 +68,7 @@ def test_layout_and_manifest(exported, tiny_checkpoints):
     out, manifest = exported
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert files == ["config.json", "manifest.json", "onnx/decode_step.onnx", "onnx/decode_step.weights",
-                     "onnx/decode_step_plugin.onnx",
+                     "onnx/decode_step_plugin.onnx", "onnx/lm_head.onnx",
                      "tokenizer.json", "tokenizer_config.json", "triton_repo/ensemble/config.pbtxt",
                      "triton_repo/tidar/1/model.py",
                      "triton_repo/tidar/config.pbtxt", "trtllm/build_engine.sh", "trtllm/config.json",
@@ -131,8 +131,9 @@ def test_engine_script_names_the_installed_model_file(exported, tmp_path):
 
 
 def test_onnx_graphs_share_one_weights_file(exported, tiny_checkpoints):
-    """Both graphs read every weight from onnx/decode_step.weights, at the same offsets, and the
-    file holds each checkpoint tensor once (float32), as the checkpoint stores it."""
+    """Both step graphs read every weight from onnx/decode_step.weights, at the same offsets, and
+    the file holds each checkpoint tensor once (float32), as the checkpoint stores it; the LM-head
+    graph's one weight is the embedding's bytes there (the tiny qwen2 ties them)."""
     import numpy as np
     import onnx
 
@@ -145,6 +146,10 @@ def test_onnx_graphs_share_one_weights_file(exported, tiny_checkpoints):
         assert {entry["location"] for entry in external.values()} == {"decode_step.weights"}
         locations.append(external)
     assert locations[0] == locations[1]
+    head = onnx.load(out / "onnx" / "lm_head.onnx", load_external_data=False).graph
+    (weight,) = head.initializer
+    assert {e.key: e.value for e in weight.external_data} == locations[0]["model.embed_tokens.weight"]
+    assert [o.name for o in head.output] == ["logits"] and head.output[0].type.tensor_type.elem_type == 1  # float32
     source = load_file(str(tiny_checkpoints["qwen2"] / WEIGHTS))
     assert len(locations[0]) == len(source)  # the tied LM head is the embedding, stored once
     data = (out / "onnx" / "decode_step.weights").read_bytes()

@@ -69,8 +69,12 @@ def test_build_and_run_need_tensorrt(tiny_checkpoints, tiny_backends, tmp_path):
     from tidar.runtime.engine_backend import TENSORRT_ENGINE, EngineBackend
     from tidar.runtime.tokenizer import Tokenizer
 
+    from tidar.runtime.onnx_backend import HEAD_GRAPH
+
     model = tiny_backends["qwen2"].model
-    graph = export_decode_step(model, tmp_path / "plugin.onnx", attention="plugin")
+    # laid out as in a build: the backend applies the LM head weight of OUT/onnx/lm_head.onnx
+    graph = export_decode_step(model, tmp_path / "onnx" / "plugin.onnx", attention="plugin",
+                               head_path=tmp_path / HEAD_GRAPH)
     record = build_tensorrt_engine(graph, tmp_path / TENSORRT_ENGINE, model.config, draft_len=4)
     assert record["profile"]["batch"] == [1, 1, 8]
     engine = EngineBackend.tensorrt(tmp_path, model.config)

@@ -17,8 +17,9 @@ from safetensors import safe_open
 
 from tidar.export.engine_shapes import DimRange, dimension_ranges, engine_limits
 from tidar.export.onnx_export import input_names
+from tidar.export.onnx_export import output_names as onnx_output_names
 from tidar.export.trtllm_checkpoint import convert
-from tidar.export.trtllm_model import (ARCHITECTURE, LOGITS_DTYPE, TRTLLM_IMPORT_ERROR, allow_plugin_v3_layers,
+from tidar.export.trtllm_model import (ARCHITECTURE, TRTLLM_IMPORT_ERROR, allow_plugin_v3_layers,
                                        builder_ranges, declared_weights, input_specs, output_names, output_specs,
                                        rank_sizes)
 from tidar.runtime.config import TiDARConfig
@@ -91,7 +92,7 @@ def test_inputs_match_the_onnx_decode_step(trtllm_checkpoints):
     assert builder_ranges(config, 4, 100, 400)["new"].opt == 6
     config["tidar"]["draft_len"] = 0  # AR steps: an explicit 0 is kept, not replaced by the block size
     assert builder_ranges(config, 4, 100, 400)["new"].opt == 1
-    assert output_names(config)[:3] == ["logits", "present_key_0", "present_value_0"]
+    assert output_names(config)[:3] == ["hidden_states", "present_key_0", "present_value_0"]
 
 
 def test_engine_sizes(tiny_checkpoints):
@@ -107,11 +108,15 @@ def test_engine_sizes(tiny_checkpoints):
         DimRange(2, 1, 3)
 
 
-def test_outputs_declare_fp32_logits_and_model_dtype_presents(trtllm_checkpoints):
+def test_outputs_declare_model_dtype_hidden_states_and_presents(trtllm_checkpoints):
+    """The network ends at the final norm (the runtime applies the LM head to the rows it picks):
+    hidden states of every new token and the presents, all in the model dtype; no logits."""
     config = read_config(trtllm_checkpoints["qwen3", 2])
     specs = {spec.name: spec for spec in output_specs(config)}
-    assert list(specs) == output_names(config)
-    assert specs["logits"].dtype == LOGITS_DTYPE == "float32" and specs["logits"].dims == ("batch", "new", 512)
+    assert list(specs) == output_names(config) and "logits" not in specs
+    assert specs["hidden_states"].dtype == config["dtype"]
+    assert specs["hidden_states"].dims == ("batch", "new", config["hidden_size"])
+    assert output_names(config) == onnx_output_names(config["num_hidden_layers"])  # the engines' one contract
     assert specs["present_value_1"].dtype == config["dtype"]
     assert specs["present_value_1"].dims == ("batch", 1, "kv", 32)
 
