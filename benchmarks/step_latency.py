@@ -7,8 +7,11 @@ machine, torch version and date, so figures can be quoted with their provenance.
 
     python benchmarks/step_latency.py CHECKPOINT --draft-lens 0 4 8 16 --attention eager sdpa flex --threads 1
     python benchmarks/step_latency.py CHECKPOINT --draft-lens 8 16 --batch 1 8 16 --attention sdpa
+    python benchmarks/step_latency.py OUT --backend onnxruntime --draft-lens 8 16 --batch 8 16 --threads 1
 
-It uses only the public engine API, so the same script times any commit of the runtime.
+It uses only the public engine API (`load_backend`, `DecodeEngine`), so the same script times any
+commit of the runtime: put that commit's checkout first on PYTHONPATH (with an export built by
+it, for onnxruntime).
 """
 
 from __future__ import annotations
@@ -23,11 +26,11 @@ import time
 
 import torch
 
-from tidar.runtime.backend import TorchBackend
+from tidar.runtime.backend import load_backend
 from tidar.runtime.generate import DecodeEngine, Request
 
 
-def time_steps(backend: TorchBackend, draft_len: int, prompt_len: int, repeats: int, warmup: int,
+def time_steps(backend, draft_len: int, prompt_len: int, repeats: int, warmup: int,
                batch: int = 1) -> dict:
     engine = DecodeEngine(backend, draft_len=draft_len)
     vocab = backend.config.vocab_size - 3
@@ -66,28 +69,36 @@ def time_steps(backend: TorchBackend, draft_len: int, prompt_len: int, repeats: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint")
+    parser.add_argument("checkpoint", help="a checkpoint (torch) or a `tidar-export build` output (onnxruntime)")
+    parser.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch")
     parser.add_argument("--draft-lens", type=int, nargs="+", default=[0, 4, 8, 16])
-    parser.add_argument("--attention", nargs="+", default=["eager", "sdpa"])
+    parser.add_argument("--attention", nargs="+", default=["eager", "sdpa"],
+                        help="torch attention implementations (onnxruntime: the graph's own)")
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--batch", type=int, nargs="+", default=[1], help="rows per step (each timed)")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads, and ONNX Runtime intra-op threads (default: each library's)")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     results = []
-    for attention in args.attention:
-        backend = TorchBackend.load(args.checkpoint, dtype=args.dtype, attention=attention)
+    attentions = args.attention if args.backend == "torch" else ["eager"]  # the ONNX graph's dense mask
+    for attention in attentions:
+        options = {"dtype": args.dtype, "attention": attention}
+        if args.backend == "onnxruntime":
+            options["threads"] = args.threads or 0
+        backend = load_backend(args.backend, args.checkpoint, **options)
         for batch in args.batch:
             for draft_len in args.draft_lens:
                 row = time_steps(backend, draft_len, args.prompt_len, args.repeats, args.warmup, batch)
                 results.append({"attention": attention, **row})
     report = {
         "benchmark": "step_latency",
+        "backend": args.backend,
         "checkpoint": os.path.basename(os.path.normpath(args.checkpoint)),
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cpus, {platform.system()}",

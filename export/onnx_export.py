@@ -8,7 +8,7 @@ lowerings of one checkpoint without ever holding its weights (what `tidar-export
 The decode step ends at the final norm: it outputs hidden states, and the LM head is a graph of
 its own (`head_path`, onnx/lm_head.onnx in a build), which the runtime runs on the rows it needs
 only: the verification rows, then the masks of the block the verification picked
-(docs/design.md §3.2 "Logits only where needed", §4.1). A step's second set of rows depends on
+(docs/design.md §3.2 "Logits only where needed", §3.8). A step's second set of rows depends on
 the first's verification, so a single graph could produce them only with verification inside it.
 
 Graph inputs

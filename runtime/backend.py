@@ -9,7 +9,7 @@ Every backend here also offers `hidden_states` (the same forward, returning the 
 hidden states) and `head` (the LM head on the rows picked from them, float32 logits). The loop
 then runs the head only on the rows it needs, in two goes: the verification rows, then the
 masks of the block the verification selected (docs/design.md §3.2 "Logits only where
-needed", §3.7). A backend with `forward` alone (a test double) still works: its full logits
+needed", §3.8). A backend with `forward` alone (a test double) still works: its full logits
 are indexed.
 """
 

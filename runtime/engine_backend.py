@@ -16,7 +16,7 @@ committing them, as the ONNX Runtime backend does.
 
 The LM head is not in the engines: `head` multiplies the rows the decode loop picks from the
 engine's `hidden_states` buffer by the head weight on the device (one GEMM, float32 logits), so
-a step computes 2b - 1 rows of logits instead of b(b + 1) (docs/design.md §3.2, §3.7). The weight
+a step computes 2b - 1 rows of logits instead of b(b + 1) (docs/design.md §3.2, §3.8). The weight
 is the one each engine was built from, in the engine's hidden-state dtype: for TensorRT-LLM,
 lm_head.weight of trtllm/rank0.safetensors (the embedding's copy when tied) cut to the vocabulary;
 for TensorRT, the weight of onnx/lm_head.onnx (the graph the ONNX Runtime backend runs).

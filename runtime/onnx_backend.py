@@ -3,7 +3,7 @@
 Two sessions: the decode step, which outputs the final-norm hidden states of the new tokens,
 and the LM-head graph, which turns the rows the decode loop picks into float32 logits. The
 backend offers `hidden_states` and `head` (backend.py), so the loop runs the head on the rows
-it needs only (docs/design.md §3.2, §3.7); `forward` is the head on every row.
+it needs only (docs/design.md §3.2, §3.8); `forward` is the head on every row.
 
 It implements the `Backend` protocol of backend.py, so `DecodeEngine` drives it unchanged. The
 cache is the runtime's own `KVCache` (torch tensors, so commit / row / keep_rows / concat keep

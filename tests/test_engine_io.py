@@ -5,13 +5,16 @@ TensorRT's runtime needs a GPU, so `DeclaredEngine` stands in for ICudaEngine an
 context only. It declares exactly the I/O an exporter declares: the ONNX graph's inputs and
 outputs for the ONNX -> TensorRT engine (int64 indices, hidden states in the graph's dtype), or
 `trtllm_model.input_specs` / `output_specs` for the TensorRT-LLM engine (int32 indices, hidden
-states and K/V in the model dtype). The LM head is applied by the backend to the rows the loop
-picks, with the weight each engine was built from (onnx/lm_head.onnx's, trtllm/rank0's). Like TensorRT, it refuses input shapes outside the engine's
+states and K/V in the model dtype). Like TensorRT, it refuses input shapes outside the engine's
 optimization profile (set_input_shape returns False) and derives each output's shape from the
 input shapes. Unlike TensorRT (whose set_tensor_address takes a bare pointer and checks
 nothing), its execute checks that every bound address is a buffer of the declared dtype and
 shape, then computes the decode step with ONNX Runtime on the standard ONNX graph (the
 function both engines compute), converting to and from the declared dtypes.
+
+The LM head is not in either engine: the backend applies it to the rows the loop picks, with the
+weight each engine was built from (onnx/lm_head.onnx's, trtllm/rank0.safetensors'), checked
+against the model's own head.
 """
 
 from __future__ import annotations
