@@ -225,3 +225,15 @@ def test_missing_onnxruntime_is_a_clear_error(monkeypatch, tmp_path, tiny_backen
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(ImportError, match="pip install"):
         OnnxRuntimeBackend(tmp_path / "missing.onnx", tmp_path / "missing.lm_head.onnx", tiny_backends["qwen2"].config)
+
+
+def test_an_export_without_the_head_graph_is_named(tmp_path):
+    """An export made when the LM head was inside the step graph has no onnx/lm_head.onnx: the
+    backend says which file is missing and to build again."""
+    from tidar.runtime.backend import load_backend
+    from tidar.runtime.checkpoint import CheckpointError
+
+    (tmp_path / "onnx").mkdir()
+    (tmp_path / "onnx" / "decode_step.onnx").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"no onnx/lm_head\.onnx.*build it again"):
+        load_backend("onnxruntime", tmp_path)
