@@ -27,7 +27,7 @@ Graph outputs
 The LM-head graph
     input   hidden_states  float [batch, rows, hidden]   rows picked from the decode step's output
     output  logits         float32 [batch, rows, vocab]
-    weight  lm_head.weight, or the embedding when embeddings are tied (`head_weight_source`)
+    weight  lm_head.weight, or the embedding when embeddings are tied (`source.head_weight_source`)
 
 Slot convention (the one of runtime/cache.py): `present` is `past` followed by `new` free slots,
 and the new tokens of row r are written to slots past_lens[r] .. past_lens[r] + new - 1, so a
@@ -98,12 +98,6 @@ LOGITS = "logits"
 def output_names(num_layers: int) -> list[str]:
     """Names of the graph outputs, in order."""
     return [HIDDEN_STATES, *_per_layer("present", num_layers)]
-
-
-def head_weight_source(config: TiDARConfig) -> str:
-    """The checkpoint tensor the LM head multiplies by: lm_head.weight, or the embedding when
-    embeddings are tied (a tied checkpoint stores no lm_head.weight)."""
-    return "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
 
 
 def _per_layer(prefix: str, num_layers: int) -> list[str]:
@@ -348,6 +342,8 @@ def trace_decode_step(config: TiDARConfig, attention: str = "standard", opset: i
 def trace_lm_head(config: TiDARConfig, opset: int = DEFAULT_OPSET, dtype: torch.dtype = torch.float32):
     """(onnx_ir Model, {weight initializer: (HF name, shape)}) of the LM-head graph of a `config`
     model (see the module docstring), traced and optimised as `trace_decode_step`."""
+    from .source import head_weight_source
+
     head = LMHead(placeholder_model(config, dtype)).eval()
     rows = (torch.export.Dim("batch"), torch.export.Dim("rows"))
     example = torch.zeros(2, 3, config.hidden_size, dtype=dtype)

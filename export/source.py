@@ -34,6 +34,16 @@ CHUNK_BYTES = 64 << 20
 """Rows read (and converted) at a time by `row_chunks` and `validate`: about 64 MB."""
 
 
+EMBEDDING = "model.embed_tokens.weight"
+"""The HF name of the token embedding."""
+
+
+def head_weight_source(config: TiDARConfig) -> str:
+    """The checkpoint tensor the LM head multiplies by: lm_head.weight, or the embedding when
+    embeddings are tied (a tied checkpoint stores no lm_head.weight)."""
+    return EMBEDDING if config.tie_word_embeddings else "lm_head.weight"
+
+
 def model_shapes(config: TiDARConfig) -> dict[str, tuple[int, ...]]:
     """{HF tensor name: shape} of every tensor a checkpoint of `config` stores (no tied head)."""
     with torch.device("meta"):

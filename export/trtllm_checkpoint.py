@@ -52,12 +52,11 @@ from tidar.runtime.checkpoint import CheckpointError
 from tidar.runtime.config import ConfigError, TiDARConfig
 
 from .safetensors_stream import TensorSpec, write_safetensors
-from .source import CheckpointSource, model_shapes
+from .source import EMBEDDING, CheckpointSource, head_weight_source, model_shapes
 
 SUPPORTED_TP_SIZES = (1, 2, 4, 8)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ARCHITECTURE = "TiDARForCausalLM"
-EMBEDDING = "model.embed_tokens.weight"
 
 
 class ConversionError(ValueError):
@@ -151,7 +150,7 @@ def layout(config: TiDARConfig, tp_size: int) -> list[Target]:
     heads = dict(dim=0, groups=c.num_attention_heads, group_size=c.head_dim)
     kv_heads = dict(dim=0, groups=c.num_key_value_heads, group_size=c.head_dim)
     head_columns = dict(dim=1, groups=c.num_attention_heads, group_size=c.head_dim)
-    lm_head_source = EMBEDDING if c.tie_word_embeddings else "lm_head.weight"
+    lm_head_source = head_weight_source(c)
     targets = [
         Target("transformer.vocab_embedding.weight", (Piece(EMBEDDING),)),
         Target("transformer.ln_f.weight", (Piece("model.norm.weight"),)),
