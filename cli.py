@@ -60,13 +60,15 @@ def _generate(args: argparse.Namespace) -> int:
     request = Request(prompt_ids, args.max_new_tokens, sampling, stop=tuple(args.stop or ()))
     engine.check(request)
     started = time.perf_counter()
+    result = None
     for deltas in engine.stream([request]):
-        if not args.json:
-            for delta in deltas:
+        for delta in deltas:
+            if not args.json:
                 sys.stdout.write(delta.text)
                 sys.stdout.flush()
+            if delta.result is not None:
+                result = delta.result
     seconds = time.perf_counter() - started
-    result = engine.finished[-1]
     stats = result.stats
     if args.json:
         print(json.dumps({

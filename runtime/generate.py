@@ -36,6 +36,7 @@ cache is allocated once (`max_rows` x `max_len` when given) and rows take and re
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -75,9 +76,37 @@ class Request:
     """Report each token's log-probability (`SamplingBatch.choose_with_log_probs`) in deltas and results."""
 
 
+def add_per_position(totals: list[int], increments: Sequence[int]) -> None:
+    """Add `increments` to `totals` position by position, extending `totals` with zeros first when
+    it is shorter (the draft length, hence the number of proposal positions, may change)."""
+    totals.extend([0] * (len(increments) - len(totals)))
+    for position, count in enumerate(increments):
+        totals[position] += count
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one forward added to one request's counters (`Stats.add` sums them). A value of its
+    own in every delta: nothing in it changes after the delta is made."""
+
+    forward_passes: int = 0
+    """1 for a prefill or a step; 0 for a delta that no forward made (`DecodeEngine.finish`)."""
+    drafts: int = 0
+    """1 when this step verified proposals."""
+    draft_tokens: int = 0
+    """Proposals verified in this step (b - 1)."""
+    accepted_tokens: int = 0
+    """Proposals accepted in this step."""
+    accepted_per_position: tuple[int, ...] = ()
+    """1 at each proposal position d_1..d_{b-1} accepted in this step, else 0 (empty without proposals)."""
+    prefill_seconds: float = 0.0
+    """The prefill's wall time (on the request's first delta only)."""
+
+
 @dataclass
 class Stats:
-    """Per-request counters, in the style of vLLM's speculative-decoding metrics."""
+    """Per-request counters, in the style of vLLM's speculative-decoding metrics: the sums of
+    the request's `StepStats`, plus its decode time."""
 
     forward_passes: int = 0
     """Forwards this request took part in (prefill included)."""
@@ -91,25 +120,26 @@ class Stats:
     """accepted_per_position[i]: how often proposal d_{i+1} was accepted."""
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    """Wall time from the end of the prefill to the request's end (set when it finishes)."""
 
+    def add(self, step: StepStats) -> None:
+        """Count one forward's increments."""
+        self.forward_passes += step.forward_passes
+        self.drafts += step.drafts
+        self.draft_tokens += step.draft_tokens
+        self.accepted_tokens += step.accepted_tokens
+        add_per_position(self.accepted_per_position, step.accepted_per_position)
+        self.prefill_seconds += step.prefill_seconds
 
-@dataclass
-class Delta:
-    """What one forward added to one request (the unit of streaming)."""
-
-    request_id: object
-    token_ids: list[int]
-    text: str
-    finished: bool = False
-    finish_reason: str | None = None
-    stats: Stats | None = field(default=None, repr=False, compare=False)
-    """The request's counters so far (cumulative; the final delta carries the totals)."""
-    log_probs: list[float] | None = None
-    """One per token of `token_ids` when the request asked for them."""
+    def copy(self) -> Stats:
+        return dataclasses.replace(self, accepted_per_position=list(self.accepted_per_position))
 
 
 @dataclass
 class Result:
+    """One request's outcome: its whole output, counter totals and timings (carried by its final
+    delta; `DecodeEngine.generate` returns them)."""
+
     request_id: object
     prompt_ids: list[int]
     token_ids: list[int]
@@ -132,6 +162,27 @@ class Result:
 
 
 @dataclass
+class Delta:
+    """What one forward added to one request (the unit of streaming). Every delta is a value of
+    its own: no later step changes it, and it shares no mutable state with the engine."""
+
+    request_id: object
+    token_ids: list[int]
+    text: str
+    finished: bool = False
+    finish_reason: str | None = None
+    step_stats: StepStats = field(default_factory=StepStats)
+    """This forward's increments to the request's counters (`Stats.add` sums them)."""
+    log_probs: list[float] | None = None
+    """One per token of `token_ids` when the request asked for them."""
+    result: Result | None = field(default=None, repr=False)
+    """On the final delta of a request the engine ran: the request's `Result` (totals, timings)."""
+    admission: int | None = None
+    """The engine's number for the request, distinct for every request one engine admits (in
+    `add` order); None on deltas made outside an engine."""
+
+
+@dataclass
 class _Row:
     request: Request
     prompt_ids: list[int]
@@ -144,6 +195,7 @@ class _Row:
     log_probs: list[float] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
+    admission: int = -1  # set by `add`
 
 
 class DecodeEngine:
@@ -173,8 +225,16 @@ class DecodeEngine:
         self._sampling: SamplingBatch | None = None
         self._processor: LogitsProcessor | None = None  # None while no row has penalties, min_tokens or bad words
         self._log_probs = False  # whether any row asked for log probs
-        self.finished: list[Result] = []
-        """Results of rows that finished, in finishing order (drivers take theirs out)."""
+        self._admissions = itertools.count()  # numbers of admitted requests (`Delta.admission`)
+
+    @property
+    def batch_size(self) -> int:
+        """Rows in the batch now."""
+        return len(self.rows)
+
+    def request_ids(self) -> list[object]:
+        """The request ids of the rows in the batch, in row order."""
+        return [row.request.request_id for row in self.rows]
 
     def check_draft_len(self, draft_len: int) -> None:
         """Raise RequestError unless `draft_len` is usable by this model (0 .. block_size)."""
@@ -246,9 +306,11 @@ class DecodeEngine:
             return []
         self._reserve(requests)
         indices = self.cache.add_rows(len(requests))
-        rows, drafts, states, firsts = [], [], [], []
+        rows, drafts, states, firsts, prefills = [], [], [], [], []
         for index, request in zip(indices, requests):
             row, row_drafts, state, first = self._prefill(request, self.cache.row(index))
+            row.admission = next(self._admissions)
+            prefills.append(StepStats(forward_passes=1, prefill_seconds=time.perf_counter() - row.started))
             rows.append(row)
             drafts.append(row_drafts)
             states.append(state)
@@ -262,7 +324,8 @@ class DecodeEngine:
         self._log_probs = any(row.request.return_log_probs for row in self.rows)
         # the first tokens and their log probs: one device->host transfer
         firsts = torch.cat(firsts).tolist()
-        deltas = [self._emit(row, [int(first[0])], first[1:]) for row, first in zip(rows, firsts)]
+        deltas = [self._emit(row, prefill, [int(first[0])], first[1:])
+                  for row, prefill, first in zip(rows, prefills, firsts)]
         self._drop_finished()
         return deltas
 
@@ -293,8 +356,8 @@ class DecodeEngine:
 
     def finish(self, request_ids: Sequence[object], reason: str) -> list[Delta]:
         """End the rows of `request_ids` now with finish reason `reason` (e.g. "cancelled",
-        "timeout"); their cache rows are freed and their results join `finished`. Returns the
-        final delta of each (the text held back for stop strings, flushed)."""
+        "timeout"); their cache rows are freed. Returns the final delta of each (the text held
+        back for stop strings, flushed; the `Result`)."""
         wanted = set(request_ids)
         deltas = []
         for row in self.rows:
@@ -306,7 +369,8 @@ class DecodeEngine:
                     row.detokenizer.flush()
                     row.text = row.detokenizer.text
                     text = row.detokenizer.delta(final=True)
-                deltas.append(Delta(row.request.request_id, [], text, True, reason, row.stats))
+                deltas.append(Delta(row.request.request_id, [], text, True, reason, result=self._result(row),
+                                    admission=row.admission))
         self._drop_finished()
         return deltas
 
@@ -357,8 +421,6 @@ class DecodeEngine:
         if state is not None:
             state.commit(first, torch.ones(1, dtype=torch.long, device=cache.device))
         drafts = torch.cat([first, sampling.choose(logits[:, 1 + mixed:], positions[:, 1:], adjust)], dim=1)
-        row.stats.forward_passes = 1
-        row.stats.prefill_seconds = time.perf_counter() - started
         return row, drafts, state, reported
 
     def step(self) -> list[Delta]:
@@ -369,15 +431,12 @@ class DecodeEngine:
         deltas = []
         b = self.draft_len
         for row, count, new_tokens, new_log_probs in zip(self.rows, committed, tokens, log_probs):
-            stats = row.stats
-            stats.forward_passes += 1
+            step = StepStats(forward_passes=1)
             if b > 1:
-                stats.drafts += 1
-                stats.draft_tokens += b - 1
-                stats.accepted_tokens += count - 1
-                for i in range(count - 1):
-                    stats.accepted_per_position[i] += 1
-            deltas.append(self._emit(row, new_tokens[:count], new_log_probs[:count]))
+                accepted = count - 1
+                step = StepStats(forward_passes=1, drafts=1, draft_tokens=b - 1, accepted_tokens=accepted,
+                                 accepted_per_position=(1,) * accepted + (0,) * (b - 1 - accepted))
+            deltas.append(self._emit(row, step, new_tokens[:count], new_log_probs[:count]))
         self._drop_finished()
         return deltas
 
@@ -445,11 +504,13 @@ class DecodeEngine:
         return self.beta * ar_logits.float() + (1.0 - self.beta) * diff_logits.float()
 
     # ------------------------------------------------------------------ output
-    def _emit(self, row: _Row, new_tokens: list[int], new_log_probs: list[float] = ()) -> Delta:
-        """Append committed tokens (and their log probs when the request asked for them) to `row`,
-        apply the stop conditions, return the delta. The text grows token by token (no
-        re-decoding of the output)."""
+    def _emit(self, row: _Row, step: StepStats, new_tokens: list[int], new_log_probs: list[float] = ()) -> Delta:
+        """Count the forward's `step` increments, append committed tokens (and their log probs
+        when the request asked for them) to `row`, apply the stop conditions, return the delta
+        (with the `Result` when the row finished). The text grows token by token (no re-decoding
+        of the output)."""
         request = row.request
+        row.stats.add(step)
         before = len(row.tokens)
         limit = self.config.max_position_embeddings
         cut = False
@@ -470,17 +531,18 @@ class DecodeEngine:
             if row.finish_reason is not None and not cut and row.detokenizer.flush():
                 row.finish_reason = "stop"
             row.text = row.detokenizer.text
-        if row.finish_reason is not None:
+        finished = row.finish_reason is not None
+        if finished:
             row.stats.decode_seconds = time.perf_counter() - row.started - row.stats.prefill_seconds
-        text = row.detokenizer.delta(final=row.finish_reason is not None) if row.detokenizer else ""
-        return Delta(request.request_id, row.tokens[before:], text, row.finish_reason is not None,
-                     row.finish_reason, row.stats, row.log_probs[before:] if request.return_log_probs else None)
+        text = row.detokenizer.delta(final=finished) if row.detokenizer else ""
+        return Delta(request.request_id, row.tokens[before:], text, finished, row.finish_reason, step,
+                     row.log_probs[before:] if request.return_log_probs else None,
+                     self._result(row) if finished else None, row.admission)
 
     def _drop_finished(self) -> None:
         gone = [i for i, row in enumerate(self.rows) if row.finish_reason is not None]
         if not gone:
             return
-        self.finished.extend(self._result(self.rows[i]) for i in gone)
         order = self.cache.remove_rows(gone)  # the last rows fill the holes
         self.rows = [self.rows[i] for i in order]
         self._drafts = self._drafts[torch.tensor(order, dtype=torch.long, device=self._drafts.device)]
@@ -489,8 +551,9 @@ class DecodeEngine:
         self._log_probs = any(row.request.return_log_probs for row in self.rows)
 
     def _result(self, row: _Row) -> Result:
-        return Result(row.request.request_id, row.prompt_ids, list(row.tokens), row.text, row.finish_reason,
-                      row.stats, self.draft_len, time.perf_counter() - row.started, row.request,
+        """The finished `row`'s result: copies, so that it shares nothing with the engine."""
+        return Result(row.request.request_id, list(row.prompt_ids), list(row.tokens), row.text, row.finish_reason,
+                      row.stats.copy(), self.draft_len, time.perf_counter() - row.started, row.request,
                       list(row.log_probs) if row.request.return_log_probs else None)
 
     # ------------------------------------------------------------------ drivers
@@ -501,11 +564,14 @@ class DecodeEngine:
             yield self.step()
 
     def generate(self, requests: Sequence[Request]) -> list[Result]:
-        """Run `requests` to completion as one batch; results in request order."""
-        requests = [dataclasses.replace(r) for r in requests]  # distinct objects to match results by
-        order = {id(r): i for i, r in enumerate(requests)}
-        for _ in self.stream(requests):
-            pass
-        mine = [r for r in self.finished if id(r.request) in order]
-        self.finished = [r for r in self.finished if id(r.request) not in order]
-        return sorted(mine, key=lambda r: order[id(r.request)])
+        """Run `requests` to completion as one batch; results in request order (the results of
+        rows that were in the batch before are dropped)."""
+        stream = self.stream(requests)
+        first = next(stream)  # the requests' first deltas, in request order
+        order = {delta.admission: index for index, delta in enumerate(first)}
+        results: list[Result | None] = [None] * len(requests)
+        for deltas in itertools.chain([first], stream):
+            for delta in deltas:
+                if delta.result is not None and delta.admission in order:
+                    results[order[delta.admission]] = delta.result
+        return results

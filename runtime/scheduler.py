@@ -38,7 +38,7 @@ from typing import Callable
 
 from .autotune import BatchDraftPolicy
 from .backend import Backend
-from .generate import DecodeEngine, Delta, Request, RequestError
+from .generate import DecodeEngine, Delta, Request, RequestError, add_per_position
 from .tokenizer import Tokenizer
 
 
@@ -95,8 +95,6 @@ class _Submission:
     engine_key: object
     deadline: float | None
     cancelled: bool = False
-    seen: dict = field(default_factory=lambda: dict(drafts=0, draft_tokens=0, accepted_tokens=0,
-                                                     accepted_per_position=[]))
 
 
 ADAPTIVE = "adaptive"
@@ -233,7 +231,6 @@ class Scheduler:
                 by_engine[sub.engine_key].append(sub.request.request_id)
             for key, ids in by_engine.items():
                 self._dispatch(self.engines[key].finish(ids, why))
-                self._collect(self.engines[key])
 
     def _admit(self) -> None:
         while len(self._running) < self.config.max_batch_size:
@@ -255,25 +252,23 @@ class Scheduler:
                 self.counters.forward_passes += 1
                 self.counters.row_forwards += 1
             self._dispatch(engine.add([sub.request]))
-            self._collect(engine)
 
     def _adapt(self) -> None:
         if self.config.draft_len is not None:
             return
         engine = self.engines[ADAPTIVE]
-        if engine.rows:
-            engine.set_draft_len(self.policy.best(sum(len(e.rows) for e in self.engines.values())))
+        if engine.batch_size:
+            engine.set_draft_len(self.policy.best(sum(e.batch_size for e in self.engines.values())))
         with self._cond:
             self.counters.draft_len = engine.draft_len
 
     def _step(self) -> None:
         for engine in list(self.engines.values()):
-            if engine.rows:
+            if engine.batch_size:
                 with self._cond:
                     self.counters.forward_passes += 1
-                    self.counters.row_forwards += len(engine.rows)
+                    self.counters.row_forwards += engine.batch_size
                 self._dispatch(engine.step())
-                self._collect(engine)
         with self._cond:
             self.counters.active_rows = len(self._running)
 
@@ -289,7 +284,7 @@ class Scheduler:
             if sub is None:
                 continue
             with self._cond:
-                self._count(sub, delta)
+                self._count(delta)
             self._deliver(sub, delta)
             if delta.finished:
                 del self._running[delta.request_id]
@@ -303,29 +298,16 @@ class Scheduler:
         if _safe(sub.on_delta, delta) is _FAILED:
             sub.cancelled = True
 
-    def _count(self, sub: _Submission, delta: Delta) -> None:
-        c = self.counters
+    def _count(self, delta: Delta) -> None:
+        """Add one delta's increments to the counters (under the lock)."""
+        c, step = self.counters, delta.step_stats
         c.generated_tokens += len(delta.token_ids)
         if delta.token_ids:
             c.tokens_per_forward.append(len(delta.token_ids))
-        stats = delta.stats
-        if stats is None:
-            return
-        seen = sub.seen
-        c.drafts += stats.drafts - seen["drafts"]
-        c.draft_tokens += stats.draft_tokens - seen["draft_tokens"]
-        c.accepted_tokens += stats.accepted_tokens - seen["accepted_tokens"]
-        positions = stats.accepted_per_position
-        c.accepted_per_position.extend([0] * (len(positions) - len(c.accepted_per_position)))
-        before = seen["accepted_per_position"] + [0] * (len(positions) - len(seen["accepted_per_position"]))
-        for i, count in enumerate(positions):
-            c.accepted_per_position[i] += count - before[i]
-        sub.seen = dict(drafts=stats.drafts, draft_tokens=stats.draft_tokens,
-                        accepted_tokens=stats.accepted_tokens, accepted_per_position=list(positions))
-
-    def _collect(self, engine: DecodeEngine) -> None:
-        """Results of finished rows are delivered through deltas; drop them from the engine."""
-        engine.finished.clear()
+        c.drafts += step.drafts
+        c.draft_tokens += step.draft_tokens
+        c.accepted_tokens += step.accepted_tokens
+        add_per_position(c.accepted_per_position, step.accepted_per_position)
 
     def _end_all(self, reason: str, detail: str = "") -> None:
         with self._cond:
@@ -335,13 +317,12 @@ class Scheduler:
                 self.counters.requests[reason] += 1
             self._end(sub, reason, detail)
         for key, engine in self.engines.items():
-            ids = [row.request.request_id for row in engine.rows]
+            ids = engine.request_ids()
             try:
                 deltas = engine.finish(ids, reason)
             except Exception:
                 deltas = []
                 engine.reset()
-            engine.finished.clear()
             if reason == "error":
                 for sub in [self._running.pop(i) for i in ids if i in self._running]:
                     with self._cond:

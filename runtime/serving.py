@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import TiDARConfig
-from .generate import Delta, Request, RequestError
+from .generate import Request, RequestError, Stats
 from .sampling import SamplingError, SamplingParams
 from .tokenizer import Tokenizer
 from .wire import INPUT_SPECS, MODES, OUTPUT_SPECS, PERF_METRIC_OUTPUTS, sampling_choice
@@ -254,15 +254,15 @@ class Timing:
     last_token_ns: int = 0
 
 
-def response_tensors(text: str, token_ids: list[int], finish_reason: str | None, delta: Delta | None,
+def response_tensors(text: str, token_ids: list[int], finish_reason: str | None, stats: Stats | None,
                      sequence_index: int | None = None, timing: Timing | None = None,
                      log_probs: tuple[list[float], float] | None = None) -> dict:
     """Output tensors of one response, batch dimension included: `text` and `token_ids` are what
     this response adds (streaming) or the whole output (the single response of a non-streaming
-    request); the counters are the request's totals so far. `sequence_index` is sent when the
-    request asked for several sequences, the perf metrics when `timing` is given, the log probs
-    (those of `token_ids`, and the sum over the output so far) when `log_probs` is."""
-    stats = delta.stats if delta is not None else None
+    request); the counters are `stats`, the request's totals so far (the sum of its deltas'
+    `step_stats`; None: zeros). `sequence_index` is sent when the request asked for several
+    sequences, the perf metrics when `timing` is given, the log probs (those of `token_ids`, and
+    the sum over the output so far) when `log_probs` is."""
     draft_tokens = stats.draft_tokens if stats else 0
     accepted = stats.accepted_tokens if stats else 0
 

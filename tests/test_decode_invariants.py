@@ -23,7 +23,9 @@ of position, the number of tokens every step commits can be predicted exactly
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import itertools
 import math
 import random
 from dataclasses import dataclass
@@ -198,8 +200,7 @@ def run_streamed(engine: DecodeEngine, requests: list[Request]) -> tuple[list[Re
     for batch in engine.stream(requests):
         for delta in batch:
             deltas[delta.request_id].append(delta)
-    results = sorted(engine.finished, key=lambda r: r.request_id)
-    engine.finished.clear()
+    results = [row[-1].result for row in deltas]
     assert [r.request_id for r in results] == list(range(len(requests)))
     return results, deltas
 
@@ -212,6 +213,20 @@ def assert_stream_consistent(result: Result, deltas: list[Delta]) -> None:
     assert deltas[-1].finish_reason == result.finish_reason
     assert all(d.finish_reason is None for d in deltas[:-1])
     assert result.stats.forward_passes == len(deltas)
+    assert deltas[-1].result is result and all(d.result is None for d in deltas[:-1])
+    assert_totals_are_sums(result, deltas)
+
+
+def assert_totals_are_sums(result: Result, deltas: list[Delta]) -> None:
+    """The result's counters are the sums of the deltas' increments (summed here, column by
+    column, not with `Stats.add`); proposal positions past the ones any step used count 0."""
+    steps = [d.step_stats for d in deltas]
+    for name in ("forward_passes", "drafts", "draft_tokens", "accepted_tokens", "prefill_seconds"):
+        assert getattr(result.stats, name) == sum(getattr(s, name) for s in steps), name
+    columns = [sum(c) for c in itertools.zip_longest(*(s.accepted_per_position for s in steps), fillvalue=0)]
+    padded = columns + [0] * (len(result.stats.accepted_per_position) - len(columns))
+    assert result.stats.accepted_per_position == padded
+    assert steps[0].prefill_seconds > 0 and all(s.prefill_seconds == 0 for s in steps[1:])
 
 
 def assert_stats_consistent(result: Result, draft_len: int) -> None:
@@ -304,7 +319,7 @@ def test_i1_batched_prompts_equal_transformers(family, draft_len, mode, tiny_bac
         for result, case in zip(results, batch):
             assert result.prompt_ids == case.prompt
             assert_stats_consistent(result, draft_len)
-        assert not engine.rows and engine.cache.batch == 0 and not engine.finished
+        assert not engine.rows and engine.cache.batch == 0
 
 
 # ---------------------------------------------------------------------------- I3 cache
@@ -347,20 +362,21 @@ def test_i3_cache_equals_ar_prefill_after_every_step(family, draft_len, mode, ti
     engine = make_engine(tiny_backends[family], cases, mode, draft_len)
     first = [Request(cases[3].prompt, 24), Request(cases[13].prompt, 40)]
     late = Request(cases[15].prompt, ORACLE_TOKENS - draft_len)  # 40 prompt tokens: needs more slots
-    engine.add(first)
+    finished = sum(d.finished for d in engine.add(first))
     assert_cache_equals_hf_prefill(engine, hf_models[family], by_prompt)
     commit_sizes, steps = set(), 0
     while engine.rows:
         deltas = engine.step()
+        finished += sum(d.finished for d in deltas)
         commit_sizes.update(len(d.token_ids) for d in deltas if not d.finished)
         steps += 1
         if steps == 2:
             capacity = engine.cache.capacity
-            engine.add([late])
+            finished += sum(d.finished for d in engine.add([late]))
             assert engine.cache.capacity >= capacity and engine.rows[-1].prompt_ids == late.prompt_ids
         if engine.rows:
             assert_cache_equals_hf_prefill(engine, hf_models[family], by_prompt)
-    assert len(engine.finished) == 3
+    assert finished == 3
     if mode == "mixed":
         assert len(commit_sizes) >= 2  # steps that kept different numbers of drafts were checked
 
@@ -425,23 +441,22 @@ def test_i4_rows_joining_between_steps_equal_each_request_alone(family, draft_le
     solo = solo_results(backend, cases, "mixed", draft_len, tokenizer, requests)
     engine = make_engine(backend, cases, "mixed", draft_len, tokenizer)
     joins = {0: requests[:2], 1: requests[2:3], 3: requests[3:5], 5: requests[5:]}  # step -> arrivals
-    step, sizes = 0, []
+    step, sizes, deltas = 0, [], []
     while engine.rows or step <= max(joins):
         if step in joins:
-            engine.add(joins[step])
+            deltas += engine.add(joins[step])
         sizes.append(len(engine.rows))
-        engine.step()
+        deltas += engine.step()
         step += 1
-    results = sorted(engine.finished, key=lambda r: r.request_id)
+    results = sorted((d.result for d in deltas if d.finished), key=lambda r: r.request_id)
     assert [comparable(r) for r in results] == solo
     assert max(sizes) >= 3 and len(set(sizes)) >= 3  # the batch grew and shrank
     # the emptied engine (no rows, no cache) takes new work
     assert not engine.rows and engine.cache.batch == 0
-    engine.finished.clear()
-    engine.add(requests[:1])
+    deltas = engine.add(requests[:1])
     while engine.rows:
-        engine.step()
-    assert [comparable(r) for r in engine.finished] == solo[:1]
+        deltas += engine.step()
+    assert [comparable(d.result) for d in deltas if d.finished] == solo[:1]
 
 
 # ---------------------------------------------------------------------------- stop conditions, streaming
@@ -556,6 +571,65 @@ def test_streaming_and_stats_in_a_batch(family, draft_len, tiny_backends, oracle
         assert result.text == full[:cut]
         if result.finish_reason == "stop" and not request.stop:
             assert result.token_ids[-1] in (request.eos_ids if request.eos_ids is not None else (EOS_ID,))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_deltas_are_values_of_their_own(family, tiny_backends, oracles):
+    """A delta never changes after it is made (the deltas held from every step equal copies
+    taken when they arrived), and nothing a consumer does to one changes the engine's output;
+    the final delta's Result totals are the sums of the per-step increments, also when the
+    draft length changes between steps."""
+    cases = oracles[family]
+    engine = make_engine(tiny_backends[family], cases, "mixed", 4)
+    requests = [Request(case.prompt, NEW_TOKENS["mixed"], request_id=i) for i, case in enumerate(cases[:3])]
+    held, copies = [], []
+
+    def receive(deltas: list[Delta]) -> None:
+        held.extend(deltas)
+        copies.extend(copy.deepcopy(deltas))
+        for delta in deltas:  # a careless consumer: the engine must not notice
+            delta.token_ids.append(-1)
+            if delta.result is not None:
+                delta.result.token_ids.clear()
+                delta.result.stats.accepted_per_position.append(99)
+
+    receive(engine.add(requests))
+    for draft_len in itertools.cycle((4, 8, 2, 16, 0, 3)):
+        if not engine.rows:
+            break
+        engine.set_draft_len(draft_len)
+        receive(engine.step())
+    for delta, snapshot in zip(held, copies):  # undo the consumer's own edits; the rest is as it arrived
+        delta.token_ids.pop()
+        if delta.result is not None:
+            assert delta.result.stats.accepted_per_position.pop() == 99
+            delta.result.token_ids[:] = snapshot.result.token_ids
+    assert held == copies
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        held[0].step_stats.forward_passes = 5
+    for request, case in zip(requests, cases):
+        deltas = [d for d in copies if d.request_id == request.request_id]
+        result = deltas[-1].result
+        assert result.token_ids == case.expected(request.max_new_tokens)  # the consumer's edits changed nothing
+        assert_stream_consistent(result, deltas)
+        assert sum(d.step_stats.accepted_tokens for d in deltas) > 0  # the hook accepted proposals
+        assert len({len(d.step_stats.accepted_per_position) for d in deltas[1:]}) >= 3  # lengths changed
+
+
+def test_generate_returns_results_in_request_order_for_equal_requests(tiny_backends, oracles):
+    """The same Request object twice, and equal but distinct ones, interleaved with others that
+    finish earlier: one distinct Result per request, each at its request's index."""
+    cases = oracles["qwen2"]
+    engine = make_engine(tiny_backends["qwen2"], cases, "mixed", 4)
+    long, short = Request(cases[5].prompt, 30), Request(cases[9].prompt, 5)
+    requests = [long, short, long, dataclasses.replace(long), short, dataclasses.replace(short), long]
+    for _ in range(2):  # a second call on the same engine, in the other order
+        results = engine.generate(requests)
+        assert len(results) == len(requests) and len({id(r) for r in results}) == len(results)
+        for request, result in zip(requests, results):
+            assert result.request is request
+            assert result.token_ids == cases[5 if request == long else 9].expected(request.max_new_tokens)
+        requests = requests[::-1]
 
 
 # ---------------------------------------------------------------------------- validation

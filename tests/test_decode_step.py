@@ -81,18 +81,18 @@ def test_cache_storage_is_allocated_once(backend):
     rows join (at several steps) and leave (each at its own length), the draft length changes."""
     engine = DecodeEngine(backend, draft_len=4, max_rows=6, max_len=160)
     pending = [Request(p, n, eos_ids=()) for p, n in zip(prompts(10), (5, 30, 9, 17, 3, 25, 12, 8, 20, 6))]
-    engine.add(pending[:3])
+    finished = sum(d.finished for d in engine.add(pending[:3]))
     cache = engine.cache
     storage = (cache._keys.data_ptr(), cache._values.data_ptr())
     sizes, lengths = set(), itertools.cycle((4, 8, 0, 2, 6))
     while engine.rows or pending[3:]:
         room = 6 - len(engine.rows)
         joining, pending[3:] = pending[3:3 + room], pending[3 + room:]
-        engine.add(joining)
+        finished += sum(d.finished for d in engine.add(joining))
         sizes.add(len(engine.rows))
         engine.set_draft_len(next(lengths))
-        engine.step()
-    assert len(engine.finished) == 10 and len(sizes) >= 3
+        finished += sum(d.finished for d in engine.step())
+    assert finished == 10 and len(sizes) >= 3
     assert engine.cache is cache and cache.allocations == 1
     assert (cache._keys.data_ptr(), cache._values.data_ptr()) == storage
     with pytest.raises(Exception, match="max_len"):

@@ -73,8 +73,8 @@ def test_long_output_decodes_each_token_once(setup, monkeypatch, draft_len):
                         lambda self, ids: full_decodes.append(len(ids)) or original_decode(self, ids))
     engine = DecodeEngine(backend, tokenizer, draft_len=draft_len)
     request = Request(spelling[:5], LENGTH, eos_ids=())
-    streamed = "".join(d.text for deltas in engine.stream([request]) for d in deltas)
-    result = engine.finished.pop()
+    deltas = [d for batch in engine.stream([request]) for d in batch]
+    streamed, result = "".join(d.text for d in deltas), deltas[-1].result
     assert len(result.token_ids) == LENGTH and all(n <= 16 for n in full_decodes)  # flush: a short tail at most
     assert steps == result.token_ids  # each committed token decoded once, in order
     monkeypatch.undo()

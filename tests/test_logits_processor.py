@@ -182,15 +182,15 @@ def test_rows_with_and_without_processors_batch_row_by_row(tiny_backends):
                 for i, (p, params) in enumerate(zip(batch * 2, [SamplingParams(), *SETTINGS.values()]))]
     solo = {r.request_id: DecodeEngine(backend, draft_len=4).generate([r])[0] for r in requests}
     engine = DecodeEngine(backend, draft_len=4)
-    engine.add(requests[:3])
+    finals = engine.add(requests[:3])
     for step, draft_len in enumerate((8, 0, 3, 16, 1, 4) * 10):
         if step == 2:
-            engine.add(requests[3:])
+            finals += engine.add(requests[3:])
         if not engine.rows:
             break
         engine.set_draft_len(draft_len)
-        engine.step()
-    got = {r.request_id: r for r in engine.finished}
+        finals += engine.step()
+    got = {delta.request_id: delta.result for delta in finals if delta.finished}
     for request in requests:
         assert got[request.request_id].token_ids == solo[request.request_id].token_ids, request.request_id
         if request.return_log_probs:

@@ -233,13 +233,12 @@ def test_i2_holds_when_the_draft_length_changes_between_steps(model):
     engine = DecodeEngine(TorchBackend(model), draft_len=2)
     requests = [Request(PROMPT, CONTINUATION, sampling=dataclasses.replace(params, seed=50_000 + i), eos_ids=())
                 for i in range(ENGINE_SAMPLES)]
-    engine.add(requests)
+    results = [delta.result for delta in engine.add(requests) if delta.finished]
     for draft_len in itertools.cycle((4, 1, 3, 0, 4, 2)):
         if not engine.rows:
             break
         engine.set_draft_len(draft_len)
-        engine.step()
-    results = engine.finished
+        results += [delta.result for delta in engine.step() if delta.finished]
     assert len(results) == ENGINE_SAMPLES and all(len(r.token_ids) == CONTINUATION for r in results)
     accepted, proposed = sum(r.stats.accepted_tokens for r in results), sum(r.stats.draft_tokens for r in results)
     assert 0 < accepted < proposed

@@ -97,11 +97,11 @@ def test_set_draft_len_keeps_greedy_exact_under_any_schedule(backend, hf_models,
     rng = random.Random(7)
     prompts = [tokenizer.encode(p) for p in PROMPTS[:4]]
     engine = DecodeEngine(backend, tokenizer, draft_len=3)
-    engine.add([Request(p, 24, eos_ids=[EOS]) for p in prompts])
+    deltas = engine.add([Request(p, 24, eos_ids=[EOS]) for p in prompts])
     while engine.rows:
         engine.set_draft_len(rng.choice([0, 1, 2, 5, 8, 16]))
-        engine.step()
-    by_prompt = {tuple(r.prompt_ids): r.token_ids for r in engine.finished}
+        deltas += engine.step()
+    by_prompt = {tuple(d.result.prompt_ids): d.result.token_ids for d in deltas if d.finished}
     for prompt in prompts:
         assert by_prompt[tuple(prompt)] == hf_greedy(hf_models[FAMILY], prompt, 24)
 
@@ -162,7 +162,7 @@ def test_counters_agree_with_request_statistics(backend, tokenizer):
             collector = Collector()
             scheduler.submit(Request(tokenizer.encode(text), 16, eos_ids=()), collector.on_delta, collector.on_error)
             collectors.append(collector)
-        finals = [c.wait().deltas[-1].stats for c in collectors]
+        finals = [c.wait().deltas[-1].result.stats for c in collectors]
         counters = scheduler.counters
         assert counters.generated_tokens == sum(len(c.token_ids) for c in collectors) == 5 * 16
         assert counters.drafts == sum(s.drafts for s in finals) > 0

@@ -58,13 +58,13 @@ def test_same_seed_same_tokens_in_mixed_batches_joining_at_different_steps(tiny_
     joins = {0: requests[:3], 1: requests[3:6], 3: requests[6:]}
     engine = DecodeEngine(backend, draft_len=4)
     lengths = itertools.cycle((4, 16, 0, 1, 8, 2))
-    step = 0
+    step, deltas = 0, []
     while engine.rows or step <= max(joins):
-        engine.add(joins.get(step, []))
+        deltas += engine.add(joins.get(step, []))
         engine.set_draft_len(next(lengths))
-        engine.step()
+        deltas += engine.step()
         step += 1
-    results = {r.request_id: r.token_ids for r in engine.finished}
+    results = {d.request_id: d.result.token_ids for d in deltas if d.finished}
     assert len(results) == len(requests)
     for request in requests[:-1]:
         assert results[request.request_id] == solo(backend, list(request.prompt_ids), request.sampling, 0)

@@ -121,7 +121,7 @@ def test_distillation_raises_acceptance_and_the_estimate_is_the_runtimes(tmp_pat
     trainer.model.eval()
     engine = DecodeEngine(TorchBackend(trainer.model), draft_len=4)
     engine.add([Request(p.tolist(), 8, eos_ids=()) for p in prompts])
-    first_step = [delta.stats.accepted_tokens for delta in engine.step()]
+    first_step = [delta.step_stats.accepted_tokens for delta in engine.step()]
     assert estimate.tolist() == first_step
     assert sum(first_step) > 0
 

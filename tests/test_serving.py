@@ -13,7 +13,7 @@ import pytest
 
 from tidar.export.triton_repo import TEMPLATES, RenderError, render_repository, template_fields
 from tidar.runtime.config import TiDARConfig
-from tidar.runtime.generate import RequestError
+from tidar.runtime.generate import RequestError, Stats
 from tidar.runtime.serving import ServingOptions, Timing, parse_request, response_tensors
 from tidar.runtime.tokenizer import Tokenizer
 from tidar.runtime.wire import INPUTS, OUTPUTS, PERF_METRIC_OUTPUTS, request_arrays, sampling_choice
@@ -186,6 +186,11 @@ def test_response_tensors_follow_the_contract():
     assert more["sequence_index"].tolist() == [[2]] and set(PERF_METRIC_OUTPUTS) < set(more)
     assert [more[n][0, 0] for n in ("arrival_time_ns", "first_token_time_ns", "last_token_time_ns")] == [10, 12, 13]
     assert more["output_ids"].shape == (1, 0)
+    totals = Stats(forward_passes=3, drafts=2, draft_tokens=14, accepted_tokens=6, accepted_per_position=[3, 2, 1])
+    counted = response_tensors("", [], "length", totals, timing=Timing(10, 11, 12, 13))
+    assert [counted[n][0, 0] for n in ("num_forward_passes", "num_draft_tokens", "num_accepted_draft_tokens",
+                                       "total_draft_tokens", "total_accepted_draft_tokens")] == [3, 14, 6, 14, 6]
+    assert counted["acceptance_rate"][0, 0] == pytest.approx(6 / 14)
     scored = response_tensors("ab", [5, 6], None, None, log_probs=([-0.5, -1.25], -3.0))
     for name, shape in (("cum_log_probs", (1, 1)), ("output_log_probs", (1, 1, 2))):
         assert scored[name].dtype == specs[name].numpy_dtype and scored[name].shape == shape, name

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
-from tidar.runtime.generate import RequestError
+from tidar.runtime.generate import RequestError, Stats
 from tidar.runtime.scheduler import Overloaded
 from tidar.runtime.serving import ServingOptions, Timing, build_scheduler, parse_request, response_tensors
 from tidar.runtime.wire import INPUTS
@@ -106,6 +106,7 @@ class Reply:
         self.text = [[] for _ in range(count)]
         self.token_ids = [[] for _ in range(count)]
         self.log_probs = [[] for _ in range(count)]  # per sequence, the output's so far
+        self.stats = [Stats() for _ in range(count)]  # per sequence, the sums of its deltas' increments
         self.timing = [Timing(arrival_ns) for _ in range(count)]
         self.open = count
         self.closed = False
@@ -118,12 +119,13 @@ class Reply:
         return lambda delta: self.on_delta(index, delta)
 
     def on_delta(self, index, delta):
-        timing = self.timing[index]
+        timing, stats = self.timing[index], self.stats[index]
+        stats.add(delta.step_stats)
         now = time.time_ns()
         if delta.token_ids:
             if not timing.first_token_ns:
                 timing.first_token_ns = now
-                prefill = delta.stats.prefill_seconds if delta.stats else 0.0
+                prefill = stats.prefill_seconds
                 timing.first_scheduled_ns = max(timing.arrival_ns, now - int(prefill * 1e9))
             timing.last_token_ns = now
         self.log_probs[index].extend(delta.log_probs or ())
@@ -138,7 +140,7 @@ class Reply:
             text, token_ids, log_probs = "".join(self.text[index]), self.token_ids[index], self.log_probs[index]
             if not self.parsed.exclude_input_in_output:
                 text = self.parsed.prompt + text
-        tensors = response_tensors(text, token_ids, delta.finish_reason, delta,
+        tensors = response_tensors(text, token_ids, delta.finish_reason, stats,
                                    sequence_index=index if len(self.timing) > 1 else None,
                                    timing=timing if self.parsed.return_perf_metrics else None,
                                    log_probs=(log_probs, sum(self.log_probs[index])) if self.parsed.return_log_probs
