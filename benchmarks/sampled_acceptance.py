@@ -30,16 +30,22 @@ from tidar.runtime.sampling import SamplingParams
 from tidar.runtime.tokenizer import Tokenizer
 
 
-def measure(backend, prompts, temperature: float, draft_len: int, max_new_tokens: int, seed: int) -> dict:
-    engine = DecodeEngine(backend, draft_len=draft_len)
-    requests = [Request(p, max_new_tokens, SamplingParams(temperature=temperature, seed=seed + i), eos_ids=())
-                for i, p in enumerate(prompts)]
+def measure(backend, prompts, temperature: float, draft_len: int, max_new_tokens: int, seed: int,
+            sharpness: float | None = None, seeded: bool = True) -> dict:
+    """Requests carry seeds seed, seed + 1, ... (`seeded`), or none, with torch's generator
+    seeded with `seed` (the runtime then draws their noise keys)."""
+    options = {} if sharpness is None else {"draft_sharpness": sharpness}
+    engine = DecodeEngine(backend, draft_len=draft_len, **options)
+    torch.manual_seed(seed)
+    requests = [Request(p, max_new_tokens, SamplingParams(temperature=temperature, seed=seed + i if seeded else None),
+                        eos_ids=()) for i, p in enumerate(prompts)]
     results = engine.generate(requests)
     drafts = sum(r.stats.drafts for r in results)
     accepted = [sum(col) for col in zip(*(r.stats.accepted_per_position for r in results))]
     tokens = sum(len(r.token_ids) for r in results)
     forwards = sum(r.stats.forward_passes for r in results)
-    return {"temperature": temperature, "draft_len": draft_len, "steps": drafts,
+    return {"temperature": temperature, "draft_len": draft_len, "seeded": seeded, "draft_sharpness": sharpness,
+            "steps": drafts,
             "acceptance_per_position": [round(p, 4) for p in autotune.acceptance_from_stats(accepted, drafts)],
             "committed_per_step": round(1 + sum(accepted) / max(drafts, 1), 4),
             "tokens_per_forward": round(tokens / forwards, 4)}
@@ -54,14 +60,17 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--unseeded", action="store_true", help="requests without seeds")
+    parser.add_argument("--draft-sharpness", type=float, nargs="+", default=[None],
+                        help="drafts' sharpness values to compare (inf: greedy drafts; default: the runtime's own)")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
     model = Path(args.checkpoint)
     tokenizer = Tokenizer(model)
     backend = TorchBackend.load(model, dtype="float32")
     prompts = heldout_prompts(model, tokenizer, args.prompts, args.prompt_tokens)
-    rows = [measure(backend, prompts, t, b, args.max_new_tokens, args.seed)
-            for t in args.temperatures for b in args.draft_lens]
+    rows = [measure(backend, prompts, t, b, args.max_new_tokens, args.seed, s, not args.unseeded)
+            for t in args.temperatures for b in args.draft_lens for s in args.draft_sharpness]
     report = {"benchmark": "sampled_acceptance", "runtime": os.path.dirname(tidar.__file__),
               "checkpoint": model.name, "date": datetime.date.today().isoformat(),
               "machine": f"{platform.machine()}, {os.cpu_count()} cpus", "torch": torch.__version__,

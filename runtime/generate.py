@@ -16,10 +16,11 @@ output, and sampled output is distributed as AR sampling (exact speculative samp
 
 Every token is picked by one rule (sampling.py): the argmax of the processed logits plus
 Gumbel noise keyed by (seed, absolute position, token) for sampled rows, the plain argmax for
-greedy rows. Drafts use the same rule on the diffusion logits at their own positions, so
-verification is a comparison of each draft with the target's choice at its position, for
-greedy and sampled rows alike, and the output is a function of (model, prompt, sampling
-settings, seed): the same for any draft length, batch or backend.
+greedy rows. Drafts use the same rule on the diffusion logits at their own positions. Greedy
+and seeded rows verify by comparing each draft with the target's choice at its position, so a
+seeded row's output is a function of (model, prompt, sampling settings, seed): the same for any
+draft length, batch or backend. Unseeded sampled rows verify by residual speculative sampling,
+which accepts more (docs/design.md §3.5).
 
 A step is batched over rows on the device: the drafts [B, b], the target's choices, the
 accepted counts, the next drafts and the cache commit are tensors, and the step reads the
@@ -48,7 +49,7 @@ from .cache import KVCache
 from . import logits_processor
 from .layout import Layout
 from .logits_processor import LogitsProcessor, ProcessorState
-from .sampling import SamplingBatch, SamplingParams, accept_greedy
+from .sampling import SamplingBatch, SamplingParams
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
 
@@ -222,6 +223,7 @@ class DecodeEngine:
         self.cache: KVCache | None = None
         self.rows: list[_Row] = []
         self._drafts: torch.Tensor | None = None  # [B, max(b, 1)]: d_0 .. d_{b-1} of each row, on the device
+        self._draft_probs: torch.Tensor | None = None  # [B, max(b, 1) - 1, V]: q of d_1.. (while a row is residual)
         self._sampling: SamplingBatch | None = None
         self._processor: LogitsProcessor | None = None  # None while no row has penalties, min_tokens or bad words
         self._log_probs = False  # whether any row asked for log probs
@@ -306,15 +308,17 @@ class DecodeEngine:
             return []
         self._reserve(requests)
         indices = self.cache.add_rows(len(requests))
-        rows, drafts, states, firsts, prefills = [], [], [], [], []
+        rows, drafts, probs, states, firsts, prefills = [], [], [], [], [], []
         for index, request in zip(indices, requests):
-            row, row_drafts, state, first = self._prefill(request, self.cache.row(index))
+            row, row_drafts, row_probs, state, first = self._prefill(request, self.cache.row(index))
             row.admission = next(self._admissions)
             prefills.append(StepStats(forward_passes=1, prefill_seconds=time.perf_counter() - row.started))
             rows.append(row)
             drafts.append(row_drafts)
+            probs.append(row_probs)
             states.append(state)
             firsts.append(first)
+        self._draft_probs = self._join_probs(len(self.rows), probs)
         self.rows.extend(rows)
         known = [self._drafts] if self._drafts is not None and self._drafts.shape[0] else []
         self._drafts = torch.cat(known + drafts)
@@ -329,6 +333,16 @@ class DecodeEngine:
         self._drop_finished()
         return deltas
 
+    def _join_probs(self, known_rows: int, new: list[torch.Tensor | None]) -> torch.Tensor | None:
+        """The draft distributions of the `known_rows` active rows followed by those of new rows
+        (zeros for rows that never read them); None while no row verifies by residual sampling."""
+        if self._draft_probs is None and all(p is None for p in new):
+            return None
+        shape = next(p for p in [self._draft_probs, *new] if p is not None).shape[1:]
+        zeros = lambda rows: torch.zeros((rows, *shape), device=self.cache.device)  # noqa: E731
+        known = self._draft_probs if self._draft_probs is not None else zeros(known_rows)
+        return torch.cat([known, *(p if p is not None else zeros(1) for p in new)])
+
     def _sampling_batch(self) -> SamplingBatch:
         return SamplingBatch.of([row.request.sampling for row in self.rows], [row.seed for row in self.rows],
                                 self.cache.device)
@@ -339,7 +353,8 @@ class DecodeEngine:
     def set_draft_len(self, draft_len: int) -> None:
         """Use draft length `draft_len` from the next step on. Rows keep their output; their pending
         proposals are cut to the new length, or padded with repeats of the last one (any
-        proposal is exact: verification compares it with the target's own choice)."""
+        proposal is exact: verification compares it with the target's own choice, or for
+        residual rows uses its distribution, a point mass for a padded one)."""
         self.check_draft_len(draft_len)
         if draft_len == self.draft_len:
             return
@@ -351,8 +366,14 @@ class DecodeEngine:
             wanted, have = max(draft_len, 1), self._drafts.shape[1]
             if wanted <= have:
                 self._drafts = self._drafts[:, :wanted]
+                if self._draft_probs is not None:
+                    self._draft_probs = self._draft_probs[:, : wanted - 1]
             else:
-                self._drafts = torch.cat([self._drafts, self._drafts[:, -1:].expand(-1, wanted - have)], dim=1)
+                pads = self._drafts[:, -1:].expand(-1, wanted - have)
+                self._drafts = torch.cat([self._drafts, pads], dim=1)
+                if self._draft_probs is not None:
+                    point_masses = torch.nn.functional.one_hot(pads, self._draft_probs.shape[-1]).float()
+                    self._draft_probs = torch.cat([self._draft_probs, point_masses], dim=1)
 
     def finish(self, request_ids: Sequence[object], reason: str) -> list[Delta]:
         """End the rows of `request_ids` now with finish reason `reason` (e.g. "cancelled",
@@ -376,13 +397,14 @@ class DecodeEngine:
 
     def reset(self) -> None:
         """Drop every row without a result (after an internal error); the cache is made anew."""
-        self.rows, self.cache, self._drafts, self._sampling = [], None, None, None
+        self.rows, self.cache, self._drafts, self._draft_probs, self._sampling = [], None, None, None, None
         self._processor, self._log_probs = None, False
 
     # ------------------------------------------------------------------ phases
-    def _prefill(self, request: Request, cache: KVCache) -> tuple[_Row, torch.Tensor, ProcessorState | None,
-                                                                  torch.Tensor]:
-        """Prefill one request into its cache row. Returns the row, its drafts [1, max(b, 1)], its
+    def _prefill(self, request: Request, cache: KVCache) -> tuple[_Row, torch.Tensor, torch.Tensor | None,
+                                                                  ProcessorState | None, torch.Tensor]:
+        """Prefill one request into its cache row. Returns the row, its drafts [1, max(b, 1)], the
+        distributions of d_1.. for a residual row ([1, max(b, 1) - 1, V], else None), its
         processor state with d_0 committed (None without processors) and [d_0, log prob of d_0]
         (float64 [1, 2]; the log prob is 0 unless the request asked for it)."""
         started = time.perf_counter()
@@ -420,8 +442,9 @@ class DecodeEngine:
             reported = torch.cat([first.double(), torch.zeros_like(first, dtype=torch.float64)], dim=1)
         if state is not None:
             state.commit(first, torch.ones(1, dtype=torch.long, device=cache.device))
-        drafts = torch.cat([first, sampling.choose(logits[:, 1 + mixed:], positions[:, 1:], adjust)], dim=1)
-        return row, drafts, state, reported
+        proposals, probs = sampling.draft(logits[:, 1 + mixed:], positions[:, 1:], adjust)
+        drafts = torch.cat([first, proposals], dim=1)
+        return row, drafts, probs, state, reported
 
     def step(self) -> list[Delta]:
         """One forward for every active row; returns one delta per row."""
@@ -463,28 +486,29 @@ class DecodeEngine:
         # the target at d_i's position assumes d_1..d_{i-1} accepted: with processors, they count
         processor = self._processor
         adjust = (lambda scores: processor.adjust(scores, self._drafts[:, 1:nb])) if processor is not None else None
-        if self._log_probs:
-            choices, log_probs = self._sampling.choose_with_log_probs(target, past[:, None] + offsets, adjust)
-        else:
-            choices = self._sampling.choose(target, past[:, None] + offsets, adjust)
-        accepted, next_token = accept_greedy(self._drafts[:, 1:], choices)
+        accepted, next_token, scores = self._sampling.verify(self._drafts[:, 1:], self._draft_probs, target,
+                                                             past[:, None] + offsets, adjust)
         committed = accepted + 1
         # Emitted tokens: d_1..d_accepted, then the correction or bonus token.
         shifted = torch.cat([self._drafts[:, 1:], next_token[:, None]], dim=1)
         emitted = torch.where(torch.arange(nb, device=device) < accepted[:, None], shifted, next_token[:, None])
         if processor is not None:
             processor.state.commit(emitted, committed)
+        if self._log_probs:
+            log_probs = (self._sampling.log_probs(scores, emitted) if scores is not None
+                         else torch.zeros(emitted.shape, device=device))
         # Next drafts: block `accepted` (it sees d_0..d_accepted), masks 1..b-1, at positions
         # past + committed + 1 .. (processed with the committed state, which holds the new d_0)
         drafts = next_token[:, None]
         if b > 1:
             mask_logits = out.rows(layout.causal_len + accepted[:, None] * b + offsets[None, : b - 1])
-            drafts = torch.cat([drafts, self._sampling.choose(mask_logits, past[:, None] + committed[:, None]
-                                                              + offsets[None, : b - 1],
-                                                              processor.adjust if processor is not None else None)],
-                               dim=1)
+            proposals, probs = self._sampling.draft(mask_logits, past[:, None] + committed[:, None] + offsets[None, : b - 1],
+                                                    processor.adjust if processor is not None else None)
+            drafts = torch.cat([drafts, proposals], dim=1)
+            if probs is not None:
+                self._draft_probs = probs
         self._drafts = drafts
-        if self._log_probs:  # emitted tokens are the target's choices at offsets < committed
+        if self._log_probs:
             return torch.cat([committed[:, None].double(), emitted.double(), log_probs.double()], dim=1), committed
         return torch.cat([committed[:, None], emitted], dim=1), committed
 
@@ -545,8 +569,11 @@ class DecodeEngine:
             return
         order = self.cache.remove_rows(gone)  # the last rows fill the holes
         self.rows = [self.rows[i] for i in order]
-        self._drafts = self._drafts[torch.tensor(order, dtype=torch.long, device=self._drafts.device)]
+        keep = torch.tensor(order, dtype=torch.long, device=self._drafts.device)
+        self._drafts = self._drafts[keep]
         self._sampling = self._sampling_batch() if self.rows else None
+        if self._draft_probs is not None:
+            self._draft_probs = self._draft_probs[keep] if self._sampling and self._sampling.any_residual else None
         self._processor = logits_processor.keep(self._processor, order, *self._processor_settings())
         self._log_probs = any(row.request.return_log_probs for row in self.rows)
 

@@ -202,14 +202,28 @@ def _token_words(vocab: int, device: torch.device) -> torch.Tensor:
     return _TOKEN_WORDS[key]
 
 
+def _position_words(keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """One 32-bit word per (row key [B], absolute position [B, n]): [B, n]."""
+    return _fmix32(torch.bitwise_xor(keys[:, None], _fmix32(torch.bitwise_xor(positions, 0x3C6EF372))))
+
+
+def derived_keys(keys: torch.Tensor, stream: int) -> torch.Tensor:
+    """Keys for another, independent use of the same rows' randomness (stream 1, 2, ...)."""
+    return _fmix32(torch.bitwise_xor(keys, _mul32(stream, 0x9E3779B9)))
+
+
+def uniforms(keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Uniforms in (0, 1), float64 [B, n], a pure function of (row key, absolute position)."""
+    return _position_words(keys, positions).to(torch.float64).add_(0.5).mul_(2.0 ** -32)
+
+
 def gumbel_noise(keys: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
     """Standard Gumbel noise G(key, position, token), float32 [B, n, vocab], for row keys [B]
     (`seed_key`) and absolute positions [B, n]: a pure function of its arguments. One 32-bit
     word per (row, position) from the key and the position, then per token the finaliser of
     that word xor the token's word (a bijection over tokens: no two tokens of a position share
     a value). Works in place on one buffer (fresh large buffers cost page faults on CPU)."""
-    h = _fmix32(torch.bitwise_xor(keys[:, None], _fmix32(torch.bitwise_xor(positions, 0x3C6EF372))))
-    x = torch.bitwise_xor(h[..., None], _token_words(vocab, keys.device))
+    x = torch.bitwise_xor(_position_words(keys, positions)[..., None], _token_words(vocab, keys.device))
     scratch = torch.empty_like(x)
     for shift, multiplier in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):  # _fmix32, in place
         x.bitwise_xor_(torch.bitwise_right_shift(x, shift, out=scratch))
@@ -223,27 +237,39 @@ def gumbel_noise(keys: torch.Tensor, positions: torch.Tensor, vocab: int) -> tor
 @dataclass
 class SamplingBatch:
     """The sampling settings of a batch of rows as device tensors (built when rows join or
-    leave, never during a step), with the host flags that let `choose` skip unused work."""
+    leave, never during a step), with the host flags that let `choose` and `verify` skip unused
+    work. Sampled rows verify in one of two ways (docs/design.md §3.5): rows with a request seed
+    by coupling (drafts and targets share the Gumbel noise of their position, so the output is
+    fixed by the seed), rows without one by residual speculative sampling (the highest
+    acceptance; there is no reproducibility to keep)."""
 
     greedy: torch.Tensor  # [B] bool
     temperature: torch.Tensor  # [B] float32 (1 for greedy rows)
     top_k: torch.Tensor | None  # [B] int64, None when no row filters by top-k
     top_p: torch.Tensor | None  # [B] float32, None when no row filters by top-p
     keys: torch.Tensor  # [B] int64 noise keys (`seed_key`)
+    residual: torch.Tensor  # [B] bool: sampled rows without a request seed
+    sampled_rows: torch.Tensor | None  # [S] int64: the sampled rows, None when every row samples
     all_greedy: bool
+    any_residual: bool
 
     @classmethod
     def of(cls, params: list[SamplingParams], seeds: list[int], device: torch.device | str) -> "SamplingBatch":
+        """`seeds`: each row's noise seed (the request's, or one drawn at admission when it has none)."""
         def tensor(values, dtype):
             return torch.tensor(values, dtype=dtype, device=device)
 
+        residual = [not p.greedy and p.seed is None for p in params]
+        sampled = [i for i, p in enumerate(params) if not p.greedy]
         return cls(greedy=tensor([p.greedy for p in params], torch.bool),
                    temperature=tensor([p.temperature if not p.greedy else 1.0 for p in params], torch.float32),
                    top_k=tensor([p.top_k for p in params], torch.long) if any(p.top_k for p in params) else None,
                    top_p=tensor([p.top_p for p in params], torch.float32) if any(p.top_p < 1 for p in params)
                    else None,
                    keys=tensor([seed_key(s) for s in seeds], torch.long),
-                   all_greedy=all(p.greedy for p in params))
+                   residual=tensor(residual, torch.bool),
+                   sampled_rows=tensor(sampled, torch.long) if len(sampled) < len(params) else None,
+                   all_greedy=not sampled, any_residual=any(residual))
 
     def choose(self, logits: torch.Tensor, positions: torch.Tensor, adjust: Adjust | None = None) -> torch.Tensor:
         """The token [B, n] each row picks from `logits` [B, n, V] at absolute `positions` [B, n]:
@@ -257,23 +283,91 @@ class SamplingBatch:
 
     def choose_with_log_probs(self, logits: torch.Tensor, positions: torch.Tensor,
                               adjust: Adjust | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """`choose`, and the log-probability (float32 [B, n]) of each chosen token under the
-        distribution it was drawn from: log_softmax of the processed logits (temperature,
-        processors, top-k and top-p). A greedy row draws from the one-hot distribution of its
-        argmax: 0, as TensorRT-LLM reports for greedy decoding (top-k 1, normalised log probs)."""
+        """`choose`, and `log_probs` of the chosen tokens."""
         tokens, scores = self._pick(logits, positions, adjust)
+        return tokens, self.log_probs(scores, tokens)
+
+    def draft(self, logits: torch.Tensor, positions: torch.Tensor,
+              adjust: Adjust | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Drafts [B, n] chosen by `choose` from diffusion `logits`, and the distributions they were
+        drawn from ([B, n, V]: the softmax of the processed logits) when a row verifies by residual
+        sampling (None otherwise)."""
+        if not self.any_residual:
+            return self.choose(logits, positions, adjust), None
+        tokens, scores = self._pick(logits, positions, adjust)
+        return tokens, torch.softmax(scores, dim=-1)
+
+    def verify(self, proposals: torch.Tensor, proposal_probs: torch.Tensor | None, target_logits: torch.Tensor,
+               positions: torch.Tensor, adjust: Adjust | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Batched verification. proposals [B, n] (d_1..d_n, from `draft`), proposal_probs [B, n, V]
+        (their distributions; read for residual rows only, None when there are none), target_logits
+        [B, n + 1, V] at absolute `positions` [B, n + 1], `adjust` as in `choose`. Returns (accepted
+        [B], next [B]: the correction or bonus token, the processed target logits [B, n + 1, V] for
+        `log_probs`, None when no row needed them). Greedy and seeded rows accept the prefix of
+        proposals equal to the target's own choices; unseeded sampled rows run `verify_residual`."""
+        if self.all_greedy and adjust is None:
+            choices, scores = target_logits.argmax(-1), None
+        else:
+            choices, scores = self._pick(target_logits, positions, adjust)
+        accepted, next_token = accept_greedy(proposals, choices)
+        if not self.any_residual:
+            return accepted, next_token, scores
+        residual_accepted, residual_next = verify_residual(proposals, proposal_probs, torch.softmax(scores, dim=-1),
+                                                           positions, self.keys)
+        return (torch.where(self.residual, residual_accepted, accepted),
+                torch.where(self.residual, residual_next, next_token), scores)
+
+    def log_probs(self, scores: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The log-probability (float32 [B, n]) of `tokens` [B, n] under the distributions they were
+        drawn from, given by their processed logits `scores` [B, n, V] (temperature, processors,
+        top-k, top-p): the same for coupled and residual draws, whose tokens are both distributed
+        as the processed target. A greedy row draws from the one-hot distribution of its argmax:
+        0, as TensorRT-LLM reports for greedy decoding (top-k 1, normalised log probs)."""
         log_probs = torch.log_softmax(scores, dim=-1).gather(-1, tokens[..., None])[..., 0]
-        return tokens, torch.where(self.greedy[:, None], 0.0, log_probs)
+        return torch.where(self.greedy[:, None], 0.0, log_probs)
 
     def _pick(self, logits: torch.Tensor, positions: torch.Tensor,
               adjust: Adjust | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(tokens [B, n], processed logits [B, n, V] float32)."""
+        """(tokens [B, n], processed logits [B, n, V] float32). The noise is made for the sampled
+        rows only."""
         scores = process_logits(logits, self.temperature[:, None], _rows(self.top_k), _rows(self.top_p), adjust)
-        greedy = (scores if adjust is not None else logits).argmax(-1)
         if self.all_greedy:
-            return greedy, scores
-        sampled = (scores + gumbel_noise(self.keys, positions, logits.shape[-1])).argmax(-1)
-        return torch.where(self.greedy[:, None], greedy, sampled), scores
+            return (scores if adjust is not None else logits).argmax(-1), scores
+        rows = self.sampled_rows
+        if rows is None:
+            return (scores + gumbel_noise(self.keys, positions, logits.shape[-1])).argmax(-1), scores
+        greedy = (scores if adjust is not None else logits).argmax(-1)
+        noisy = scores.index_select(0, rows) + gumbel_noise(self.keys.index_select(0, rows),
+                                                             positions.index_select(0, rows), logits.shape[-1])
+        return greedy.index_copy(0, rows, noisy.argmax(-1)), scores
+
+
+def verify_residual(proposals: torch.Tensor, proposal_probs: torch.Tensor, target_probs: torch.Tensor,
+                    positions: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Speculative sampling (Leviathan et al.; Chen et al.) batched over rows: proposal i is
+    accepted when u_i * q_i(d_i) < p_i(d_i); at the first rejection the token is drawn from
+    normalize(max(0, p - q)), after n acceptances from p at the bonus position. The uniforms and
+    the residual draw are keyed by (row key, position) on streams of their own, independent of the
+    noise that drew the proposals. Shapes as in `SamplingBatch.verify`; target_probs [B, n + 1, V]."""
+    n, vocab = proposals.shape[1], target_probs.shape[-1]
+    proposal_probs = proposal_probs[:, :n]
+    p_at = target_probs[:, :n].gather(-1, proposals[..., None])[..., 0].double()
+    q_at = proposal_probs.gather(-1, proposals[..., None])[..., 0].double()
+    u = uniforms(derived_keys(keys, 1), positions[:, :n])
+    accepted = (u * q_at < p_at).long().cumprod(1).sum(1)  # u < p / q without dividing by q
+    pick = accepted[:, None, None].expand(-1, 1, vocab)
+    p = target_probs.gather(1, pick)[:, 0]
+    q = torch.cat([proposal_probs, torch.zeros_like(p[:, None])], dim=1).gather(1, pick)[:, 0]  # bonus: q = 0
+    noise = gumbel_noise(derived_keys(keys, 2), positions.gather(1, accepted[:, None]), vocab)[:, 0]
+    return accepted, (residual_distribution(p, q).log() + noise).argmax(-1)
+
+
+def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """max(0, p - q) (unnormalised: Gumbel-max needs no normalisation), or p where p == q up to
+    round-off."""
+    residual = (p - q).clamp_min(0.0)
+    return torch.where(residual.sum(-1, keepdim=True) > 0, residual, p)
 
 
 def _rows(setting: torch.Tensor | None) -> torch.Tensor | None:

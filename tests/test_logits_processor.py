@@ -15,6 +15,7 @@ settings by name. One device->host transfer per step with processors on is in te
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -231,3 +232,25 @@ def test_bad_word_outside_the_vocabulary_is_named(tiny_backends):
     with pytest.raises(RequestError, match=r"bad_words entry \[5, 99999\] holds a token id outside the vocabulary"):
         engine.add([Request([5, 6], 4, SamplingParams(bad_words=[[5, 99999]]))])
     assert SamplingParams(bad_words=[[5, 6]]).bad_words == ((5, 6),)
+
+
+@pytest.mark.parametrize("draft_len", [4, 16])
+def test_unseeded_rows_verify_with_processors_and_report_their_tokens_log_probs(draft_len, tiny_backends, hf_models):
+    """Unseeded sampled rows verify by residual speculative sampling (docs/design.md §3.5), whose
+    tokens differ from the coupled reference; still every reported log prob is that of its token
+    under the processed distribution of its prefix (teacher-forced recomputation, 1e-5), and the
+    processors' bans hold (no end id before min_tokens, no bad word)."""
+    backend, hf = tiny_backends["qwen2"], hf_models["qwen2"]
+    params = dataclasses.replace(SETTINGS["everything sampled"], seed=None)
+    torch.manual_seed(3)
+    engine = DecodeEngine(backend, draft_len=draft_len)
+    for prompt in prompts(backend.config.vocab_size, 2):
+        result = engine.generate([Request(prompt, NEW_TOKENS, params, eos_ids=(0,), return_log_probs=True)])[0]
+        sequence = list(prompt)
+        for generated, (token, log_prob) in enumerate(zip(result.token_ids, result.log_probs)):
+            with torch.no_grad():
+                logits = hf(torch.tensor([sequence])).logits[0, -1]
+            scores = processed(logits, sequence, generated, params, (0,))
+            assert scores[token] > -math.inf, f"token {token} was banned at output position {generated}"
+            assert log_prob == pytest.approx(float(torch.log_softmax(scores, -1)[token]), abs=1e-5)
+            sequence.append(token)

@@ -43,7 +43,6 @@ import pytest
 import torch
 from scipy import stats
 
-from tidar.runtime import generate as generate_module
 from tidar.runtime import sampling as sampling_module
 from tidar.runtime.backend import TorchBackend
 from tidar.runtime.generate import DecodeEngine, Request
@@ -161,10 +160,16 @@ def assert_no_near_ties(logits: torch.Tensor, params: SamplingParams, margin: fl
         assert float((cumulative - params.top_p).abs().min()) > margin
 
 
-def engine_samples(model: TiDARModel, params: SamplingParams, draft_len: int, rows: int, seed_base: int):
-    """`rows` continuations from one batched `generate`, row i seeded with seed_base + i."""
+def engine_samples(model: TiDARModel, params: SamplingParams, draft_len: int, rows: int, seed_base: int,
+                   mechanism: str = "coupled"):
+    """`rows` continuations from one batched `generate`. "coupled": row i seeded with seed_base + i
+    (seeded rows verify by coupling); "residual": unseeded rows (residual speculative sampling),
+    their noise seeds drawn from torch's generator seeded with seed_base."""
     engine = DecodeEngine(TorchBackend(model), draft_len=draft_len, beta=1.0)
-    requests = [Request(PROMPT, CONTINUATION, sampling=dataclasses.replace(params, seed=seed_base + i), eos_ids=())
+    if mechanism == "residual":
+        torch.manual_seed(seed_base)
+    requests = [Request(PROMPT, CONTINUATION, eos_ids=(),
+                        sampling=dataclasses.replace(params, seed=seed_base + i if mechanism == "coupled" else None))
                 for i in range(rows)]
     results = engine.generate(requests)
     assert [len(r.token_ids) for r in results] == [CONTINUATION] * rows
@@ -205,10 +210,12 @@ I2_CASES = {
 }
 
 
+@pytest.mark.parametrize("mechanism", ["coupled", "residual"])
 @pytest.mark.parametrize("case", list(I2_CASES))
-def test_i2_tidar_sampling_matches_exact_ar_distribution(model, case):
-    """I2: continuations sampled by TiDAR (beta = 1) follow the exact AR distribution
-    (chi-square, false alarm ALPHA = 1e-3 per case)."""
+def test_i2_tidar_sampling_matches_exact_ar_distribution(model, case, mechanism):
+    """I2: continuations sampled by TiDAR (beta = 1) follow the exact AR distribution, for seeded
+    rows (coupling) and unseeded rows (residual speculative sampling) alike (chi-square, false
+    alarm ALPHA = 1e-3 per case)."""
     params, draft_len, seed_base = I2_CASES[case]
     exact, logits = ar_distribution(model, PROMPT, CONTINUATION, params)
     assert_no_near_ties(logits, params)
@@ -217,22 +224,24 @@ def test_i2_tidar_sampling_matches_exact_ar_distribution(model, case):
     tv = total_variation(naive, marginal(exact, draft_len))
     assert tv > 0.3, f"proposals too close to p for a meaningful test (TV {tv:.3f})"
 
-    counts, accepted, proposed = engine_samples(model, params, draft_len, ENGINE_SAMPLES, seed_base)
+    counts, accepted, proposed = engine_samples(model, params, draft_len, ENGINE_SAMPLES, seed_base, mechanism)
     assert 0 < accepted < proposed, "both the accept and the residual path must be exercised"
     pvalue = chi_square_pvalue(counts, exact)
-    print(f"\nI2 {case}: TV(accept-all, AR) = {tv:.3f}, acceptance {accepted / proposed:.3f}, p = {pvalue:.3g}")
+    print(f"\nI2 {case} {mechanism}: TV(accept-all, AR) = {tv:.3f}, acceptance {accepted / proposed:.3f}, p = {pvalue:.3g}")
     assert pvalue > ALPHA, f"TiDAR samples do not follow the AR distribution (p = {pvalue:.3g})"
 
 
 def test_i2_holds_when_the_draft_length_changes_between_steps(model):
     """I2 with the draft length changed before every step (growing pads proposals with point
-    masses, shrinking cuts them): still the exact AR distribution."""
+    masses, shrinking cuts them), half the rows seeded (coupling), half not (residual): still the
+    exact AR distribution."""
     params = SamplingParams(temperature=1.0)
     exact, logits = ar_distribution(model, PROMPT, CONTINUATION, params)
     assert_no_near_ties(logits, params)
     engine = DecodeEngine(TorchBackend(model), draft_len=2)
-    requests = [Request(PROMPT, CONTINUATION, sampling=dataclasses.replace(params, seed=50_000 + i), eos_ids=())
-                for i in range(ENGINE_SAMPLES)]
+    torch.manual_seed(50_000)
+    requests = [Request(PROMPT, CONTINUATION, sampling=dataclasses.replace(params, seed=50_000 + i if i % 2 else None),
+                        eos_ids=()) for i in range(ENGINE_SAMPLES)]
     results = [delta.result for delta in engine.add(requests) if delta.finished]
     for draft_len in itertools.cycle((4, 1, 3, 0, 4, 2)):
         if not engine.rows:
@@ -247,16 +256,24 @@ def test_i2_holds_when_the_draft_length_changes_between_steps(model):
     assert pvalue > ALPHA, f"samples do not follow the AR distribution when the draft length changes (p = {pvalue:.3g})"
 
 
-@pytest.mark.parametrize("module,name,wrong,rows", [
-    (sampling_module, "gumbel_noise", position_blind_noise, ENGINE_SAMPLES),
-    (generate_module, "accept_greedy", accept_all, ENGINE_SAMPLES // 4)], ids=["position-blind-noise", "accept-all"])
-def test_i2_test_rejects_wrong_samplers(model, monkeypatch, module, name, wrong, rows):
+def target_not_residual(p, q):
+    """WRONG on purpose (the authors' worker rule): after a rejection, sample p instead of
+    normalize(max(0, p - q))."""
+    return p
+
+
+@pytest.mark.parametrize("name,wrong,rows,mechanism", [
+    ("gumbel_noise", position_blind_noise, ENGINE_SAMPLES, "coupled"),
+    ("accept_greedy", accept_all, ENGINE_SAMPLES // 4, "coupled"),
+    ("residual_distribution", target_not_residual, ENGINE_SAMPLES, "residual")],
+    ids=["position-blind-noise", "accept-all", "no-residual"])
+def test_i2_test_rejects_wrong_samplers(model, monkeypatch, name, wrong, rows, mechanism):
     """Power check: the I2 test (same model, case t1.0-b4; the same sample size for the subtle
-    bug, a quarter of it for the blatant one) rejects a sampler that is not exact."""
+    bugs, a quarter of it for the blatant one) rejects a sampler that is not exact."""
     params, draft_len, _ = I2_CASES["t1.0-b4"]
     exact, _ = ar_distribution(model, PROMPT, CONTINUATION, params)
-    monkeypatch.setattr(module, name, wrong)
-    counts, _, _ = engine_samples(model, params, draft_len, rows, seed_base=40_000)
+    monkeypatch.setattr(sampling_module, name, wrong)
+    counts, _, _ = engine_samples(model, params, draft_len, rows, seed_base=40_000, mechanism=mechanism)
     pvalue = chi_square_pvalue(counts, exact, impossible_ok=True)
     print(f"\nI2 power, {wrong.__name__}: p = {pvalue:.3g}")
     assert pvalue < ALPHA, f"the I2 test did not detect {wrong.__name__} (p = {pvalue:.3g})"
