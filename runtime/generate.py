@@ -3,9 +3,10 @@
 One readable function per phase:
   prefill  the prompt (causal) plus a block of b masks; d_0 = the target choice at the prompt's
            end, d_1..d_{b-1} = the masks' diffusion choices.
-  step     one forward over b drafts and b blocks of b masks; verify d_1..d_{b-1} against the
-           target logits; commit a tokens; the next d_0 is the correction or bonus token and the
-           next proposals come from block a.
+  step     one forward over b drafts and k <= b blocks of b masks (k = b: the paper's step);
+           verify the proposals against the target logits; commit a tokens; the next d_0 is the
+           correction or bonus token and the next proposals come from block a, or from block
+           k's masks after the new d_0 when a > k (fewer proposals; docs/design.md §3.4).
 Draft length 0 is plain AR decoding through the same code (one causal token per step), the
 baseline every TiDAR figure is compared with.
 
@@ -30,7 +31,8 @@ side of that one transfer (statistics, stop conditions, text).
 Rows are independent: each has its own cached length, sampling settings, seed, stop
 conditions and statistics; finished rows leave the batch, new rows may join between steps
 (`add`), rows may be ended early (`finish`: cancellation, timeout) and the draft length may
-change between steps (`set_draft_len`), which is how a server adapts it to the batch. The KV
+change between steps (`set_draft_len`, with the number of blocks k: the draft shape), which is
+how a server adapts it to the batch. The KV
 cache is allocated once (`max_rows` x `max_len` when given) and rows take and return slots.
 """
 
@@ -47,7 +49,7 @@ import torch
 from .backend import Backend, StepLogits
 from .cache import KVCache
 from . import logits_processor
-from .layout import Layout
+from .layout import Layout, check_draft_shape, next_proposals
 from .logits_processor import LogitsProcessor, ProcessorState
 from .sampling import SamplingBatch, SamplingParams
 from .tokenizer import IncrementalDetokenizer, Tokenizer
@@ -95,11 +97,14 @@ class StepStats:
     drafts: int = 0
     """1 when this step verified proposals."""
     draft_tokens: int = 0
-    """Proposals verified in this step (b - 1)."""
+    """Proposals verified in this step (b - 1; fewer after a step that committed more than k
+    tokens with k < b blocks: a padded draft slot is never a proposal and never accepted)."""
     accepted_tokens: int = 0
     """Proposals accepted in this step."""
     accepted_per_position: tuple[int, ...] = ()
     """1 at each proposal position d_1..d_{b-1} accepted in this step, else 0 (empty without proposals)."""
+    proposed_per_position: tuple[int, ...] = ()
+    """1 at each position d_1..d_{b-1} that held a proposal in this step, else 0."""
     prefill_seconds: float = 0.0
     """The prefill's wall time (on the request's first delta only)."""
 
@@ -114,11 +119,13 @@ class Stats:
     drafts: int = 0
     """Steps that verified proposals."""
     draft_tokens: int = 0
-    """Proposals verified (b - 1 per step)."""
+    """Proposals verified (b - 1 per step with k = b blocks; see `StepStats.draft_tokens`)."""
     accepted_tokens: int = 0
     """Proposals accepted."""
     accepted_per_position: list[int] = field(default_factory=list)
     """accepted_per_position[i]: how often proposal d_{i+1} was accepted."""
+    proposed_per_position: list[int] = field(default_factory=list)
+    """proposed_per_position[i]: how often there was a proposal d_{i+1} to verify."""
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     """Wall time from the end of the prefill to the request's end (set when it finishes)."""
@@ -130,10 +137,12 @@ class Stats:
         self.draft_tokens += step.draft_tokens
         self.accepted_tokens += step.accepted_tokens
         add_per_position(self.accepted_per_position, step.accepted_per_position)
+        add_per_position(self.proposed_per_position, step.proposed_per_position)
         self.prefill_seconds += step.prefill_seconds
 
     def copy(self) -> Stats:
-        return dataclasses.replace(self, accepted_per_position=list(self.accepted_per_position))
+        return dataclasses.replace(self, accepted_per_position=list(self.accepted_per_position),
+                                   proposed_per_position=list(self.proposed_per_position))
 
 
 @dataclass
@@ -152,6 +161,8 @@ class Result:
     request: Request = field(repr=False, compare=False, default=None)
     log_probs: list[float] | None = None
     """One per token of `token_ids` when the request asked for them."""
+    draft_blocks: int | None = None
+    """k, the mask blocks of the steps (the last shape used; = draft_len unless set)."""
 
     @property
     def tokens_per_forward(self) -> float:
@@ -197,29 +208,33 @@ class _Row:
     text: str = ""
     finish_reason: str | None = None
     admission: int = -1  # set by `add`
+    proposals: int = 0  # real proposals among the pending drafts d_1..; host copy of DecodeEngine._proposals
 
 
 class DecodeEngine:
     """Runs requests through prefill and draft-verify steps on one backend."""
 
     def __init__(self, backend: Backend, tokenizer: Tokenizer | None = None, draft_len: int | None = None,
-                 beta: float = 1.0, max_rows: int | None = None, max_len: int | None = None):
+                 beta: float = 1.0, max_rows: int | None = None, max_len: int | None = None,
+                 draft_blocks: int | None = None):
         """`max_rows` x `max_len` sizes the KV cache once (slots per row: prompt + new tokens
         + one step's new tokens); without them the cache is sized by the first requests and
-        grows (doubling) when a later one does not fit."""
+        grows (doubling) when a later one does not fit. `draft_blocks` k: mask blocks per step
+        (1..b; None: k = b)."""
         config = backend.config
         self.backend, self.config, self.tokenizer = backend, config, tokenizer
         if draft_len is None:
             draft_len = config.block_size
-        self.check_draft_len(draft_len)
+        draft_blocks = self.check_draft_len(draft_len, draft_blocks)
         if not 0.0 <= beta <= 1.0:
             raise RequestError(f"beta must be in [0, 1], got {beta!r}")
         for name, value in (("max_rows", max_rows), ("max_len", max_len)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise RequestError(f"{name} must be a positive integer, got {value!r}")
-        self.draft_len, self.beta = draft_len, beta
+        self.draft_len, self.draft_blocks, self.beta = draft_len, draft_blocks, beta
         self.max_rows, self.max_len = max_rows, max_len
-        self.layout = Layout.decode(draft_len)
+        self.layout = Layout.decode(draft_len, draft_blocks)
+        self._proposals: torch.Tensor | None = None  # [B]: how many of d_1.. are real proposals (the rest pad)
         self.cache: KVCache | None = None
         self.rows: list[_Row] = []
         self._drafts: torch.Tensor | None = None  # [B, max(b, 1)]: d_0 .. d_{b-1} of each row, on the device
@@ -238,12 +253,17 @@ class DecodeEngine:
         """The request ids of the rows in the batch, in row order."""
         return [row.request.request_id for row in self.rows]
 
-    def check_draft_len(self, draft_len: int) -> None:
-        """Raise RequestError unless `draft_len` is usable by this model (0 .. block_size)."""
+    def check_draft_len(self, draft_len: int, draft_blocks: int | None = None) -> int:
+        """Raise RequestError unless `draft_len` b is usable by this model (0 .. block_size) and
+        `draft_blocks` k with it (1 .. b, or None for b); returns k."""
         block = self.config.block_size
         if isinstance(draft_len, bool) or not isinstance(draft_len, int) or not 0 <= draft_len <= block:
             raise RequestError(f"draft_len must be an integer in [0, block_size={block}] "
                                f"(0 = AR decoding), got {draft_len!r}")
+        try:
+            return check_draft_shape(draft_len, draft_blocks)
+        except ValueError as error:
+            raise RequestError(str(error)) from None
 
     # ------------------------------------------------------------------ admission
     def check(self, request: Request) -> None:
@@ -322,6 +342,8 @@ class DecodeEngine:
         self.rows.extend(rows)
         known = [self._drafts] if self._drafts is not None and self._drafts.shape[0] else []
         self._drafts = torch.cat(known + drafts)
+        counts = torch.tensor([row.proposals for row in rows], device=self._drafts.device)
+        self._proposals = torch.cat(([self._proposals] if known else []) + [counts])
         self._sampling = self._sampling_batch()
         self._processor = logits_processor.join(self._processor, states, *self._processor_settings(),
                                                 self.config.vocab_size, self.cache.device)
@@ -350,19 +372,23 @@ class DecodeEngine:
     def _processor_settings(self) -> tuple[list[SamplingParams], list[frozenset[int]]]:
         return [row.request.sampling for row in self.rows], [row.eos_ids for row in self.rows]
 
-    def set_draft_len(self, draft_len: int) -> None:
-        """Use draft length `draft_len` from the next step on. Rows keep their output; their pending
-        proposals are cut to the new length, or padded with repeats of the last one (any
-        proposal is exact: verification compares it with the target's own choice, or for
-        residual rows uses its distribution, a point mass for a padded one)."""
-        self.check_draft_len(draft_len)
+    def set_draft_len(self, draft_len: int, draft_blocks: int | None = None) -> None:
+        """Use the draft shape (b, k) = (`draft_len`, `draft_blocks`; None: k = b) from the next step
+        on. Rows keep their output; their pending proposals are cut to the new length, or padded
+        (pad slots are not proposals: never verified, never counted; docs/design.md §3.4)."""
+        draft_blocks = self.check_draft_len(draft_len, draft_blocks)
+        if (draft_len, draft_blocks) == (self.draft_len, self.draft_blocks):
+            return
+        self.draft_blocks, self.layout = draft_blocks, Layout.decode(draft_len, draft_blocks)
         if draft_len == self.draft_len:
             return
-        self.draft_len, self.layout = draft_len, Layout.decode(draft_len)
+        self.draft_len = draft_len
         for row in self.rows:
-            positions = row.stats.accepted_per_position
-            positions.extend([0] * (draft_len - 1 - len(positions)))
+            row.proposals = min(row.proposals, max(draft_len - 1, 0))
+            for positions in (row.stats.accepted_per_position, row.stats.proposed_per_position):
+                positions.extend([0] * (draft_len - 1 - len(positions)))
         if self._drafts is not None:
+            self._proposals = self._proposals.clamp(max=max(draft_len - 1, 0))
             wanted, have = max(draft_len, 1), self._drafts.shape[1]
             if wanted <= have:
                 self._drafts = self._drafts[:, :wanted]
@@ -398,6 +424,7 @@ class DecodeEngine:
     def reset(self) -> None:
         """Drop every row without a result (after an internal error); the cache is made anew."""
         self.rows, self.cache, self._drafts, self._draft_probs, self._sampling = [], None, None, None, None
+        self._proposals = None
         self._processor, self._log_probs = None, False
 
     # ------------------------------------------------------------------ phases
@@ -418,9 +445,9 @@ class DecodeEngine:
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2 ** 62, ()).item())
         eos = request.eos_ids if request.eos_ids is not None else self.config.eos_token_ids
         row = _Row(request=request, prompt_ids=prompt, eos_ids=frozenset(eos), seed=seed,
-                   stats=Stats(accepted_per_position=[0] * max(b - 1, 0)),
+                   stats=Stats(accepted_per_position=[0] * max(b - 1, 0), proposed_per_position=[0] * max(b - 1, 0)),
                    detokenizer=IncrementalDetokenizer(self.tokenizer, request.stop) if self.tokenizer else None,
-                   started=started)
+                   started=started, proposals=max(b - 1, 0))
         sampling = SamplingBatch.of([params], [seed], cache.device)
         processor = state = None
         if params.processes_logits:
@@ -452,13 +479,15 @@ class DecodeEngine:
             return []
         committed, tokens, log_probs = self._read(*self._device_step())
         deltas = []
-        b = self.draft_len
+        b, k = self.draft_len, self.draft_blocks
         for row, count, new_tokens, new_log_probs in zip(self.rows, committed, tokens, log_probs):
             step = StepStats(forward_passes=1)
-            if b > 1:
-                accepted = count - 1
-                step = StepStats(forward_passes=1, drafts=1, draft_tokens=b - 1, accepted_tokens=accepted,
-                                 accepted_per_position=(1,) * accepted + (0,) * (b - 1 - accepted))
+            if row.proposals:
+                accepted, proposed = count - 1, row.proposals
+                step = StepStats(forward_passes=1, drafts=1, draft_tokens=proposed, accepted_tokens=accepted,
+                                 accepted_per_position=(1,) * accepted + (0,) * (b - 1 - accepted),
+                                 proposed_per_position=(1,) * proposed + (0,) * (b - 1 - proposed))
+            row.proposals = max(next_proposals(count - 1, b, k)[2], 0)
             deltas.append(self._emit(row, step, new_tokens[:count], new_log_probs[:count]))
         self._drop_finished()
         return deltas
@@ -474,20 +503,24 @@ class DecodeEngine:
         masks = torch.full((batch, layout.num_new - layout.causal_len), self.config.mask_token_id, device=device)
         past = cache.lengths.clone()  # position of each row's d_0
         out = StepLogits(self.backend, torch.cat([self._drafts, masks], dim=1), layout, cache)
-        # Target at positions past+1 .. past+b: AR output at d_{i-1} (rows 0..b-1), mixed with
-        # mask 0 of block i when beta < 1. The LM head runs on these rows, then on b - 1 more.
+        # Target at positions past+1 .. past+b: AR output at d_{i-1} (rows 0..b-1), mixed when
+        # beta < 1 with the mask at the same position of block i (mask 0), or of the last block
+        # when i > k. The LM head runs on these rows, then on b - 1 more.
         offsets = torch.arange(1, nb + 1, device=device)
         rows = offsets - 1
         mixed = b and self.beta < 1.0
         if mixed:
-            rows = torch.cat([rows, layout.causal_len + b * (offsets - 1)])
+            mixing_block = rows.clamp(max=self.draft_blocks - 1)
+            rows = torch.cat([rows, layout.causal_len + b * mixing_block + rows - mixing_block])
         logits = out.rows(rows[None].expand(batch, -1))
         target = self._mix(logits[:, :nb], logits[:, nb:] if mixed else None)
         # the target at d_i's position assumes d_1..d_{i-1} accepted: with processors, they count
         processor = self._processor
         adjust = (lambda scores: processor.adjust(scores, self._drafts[:, 1:nb])) if processor is not None else None
+        # proposals past a row's count (k < b, §3.4) are padding: never accepted
         accepted, next_token, scores = self._sampling.verify(self._drafts[:, 1:], self._draft_probs, target,
-                                                             past[:, None] + offsets, adjust)
+                                                             past[:, None] + offsets, adjust,
+                                                             counts=self._proposals if b > 1 else None)
         committed = accepted + 1
         # Emitted tokens: d_1..d_accepted, then the correction or bonus token.
         shifted = torch.cat([self._drafts[:, 1:], next_token[:, None]], dim=1)
@@ -497,14 +530,21 @@ class DecodeEngine:
         if self._log_probs:
             log_probs = (self._sampling.log_probs(scores, emitted) if scores is not None
                          else torch.zeros(emitted.shape, device=device))
-        # Next drafts: block `accepted` (it sees d_0..d_accepted), masks 1..b-1, at positions
-        # past + committed + 1 .. (processed with the committed state, which holds the new d_0)
+        # Next drafts at positions past + committed + 1 .. (processed with the committed state,
+        # which holds the new d_0): block `accepted` (it sees d_0..d_accepted), masks 1..b-1; when
+        # accepted >= k, block k-1's masks after the new d_0, fewer of them (docs/design.md §3.4):
+        # the slots past `count` are padding.
         drafts = next_token[:, None]
         if b > 1:
-            mask_logits = out.rows(layout.causal_len + accepted[:, None] * b + offsets[None, : b - 1])
-            proposals, probs = self._sampling.draft(mask_logits, past[:, None] + committed[:, None] + offsets[None, : b - 1],
+            block, first_mask, count = next_proposals(accepted, b, self.draft_blocks)
+            slot = offsets[None, : b - 1] - 1
+            masks_used = (first_mask[:, None] + slot).clamp(max=b - 1)
+            mask_logits = out.rows(layout.causal_len + block[:, None] * b + masks_used)
+            proposals, probs = self._sampling.draft(mask_logits, past[:, None] + committed[:, None] + 1 + slot,
                                                     processor.adjust if processor is not None else None)
+            proposals = torch.where(slot < count[:, None], proposals, self.config.mask_token_id)
             drafts = torch.cat([drafts, proposals], dim=1)
+            self._proposals = count
             if probs is not None:
                 self._draft_probs = probs
         self._drafts = drafts
@@ -570,7 +610,7 @@ class DecodeEngine:
         order = self.cache.remove_rows(gone)  # the last rows fill the holes
         self.rows = [self.rows[i] for i in order]
         keep = torch.tensor(order, dtype=torch.long, device=self._drafts.device)
-        self._drafts = self._drafts[keep]
+        self._drafts, self._proposals = self._drafts[keep], self._proposals[keep]
         self._sampling = self._sampling_batch() if self.rows else None
         if self._draft_probs is not None:
             self._draft_probs = self._draft_probs[keep] if self._sampling and self._sampling.any_residual else None
@@ -581,7 +621,7 @@ class DecodeEngine:
         """The finished `row`'s result: copies, so that it shares nothing with the engine."""
         return Result(row.request.request_id, list(row.prompt_ids), list(row.tokens), row.text, row.finish_reason,
                       row.stats.copy(), self.draft_len, time.perf_counter() - row.started, row.request,
-                      list(row.log_probs) if row.request.return_log_probs else None)
+                      list(row.log_probs) if row.request.return_log_probs else None, self.draft_blocks)
 
     # ------------------------------------------------------------------ drivers
     def stream(self, requests: Sequence[Request]) -> Iterator[list[Delta]]:

@@ -68,12 +68,15 @@ class Layout:
         return cls(causal_len=prompt_len, num_blocks=1, block_len=draft_len, first_visible=prompt_len)
 
     @classmethod
-    def decode(cls, draft_len: int) -> "Layout":
-        """One TiDAR step (docs/design.md §3): drafts d_0..d_{b-1}, then blocks j = 1..b of b masks,
-        block j seeing d_0..d_{j-1}. Draft length 0 is AR decoding: d_0 alone, no blocks."""
+    def decode(cls, draft_len: int, draft_blocks: int | None = None) -> "Layout":
+        """One TiDAR step (docs/design.md §3.2, §3.4): drafts d_0..d_{b-1}, then blocks j = 1..k of b
+        masks, block j seeing d_0..d_{j-1} (the pre-drafts for the outcome "j tokens committed").
+        k = `draft_blocks` (1..b; None: k = b, the paper's step of b(b+1) tokens); b + k*b new
+        tokens. Draft length 0 is AR decoding: d_0 alone, no blocks (k must be None or 0)."""
+        k = check_draft_shape(draft_len, draft_blocks)
         if draft_len == 0:
             return cls.autoregressive(1)
-        return cls(causal_len=draft_len, num_blocks=draft_len, block_len=draft_len,
+        return cls(causal_len=draft_len, num_blocks=k, block_len=draft_len,
                    first_visible=1, visible_stride=1)
 
     @classmethod
@@ -140,6 +143,33 @@ class Layout:
             "first_visible": self.first_visible,
             "visible_stride": self.visible_stride,
         }
+
+
+# ---------------------------------------------------------------- the draft shape
+def check_draft_shape(draft_len: int, draft_blocks: int | None = None) -> int:
+    """The number of mask blocks k of a decode step of `draft_len` b drafts: `draft_blocks`, or b
+    when it is None. Raises ValueError naming the value unless 1 <= k <= b (k = 0 when b = 0, AR)."""
+    if isinstance(draft_len, bool) or not isinstance(draft_len, int) or draft_len < 0:
+        raise ValueError(f"draft_len must be a non-negative integer, got {draft_len!r}")
+    if draft_blocks is None:
+        return draft_len
+    if isinstance(draft_blocks, bool) or not isinstance(draft_blocks, int):
+        raise ValueError(f"draft_blocks must be an integer, got {draft_blocks!r}")
+    low = 1 if draft_len else 0
+    if not low <= draft_blocks <= draft_len:
+        raise ValueError(f"draft_blocks must be in [{low}, draft_len = {draft_len}], got {draft_blocks}")
+    return draft_blocks
+
+
+def next_proposals(accepted, draft_len: int, draft_blocks: int):
+    """Where the next step's proposals come from (docs/design.md §3.4), after a step of b =
+    `draft_len` drafts and k = `draft_blocks` blocks accepted `accepted` proposals (0..b-1; a
+    Python int or an integer tensor, elementwise). Returns (block, first_mask, count): the
+    proposals d_1..d_count are masks first_mask.. of block `block` (0-based: block j sees
+    d_0..d_j). With accepted < k that is block `accepted`, masks 1..b-1; with accepted >= k the
+    block of the longest outcome, k-1, at its masks after the new d_0 (fewer proposals)."""
+    shift = (accepted >= draft_blocks) * (accepted - draft_blocks + 1)  # masks at or before the new d_0
+    return accepted - shift, 1 + shift, draft_len - 1 - shift
 
 
 # ---------------------------------------------------------------- the rule, on scalar arguments

@@ -298,23 +298,26 @@ class SamplingBatch:
         return tokens, torch.softmax(scores, dim=-1)
 
     def verify(self, proposals: torch.Tensor, proposal_probs: torch.Tensor | None, target_logits: torch.Tensor,
-               positions: torch.Tensor, adjust: Adjust | None = None
+               positions: torch.Tensor, adjust: Adjust | None = None, counts: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Batched verification. proposals [B, n] (d_1..d_n, from `draft`), proposal_probs [B, n, V]
         (their distributions; read for residual rows only, None when there are none), target_logits
         [B, n + 1, V] at absolute `positions` [B, n + 1], `adjust` as in `choose`. Returns (accepted
         [B], next [B]: the correction or bonus token, the processed target logits [B, n + 1, V] for
         `log_probs`, None when no row needed them). Greedy and seeded rows accept the prefix of
-        proposals equal to the target's own choices; unseeded sampled rows run `verify_residual`."""
+        proposals equal to the target's own choices; unseeded sampled rows run `verify_residual`.
+        `counts` [B] (None: n): the real proposals of each row; the slots after them are padding
+        (docs/design.md §3.4), never accepted, and the token after the last real one is drawn as
+        a bonus token."""
         if self.all_greedy and adjust is None:
             choices, scores = target_logits.argmax(-1), None
         else:
             choices, scores = self._pick(target_logits, positions, adjust)
-        accepted, next_token = accept_greedy(proposals, choices)
+        accepted, next_token = accept_greedy(proposals, choices, counts)
         if not self.any_residual:
             return accepted, next_token, scores
         residual_accepted, residual_next = verify_residual(proposals, proposal_probs, torch.softmax(scores, dim=-1),
-                                                           positions, self.keys)
+                                                           positions, self.keys, counts)
         return (torch.where(self.residual, residual_accepted, accepted),
                 torch.where(self.residual, residual_next, next_token), scores)
 
@@ -344,21 +347,28 @@ class SamplingBatch:
 
 
 def verify_residual(proposals: torch.Tensor, proposal_probs: torch.Tensor, target_probs: torch.Tensor,
-                    positions: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                    positions: torch.Tensor, keys: torch.Tensor,
+                    counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Speculative sampling (Leviathan et al.; Chen et al.) batched over rows: proposal i is
     accepted when u_i * q_i(d_i) < p_i(d_i); at the first rejection the token is drawn from
     normalize(max(0, p - q)), after n acceptances from p at the bonus position. The uniforms and
     the residual draw are keyed by (row key, position) on streams of their own, independent of the
-    noise that drew the proposals. Shapes as in `SamplingBatch.verify`; target_probs [B, n + 1, V]."""
+    noise that drew the proposals. Shapes as in `SamplingBatch.verify`; target_probs [B, n + 1, V];
+    `counts` [B] (None: n) real proposals per row: after them the bonus token is drawn from p."""
     n, vocab = proposals.shape[1], target_probs.shape[-1]
     proposal_probs = proposal_probs[:, :n]
     p_at = target_probs[:, :n].gather(-1, proposals[..., None])[..., 0].double()
     q_at = proposal_probs.gather(-1, proposals[..., None])[..., 0].double()
     u = uniforms(derived_keys(keys, 1), positions[:, :n])
-    accepted = (u * q_at < p_at).long().cumprod(1).sum(1)  # u < p / q without dividing by q
+    passed = u * q_at < p_at  # u < p / q without dividing by q
+    if counts is not None:
+        passed &= torch.arange(n, device=passed.device) < counts[:, None]
+    accepted = passed.long().cumprod(1).sum(1)
     pick = accepted[:, None, None].expand(-1, 1, vocab)
     p = target_probs.gather(1, pick)[:, 0]
     q = torch.cat([proposal_probs, torch.zeros_like(p[:, None])], dim=1).gather(1, pick)[:, 0]  # bonus: q = 0
+    if counts is not None:
+        q = torch.where((accepted < counts)[:, None], q, 0.0)  # all real proposals accepted: a bonus token
     noise = gumbel_noise(derived_keys(keys, 2), positions.gather(1, accepted[:, None]), vocab)[:, 0]
     return accepted, (residual_distribution(p, q).log() + noise).argmax(-1)
 
@@ -374,11 +384,16 @@ def _rows(setting: torch.Tensor | None) -> torch.Tensor | None:
     return None if setting is None else setting[:, None]
 
 
-def accept_greedy(proposals: torch.Tensor, choices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def accept_greedy(proposals: torch.Tensor, choices: torch.Tensor,
+                  counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Batched acceptance: proposals [B, n] (d_1..d_n), choices [B, n + 1] (the target's tokens at
     the same positions plus the next). Returns (accepted [B]: the length of the prefix of
-    proposals equal to the choices, next [B]: the choice after it)."""
-    accepted = (proposals == choices[:, : proposals.shape[1]]).long().cumprod(1).sum(1)
+    proposals equal to the choices, at most `counts` [B] (the real proposals; None: n), next
+    [B]: the choice after it)."""
+    matches = proposals == choices[:, : proposals.shape[1]]
+    if counts is not None:
+        matches &= torch.arange(proposals.shape[1], device=proposals.device) < counts[:, None]
+    accepted = matches.long().cumprod(1).sum(1)
     return accepted, choices.gather(1, accepted[:, None])[:, 0]
 
 

@@ -2,7 +2,8 @@
 
 - I1 lossless: greedy TiDAR output equals `transformers` greedy `generate` of the same weights,
   for every family, draft length 1..16 and 20 prompts, solo and batched; draft length 0 (AR
-  through the same loop) too.
+  through the same loop) too; and with k < b mask blocks (docs/design.md §3.4), solo, batched
+  and with the shape (b, k) changed between steps.
 - I3 cache: after every step the committed KV equals the KV of a `transformers` prefill of the
   committed sequence.
 - I4 batching: ragged batches (lengths, settings, stop conditions, rows leaving and joining)
@@ -34,6 +35,7 @@ import pytest
 import torch
 
 from tidar.runtime.generate import DecodeEngine, Delta, Request, RequestError, Result
+from tidar.runtime.layout import next_proposals
 from tidar.runtime.sampling import SamplingParams
 from tidar.runtime.tokenizer import Tokenizer
 
@@ -168,28 +170,36 @@ class OracleBackend:
         return logits
 
 
-def make_engine(backend, cases: list[Case], mode: str, draft_len: int, tokenizer=None) -> DecodeEngine:
+def make_engine(backend, cases: list[Case], mode: str, draft_len: int, tokenizer=None,
+                draft_blocks: int | None = None) -> DecodeEngine:
     hooked = OracleBackend(backend, cases, mode)
-    engine = DecodeEngine(hooked, tokenizer, draft_len=draft_len)
+    engine = DecodeEngine(hooked, tokenizer, draft_len=draft_len, draft_blocks=draft_blocks)
     hooked.engine = engine
     return engine
 
 
-def expected_schedule(hook: OracleBackend, prompt: list[int], out_len: int, draft_len: int):
-    """(tokens each forward emits, prefill first; proposals each step accepts) when the greedy
-    output equals the oracle: a step at cached length L accepts the leading run of correct
-    proposals at positions L+1..L+b-1 and emits run + 1 tokens; the last forward's emission is
-    trimmed to `out_len` (its acceptance count is not)."""
+def expected_schedule(hook: OracleBackend, prompt: list[int], out_len: int, draft_len: int,
+                      draft_blocks: int | None = None):
+    """(tokens each forward emits, prefill first; proposals each step accepts; proposals each
+    step verifies) when the greedy output equals the oracle: a step at cached length L with n
+    proposals accepts the leading run of correct ones at positions L+1..L+n and emits run + 1
+    tokens; the last forward's emission is trimmed to `out_len` (its counts are not). n is b - 1
+    after the prefill and after a run < k; after a run >= k, only the masks of block k past the
+    new d_0 propose (docs/design.md §3.4): b - 1 - (run - k + 1) of them."""
+    k = draft_len if draft_blocks is None else draft_blocks
     key, sizes, runs, position = tuple(prompt), [1], [], len(prompt)  # d_0 sits at the prompt's end
+    proposed, proposals = [], max(draft_len - 1, 0)
     while sum(sizes) < out_len:
         run = 0
-        while run < draft_len - 1 and hook.correct(key, position + 1 + run):
+        while run < proposals and hook.correct(key, position + 1 + run):
             run += 1
         sizes.append(run + 1)
         runs.append(run)
+        proposed.append(proposals)
         position += run + 1
+        proposals = draft_len - 1 - (run - k + 1 if run >= k else 0)
     sizes[-1] -= sum(sizes) - out_len
-    return sizes, runs
+    return sizes, runs, proposed
 
 
 # ---------------------------------------------------------------------------- drivers / checks
@@ -229,17 +239,24 @@ def assert_totals_are_sums(result: Result, deltas: list[Delta]) -> None:
     assert steps[0].prefill_seconds > 0 and all(s.prefill_seconds == 0 for s in steps[1:])
 
 
-def assert_stats_consistent(result: Result, draft_len: int) -> None:
+def assert_stats_consistent(result: Result, draft_len: int, draft_blocks: int | None = None) -> None:
     stats, b = result.stats, draft_len
     steps = stats.forward_passes - 1
     assert stats.forward_passes >= 1
     assert stats.accepted_tokens == sum(stats.accepted_per_position)
-    assert len(stats.accepted_per_position) == max(b - 1, 0)
+    assert len(stats.accepted_per_position) == len(stats.proposed_per_position) == max(b - 1, 0)
     # accepting proposal i+1 needs proposal i accepted: counts never grow along the block
     assert all(x >= y for x, y in zip(stats.accepted_per_position, stats.accepted_per_position[1:]))
-    if b > 1:
+    assert all(x >= y for x, y in zip(stats.proposed_per_position, stats.proposed_per_position[1:]))
+    assert all(a <= p for a, p in zip(stats.accepted_per_position, stats.proposed_per_position))
+    assert stats.draft_tokens == sum(stats.proposed_per_position)
+    if b > 1 and draft_blocks in (None, b):
         assert stats.drafts == steps and stats.draft_tokens == steps * (b - 1)
+        assert stats.proposed_per_position == [steps] * (b - 1)
         assert all(0 <= x <= steps for x in stats.accepted_per_position)
+    elif b > 1:  # k < b: a step after a run >= k verifies fewer proposals (k = 1: maybe none)
+        assert stats.drafts <= steps and stats.draft_tokens <= steps * (b - 1)
+        assert stats.proposed_per_position[:draft_blocks - 1] == [stats.drafts] * (draft_blocks - 1)
     else:
         assert stats.drafts == stats.draft_tokens == stats.accepted_tokens == 0
     # prefill emits d_0; a step emits accepted + 1 tokens; trimming only removes
@@ -280,7 +297,7 @@ def test_i1_greedy_equals_transformers(family, draft_len, mode, tiny_backends, o
         assert_stats_consistent(result, draft_len)
         if mode == "none":
             continue
-        sizes, runs = expected_schedule(engine.backend, case.prompt, len(expected), draft_len)
+        sizes, runs, _ = expected_schedule(engine.backend, case.prompt, len(expected), draft_len)
         assert [len(d.token_ids) for d in deltas] == sizes, f"prompt {index}"
         assert result.stats.accepted_per_position == [sum(run > i for run in runs) for i in range(draft_len - 1)]
         step_sizes.update(sizes[1:-1])
@@ -320,6 +337,80 @@ def test_i1_batched_prompts_equal_transformers(family, draft_len, mode, tiny_bac
             assert result.prompt_ids == case.prompt
             assert_stats_consistent(result, draft_len)
         assert not engine.rows and engine.cache.batch == 0
+
+
+# ---------------------------------------------------------------------------- I1 with k of b blocks
+K_OF_B = [(2, 1), (4, 1), (4, 2), (8, 3), (16, 2)]
+
+
+@pytest.mark.parametrize("mode", ["forced", "mixed"])
+@pytest.mark.parametrize("draft_len,draft_blocks", K_OF_B, ids=[f"b{b}k{k}" for b, k in K_OF_B])
+def test_i1_k_of_b_equals_transformers(draft_len, draft_blocks, mode, tiny_backends, oracles):
+    """k < b blocks (docs/design.md §3.4), each of a few prompts alone: tokens == HF greedy, and
+    every forward emits the predicted count, including the steps after a run >= k whose
+    proposals are block k's later masks (forced: every proposal right, so runs alternate
+    between b - 1 and k - 1); the statistics count exactly the proposals made."""
+    family = "qwen2"
+    cases, max_new = oracles[family], NEW_TOKENS[mode]
+    for index, case in enumerate(cases[::5]):
+        engine = make_engine(tiny_backends[family], cases, mode, draft_len, draft_blocks=draft_blocks)
+        (result,), (deltas,) = run_streamed(engine, [Request(case.prompt, max_new)])
+        expected = case.expected(max_new)
+        assert result.token_ids == expected, f"prompt {index}"
+        assert_stream_consistent(result, deltas)
+        assert_stats_consistent(result, draft_len, draft_blocks)
+        sizes, runs, proposed = expected_schedule(engine.backend, case.prompt, len(expected), draft_len,
+                                                  draft_blocks)
+        assert [len(d.token_ids) for d in deltas] == sizes, f"prompt {index}"
+        assert result.stats.accepted_per_position == [sum(run > i for run in runs) for i in range(draft_len - 1)]
+        assert result.stats.proposed_per_position == [sum(n > i for n in proposed) for i in range(draft_len - 1)]
+        assert result.stats.draft_tokens == sum(proposed) and result.stats.drafts == sum(n > 0 for n in proposed)
+        if mode == "forced" and len(sizes) > 3:
+            assert sizes[1:3] == [draft_len, draft_blocks]  # a full run, then block k's later masks only
+
+
+def test_next_proposals_rule():
+    """The rule in words (docs/design.md §3.4), on ints and on a tensor alike: after a accepted
+    (0-based block j sees d_0..d_j) the proposals are block a's masks 1..b-1 while a < k, else
+    the masks of block k-1 whose positions come after the new d_0."""
+    b, k = 6, 3
+    for accepted in range(b):
+        block, first, count = next_proposals(accepted, b, k)
+        mask_positions = [block + 1 + m for m in range(b)]  # offsets from L: block j sees j+1 drafts
+        wanted = [p for p in mask_positions if p > accepted + 1]  # past the new d_0 at L + accepted + 1
+        assert block == min(accepted, k - 1)
+        assert mask_positions[first:first + count] == wanted
+    tensors = next_proposals(torch.arange(b), b, k)
+    assert [t.tolist() for t in tensors] == [[next_proposals(a, b, k)[i] for a in range(b)] for i in range(3)]
+
+
+@pytest.mark.parametrize("family", ["llama"])
+def test_i1_k_of_b_batched_and_reshaped_between_steps(family, tiny_backends, oracles, hf_models):
+    """Rows whose proposal counts differ share steps; the shape (b, k) changes before every step
+    (set_draft_len), AR included; every row still equals HF greedy, and the committed KV equals
+    HF prefill after every step (I3)."""
+    cases = oracles[family]
+    by_prompt = {tuple(case.prompt): case for case in cases}
+    engine = make_engine(tiny_backends[family], cases, "mixed", 8, draft_blocks=2)
+    batch = cases[1::4]
+    engine.add([Request(case.prompt, 32) for case in batch])
+    shapes = iter([(8, 2), (8, 1), (4, 4), (16, 3), (0, None), (2, 1), (8, 8), (16, 1)] * 8)
+    while engine.rows:
+        engine.set_draft_len(*next(shapes))
+        engine.step()
+        if engine.rows:
+            assert_cache_equals_hf_prefill(engine, hf_models[family], by_prompt)
+    results = {tuple(r.prompt_ids): r.token_ids for r in engine.finished}
+    assert [results[tuple(case.prompt)] for case in batch] == [case.expected(32) for case in batch]
+
+
+@pytest.mark.parametrize("draft_len,draft_blocks", [(4, 0), (4, 5), (0, 1), (4, 1.5)])
+def test_bad_draft_blocks_is_rejected(draft_len, draft_blocks, tiny_backends):
+    with pytest.raises(RequestError, match="draft_blocks"):
+        DecodeEngine(tiny_backends["qwen2"], draft_len=draft_len, draft_blocks=draft_blocks)
+    engine = DecodeEngine(tiny_backends["qwen2"], draft_len=4)
+    with pytest.raises(RequestError, match="draft_blocks"):
+        engine.set_draft_len(draft_len, draft_blocks)
 
 
 # ---------------------------------------------------------------------------- I3 cache

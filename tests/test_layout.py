@@ -22,10 +22,11 @@ SLACK = 3  # extra KV slots after the longest row's new tokens: never visible
 # ---------------------------------------------------------------- oracles from the design document's words
 # A token is (kind, group, index, position offset): kind 'clean' / 'draft' / 'mask'.
 
-def spec_decode_tokens(b: int) -> list[tuple[str, int, int, int]]:
-    """docs/design.md §3 step: row 0 = drafts d_0..d_{b-1} at L..L+b-1; rows j = 1..b = b masks at L+j..L+j+b-1."""
+def spec_decode_tokens(b: int, k: int | None = None) -> list[tuple[str, int, int, int]]:
+    """docs/design.md §3.2 step: row 0 = drafts d_0..d_{b-1} at L..L+b-1; rows j = 1..b = b masks at L+j..L+j+b-1.
+    §3.4: with k blocks only rows j = 1..k, at the same positions."""
     tokens = [("draft", 0, i, i) for i in range(b)]
-    for j in range(1, b + 1):
+    for j in range(1, (b if k is None else k) + 1):
         tokens += [("mask", j, m, j + m) for m in range(b)]
     return tokens
 
@@ -117,6 +118,33 @@ def test_decode_layout_matches_spec(b):
     check(layout, tokens, spec_decode_sees, [7, 0, 1])
 
 
+K_OF_B = [(1, 1), (2, 1), (4, 1), (4, 2), (4, 3), (8, 3), (16, 1), (16, 4), (16, 16)]
+
+
+@pytest.mark.parametrize("b,k", K_OF_B, ids=[f"b{b}k{k}" for b, k in K_OF_B])
+def test_decode_k_of_b_layout_matches_spec(b, k):
+    """Layout.decode(b, k): b + k*b tokens; the kept blocks are those of the paper's step, at the
+    same positions and with the same attention (docs/design.md §3.4); k = b is Layout.decode(b)."""
+    layout = Layout.decode(b, k)
+    assert layout.num_new == b + k * b
+    tokens = spec_decode_tokens(b, k)
+    for past in PASTS:
+        check(layout, tokens, spec_decode_sees, [past])
+    check(layout, tokens, spec_decode_sees, [7, 0, 1])
+    full = Layout.decode(b)
+    assert torch.equal(layout.position_offsets(), full.position_offsets()[:layout.num_new])
+    assert torch.equal(layout.dense_mask(torch.tensor([5]), 40)[:, :, :5 + layout.num_new],
+                       full.dense_mask(torch.tensor([5]), 40)[:, :layout.num_new, :5 + layout.num_new])
+    if k == b:
+        assert layout == full
+
+
+@pytest.mark.parametrize("b,k", [(4, 0), (4, 5), (0, 1), (3, -1), (4, 2.0), (4, True)])
+def test_decode_rejects_bad_block_counts(b, k):
+    with pytest.raises(ValueError, match="draft_blocks"):
+        Layout.decode(b, k)
+
+
 def test_decode_272_tokens_for_b16():
     assert Layout.decode(16).num_new == 272
 
@@ -160,6 +188,7 @@ def test_autoregressive_layout_is_causal(n):
 # ---------------------------------------------------------------- lowerings agree
 FLEX_LAYOUTS = {
     **{f"decode{b}": Layout.decode(b) for b in (1, 2, 4, 8, 16)},
+    **{f"decode{b}k{k}": Layout.decode(b, k) for b, k in ((4, 1), (8, 3), (16, 2))},
     "prefill": Layout.prefill(11, 4),
     "training": Layout.training(16, 4),
     "ar": Layout.autoregressive(5),
@@ -183,6 +212,7 @@ def test_flex_mask_mod_equals_dense_mask(name, pasts):
 
 @pytest.mark.parametrize("layout", [
     Layout.autoregressive(3), Layout.prefill(7, 4), Layout.decode(1), Layout.decode(16), Layout.training(12, 3),
+    Layout.decode(16, 1), Layout.decode(8, 3),
     Layout(causal_len=6, num_blocks=3, block_len=2, first_visible=6, visible_stride=-2),
 ], ids=str)
 def test_kernel_scalars_round_trip(layout):
