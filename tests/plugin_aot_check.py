@@ -25,6 +25,7 @@ import tensorrt_standin  # noqa: E402
 CASES = [  # (query dtype, index dtype, num_heads, num_kv_heads, head_dim, sizes)
     ("BF16", "INT64", 12, 2, 128, {"B": 3, "Q": 20, "S": 532}),
     ("HALF", "INT32", 16, 16, 64, {"B": 1, "Q": 272, "S": 2320}),
+    ("HALF", "INT64", 8, 2, 128, {"B": 2, "Q": 48, "S": 600}),  # a k-of-b step: b = 16, k = 2 (16 + 2 * 16 tokens)
 ]
 
 

@@ -6,7 +6,7 @@ compiled kernel on CUDA.
 Covered: the in-kernel visibility rule equals `Layout.dense_mask` on every layout kind; the
 key-tile schedule covers every visible key, is what the kernel visits (its own tile counter),
 and skips most of the new-token square of a b = 16 decode step; outputs equal eager attention
-over the dense mask for decode b = 1..16, prefill with a mask block, pure causal, the training
+over the dense mask for decode b = 1..16 (and k < b blocks), prefill with a mask block, pure causal, the training
 layout, past lengths 0 and > 0 that differ across rows, GQA ratios 1/2/4/8, head dims 64/128
 (and a non-power of two), fp32/fp16/bf16, layout scalars as ints or device tensors; outputs are
 poisoned with NaN first, so any unwritten element fails. Also bad inputs, and the runtime's
@@ -46,6 +46,8 @@ LAYOUTS = {
     "decode4": Layout.decode(4),
     "decode8": Layout.decode(8),
     "decode16": Layout.decode(16),
+    "decode4k1": Layout.decode(4, 1),  # k of b blocks (docs/design.md §3.4): the same scalars, fewer blocks
+    "decode16k3": Layout.decode(16, 3),
     "prefill24+4": Layout.prefill(24, 4),
     "training16/4": Layout.training(16, 4),
     "custom": Layout(causal_len=6, num_blocks=3, block_len=3, first_visible=5, visible_stride=-2),
@@ -159,7 +161,8 @@ def test_tile_counts_follow_each_rows_past_length():
 
 # ---------------------------------------------------------------- results against the reference
 CASES = [("ar1", [5, 40]), ("causal20", [0, 0]), ("causal20", [7, 31]), ("decode1", [0, 3]), ("decode2", [9, 0]),
-         ("decode4", [0, 21]), ("decode8", [35, 2]), ("decode16", [0, 17]), ("prefill24+4", [0, 13]),
+         ("decode4", [0, 21]), ("decode8", [35, 2]), ("decode16", [0, 17]), ("decode4k1", [6, 0]),
+         ("decode16k3", [23, 4]), ("prefill24+4", [0, 13]),
          ("training16/4", [0]), ("custom", [4, 19])]
 
 
@@ -229,6 +232,21 @@ def test_layout_scalars_as_device_tensors_and_int32_past_lens():
                    for name, value in layout.kernel_scalars().items()}
         as_tensors = run_kernel(layout, q, k, v, past_lens.to(dtype), scalars=scalars)
         assert torch.equal(as_tensors, as_ints)
+
+
+@pytest.mark.parametrize("b,k", [(4, 1), (8, 3), (16, 2)])
+def test_trtllm_front_end_at_k_of_b_shapes(b, k):
+    """The TensorRT-LLM plugin's eager path (the launcher its engine calls) on a k-of-b step
+    (docs/design.md §3.4): the layout scalars are inputs, so Layout.decode(b, k) travels as five
+    0-d tensors and the result equals the dense reference."""
+    from tidar.plugins.trtllm_plugin import hybrid_attention_trtllm
+
+    layout = Layout.decode(b, k)
+    q, key, v, past_lens = random_inputs(layout, [5, 19], heads=4, kv_heads=2, head_dim=32, seed=b + k)
+    scalars = [torch.tensor(value, device=DEVICE) for value in layout.kernel_scalars().values()]
+    out = hybrid_attention_trtllm(q, key, v, past_lens, *scalars, num_heads=4, num_kv_heads=2, head_dim=32,
+                                  scale=32 ** -0.5)
+    assert (out.float() - reference(layout, q, key, v, past_lens)).abs().max() <= TOLERANCE[torch.float32]
 
 
 def test_rows_without_visible_keys_are_finite():

@@ -2,12 +2,12 @@
 Runtime backend.
 
 Oracle: the torch reference backend. The graphs' logits (the step's hidden states through the
-head graph) and present K/V match it within 1e-4 for prefill, AR and TiDAR decode layouts with
-ragged cached lengths, on every row and on rows picked per batch row; one file serves every
-batch size / new-token count / past length; greedy decoding through ONNX Runtime gives the
-torch backend's tokens (docs/design.md invariant I5) while the head graph sees 2b - 1 rows per
-step and row (docs/design.md §3.2). The plugin lowering is checked structurally (ONNX Runtime
-cannot run tidar::hybrid_attention).
+head graph) and present K/V match it within 1e-4 for prefill, AR and TiDAR decode layouts (k = b
+and k < b blocks) with ragged cached lengths, on every row and on rows picked per batch row; one
+file serves every batch size / new-token count / past length; greedy decoding through ONNX
+Runtime gives the torch backend's tokens (docs/design.md invariant I5) while the head graph sees
+2b - 1 rows per step and row (docs/design.md §3.2). The plugin lowering is checked structurally
+(ONNX Runtime cannot run tidar::hybrid_attention).
 """
 
 from __future__ import annotations
@@ -71,6 +71,8 @@ CASES = {  # name: (layout, past_lens); batch sizes, new-token counts and past l
     "decode4-ragged": (Layout.decode(4), [12, 5]),
     "decode16": (Layout.decode(16), [6]),
     "decode16-ragged": (Layout.decode(16), [2, 17, 9]),
+    "decode4k1": (Layout.decode(4, 1), [7]),  # k of b blocks: the same graph, other scalar inputs
+    "decode16k3-ragged": (Layout.decode(16, 3), [13, 4]),
 }
 
 
@@ -174,10 +176,10 @@ def test_greedy_tokens_match_torch(family, tiny_backends, onnx_backends, tiny_ch
     """docs/design.md I5: the same greedy tokens on every backend, for AR and TiDAR decoding, batched."""
     tokenizer = Tokenizer(tiny_checkpoints[family])
     requests = [Request(tokenizer.encode(prompt), max_new_tokens=20, eos_ids=()) for prompt in PROMPTS]
-    for draft_len in (0, 4, 16):
-        expected = DecodeEngine(tiny_backends[family], tokenizer, draft_len=draft_len).generate(requests)
-        actual = DecodeEngine(onnx_backends[family], tokenizer, draft_len=draft_len).generate(requests)
-        assert [r.token_ids for r in actual] == [r.token_ids for r in expected], f"{family} b={draft_len}"
+    for draft_len, blocks in ((0, None), (4, None), (16, None), (16, 2), (4, 1)):
+        expected = DecodeEngine(tiny_backends[family], tokenizer, draft_len, draft_blocks=blocks).generate(requests)
+        actual = DecodeEngine(onnx_backends[family], tokenizer, draft_len, draft_blocks=blocks).generate(requests)
+        assert [r.token_ids for r in actual] == [r.token_ids for r in expected], f"{family} b={draft_len} k={blocks}"
         assert [r.stats.forward_passes for r in actual] == [r.stats.forward_passes for r in expected]
 
 
