@@ -1,6 +1,7 @@
 """`tidar-export build`: one checkpoint in, one self-describing export folder out.
 
-    build(checkpoint, out, tp=1, dtype=None, draft_len=None, engine="auto", force=False) -> manifest
+    build(checkpoint, out, tp=1, dtype=None, draft_len=None, engine="auto", force=False,
+          draft_blocks=None) -> manifest
 
 Steps, in order (each is an existing function; this module only sequences and records them):
 
@@ -64,7 +65,7 @@ import tidar
 from tidar.runtime.checkpoint import CheckpointError, weight_files
 from tidar.runtime import engine_backend, onnx_backend
 from tidar.runtime.config import ConfigError, TiDARConfig
-from tidar.runtime.layout import Layout
+from tidar.runtime.layout import Layout, check_draft_shape
 from tidar.runtime.tokenizer import Tokenizer, TokenizerError
 
 from .engine_shapes import engine_limits
@@ -122,13 +123,18 @@ def validate_checkpoint(folder: Path) -> tuple[TiDARConfig, CheckpointSource]:
     return config, source
 
 
-def check_options(config: TiDARConfig, tp: int, dtype: str, draft_len: int, engine: str) -> None:
+def check_options(config: TiDARConfig, tp: int, dtype: str, draft_len: int, engine: str,
+                  draft_blocks: int | None = None) -> None:
     """Raise ExportError / ConversionError naming the option that does not fit the model."""
     if engine not in ENGINE_MODES:
         raise ExportError(f"engine must be one of {', '.join(ENGINE_MODES)}, got {engine!r}")
     if isinstance(draft_len, bool) or not isinstance(draft_len, int) or not 0 <= draft_len <= config.block_size:
         raise ExportError(f"draft length must be an integer in [0, block_size={config.block_size}], "
                           f"got {draft_len!r}")
+    try:
+        check_draft_shape(draft_len, draft_blocks)
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
     trtllm_config(config, tp, dtype)  # tp against the heads, and the dtype
 
 
@@ -221,12 +227,13 @@ def tensorrt_unavailable_reason() -> str | None:
     return unavailable_reason()
 
 
-def engine_script(config: TiDARConfig, tp: int, draft_len: int) -> str:
+def engine_script(config: TiDARConfig, tp: int, draft_len: int, draft_blocks: int | None = None) -> str:
     """build_engine.sh: the trtllm-build command that turns OUT/trtllm into OUT/engine, with the
     model definition read from the installed tidar package (export/trtllm_model.py)."""
     flags = [("--checkpoint_dir", "trtllm"), ("--output_dir", "engine"),
              ("--model_cls_file", '"$MODEL_CLS_FILE"'), ("--model_cls_name", TRTLLM_MODEL_CLASS),
-             *((f"--{key}", value) for key, value in engine_limits(config, draft_len).items()),
+             *((f"--{key}", value) for key, value in engine_limits(config, draft_len,
+                                                                    draft_blocks=draft_blocks).items()),
              ("--max_draft_len", draft_len)]
     # No --workers: with more than one worker trtllm-build pickles the model class into spawned
     # processes, which cannot import a --model_cls_file module; one worker builds every rank.
@@ -234,7 +241,7 @@ def engine_script(config: TiDARConfig, tp: int, draft_len: int) -> str:
     return f"""#!/usr/bin/env bash
 # Build the TensorRT-LLM engine of this export on a GPU host (TensorRT-LLM 1.2.x, the last
 # release with the trtllm-build engine flow): reads trtllm/ (tp={tp}), writes engine/.
-# Sizes: draft length {draft_len} (one decode step = {Layout.decode(draft_len).num_new} tokens per row).
+# Sizes: draft length {draft_len}, {Layout.decode(draft_len, draft_blocks).num_blocks} mask blocks (one decode step = {Layout.decode(draft_len, draft_blocks).num_new} tokens per row).
 # Needs tidar installed in the same Python (the model file imports it); TIDAR_ROOT overrides
 # where the tidar package is.
 set -euo pipefail
@@ -257,33 +264,36 @@ def engine_skip_reasons(engine: str) -> dict[str, str | None]:
     return {"engine": engine_unavailable_reason(), "tensorrt": tensorrt_unavailable_reason()}
 
 
-def build_trtllm_engine(folder: Path, config: TiDARConfig, tp: int, draft_len: int) -> dict:
+def build_trtllm_engine(folder: Path, config: TiDARConfig, tp: int, draft_len: int,
+                        draft_blocks: int | None = None) -> dict:
     """TensorRT-LLM engines of folder/trtllm, one per rank, into folder/engine (config.json and
     rank{r}.engine) through TensorRT-LLM's Python API; returns what the manifest records."""
     from tensorrt_llm.builder import BuildConfig, build
 
     from .trtllm_model import TiDARForCausalLM
 
-    limits = engine_limits(config, draft_len)
+    limits = engine_limits(config, draft_len, draft_blocks=draft_blocks)
     build_config = BuildConfig(**limits)
     for rank in range(tp):
         try:
             model = TiDARForCausalLM.from_checkpoint(str(folder / "trtllm"), rank=rank)
             model.config.tidar["draft_len"] = draft_len  # the decode step the profile is tuned for (even 0)
+            model.config.tidar["draft_blocks"] = draft_blocks
             build(model, build_config).save(str(folder / "engine"))
         except Exception as exc:  # TensorRT-LLM raises many types (AssertionError, RuntimeError, ...)
             raise ExportError(f"TensorRT-LLM engine build failed for rank {rank}: "
                               f"{type(exc).__name__}: {exc}") from exc
     return {"builder": "tensorrt_llm.builder.build", "tensorrt_llm": versions().get("tensorrt_llm"),
-            "ranks": tp, "draft_len": draft_len, **limits}
+            "ranks": tp, "draft_len": draft_len, "draft_blocks": draft_blocks, **limits}
 
 
-def build_tensorrt(folder: Path, config: TiDARConfig, draft_len: int) -> dict:
+def build_tensorrt(folder: Path, config: TiDARConfig, draft_len: int, draft_blocks: int | None = None) -> dict:
     """The TensorRT engine of the plugin ONNX graph into folder/TENSORRT_ENGINE."""
     from .tensorrt_engine import TensorRTEngineError, build_tensorrt_engine
 
     try:
-        return build_tensorrt_engine(folder / ONNX_GRAPHS["plugin"], folder / TENSORRT_ENGINE, config, draft_len)
+        return build_tensorrt_engine(folder / ONNX_GRAPHS["plugin"], folder / TENSORRT_ENGINE, config, draft_len,
+                                     draft_blocks=draft_blocks)
     except (TensorRTEngineError, RuntimeError) as exc:
         raise ExportError(f"TensorRT engine build failed: {exc}") from exc
 
@@ -378,10 +388,11 @@ class _Steps:
 # ---------------------------------------------------------------- the build
 def build(checkpoint: str | Path, out: str | Path, tp: int = 1, dtype: str | None = None,
           draft_len: int | None = None, engine: str = "auto", force: bool = False,
-          progress: bool = True) -> dict:
+          progress: bool = True, draft_blocks: int | None = None) -> dict:
     """Export the TiDAR checkpoint folder `checkpoint` into `out` (see the module docstring) and
     return the manifest. `dtype` (TRT-LLM checkpoint and engine) defaults to the checkpoint's;
-    `draft_len` (engine sizes) to its block size. Raises CheckpointError / TokenizerError /
+    `draft_len` b (engine sizes) to its block size, `draft_blocks` k (mask blocks of the decode
+    step the engines are sized for, docs/design.md §3.4) to b. Raises CheckpointError / TokenizerError /
     ExportError / ConversionError naming the problem; nothing is left at `out` then."""
     folder, out = Path(checkpoint), Path(out)
     if not folder.is_dir():
@@ -397,7 +408,7 @@ def build(checkpoint: str | Path, out: str | Path, tp: int = 1, dtype: str | Non
             raise CheckpointError(str(exc)) from None
         dtype = dtype or config.torch_dtype
         draft_len = config.block_size if draft_len is None else draft_len
-        check_options(config, tp, dtype, draft_len, engine)
+        check_options(config, tp, dtype, draft_len, engine, draft_blocks)
         engine_reasons = engine_skip_reasons(engine)
         if engine == "require" and any(engine_reasons.values()):
             why = "; ".join(f"{step}: {reason}" for step, reason in engine_reasons.items() if reason)
@@ -414,7 +425,7 @@ def build(checkpoint: str | Path, out: str | Path, tp: int = 1, dtype: str | Non
             steps.start(f"TensorRT-LLM checkpoint (tp={tp}, {dtype})")
             convert(folder, partial / "trtllm", tp, dtype, progress=steps.note, source=source)
             script = partial / ENGINE_SCRIPT
-            script.write_text(engine_script(config, tp, draft_len))
+            script.write_text(engine_script(config, tp, draft_len, draft_blocks))
             script.chmod(0o755)
             built.append("trtllm")
             steps.done()
@@ -429,8 +440,9 @@ def build(checkpoint: str | Path, out: str | Path, tp: int = 1, dtype: str | Non
             for step, reason in engine_reasons.items():
                 if not reason:
                     try:
-                        engines[step] = (build_trtllm_engine(partial, config, tp, draft_len) if step == "engine"
-                                         else build_tensorrt(partial, config, draft_len))
+                        engines[step] = (build_trtllm_engine(partial, config, tp, draft_len, draft_blocks)
+                                         if step == "engine" else build_tensorrt(partial, config, draft_len,
+                                                                                 draft_blocks))
                         built.append(step)
                         continue
                     except ExportError as exc:
@@ -456,7 +468,8 @@ def build(checkpoint: str | Path, out: str | Path, tp: int = 1, dtype: str | Non
                 "inputs": {"checkpoint": str(checkpoint), "checkpoint_resolved": str(folder.resolve()),
                            "sha256": hashes},
                 "versions": versions(),
-                "options": {"tp": tp, "dtype": dtype, "draft_len": draft_len, "engine": engine,
+                "options": {"tp": tp, "dtype": dtype, "draft_len": draft_len, "draft_blocks": draft_blocks,
+                            "engine": engine,
                             "onnx_dtype": ONNX_DTYPE},
                 "config": config_summary(config),
                 "built": built,

@@ -1,6 +1,6 @@
 """The `tidar-export` command line: build an export folder from a checkpoint, and verify one.
 
-    tidar-export build [CHECKPOINT] -o OUT [--tp N] [--dtype D] [--draft-len B]
+    tidar-export build [CHECKPOINT] -o OUT [--tp N] [--dtype D] [--draft-len B] [--draft-blocks K]
                        [--engine auto|skip|require] [--force] [--quiet]
     tidar-export verify OUT [--json] [--threads N]
 
@@ -66,7 +66,7 @@ def _build(args: argparse.Namespace) -> int:
     from .build import build
 
     manifest = build(args.checkpoint, args.out, tp=args.tp, dtype=args.dtype, draft_len=args.draft_len,
-                     engine=args.engine, force=args.force, progress=not args.quiet)
+                     engine=args.engine, force=args.force, progress=not args.quiet, draft_blocks=args.draft_blocks)
     files = manifest["artifacts"]
     print(f"wrote {args.out}: {len(files)} files, {sum(f['size'] for f in files):,} bytes "
           f"({', '.join(manifest['built'])})")
@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "the ONNX graphs are float32")
     build.add_argument("--draft-len", type=_count, default=None,
                        help="draft length the engine is sized for, 0..block_size (default: the block size)")
+    build.add_argument("--draft-blocks", type=_count, default=None,
+                       help="mask blocks k of the decode step the engine is sized for, 1..draft length "
+                            "(b + k*b tokens per row; default: k = the draft length)")
     build.add_argument("--engine", choices=("auto", "skip", "require"), default="auto",
                        help="auto (default): build the engines (TensorRT-LLM; TensorRT from the plugin graph) "
                             "where their libraries and a GPU are available, else record why not; skip: do not "

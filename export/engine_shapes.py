@@ -5,14 +5,16 @@ Both engine flows take the decode step of `export/onnx_export.py` with three dyn
     batch   rows of a step                         1 .. max_batch_size
     new     new tokens per row: a prefill is the   1 .. max(max_input_len + draft_len, step tokens)
             prompt plus a block of masks, a decode
-            step `Layout.decode(draft_len).num_new`
+            step `Layout.decode(draft_len,
+            draft_blocks).num_new` = b + k*b
     past    cached tokens per row (padded maximum) 0 .. max_position_embeddings
 
 `engine_limits` gives the trtllm-build sizes, `dimension_ranges` the (min, opt, max) of each
 dynamic dimension (TensorRT optimization profile / TensorRT-LLM `dim_range`), and
 `input_shapes` the (min, opt, max) shape of every graph input, as TensorRT's
 `IOptimizationProfile.set_shape` wants them. `opt` is what kernels are tuned for: one row, one
-TiDAR decode step of `draft_len`, a past of up to OPT_PAST tokens.
+TiDAR decode step of `draft_len` b drafts and `draft_blocks` k mask blocks (None: k = b, the
+paper's b(b+1) tokens; docs/design.md §3.4), a past of up to OPT_PAST tokens.
 """
 
 from __future__ import annotations
@@ -49,47 +51,56 @@ def max_past(config: TiDARConfig) -> int:
     return config.max_position_embeddings
 
 
-def max_past_for_seq_len(max_seq_len: int, draft_len: int) -> int:
+def step_tokens(draft_len: int, draft_blocks: int | None = None) -> int:
+    """New tokens per row of one decode step of shape (b, k): b + k*b (k = None: k = b)."""
+    return Layout.decode(draft_len, draft_blocks).num_new
+
+
+def max_past_for_seq_len(max_seq_len: int, draft_len: int, draft_blocks: int | None = None) -> int:
     """The past that `max_seq_len` (cached tokens plus one decode step, as `engine_limits` sets
     it for trtllm-build) leaves."""
-    return max_seq_len - Layout.decode(draft_len).num_new
+    return max_seq_len - step_tokens(draft_len, draft_blocks)
 
 
-def engine_limits(config: TiDARConfig, draft_len: int, max_batch_size: int = ENGINE_MAX_BATCH_SIZE) -> dict[str, int]:
+def engine_limits(config: TiDARConfig, draft_len: int, max_batch_size: int = ENGINE_MAX_BATCH_SIZE,
+                  draft_blocks: int | None = None) -> dict[str, int]:
     """trtllm-build sizes: a prefill is the prompt plus a block of masks, a decode step
-    `Layout.decode(draft_len).num_new` tokens per row, and the KV cache holds the committed tokens
-    plus one step's new tokens."""
-    step_tokens = Layout.decode(draft_len).num_new
+    `step_tokens(draft_len, draft_blocks)` tokens per row, and the KV cache holds the committed
+    tokens plus one step's new tokens."""
+    step = step_tokens(draft_len, draft_blocks)
     max_input_len = config.max_position_embeddings - 1
     return {"max_batch_size": max_batch_size, "max_input_len": max_input_len,
-            "max_seq_len": max_past(config) + step_tokens,
-            "max_num_tokens": max(max_input_len + draft_len, max_batch_size * step_tokens)}
+            "max_seq_len": max_past(config) + step,
+            "max_num_tokens": max(max_input_len + draft_len, max_batch_size * step)}
 
 
-def dimension_ranges(config: TiDARConfig, draft_len: int,
-                     max_batch_size: int = ENGINE_MAX_BATCH_SIZE) -> dict[str, DimRange]:
+def dimension_ranges(config: TiDARConfig, draft_len: int, max_batch_size: int = ENGINE_MAX_BATCH_SIZE,
+                     draft_blocks: int | None = None) -> dict[str, DimRange]:
     """{"batch", "new", "past"}: the (min, opt, max) of each dynamic dimension."""
-    limits = engine_limits(config, draft_len, max_batch_size)
+    limits = engine_limits(config, draft_len, max_batch_size, draft_blocks)
     return ranges_for_limits(max_batch_size, limits["max_input_len"],
-                             max_past_for_seq_len(limits["max_seq_len"], draft_len), draft_len)
+                             max_past_for_seq_len(limits["max_seq_len"], draft_len, draft_blocks), draft_len,
+                             draft_blocks)
 
 
-def ranges_for_limits(max_batch_size: int, max_input_len: int, max_past: int, draft_len: int) -> dict[str, DimRange]:
+def ranges_for_limits(max_batch_size: int, max_input_len: int, max_past: int, draft_len: int,
+                      draft_blocks: int | None = None) -> dict[str, DimRange]:
     """The ranges of `dimension_ranges` from explicit limits: at most `max_batch_size` rows, a
     prefill of up to `max_input_len` prompt tokens plus `draft_len` masks, `max_past` cached
-    tokens; tuned for one row, one decode step of `draft_len`."""
-    step_tokens = Layout.decode(draft_len).num_new
-    max_new = max(max_input_len + draft_len, step_tokens)
+    tokens; tuned for one row, one decode step of shape (`draft_len`, `draft_blocks`)."""
+    step = step_tokens(draft_len, draft_blocks)
+    max_new = max(max_input_len + draft_len, step)
     return {"batch": DimRange(1, 1, max_batch_size),
-            "new": DimRange(1, min(step_tokens, max_new), max_new),
+            "new": DimRange(1, min(step, max_new), max_new),
             "past": DimRange(0, min(OPT_PAST, max_past), max_past)}
 
 
 def input_shapes(config: TiDARConfig, draft_len: int, num_kv_heads: int | None = None,
-                 max_batch_size: int = ENGINE_MAX_BATCH_SIZE) -> dict[str, tuple[tuple[int, ...], ...]]:
+                 max_batch_size: int = ENGINE_MAX_BATCH_SIZE,
+                 draft_blocks: int | None = None) -> dict[str, tuple[tuple[int, ...], ...]]:
     """{input name: (min shape, opt shape, max shape)} of the decode-step graph (input names of
     `onnx_export.input_names`); `num_kv_heads` is the rank-local count (default: all)."""
-    ranges = dimension_ranges(config, draft_len, max_batch_size)
+    ranges = dimension_ranges(config, draft_len, max_batch_size, draft_blocks)
     kv_heads = num_kv_heads or config.num_key_value_heads
 
     def shapes(*dims) -> tuple[tuple[int, ...], ...]:

@@ -60,10 +60,10 @@ def unavailable_reason() -> str | None:
     return engine_triton_problem()
 
 
-def optimization_profile(config: TiDARConfig, draft_len: int,
-                         max_batch_size: int = ENGINE_MAX_BATCH_SIZE) -> dict[str, tuple[tuple[int, ...], ...]]:
+def optimization_profile(config: TiDARConfig, draft_len: int, max_batch_size: int = ENGINE_MAX_BATCH_SIZE,
+                         draft_blocks: int | None = None) -> dict[str, tuple[tuple[int, ...], ...]]:
     """{graph input: (min, opt, max) shape} of the one profile (see `engine_shapes.input_shapes`)."""
-    shapes = input_shapes(config, draft_len, max_batch_size=max_batch_size)
+    shapes = input_shapes(config, draft_len, max_batch_size=max_batch_size, draft_blocks=draft_blocks)
     missing = set(input_names(config.num_hidden_layers)) ^ set(shapes)
     if missing:
         raise ValueError(f"profile and graph inputs disagree on {sorted(missing)}")
@@ -93,7 +93,8 @@ def annotate_plugin_nodes(graph) -> int:
 
 
 def build_tensorrt_engine(onnx_path: str | Path, engine_path: str | Path, config: TiDARConfig,
-                          draft_len: int, max_batch_size: int = ENGINE_MAX_BATCH_SIZE) -> dict:
+                          draft_len: int, max_batch_size: int = ENGINE_MAX_BATCH_SIZE,
+                          draft_blocks: int | None = None) -> dict:
     """Build the engine of the plugin graph `onnx_path` into `engine_path`; returns what the
     manifest records (profile, TensorRT version). Raises TensorRTEngineError naming the step."""
     import onnx
@@ -115,7 +116,7 @@ def build_tensorrt_engine(onnx_path: str | Path, engine_path: str | Path, config
     builder_config = builder.create_builder_config()
     builder_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
     profile = builder.create_optimization_profile()
-    shapes = optimization_profile(config, draft_len, max_batch_size)
+    shapes = optimization_profile(config, draft_len, max_batch_size, draft_blocks)
     for name, (low, opt, high) in shapes.items():
         profile.set_shape(name, low, opt, high)
     builder_config.add_optimization_profile(profile)
@@ -124,7 +125,7 @@ def build_tensorrt_engine(onnx_path: str | Path, engine_path: str | Path, config
         raise TensorRTEngineError(f"{onnx_path}: TensorRT could not build an engine (see its log above)")
     engine_path.parent.mkdir(parents=True, exist_ok=True)
     engine_path.write_bytes(bytes(serialized))
-    ranges = dimension_ranges(config, draft_len, max_batch_size)
-    return {"tensorrt": trt.__version__, "source": onnx_path.name, "draft_len": draft_len,
+    ranges = dimension_ranges(config, draft_len, max_batch_size, draft_blocks)
+    return {"tensorrt": trt.__version__, "source": onnx_path.name, "draft_len": draft_len, "draft_blocks": draft_blocks,
             "profile": {dim: list(value.as_tuple()) for dim, value in ranges.items()},
             "kernels": plugins.compiled_kernels()}  # PTX ISA version, tiles, Triton version of each kernel

@@ -170,13 +170,15 @@ def builder_ranges(config: dict, max_batch_size: int, max_input_len: int, max_se
     """Dimension ranges from the sizes `tensorrt_llm.builder.build` passes to `prepare_inputs`;
     the decode step is tuned for `max_draft_len` (trtllm-build --max_draft_len, which
     build_engine.sh passes), else the config's tidar.draft_len (set by `tidar-export build`),
-    else the model's block size. `max_seq_len` covers the cached tokens plus one decode step
+    else the model's block size; with the config's tidar.draft_blocks k mask blocks (None: k = b). `max_seq_len` covers the cached tokens plus one decode step
     (`engine_shapes.engine_limits`), so the past ranges up to `max_past_for_seq_len`."""
     tidar = config["tidar"]
     draft_len = max_draft_len if max_draft_len else tidar.get("draft_len")
     if draft_len is None:
         draft_len = tidar["block_size"]
-    return ranges_for_limits(max_batch_size, max_input_len, max_past_for_seq_len(max_seq_len, draft_len), draft_len)
+    blocks = tidar.get("draft_blocks")
+    return ranges_for_limits(max_batch_size, max_input_len, max_past_for_seq_len(max_seq_len, draft_len, blocks),
+                             draft_len, blocks)
 
 
 def allow_plugin_v3_layers(layer_class, trt) -> None:

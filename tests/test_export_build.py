@@ -78,8 +78,8 @@ def test_layout_and_manifest(exported, tiny_checkpoints):
     assert (out / "config.json").read_bytes() == (source / "config.json").read_bytes()
     assert manifest["inputs"]["checkpoint"] == str(source)
     assert set(manifest["inputs"]["sha256"]) >= {"config.json", WEIGHTS, "tokenizer.json"}
-    assert manifest["options"] == {"tp": TP, "dtype": "float32", "draft_len": 16, "engine": "auto",
-                                   "onnx_dtype": "float32"}
+    assert manifest["options"] == {"tp": TP, "dtype": "float32", "draft_len": 16, "draft_blocks": None,
+                                   "engine": "auto", "onnx_dtype": "float32"}
     assert {"python", "torch", "safetensors", "onnx", "onnxruntime", "onnxscript"} <= manifest["versions"].keys()
     assert manifest["config"]["model_type"] == "qwen2" and manifest["config"]["block_size"] == 16
     assert manifest["config"]["mask_token_id"] == 2 and manifest["config"]["num_hidden_layers"] == 2
@@ -336,7 +336,8 @@ def test_bad_checkpoint_is_refused(case, tiny_checkpoints, tmp_path, capsys):
 def test_bad_options_are_refused(tiny_checkpoints, tmp_path, capsys):
     checkpoint = tiny_checkpoints["qwen2"]
     for options, fragments in ((["--tp", 3], ["tp_size", "3"]), (["--draft-len", 17], ["draft length", "17"]),
-                               (["--tp", 8], ["num_attention_heads"])):
+                               (["--tp", 8], ["num_attention_heads"]),
+                               (["--draft-len", 4, "--draft-blocks", 5], ["draft_blocks", "5"])):
         status, _, err = build_cli(capsys, checkpoint, tmp_path / "out", *options)
         assert status == 2
         assert_one_line_error(err, *fragments)

@@ -34,6 +34,8 @@ def test_profile_covers_every_input(tiny_backends):
     assert profile["past_lens"] == ((1,), (1,), (3,))
     assert profile["causal_len"] == ((), (), ())
     assert profile["past_value_1"] == ((1, 1, 0, 32), (1, 1, 1024, 32), (3, 1, 1024, 32))
+    k_of_b = optimization_profile(config, draft_len=4, max_batch_size=3, draft_blocks=1)  # 4 + 1 * 4 tokens
+    assert k_of_b["input_ids"] == ((1, 1), (1, 8), (3, 1023 + 4))
 
 
 def test_plugin_nodes_are_annotated_in_memory_only(tiny_backends, tmp_path):

@@ -108,6 +108,19 @@ def test_engine_sizes(tiny_checkpoints):
         DimRange(2, 1, 3)
 
 
+def test_engine_sizes_of_a_k_of_b_step(tiny_checkpoints):
+    """k < b mask blocks (docs/design.md §3.4): a step is b + k*b tokens per row, which is what the
+    profile is tuned for and what the KV cache and token budget must hold beyond the past."""
+    config = TiDARConfig.from_file(tiny_checkpoints["qwen2"])
+    assert dimension_ranges(config, 16, draft_blocks=2)["new"] == DimRange(1, 16 + 2 * 16, 1023 + 16)
+    assert dimension_ranges(config, 4, draft_blocks=1)["new"].opt == 8
+    limits = engine_limits(config, 16, max_batch_size=64, draft_blocks=2)
+    assert limits["max_seq_len"] == 1024 + 48 and limits["max_num_tokens"] == 64 * 48
+    assert engine_limits(config, 16, draft_blocks=16) == engine_limits(config, 16)
+    with pytest.raises(ValueError, match="draft_blocks"):
+        engine_limits(config, 4, draft_blocks=5)
+
+
 def test_outputs_declare_model_dtype_hidden_states_and_presents(trtllm_checkpoints):
     """The network ends at the final norm (the runtime applies the LM head to the rows it picks):
     hidden states of every new token and the presents, all in the model dtype; no logits."""
@@ -126,12 +139,13 @@ def test_one_definition_of_the_maximum_past(tiny_checkpoints, trtllm_checkpoints
     agree on the longest past."""
     config = TiDARConfig.from_file(tiny_checkpoints["qwen2"])
     trtllm = read_config(trtllm_checkpoints["qwen2", 1])
-    for draft_len in (0, 4, 16):
+    for draft_len, blocks in ((0, None), (4, None), (16, None), (16, 2), (4, 1)):
         trtllm["tidar"]["draft_len"] = draft_len  # as `tidar-export build` writes it into trtllm/config.json
-        limits = engine_limits(config, draft_len)
+        trtllm["tidar"]["draft_blocks"] = blocks
+        limits = engine_limits(config, draft_len, draft_blocks=blocks)
         ranges = builder_ranges(trtllm, limits["max_batch_size"], limits["max_input_len"], limits["max_seq_len"],
                                 draft_len)
-        assert ranges == dimension_ranges(config, draft_len)
+        assert ranges == dimension_ranges(config, draft_len, draft_blocks=blocks)
         assert ranges["past"].max == config.max_position_embeddings
 
 
