@@ -2,13 +2,18 @@
 
 Methods, all on the same weights in fp32 and the same held-out prompts:
   ar                  AR decoding through this runtime (draft length 0, same code path)
-  tidar-b{N}          TiDAR at draft length N
-  tidar-auto          TiDAR at the draft length the runtime picks itself (runtime/autotune.py)
+  tidar-b{N}          TiDAR at draft length N (k = N mask blocks, the paper's step)
+  tidar-b{N}k{K}      TiDAR at draft length N with K < N mask blocks (docs/design.md §3.4)
+  tidar-auto          TiDAR at the draft shape (b, k) the runtime picks itself (runtime/autotune.py)
   hf-greedy           transformers generate(), greedy
   hf-prompt-lookup    transformers generate() with prompt-lookup speculation
 Per method: tokens/s (each prompt's median over repeats; total tokens / total seconds),
-T/NFE, median step latency, acceptance per position, and whether every output equals the
-AR output token for token. Writes bench.json and bench.png.
+T/NFE, committed tokens per decode step, median step latency, query tokens per step and row,
+acceptance per position (accepted / proposed there), and whether every output equals the AR
+output token for token. The autotuner's view is reported beside it: for every candidate shape
+(AR included) the measured forward latency, the expected tokens per step (`autotune.
+expected_tokens`) and so the expected tokens/s, next to the measured tokens/s of the shapes
+that ran, and the chosen shape. Writes bench.json and bench.png.
 
 Prompts come from the held-out files of the standard-library split the bundled model was
 trained with (train/data.py), cut at a line start a third of the way into each file.
@@ -52,13 +57,14 @@ def heldout_prompts(model: Path, tokenizer: Tokenizer, count: int, prompt_tokens
     return prompts
 
 
-def run_runtime(backend, tokenizer, draft_len: int, prompts, max_new_tokens: int, repeats: int) -> dict:
+def run_runtime(backend, tokenizer, draft_len: int, prompts, max_new_tokens: int, repeats: int,
+                draft_blocks: int | None = None) -> dict:
     """One request at a time (batch 1, as the paper measures), `repeats` times each."""
-    engine = DecodeEngine(backend, tokenizer, draft_len=draft_len)
+    engine = DecodeEngine(backend, tokenizer, draft_len=draft_len, draft_blocks=draft_blocks)
     engine.generate([Request(prompts[0], 8, eos_ids=())])  # warm-up, untimed
     outputs, seconds, forwards, steps_seconds, decode_steps = [], [], 0, [], 0
     accepted = [0] * max(draft_len - 1, 0)
-    drafts = 0
+    proposed = [0] * max(draft_len - 1, 0)
     for prompt in prompts:
         times = []
         for _ in range(repeats):
@@ -69,16 +75,19 @@ def run_runtime(backend, tokenizer, draft_len: int, prompts, max_new_tokens: int
         outputs.append(result.token_ids)
         stats = result.stats
         forwards += stats.forward_passes
-        drafts += stats.drafts
         accepted = [a + b for a, b in zip(accepted, stats.accepted_per_position)]
+        proposed = [a + b for a, b in zip(proposed, stats.proposed_per_position)]
         if stats.forward_passes > 1:
             steps_seconds.append(stats.decode_seconds / (stats.forward_passes - 1))
             decode_steps += stats.forward_passes - 1
     tokens = sum(len(o) for o in outputs)
+    b, k = autotune.as_shape((draft_len, draft_blocks) if draft_blocks is not None else draft_len)
     return {"outputs": outputs, "tokens": tokens, "seconds": sum(seconds),
             "tokens_per_second": tokens / sum(seconds), "tokens_per_forward": tokens / forwards,
+            "tokens_per_step": (tokens - len(prompts)) / decode_steps if decode_steps else None,
             "step_ms_median": 1000 * statistics.median(steps_seconds) if steps_seconds else None,
-            "acceptance_per_position": autotune.acceptance_from_stats(accepted, drafts)}
+            "draft_len": b, "draft_blocks": k, "query_tokens": autotune.query_tokens((b, k)),
+            "acceptance_per_position": autotune.acceptance_from_stats(accepted, proposed)}
 
 
 def run_transformers(model_dir: Path, prompts, max_new_tokens: int, repeats: int, prompt_lookup: int | None) -> dict:
@@ -139,9 +148,18 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def method_name(shape: tuple[int, int]) -> str:
+    """'ar', 'tidar-b{b}' (k = b) or 'tidar-b{b}k{k}'."""
+    b, k = shape
+    return "ar" if b == 0 else f"tidar-b{b}" if k == b else f"tidar-b{b}k{k}"
+
+
 def bench(model: str | Path, out: str | Path, prompts: int = 8, prompt_tokens: int = 64, max_new_tokens: int = 128,
           repeats: int = 3, draft_lens: tuple[int, ...] = (4, 8, 16), peers: bool = True,
-          write_acceptance: bool = False, progress=print) -> dict:
+          write_acceptance: bool = False, progress=print,
+          draft_blocks: tuple[int, ...] = autotune.DEFAULT_DRAFT_BLOCKS) -> dict:
+    """`draft_lens` b run with k = b and with each k of `draft_blocks` below b; the autotuner
+    chooses among every b in 0..block_size with the same k's."""
     model, out = Path(model), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     backend = TorchBackend.load(model, dtype="float32", attention="sdpa")
@@ -154,20 +172,40 @@ def bench(model: str | Path, out: str | Path, prompts: int = 8, prompt_tokens: i
     methods: dict[str, dict] = {}
     progress("ar")
     methods["ar"] = run_runtime(backend, tokenizer, 0, prompt_ids, max_new_tokens, repeats)
-    for b in sorted(set(draft_lens) | {block}):
-        progress(f"tidar-b{b}")
-        methods[f"tidar-b{b}"] = run_runtime(backend, tokenizer, b, prompt_ids, max_new_tokens, repeats)
-    acceptance = methods[f"tidar-b{block}"]["acceptance_per_position"]
+    full = (block, block)
+    for shape in sorted(set(autotune.draft_shapes(draft_lens, draft_blocks)) - {(0, 0)} | {full},
+                        key=lambda s: (s[0], -s[1])):
+        name = method_name(shape)
+        progress(name)
+        methods[name] = run_runtime(backend, tokenizer, *shape, prompt_ids, max_new_tokens, repeats)
+    acceptance = methods[method_name(full)]["acceptance_per_position"]
     if write_acceptance:
         (model / autotune.ACCEPTANCE_FILE).write_text(json.dumps(
             {"block_size": block, "acceptance": acceptance, "prompts": len(prompt_ids),
              "measured_by": "tidar bench", "date": datetime.date.today().isoformat()}, indent=2) + "\n")
-    choice = autotune.choose_draft_len(backend, acceptance)
-    progress(f"tidar-auto (b={choice.draft_len})")
-    methods["tidar-auto"] = {**run_runtime(backend, tokenizer, choice.draft_len, prompt_ids, max_new_tokens, repeats),
-                             "draft_len": choice.draft_len,
-                             "expected_tokens_per_second": {str(b): round(v, 2) for b, v in
-                                                            choice.expected_tokens_per_second.items()}}
+    candidates = autotune.draft_shapes(range(0, block + 1), draft_blocks)
+    progress(f"autotune: forward latency of {len(candidates)} shapes")
+    choice = autotune.choose_draft_len(backend, acceptance, candidates=candidates)
+    chosen = choice.shape
+    progress(f"tidar-auto ({autotune.shape_name(chosen)})")
+    methods["tidar-auto"] = run_runtime(backend, tokenizer, *chosen, prompt_ids, max_new_tokens, repeats)
+    measured = {(r["draft_len"], r["draft_blocks"]): r["tokens_per_second"] for n, r in methods.items()
+                if "draft_len" in r and n != "tidar-auto"}
+    expected_rate = choice.expected_tokens_per_second
+    autotune_view = {
+        "acceptance": acceptance, "chosen": autotune.shape_name(chosen),
+        "candidates": {autotune.shape_name(c): {
+            "draft_len": c[0], "draft_blocks": c[1], "query_tokens": autotune.query_tokens(c),
+            "forward_ms": round(1000 * choice.step_seconds[c], 3),
+            "expected_tokens_per_step": round(choice.expected_tokens_per_step[c], 4),
+            "expected_tokens_per_second": round(expected_rate[c], 2),
+            "measured_tokens_per_second": round(measured[c], 2) if c in measured else None}
+            for c in candidates}}
+    for result in methods.values():
+        shape = (result["draft_len"], result["draft_blocks"])
+        result["expected_tokens_per_step"] = autotune_view["candidates"][autotune.shape_name(shape)][
+            "expected_tokens_per_step"]
+        result["expected_tokens_per_second"] = round(expected_rate[shape], 2)
     if peers:
         progress("hf-greedy")
         methods["hf-greedy"] = run_transformers(model, prompt_ids, max_new_tokens, repeats, None)
@@ -184,7 +222,9 @@ def bench(model: str | Path, out: str | Path, prompts: int = 8, prompt_tokens: i
         "machine": f"{platform.machine()}, {os.cpu_count()} cpus", "torch": torch.__version__,
         "threads": torch.get_num_threads(), "dtype": "float32", "attention": "sdpa", "batch_size": 1,
         "prompts": len(prompt_ids), "prompt_tokens": prompt_tokens, "max_new_tokens": max_new_tokens,
-        "repeats": repeats, "methods": methods,
+        "repeats": repeats, "chosen_shape": {"draft_len": chosen[0], "draft_blocks": chosen[1],
+                                             "query_tokens": autotune.query_tokens(chosen)},
+        "methods": methods, "autotune": autotune_view,
     }
     (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
     plot(report, out / "bench.png")
@@ -192,12 +232,27 @@ def bench(model: str | Path, out: str | Path, prompts: int = 8, prompt_tokens: i
 
 
 def table(report: dict) -> str:
-    """The report as a Markdown table."""
-    lines = ["| method | tokens/s | × AR | T/NFE | step ms | equals AR |", "|---|---|---|---|---|---|"]
+    """The report as Markdown tables: the methods run, then every candidate of the autotuner."""
+    def number(value, digits=1):
+        return "–" if value is None else f"{value:.{digits}f}"
+
+    lines = ["| method | (b, k) | query tokens/step | tokens/s | expected tokens/s | × AR | T/NFE | tokens/step "
+             "| expected tokens/step | step ms | equals AR |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in report["methods"].items():
-        label = f"{name} (b={r['draft_len']})" if "draft_len" in r else name
-        tpf = f"{r['tokens_per_forward']:.2f}" if "tokens_per_forward" in r else "–"
-        step = f"{r['step_ms_median']:.1f}" if r.get("step_ms_median") else "–"
-        lines.append(f"| {label} | {r['tokens_per_second']:.1f} | {r['speedup_vs_ar']:.2f} | {tpf} | {step} | "
+        shape = f"({r['draft_len']}, {r['draft_blocks']})" if "draft_len" in r else "–"
+        lines.append(f"| {name} | {shape} | {r.get('query_tokens', '–')} | {r['tokens_per_second']:.1f} | "
+                     f"{number(r.get('expected_tokens_per_second'))} | {r['speedup_vs_ar']:.2f} | "
+                     f"{number(r.get('tokens_per_forward'), 2)} | {number(r.get('tokens_per_step'), 2)} | "
+                     f"{number(r.get('expected_tokens_per_step'), 2)} | {number(r.get('step_ms_median'))} | "
                      f"{'yes' if r['equals_ar'] else 'NO'} |")
+    view = report.get("autotune")
+    if view:
+        lines += ["", f"Autotune candidates (forward latency at batch 1 x acceptance); chosen: {view['chosen']}", "",
+                  "| shape | query tokens/step | forward ms | expected tokens/step | expected tokens/s "
+                  "| measured tokens/s |", "|---|---|---|---|---|---|"]
+        for name, c in sorted(view["candidates"].items(), key=lambda item: -item[1]["expected_tokens_per_second"]):
+            mark = " ←" if name == view["chosen"] else ""
+            lines.append(f"| {name}{mark} | {c['query_tokens']} | {c['forward_ms']:.2f} | "
+                         f"{c['expected_tokens_per_step']:.2f} | {c['expected_tokens_per_second']:.1f} | "
+                         f"{number(c['measured_tokens_per_second'])} |")
     return "\n".join(lines)

@@ -48,14 +48,20 @@ def _generate(args: argparse.Namespace) -> int:
         if draft_len < 1:
             raise CLIError(f"--draft-len must be at least 1 in tidar mode, got {draft_len} "
                            "(use --mode ar for AR decoding)")
+    draft_blocks = args.draft_blocks
+    if draft_blocks is not None:
+        if draft_len is None or draft_len == 0:
+            raise CLIError("--draft-blocks needs a fixed --draft-len in tidar mode (auto chooses the blocks too)")
+        if not 1 <= draft_blocks <= draft_len:
+            raise CLIError(f"--draft-blocks must be in [1, --draft-len = {draft_len}], got {draft_blocks}")
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     if args.prompt == "":
         raise CLIError("--prompt is empty: at least one token is needed")
     backend = load_backend(args.backend, args.model, dtype=args.dtype, attention=args.attention)
     tokenizer = Tokenizer(args.model)
     if draft_len is None:
-        draft_len = _auto_draft_len(backend, tokenizer, args.model)
-    engine = DecodeEngine(backend, tokenizer, draft_len=draft_len, beta=args.beta)
+        draft_len, draft_blocks = _auto_draft_shape(backend, tokenizer, args.model)
+    engine = DecodeEngine(backend, tokenizer, draft_len=draft_len, beta=args.beta, draft_blocks=draft_blocks)
     prompt_ids = tokenizer.encode(args.prompt)
     request = Request(prompt_ids, args.max_new_tokens, sampling, stop=tuple(args.stop or ()))
     engine.check(request)
@@ -83,6 +89,7 @@ def _generate(args: argparse.Namespace) -> int:
             "mode": args.mode,
             "backend": args.backend,
             "draft_len": engine.draft_len,
+            "draft_blocks": engine.draft_blocks,
             "draft_tokens": stats.draft_tokens,
             "accepted_tokens": stats.accepted_tokens,
             "accepted_per_position": stats.accepted_per_position,
@@ -95,15 +102,16 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _auto_draft_len(backend, tokenizer, model: str) -> int:
-    """The draft length with the best expected tokens/s on this machine (may be 0: AR, when
+def _auto_draft_shape(backend, tokenizer, model: str) -> tuple[int, int]:
+    """The draft shape (b, k) with the best expected tokens/s on this machine (may be AR, when
     drafting does not pay, as with random weights)."""
     from tidar.runtime import autotune
 
     acceptance = autotune.load_acceptance(model, backend.config.block_size)
     if acceptance is None:
         acceptance = autotune.calibrate_acceptance(backend, tokenizer)
-    return autotune.choose_draft_len(backend, acceptance).draft_len
+    candidates = autotune.draft_shapes(range(0, backend.config.block_size + 1))
+    return autotune.choose_draft_len(backend, acceptance, candidates=candidates).shape
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -118,8 +126,12 @@ def _bench(args: argparse.Namespace) -> int:
     report = bench(args.model, args.out, prompts=args.prompts, prompt_tokens=args.prompt_tokens,
                    max_new_tokens=args.max_new_tokens, repeats=args.repeats, draft_lens=tuple(args.draft_lens),
                    peers=not args.no_peers, write_acceptance=args.write_acceptance,
-                   progress=lambda name: print(f"running {name}", file=sys.stderr))
+                   progress=lambda name: print(f"running {name}", file=sys.stderr),
+                   draft_blocks=tuple(args.draft_blocks))
     print(table(report))
+    chosen = report["chosen_shape"]
+    print(f"\nchosen shape: b = {chosen['draft_len']}, k = {chosen['draft_blocks']} "
+          f"({chosen['query_tokens']} query tokens per step and row)")
     print(f"\n{report['date']}, {report['machine']}, torch {report['torch']}, {report['threads']} threads; "
           f"{report['prompts']} prompts x {report['max_new_tokens']} new tokens; "
           f"written to {Path(args.out) / 'bench.json'} and bench.png")
@@ -250,7 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="draft length b in 1..block_size, or 'auto' (default): the length with the best "
                           "expected tokens/s from this machine's measured step latency and the model's "
                           "acceptance (MODEL/acceptance.json, written by `tidar bench --write-acceptance`, "
-                          "else a short calibration run); auto may choose 0 (AR) when drafting does not pay")
+                          "else a short calibration run); auto may choose 0 (AR) when drafting does not pay, "
+                          "and chooses the mask blocks k too")
+    gen.add_argument("--draft-blocks", type=int, default=None,
+                     help="mask blocks k in 1..draft length (default: k = the draft length, the paper's step of "
+                          "b(b+1) query tokens); k < b pre-drafts only the outcomes 'up to k tokens committed' "
+                          "(b + k*b query tokens), still lossless")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1)")
     gen.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens; 0 = all (default)")
@@ -291,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     ben.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per prompt (default 128)")
     ben.add_argument("--repeats", type=int, default=3, help="runs per prompt; the median counts (default 3)")
     ben.add_argument("--draft-lens", type=int, nargs="+", default=[4, 8, 16], help="TiDAR draft lengths")
+    ben.add_argument("--draft-blocks", type=int, nargs="*", default=[1, 2],
+                     help="mask block counts k run below k = b for each draft length, and tried by the "
+                          "autotuner for every b (default 1 2; none: k = b only)")
     ben.add_argument("--no-peers", action="store_true", help="skip the transformers peers")
     ben.add_argument("--write-acceptance", action="store_true",
                      help="store the measured acceptance in MODEL/acceptance.json for the draft-length autotuner")

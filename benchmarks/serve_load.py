@@ -212,6 +212,8 @@ def main() -> None:
                                                           "`tidar bench`; '' = the checkpoint's)")
     parser.add_argument("--autotune-batch-sizes", default="1,4,16")
     parser.add_argument("--autotune-draft-lens", default="0,1,2,3,4")
+    parser.add_argument("--autotune-draft-blocks", default="1,2",
+                        help="block counts k tried below k = b for each draft length (empty: k = b only)")
     parser.add_argument("--autotune-repeats", type=int, default=5)
     args = parser.parse_args()
     levels = sorted(set(args.concurrency) | {1})
@@ -232,7 +234,8 @@ def main() -> None:
                                  max_batch_size=args.max_batch_size, threads=args.threads, attention=args.attention,
                                  dtype=args.dtype,
                                  autotune_batch_sizes=args.autotune_batch_sizes,
-                                 autotune_draft_lens=args.autotune_draft_lens, autotune_repeats=args.autotune_repeats)
+                                 autotune_draft_lens=args.autotune_draft_lens, autotune_repeats=args.autotune_repeats,
+                                 autotune_draft_blocks=args.autotune_draft_blocks)
         print(f"starting tritonserver (autotuning at load; log: {args.out / 'tritonserver.log'})", file=sys.stderr)
         with TritonServer(repo, 0, 0, 0, log_file=args.out / "tritonserver.log", ready_timeout=3600) as server:
             with urllib.request.urlopen(f"{server.http_url}/v2", timeout=10) as response:
@@ -268,7 +271,8 @@ def main() -> None:
                     "max_tokens": args.max_tokens, "repeats": args.repeats, "sampling": "greedy",
                     "server_threads": args.threads, "max_batch_size": args.max_batch_size,
                     "autotune_batch_sizes": args.autotune_batch_sizes,
-                    "autotune_draft_lens": args.autotune_draft_lens, "autotune_repeats": args.autotune_repeats,
+                    "autotune_draft_lens": args.autotune_draft_lens, "autotune_draft_blocks": args.autotune_draft_blocks,
+                    "autotune_repeats": args.autotune_repeats,
                     "attention": args.attention, "dtype": args.dtype,
                     "itl": "gap between consecutive streamed responses (per decode step), not per token"},
         "scenarios": scenarios,

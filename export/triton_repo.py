@@ -61,9 +61,10 @@ def render_repository(dest: str | Path, *, model_dir: str, backend: str = "onnxr
                       default_timeout: float = 0, instance_count: int = 1, instance_kind: str = "KIND_CPU",
                       autotune_batch_sizes: str = "1,4,16", autotune_draft_lens: str = "0,1,2,3,4",
                       autotune_repeats: int = 3, threads: int = 0, attention: str = "sdpa", dtype: str = "",
-                      ensemble: bool = True, templates: Path = TEMPLATES) -> Path:
+                      ensemble: bool = True, templates: Path = TEMPLATES, autotune_draft_blocks: str = "1,2") -> Path:
     """Write the rendered repository to `dest` (which must not exist). `model_dir` is the model
     or export folder, absolute or relative to dest/tidar; `draft_len` is "auto" or an integer;
+    `autotune_draft_blocks` the block counts k tried below k = b (docs/design.md §3.4);
     `instance_kind` KIND_GPU puts `instance_count` instances on every GPU; `attention` is the torch
     backend's attention implementation and `dtype` its compute dtype ("" = the checkpoint's; the other
     backends have their own). The autotune
@@ -85,6 +86,7 @@ def render_repository(dest: str | Path, *, model_dir: str, backend: str = "onnxr
                   max_queue_size=max_queue_size, max_tokens_limit=max_tokens_limit,
                   default_timeout=default_timeout, instance_count=instance_count, instance_kind=instance_kind,
                   autotune_batch_sizes=autotune_batch_sizes, autotune_draft_lens=autotune_draft_lens,
+                  autotune_draft_blocks=autotune_draft_blocks,
                   autotune_repeats=autotune_repeats, threads=threads, attention=attention, dtype=dtype,
                   triton_max_batch_size=MAX_BATCH_SIZE, inputs=_io_block(INPUTS), outputs=_io_block(OUTPUTS),
                   ensemble_maps=_ensemble_maps())

@@ -10,8 +10,9 @@ One background thread runs the loop. Between two steps it
      (finish reason "cancelled" / "timeout"; the partial output is delivered, the cache row freed);
   2. admits queued requests while the batch has room: each is validated (`DecodeEngine.check`;
      a bad one gets `on_error` and never touches the batch) and prefilled, then joins;
-  3. adapts the draft length of the shared batch to its size (`BatchDraftPolicy`: the measured
-     step latency per batch size times the model's acceptance; 0 = AR is a candidate);
+  3. adapts the draft shape (b, k) of the shared batch to its size (`BatchDraftPolicy`: the
+     measured step latency per batch size and shape times the model's acceptance; 0 = AR is a
+     candidate);
   4. runs one step of every engine that has rows and hands each row's delta to its caller.
 
 Requests that ask for a fixed draft length (or AR, `draft_len=0`) run in an engine of their
@@ -36,7 +37,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .autotune import BatchDraftPolicy
+from .autotune import BatchDraftPolicy, as_shape
 from .backend import Backend
 from .generate import DecodeEngine, Delta, Request, RequestError, add_per_position
 from .tokenizer import Tokenizer
@@ -80,6 +81,8 @@ class SchedulerCounters:
     active_rows: int = 0
     draft_len: int = 0
     """Draft length of the adaptive engine."""
+    draft_blocks: int = 0
+    """Mask blocks k of the adaptive engine's steps."""
 
     def drain_observations(self) -> list[int]:
         values, self.tokens_per_forward = self.tokens_per_forward, []
@@ -113,9 +116,10 @@ class Scheduler:
             raise ValueError("an adaptive draft length (draft_len=None) needs a BatchDraftPolicy")
         self.policy = policy
         self.counters = SchedulerCounters()
-        initial = self.config.draft_len if self.config.draft_len is not None else policy.best(1)
-        self.counters.draft_len = initial
-        self.engines: dict[object, DecodeEngine] = {ADAPTIVE: DecodeEngine(backend, tokenizer, draft_len=initial)}
+        b, k = as_shape(self.config.draft_len if self.config.draft_len is not None else policy.best(1))
+        self.counters.draft_len, self.counters.draft_blocks = b, k
+        self.engines: dict[object, DecodeEngine] = {ADAPTIVE: DecodeEngine(backend, tokenizer, draft_len=b,
+                                                                           draft_blocks=k)}
         self._queue: collections.deque[_Submission] = collections.deque()
         self._running: dict[object, _Submission] = {}  # request_id -> submission
         self._ids = itertools.count()
@@ -258,9 +262,9 @@ class Scheduler:
             return
         engine = self.engines[ADAPTIVE]
         if engine.batch_size:
-            engine.set_draft_len(self.policy.best(sum(e.batch_size for e in self.engines.values())))
+            engine.set_draft_len(*as_shape(self.policy.best(sum(e.batch_size for e in self.engines.values()))))
         with self._cond:
-            self.counters.draft_len = engine.draft_len
+            self.counters.draft_len, self.counters.draft_blocks = engine.draft_len, engine.draft_blocks
 
     def _step(self) -> None:
         for engine in list(self.engines.values()):

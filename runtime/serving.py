@@ -316,6 +316,9 @@ class ServingOptions:
     """Batch sizes whose step latency is measured at start-up (the draft-length policy's table)."""
     autotune_draft_lens: tuple[int, ...] = (0, 1, 2, 3, 4)
     """Candidate draft lengths of the adaptive batch."""
+    autotune_draft_blocks: tuple[int, ...] = (1, 2)
+    """Block counts k tried below k = b for each candidate draft length (`autotune.draft_shapes`;
+    empty: k = b only)."""
     autotune_repeats: int = 3
     threads: int = 0
     """torch / ONNX Runtime intra-op threads; 0 = the library's default."""
@@ -375,7 +378,7 @@ def build_scheduler(folder, options: ServingOptions, device: str = "cpu"):
     Returns (scheduler, tokenizer, config, max_tokens_limit)."""
     import torch
 
-    from .autotune import BatchDraftPolicy, calibrate_acceptance, load_acceptance
+    from .autotune import BatchDraftPolicy, calibrate_acceptance, draft_shapes, load_acceptance
     from .backend import load_backend
     from .scheduler import Scheduler, SchedulerConfig
 
@@ -393,18 +396,17 @@ def build_scheduler(folder, options: ServingOptions, device: str = "cpu"):
     if options.draft_len is None:
         cache = _autotune_cache(folder, options, device)
         if cache is not None and cache.is_file():
-            saved = json.loads(cache.read_text())
-            policy = BatchDraftPolicy(saved["acceptance"], {int(batch): {int(b): seconds for b, seconds in row.items()}
-                                                            for batch, row in saved["step_seconds"].items()})
+            policy = BatchDraftPolicy.from_json(json.loads(cache.read_text()))
         else:
             acceptance = load_acceptance(folder, config.block_size) or calibrate_acceptance(backend, tokenizer)
             batch_sizes = [b for b in options.autotune_batch_sizes if b <= options.max_batch_size] or [1]
             draft_lens = [b for b in options.autotune_draft_lens if b <= config.block_size] or [0]
-            policy = BatchDraftPolicy.measure(backend, acceptance, batch_sizes, draft_lens, options.autotune_repeats,
+            shapes = draft_shapes(draft_lens, options.autotune_draft_blocks)
+            policy = BatchDraftPolicy.measure(backend, acceptance, batch_sizes, shapes, options.autotune_repeats,
                                               tokenizer=tokenizer)
             if cache is not None:  # atomically: instances of one model may start together
                 partial = cache.with_suffix(f".{os.getpid()}.tmp")
-                partial.write_text(json.dumps({"acceptance": policy.acceptance, "step_seconds": policy.step_seconds}))
+                partial.write_text(json.dumps(policy.to_json()))
                 os.replace(partial, cache)
     scheduler = Scheduler(backend, tokenizer, SchedulerConfig(
         max_batch_size=options.max_batch_size, max_queue_size=options.max_queue_size,

@@ -9,6 +9,7 @@
 - A full queue raises Overloaded; invalid requests get `on_error` and never touch the batch.
 - The counters agree with the per-request statistics the deltas carry.
 - DecodeEngine.set_draft_len keeps greedy output exact under any schedule of lengths.
+- The adaptive engine takes the policy's draft shape (b, k), k < b included, and says so.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 import pytest
 import torch
 
-from tidar.runtime.autotune import BatchDraftPolicy
+from tidar.runtime.autotune import BatchDraftPolicy, as_shape
 from tidar.runtime.generate import DecodeEngine, Request, RequestError
 from tidar.runtime.scheduler import Overloaded, Scheduler, SchedulerConfig
 from tidar.runtime.tokenizer import Tokenizer
@@ -78,9 +79,9 @@ def hf_greedy(model, prompt, max_new_tokens):
 
 
 def changing_policy():
-    """A policy whose draft length changes with every batch size (fixed, not measured), so that
-    joins and leaves resize the pending drafts."""
-    table = {1: {4: 1.0}, 2: {2: 1.0}, 3: {0: 1.0}, 4: {3: 1.0}, 6: {1: 1.0}, 8: {5: 1.0}}
+    """A policy whose draft shape changes with every batch size (fixed, not measured), so that
+    joins and leaves resize the pending drafts; some shapes have k < b mask blocks."""
+    table = {1: {(4, 1): 1.0}, 2: {2: 1.0}, 3: {0: 1.0}, 4: {(3, 2): 1.0}, 6: {1: 1.0}, 8: {(5, 2): 1.0}}
     return BatchDraftPolicy(acceptance=[0.5] * 15, step_seconds=table)
 
 
@@ -91,6 +92,24 @@ def test_policy_picks_best_expected_tokens_per_second():
     assert policy.best(5) == 0  # the 8-row measurement: drafting does not pay
     assert policy.best(64) == 0  # beyond the table: the largest measured batch
     assert changing_policy().best(5) == 1
+
+
+def test_adaptive_engine_takes_the_policys_shape(backend, tokenizer):
+    """One row: the policy's (4, 1) for batch 1 is the engine's shape and the counters' gauges;
+    two rows: the policy's draft length 2 means k = 2."""
+    from tidar.runtime.scheduler import ADAPTIVE
+
+    scheduler = Scheduler(backend, tokenizer, policy=changing_policy())
+    try:
+        engine = scheduler.engines[ADAPTIVE]
+        assert (engine.draft_len, engine.draft_blocks) == (4, 1)
+        assert (scheduler.counters.draft_len, scheduler.counters.draft_blocks) == (4, 1)
+        assert engine.layout.num_new == 4 + 1 * 4
+        scheduler.close()
+        scheduler = Scheduler(backend, tokenizer, SchedulerConfig(draft_len=2), policy=None)
+        assert (scheduler.counters.draft_len, scheduler.counters.draft_blocks) == (2, 2)
+    finally:
+        scheduler.close()
 
 
 def test_set_draft_len_keeps_greedy_exact_under_any_schedule(backend, hf_models, tokenizer):
@@ -124,6 +143,7 @@ def test_continuous_batching_equals_transformers_and_solo(backend, hf_models, to
         for collector in collectors:
             collector.wait()
         assert len(set(chosen)) >= 3, f"the batch never changed its draft length: {chosen}"
+        assert any(as_shape(c)[1] < as_shape(c)[0] for c in chosen), f"no step with k < b blocks: {chosen}"
         for text, length, collector in zip(PROMPTS, lengths, collectors):
             prompt = tokenizer.encode(text)
             assert collector.errors == []
