@@ -177,7 +177,7 @@ def bench(model: str | Path, out: str | Path, prompts: int = 8, prompt_tokens: i
                         key=lambda s: (s[0], -s[1])):
         name = method_name(shape)
         progress(name)
-        methods[name] = run_runtime(backend, tokenizer, *shape, prompt_ids, max_new_tokens, repeats)
+        methods[name] = run_runtime(backend, tokenizer, shape[0], prompt_ids, max_new_tokens, repeats, shape[1])
     acceptance = methods[method_name(full)]["acceptance_per_position"]
     if write_acceptance:
         (model / autotune.ACCEPTANCE_FILE).write_text(json.dumps(
@@ -188,7 +188,7 @@ def bench(model: str | Path, out: str | Path, prompts: int = 8, prompt_tokens: i
     choice = autotune.choose_draft_len(backend, acceptance, candidates=candidates)
     chosen = choice.shape
     progress(f"tidar-auto ({autotune.shape_name(chosen)})")
-    methods["tidar-auto"] = run_runtime(backend, tokenizer, *chosen, prompt_ids, max_new_tokens, repeats)
+    methods["tidar-auto"] = run_runtime(backend, tokenizer, chosen[0], prompt_ids, max_new_tokens, repeats, chosen[1])
     measured = {(r["draft_len"], r["draft_blocks"]): r["tokens_per_second"] for n, r in methods.items()
                 if "draft_len" in r and n != "tidar-auto"}
     expected_rate = choice.expected_tokens_per_second
