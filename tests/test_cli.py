@@ -29,6 +29,10 @@ def test_generate_json_contract_and_ar_parity(tiny_checkpoints, capsys):
     assert (tidar["mode"], tidar["draft_len"], tidar["backend"]) == ("tidar", 4, "torch")
     assert (ar["mode"], ar["draft_len"]) == ("ar", 0)
     assert tidar["token_ids"] == ar["token_ids"]  # greedy TiDAR is lossless
+    k_of_b = run_json(capsys, path, "--prompt", "def main():", "--max-new-tokens", 24, "--draft-len", 4,
+                      "--draft-blocks", 1)
+    assert (k_of_b["draft_len"], k_of_b["draft_blocks"], tidar["draft_blocks"]) == (4, 1, 4)
+    assert k_of_b["token_ids"] == ar["token_ids"]
     assert tidar["prompt_token_ids"] == ar["prompt_token_ids"] and tidar["prompt_token_ids"]
     assert ar["forward_passes"] == len(ar["token_ids"])  # AR: one token per forward, prefill included
     assert tidar["tokens_per_forward"] == pytest.approx(len(tidar["token_ids"]) / tidar["forward_passes"], abs=1e-3)
@@ -57,6 +61,9 @@ def test_sampling_is_reproducible_from_the_seed(tiny_checkpoints, capsys):
     (["--draft-len", "-1"], "--draft-len"),
     (["--draft-len", "0"], "--draft-len"),
     (["--mode", "ar", "--draft-len", "4"], "--draft-len"),
+    (["--draft-len", "4", "--draft-blocks", "5"], "--draft-blocks"),
+    (["--draft-len", "4", "--draft-blocks", "0"], "--draft-blocks"),
+    (["--draft-blocks", "2"], "--draft-blocks"),
     (["--temperature", "-1"], "temperature"),
     (["--temperature", "nan"], "temperature"),
     (["--temperature", "inf"], "temperature"),
