@@ -233,9 +233,10 @@ def assert_totals_are_sums(result: Result, deltas: list[Delta]) -> None:
     steps = [d.step_stats for d in deltas]
     for name in ("forward_passes", "drafts", "draft_tokens", "accepted_tokens", "prefill_seconds"):
         assert getattr(result.stats, name) == sum(getattr(s, name) for s in steps), name
-    columns = [sum(c) for c in itertools.zip_longest(*(s.accepted_per_position for s in steps), fillvalue=0)]
-    padded = columns + [0] * (len(result.stats.accepted_per_position) - len(columns))
-    assert result.stats.accepted_per_position == padded
+    for name in ("accepted_per_position", "proposed_per_position"):
+        columns = [sum(c) for c in itertools.zip_longest(*(getattr(s, name) for s in steps), fillvalue=0)]
+        padded = columns + [0] * (len(getattr(result.stats, name)) - len(columns))
+        assert getattr(result.stats, name) == padded, name
     assert steps[0].prefill_seconds > 0 and all(s.prefill_seconds == 0 for s in steps[1:])
 
 
@@ -393,14 +394,18 @@ def test_i1_k_of_b_batched_and_reshaped_between_steps(family, tiny_backends, ora
     by_prompt = {tuple(case.prompt): case for case in cases}
     engine = make_engine(tiny_backends[family], cases, "mixed", 8, draft_blocks=2)
     batch = cases[1::4]
-    engine.add([Request(case.prompt, 32) for case in batch])
+    results = {}
+
+    def collect(deltas):
+        results.update({tuple(d.result.prompt_ids): d.result.token_ids for d in deltas if d.result is not None})
+
+    collect(engine.add([Request(case.prompt, 32) for case in batch]))
     shapes = iter([(8, 2), (8, 1), (4, 4), (16, 3), (0, None), (2, 1), (8, 8), (16, 1)] * 8)
     while engine.rows:
         engine.set_draft_len(*next(shapes))
-        engine.step()
+        collect(engine.step())
         if engine.rows:
             assert_cache_equals_hf_prefill(engine, hf_models[family], by_prompt)
-    results = {tuple(r.prompt_ids): r.token_ids for r in engine.finished}
     assert [results[tuple(case.prompt)] for case in batch] == [case.expected(32) for case in batch]
 
 
