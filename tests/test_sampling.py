@@ -49,7 +49,8 @@ from tidar.runtime.generate import DecodeEngine, Request
 from tidar.runtime.layout import Layout
 from tidar.runtime.model import TiDARModel
 from tidar.runtime.sampling import (SamplingBatch, SamplingError, SamplingParams, Verdict, accept_greedy,
-                                    gumbel_noise, probabilities, sample, seed_key, verify_greedy, verify_sampled)
+                                    gumbel_noise, probabilities, sample, seed_key, verify_greedy, verify_residual,
+                                    verify_sampled)
 from tidar.train.checkpoint import init_random_weights, tiny_config
 
 
@@ -161,11 +162,11 @@ def assert_no_near_ties(logits: torch.Tensor, params: SamplingParams, margin: fl
 
 
 def engine_samples(model: TiDARModel, params: SamplingParams, draft_len: int, rows: int, seed_base: int,
-                   mechanism: str = "coupled"):
+                   mechanism: str = "coupled", draft_blocks: int | None = None):
     """`rows` continuations from one batched `generate`. "coupled": row i seeded with seed_base + i
     (seeded rows verify by coupling); "residual": unseeded rows (residual speculative sampling),
     their noise seeds drawn from torch's generator seeded with seed_base."""
-    engine = DecodeEngine(TorchBackend(model), draft_len=draft_len, beta=1.0)
+    engine = DecodeEngine(TorchBackend(model), draft_len=draft_len, beta=1.0, draft_blocks=draft_blocks)
     if mechanism == "residual":
         torch.manual_seed(seed_base)
     requests = [Request(PROMPT, CONTINUATION, eos_ids=(),
@@ -175,7 +176,8 @@ def engine_samples(model: TiDARModel, params: SamplingParams, draft_len: int, ro
     assert [len(r.token_ids) for r in results] == [CONTINUATION] * rows
     accepted = sum(r.stats.accepted_tokens for r in results)
     proposed = sum(r.stats.draft_tokens for r in results)
-    return Counter(tuple(r.token_ids) for r in results), accepted, proposed
+    steps = sum(r.stats.forward_passes - 1 for r in results)
+    return Counter(tuple(r.token_ids) for r in results), accepted, proposed, steps
 
 
 def worker_verify(proposals, proposal_probs, target_probs, generator) -> Verdict:
@@ -197,7 +199,7 @@ def position_blind_noise(keys, positions, vocab):
     return gumbel_noise(keys, torch.zeros_like(positions), vocab)
 
 
-def accept_all(proposals, choices):
+def accept_all(proposals, choices, counts=None):
     """WRONG on purpose: accepts every draft."""
     return torch.full_like(proposals[:, 0] if proposals.shape[1] else choices[:, 0], proposals.shape[1]), choices[:, -1]
 
@@ -224,11 +226,28 @@ def test_i2_tidar_sampling_matches_exact_ar_distribution(model, case, mechanism)
     tv = total_variation(naive, marginal(exact, draft_len))
     assert tv > 0.3, f"proposals too close to p for a meaningful test (TV {tv:.3f})"
 
-    counts, accepted, proposed = engine_samples(model, params, draft_len, ENGINE_SAMPLES, seed_base, mechanism)
+    counts, accepted, proposed, _ = engine_samples(model, params, draft_len, ENGINE_SAMPLES, seed_base, mechanism)
     assert 0 < accepted < proposed, "both the accept and the residual path must be exercised"
     pvalue = chi_square_pvalue(counts, exact)
     print(f"\nI2 {case} {mechanism}: TV(accept-all, AR) = {tv:.3f}, acceptance {accepted / proposed:.3f}, p = {pvalue:.3g}")
     assert pvalue > ALPHA, f"TiDAR samples do not follow the AR distribution (p = {pvalue:.3g})"
+
+
+@pytest.mark.parametrize("mechanism", ["coupled", "residual"])
+def test_i2_holds_with_k_of_b_blocks(model, mechanism):
+    """I2 with k = 1 < b = 4 mask blocks (docs/design.md §3.4): after a step that accepted a
+    proposal the next proposals are block 1's later masks, fewer of them, the rest padding that
+    is never accepted (and for residual rows, the token after the last real proposal is a bonus
+    draw from p); still the exact AR distribution."""
+    params = SamplingParams(temperature=1.0)
+    exact, logits = ar_distribution(model, PROMPT, CONTINUATION, params)
+    assert_no_near_ties(logits, params)
+    counts, accepted, proposed, steps = engine_samples(model, params, 4, ENGINE_SAMPLES, 60_000, mechanism,
+                                                       draft_blocks=1)
+    assert 0 < accepted < proposed < 3 * steps  # fewer than b - 1 proposals in some steps: the k < b path ran
+    pvalue = chi_square_pvalue(counts, exact)
+    print(f"\nI2 k-of-b {mechanism}: acceptance {accepted / proposed:.3f}, p = {pvalue:.3g}")
+    assert pvalue > ALPHA, f"samples do not follow the AR distribution with k < b (p = {pvalue:.3g})"
 
 
 def test_i2_holds_when_the_draft_length_changes_between_steps(model):
@@ -273,7 +292,7 @@ def test_i2_test_rejects_wrong_samplers(model, monkeypatch, name, wrong, rows, m
     params, draft_len, _ = I2_CASES["t1.0-b4"]
     exact, _ = ar_distribution(model, PROMPT, CONTINUATION, params)
     monkeypatch.setattr(sampling_module, name, wrong)
-    counts, _, _ = engine_samples(model, params, draft_len, rows, seed_base=40_000, mechanism=mechanism)
+    counts, _, _, _ = engine_samples(model, params, draft_len, rows, seed_base=40_000, mechanism=mechanism)
     pvalue = chi_square_pvalue(counts, exact, impossible_ok=True)
     print(f"\nI2 power, {wrong.__name__}: p = {pvalue:.3g}")
     assert pvalue < ALPHA, f"the I2 test did not detect {wrong.__name__} (p = {pvalue:.3g})"
@@ -378,6 +397,31 @@ def test_verify_greedy_hand_cases(proposals, argmaxes, accepted, next_token):
     verdict = verify_greedy(torch.tensor(proposals, dtype=torch.long), one_hot_logits(argmaxes))
     assert (verdict.accepted, verdict.next_token) == (accepted, next_token)
     assert isinstance(verdict.accepted, int) and isinstance(verdict.next_token, int)
+
+
+def test_padding_past_a_rows_proposal_count_is_never_accepted():
+    """k < b (docs/design.md §3.4): slots past `counts` are padding. Greedy/seeded acceptance stops
+    there even where the pad equals the choice; residual acceptance too, and the token after the
+    last real proposal is a bonus draw from p (not from the residual of the pad's q). Here p is
+    uniform over {5, 6} and every q a point mass on 5 (the pad): the residual would never give
+    5, a bonus draw gives it half the time."""
+    rows, n, vocab = 400, 3, 8
+    proposals = torch.full((rows, n), 5)
+    choices = torch.full((rows, n + 1), 5)
+    counts = torch.tensor([0, 1, 2, 3]).repeat(rows // 4)
+    accepted, next_token = accept_greedy(proposals, choices, counts)
+    assert torch.equal(accepted, counts) and (next_token == 5).all()
+    p = torch.zeros(rows, n + 1, vocab)
+    p[..., 5] = p[..., 6] = 0.5
+    q = torch.nn.functional.one_hot(torch.full((rows, n), 5), vocab).float()
+    keys = torch.tensor([seed_key(s) for s in range(rows)], dtype=torch.long)
+    positions = torch.arange(10, 10 + n + 1).expand(rows, -1)
+    accepted, next_token = verify_residual(proposals, q, p, positions, keys, torch.zeros(rows, dtype=torch.long))
+    assert (accepted == 0).all()
+    share = float((next_token == 5).float().mean())
+    assert 0.4 < share < 0.6, share  # a bonus draw from p; the residual max(0, p - q) never gives 5
+    accepted, _ = verify_residual(proposals, q, p, positions, keys, torch.full((rows,), 2))
+    assert (accepted <= 2).all() and (accepted == 2).any()
 
 
 def test_accept_greedy_equals_verify_greedy_row_by_row():
