@@ -1,7 +1,7 @@
 """Acceptance under sampling, per draft position, on held-out prompts (issue 14's measurement).
 
 Runs `DecodeEngine` on the bundled model (or CHECKPOINT) in fp32 with sampled requests (one seed
-per prompt) and reports, per temperature and draft length, P(d_1..d_i all accepted) for every
+per prompt, or none with --unseeded: docs/design.md §3.5 verifies the two differently) and reports, per temperature and draft length, P(d_1..d_i all accepted) for every
 position i, the mean committed tokens per step and T/NFE. It uses only the public engine API,
 so the same script measures any commit of the runtime: run it once per checkout, e.g. with an
 old commit's package first on PYTHONPATH, to compare mechanisms side by side.
@@ -31,11 +31,10 @@ from tidar.runtime.tokenizer import Tokenizer
 
 
 def measure(backend, prompts, temperature: float, draft_len: int, max_new_tokens: int, seed: int,
-            sharpness: float | None = None, seeded: bool = True) -> dict:
+            seeded: bool = True) -> dict:
     """Requests carry seeds seed, seed + 1, ... (`seeded`), or none, with torch's generator
     seeded with `seed` (the runtime then draws their noise keys)."""
-    options = {} if sharpness is None else {"draft_sharpness": sharpness}
-    engine = DecodeEngine(backend, draft_len=draft_len, **options)
+    engine = DecodeEngine(backend, draft_len=draft_len)
     torch.manual_seed(seed)
     requests = [Request(p, max_new_tokens, SamplingParams(temperature=temperature, seed=seed + i if seeded else None),
                         eos_ids=()) for i, p in enumerate(prompts)]
@@ -44,7 +43,7 @@ def measure(backend, prompts, temperature: float, draft_len: int, max_new_tokens
     accepted = [sum(col) for col in zip(*(r.stats.accepted_per_position for r in results))]
     tokens = sum(len(r.token_ids) for r in results)
     forwards = sum(r.stats.forward_passes for r in results)
-    return {"temperature": temperature, "draft_len": draft_len, "seeded": seeded, "draft_sharpness": sharpness,
+    return {"temperature": temperature, "draft_len": draft_len, "seeded": seeded,
             "steps": drafts,
             "acceptance_per_position": [round(p, 4) for p in autotune.acceptance_from_stats(accepted, drafts)],
             "committed_per_step": round(1 + sum(accepted) / max(drafts, 1), 4),
@@ -61,16 +60,14 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--unseeded", action="store_true", help="requests without seeds")
-    parser.add_argument("--draft-sharpness", type=float, nargs="+", default=[None],
-                        help="drafts' sharpness values to compare (inf: greedy drafts; default: the runtime's own)")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
     model = Path(args.checkpoint)
     tokenizer = Tokenizer(model)
     backend = TorchBackend.load(model, dtype="float32")
     prompts = heldout_prompts(model, tokenizer, args.prompts, args.prompt_tokens)
-    rows = [measure(backend, prompts, t, b, args.max_new_tokens, args.seed, s, not args.unseeded)
-            for t in args.temperatures for b in args.draft_lens for s in args.draft_sharpness]
+    rows = [measure(backend, prompts, t, b, args.max_new_tokens, args.seed, not args.unseeded)
+            for t in args.temperatures for b in args.draft_lens]
     report = {"benchmark": "sampled_acceptance", "runtime": os.path.dirname(tidar.__file__),
               "checkpoint": model.name, "date": datetime.date.today().isoformat(),
               "machine": f"{platform.machine()}, {os.cpu_count()} cpus", "torch": torch.__version__,
