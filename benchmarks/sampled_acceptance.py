@@ -16,6 +16,7 @@ import datetime
 import json
 import os
 import platform
+import subprocess
 from pathlib import Path
 
 import torch
@@ -28,6 +29,15 @@ from tidar.runtime.backend import TorchBackend
 from tidar.runtime.generate import DecodeEngine, Request
 from tidar.runtime.sampling import SamplingParams
 from tidar.runtime.tokenizer import Tokenizer
+
+
+def runtime_commit() -> str:
+    """The commit of the measured runtime's checkout (no machine path), or "unknown"."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=os.path.dirname(tidar.__file__),
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def measure(backend, prompts, temperature: float, draft_len: int, max_new_tokens: int, seed: int,
@@ -68,7 +78,7 @@ def main() -> None:
     prompts = heldout_prompts(model, tokenizer, args.prompts, args.prompt_tokens)
     rows = [measure(backend, prompts, t, b, args.max_new_tokens, args.seed, not args.unseeded)
             for t in args.temperatures for b in args.draft_lens]
-    report = {"benchmark": "sampled_acceptance", "runtime": os.path.dirname(tidar.__file__),
+    report = {"benchmark": "sampled_acceptance", "runtime": runtime_commit(),
               "checkpoint": model.name, "date": datetime.date.today().isoformat(),
               "machine": f"{platform.machine()}, {os.cpu_count()} cpus", "torch": torch.__version__,
               "prompts": len(prompts), "prompt_tokens": args.prompt_tokens, "max_new_tokens": args.max_new_tokens,
