@@ -31,7 +31,7 @@ from tidar.runtime.generate import DecodeEngine, Request
 
 
 def time_steps(backend, draft_len: int, prompt_len: int, repeats: int, warmup: int,
-               batch: int = 1) -> dict:
+               batch: int = 1, clock=time.perf_counter) -> dict:
     engine = DecodeEngine(backend, draft_len=draft_len)
     vocab = backend.config.vocab_size - 3
     prompts = [[3 + (7 * i + 11 * r) % vocab for i in range(prompt_len + r)] for r in range(batch)]
@@ -42,18 +42,18 @@ def time_steps(backend, draft_len: int, prompt_len: int, repeats: int, warmup: i
     forward = getattr(backend, name)
 
     def timed_forward(*args, **kwargs):
-        start = time.perf_counter()
+        start = clock()
         out = forward(*args, **kwargs)
-        forward_times.append(time.perf_counter() - start)
+        forward_times.append(clock() - start)
         return out
 
     setattr(backend, name, timed_forward)
     try:
         for i in range(warmup + repeats):
-            start = time.perf_counter()
+            start = clock()
             engine.step()
             if i >= warmup:
-                step_times.append(time.perf_counter() - start)
+                step_times.append(clock() - start)
     finally:
         delattr(backend, name)  # back to the class's method
     forward_times = forward_times[warmup:]
@@ -81,8 +81,14 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads, and ONNX Runtime intra-op threads (default: each library's)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall: elapsed time; cpu: the calling thread's CPU time (time.thread_time), which a "
+                             "busy machine disturbs far less; needs --threads 1 to count all the work")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
+    if args.clock == "cpu" and args.threads != 1:
+        parser.error("--clock cpu measures one thread: give --threads 1")
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     if args.threads:
         torch.set_num_threads(args.threads)
     results = []
@@ -94,7 +100,7 @@ def main() -> None:
         backend = load_backend(args.backend, args.checkpoint, **options)
         for batch in args.batch:
             for draft_len in args.draft_lens:
-                row = time_steps(backend, draft_len, args.prompt_len, args.repeats, args.warmup, batch)
+                row = time_steps(backend, draft_len, args.prompt_len, args.repeats, args.warmup, batch, clock)
                 results.append({"attention": attention, **row})
     report = {
         "benchmark": "step_latency",
@@ -104,6 +110,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} cpus, {platform.system()}",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "clock": args.clock,
         "dtype": args.dtype,
         "prompt_len": args.prompt_len,
         "results": results,
