@@ -2,8 +2,8 @@
 docs/design.md §3.5).
 
 Oracle: the same request decoded alone by AR (draft length 0). The same seed must give the same
-tokens for draft lengths 0, 1, 4, 8 and 16, with the draft length changing between steps, and
-in batches of other requests (greedy and sampled, other seeds) that join at different steps
+tokens for draft lengths 0, 1, 4, 8 and 16, for draft shapes (b, k) with k < b blocks, with the
+draft length changing between steps, and in batches of other requests (greedy and sampled, other seeds) that join at different steps
 and leave as they finish. The ONNX Runtime backend is checked in test_onnx.py. A deliberately
 broken variant, whose noise is keyed by the step (the call) instead of the absolute position,
 is caught by the same comparison.
@@ -26,8 +26,8 @@ SEEDED = (SamplingParams(temperature=0.8, seed=7), SamplingParams(temperature=1.
 NEW_TOKENS = 24
 
 
-def solo(backend, prompt, params, draft_len):
-    engine = DecodeEngine(backend, draft_len=draft_len)
+def solo(backend, prompt, params, draft_len, draft_blocks=None):
+    engine = DecodeEngine(backend, draft_len=draft_len, draft_blocks=draft_blocks)
     return engine.generate([Request(prompt, NEW_TOKENS, params, eos_ids=())])[0].token_ids
 
 
@@ -45,6 +45,16 @@ def test_same_seed_same_tokens_for_every_draft_length(tiny_backends):
     # the seed matters: another seed, other tokens
     assert solo(backend, PROMPTS[0], SamplingParams(temperature=0.8, seed=8), 4) != \
         solo(backend, PROMPTS[0], SEEDED[0], 4)
+
+
+def test_same_seed_same_tokens_for_every_draft_shape(tiny_backends):
+    """Pre-drafting k of b outcomes (docs/design.md §3.4) changes which proposals exist, never
+    the seeded output: (b, k) = (4, 1), (8, 2), (16, 1), (16, 4) give the AR tokens."""
+    backend = tiny_backends["qwen3"]
+    for prompt, params in zip(PROMPTS, SEEDED):
+        reference = solo(backend, prompt, params, 0)
+        for b, k in ((4, 1), (8, 2), (16, 1), (16, 4)):
+            assert solo(backend, prompt, params, b, k) == reference, (b, k, params)
 
 
 def test_same_seed_same_tokens_in_mixed_batches_joining_at_different_steps(tiny_backends):
