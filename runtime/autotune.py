@@ -39,12 +39,9 @@ CALIBRATION_PROMPTS = ("import os\n", "def main():\n    ", "class Config:\n    d
 DEFAULT_DRAFT_BLOCKS = (1, 2)
 """Block counts k tried below k = b for every candidate draft length b (`draft_shapes`)."""
 
-Candidate = "int | tuple[int, int]"
-"""A draft length b (k = b) or a draft shape (b, k)."""
-
-
 def as_shape(candidate) -> tuple[int, int]:
-    """(b, k) of a candidate: an int b is (b, b), the paper's step; AR is (0, 0)."""
+    """(b, k) of a candidate, which is a draft length b (k = b, the paper's step) or a shape
+    (b, k); AR is (0, 0). Raises ValueError naming a bad k."""
     if isinstance(candidate, int) and not isinstance(candidate, bool):
         return candidate, check_draft_shape(candidate)
     b, k = candidate
