@@ -2,7 +2,8 @@
 
     tidar generate MODEL --prompt TEXT [--max-new-tokens N] [--mode tidar|ar] [--draft-len B]
                    [--temperature T] [--top-p P] [--top-k K] [--seed S] [--stop S ...]
-                   [--backend NAME] [--attention IMPL] [--dtype D] [--beta X] [--json]
+                   [--backend NAME] [--attention IMPL] [--dtype D] [--device cpu|cuda[:N]]
+                   [--cuda-graphs | --no-cuda-graphs] [--beta X] [--json]
     tidar init OUT [--family qwen2|qwen3|llama] [--block-size B] [--seed S]
     tidar train --files GLOB [GLOB ...] --out OUT [--init-from CHECKPOINT] [--steps N] [--self-distill F] ... [--resume]
     tidar serve REPO [--grpc-port P] [--http-port P] [--metrics-port P] [--max-restarts N] [-- COMMAND ...]
@@ -30,6 +31,7 @@ class CLIError(Exception):
 
 def _generate(args: argparse.Namespace) -> int:
     from tidar.runtime.backend import load_backend
+    from tidar.runtime.cuda_graphs import GRAPHABLE_ATTENTION
     from tidar.runtime.generate import DecodeEngine, Request
     from tidar.runtime.sampling import SamplingParams
     from tidar.runtime.tokenizer import Tokenizer
@@ -57,7 +59,19 @@ def _generate(args: argparse.Namespace) -> int:
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     if args.prompt == "":
         raise CLIError("--prompt is empty: at least one token is needed")
-    backend = load_backend(args.backend, args.model, dtype=args.dtype, attention=args.attention)
+    options = {}
+    if args.device != "cpu" or args.cuda_graphs is not None:
+        if args.backend != "torch":
+            raise CLIError("--device and --cuda-graphs are options of the torch backend")
+        options["device"] = _torch_device(args.device)
+        if args.cuda_graphs and options["device"].type != "cuda":
+            raise CLIError(f"--cuda-graphs needs --device cuda (CUDA graphs are captured on a GPU), got --device "
+                           f"{args.device}")
+        options["cuda_graphs"] = args.cuda_graphs
+        if args.cuda_graphs and args.attention not in GRAPHABLE_ATTENTION:
+            raise CLIError(f"--cuda-graphs cannot capture --attention {args.attention}; use one of "
+                           f"{', '.join(GRAPHABLE_ATTENTION)}")
+    backend = load_backend(args.backend, args.model, dtype=args.dtype, attention=args.attention, **options)
     tokenizer = Tokenizer(args.model)
     if draft_len is None:
         draft_len, draft_blocks = _auto_draft_shape(backend, tokenizer, args.model)
@@ -100,6 +114,21 @@ def _generate(args: argparse.Namespace) -> int:
               f"{result.tokens_per_forward:.2f} tokens/forward, {len(result.token_ids) / seconds:.1f} tokens/s, "
               f"finish: {result.finish_reason}]", file=sys.stderr)
     return 0
+
+
+def _torch_device(name: str):
+    """The torch device `--device` names, checked to exist on this machine."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CLIError(f"--device {name!r} is not a device (cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise CLIError(f"--device {name}: no such CUDA device on this machine")
+    if device.type not in ("cpu", "cuda"):
+        raise CLIError(f"--device {name!r}: the torch backend runs on cpu or cuda")
+    return device
 
 
 def _auto_draft_shape(backend, tokenizer, model: str) -> tuple[int, int]:
@@ -283,6 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "hybrid-mask kernel of tidar.plugins, on CUDA)")
     gen.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                      help="compute dtype (default: the checkpoint's)")
+    gen.add_argument("--device", default="cpu", help="device of the torch backend: cpu (default), cuda, cuda:N")
+    gen.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                     help="run the torch backend's decode steps as CUDA graphs, one per (batch bucket, draft "
+                          "length), captured on first use (default: on with --device cuda and eager, sdpa or "
+                          "triton attention)")
     gen.add_argument("--json", action="store_true", help="print one JSON object with the output and statistics")
     gen.set_defaults(run=_generate)
 

@@ -19,6 +19,7 @@ import string
 from pathlib import Path
 
 import tidar
+from tidar.runtime.cuda_graphs import SETTINGS as CUDA_GRAPH_SETTINGS
 from tidar.runtime.wire import INPUTS, MAX_BATCH_SIZE, OUTPUTS, TensorSpec
 
 TEMPLATES = Path(tidar.__file__).resolve().parent / "triton_repo"
@@ -61,13 +62,15 @@ def render_repository(dest: str | Path, *, model_dir: str, backend: str = "onnxr
                       default_timeout: float = 0, instance_count: int = 1, instance_kind: str = "KIND_CPU",
                       autotune_batch_sizes: str = "1,4,16", autotune_draft_lens: str = "0,1,2,3,4",
                       autotune_repeats: int = 3, threads: int = 0, attention: str = "sdpa", dtype: str = "",
-                      ensemble: bool = True, templates: Path = TEMPLATES, autotune_draft_blocks: str = "1,2") -> Path:
+                      cuda_graphs: str = "auto", ensemble: bool = True, templates: Path = TEMPLATES,
+                      autotune_draft_blocks: str = "1,2") -> Path:
     """Write the rendered repository to `dest` (which must not exist). `model_dir` is the model
     or export folder, absolute or relative to dest/tidar; `draft_len` is "auto" or an integer;
     `autotune_draft_blocks` the block counts k tried below k = b (docs/design.md §3.4);
     `instance_kind` KIND_GPU puts `instance_count` instances on every GPU; `attention` is the torch
     backend's attention implementation and `dtype` its compute dtype ("" = the checkpoint's; the other
-    backends have their own). The autotune
+    backends have their own); `cuda_graphs` ("auto", "true", "false") runs the torch backend's decode
+    steps as CUDA graphs (auto: on KIND_GPU). The autotune
     defaults keep the start-up measurement to seconds on a CPU; widen them on a GPU, where
     longer drafts pay. `ensemble` also serves the model as `ensemble` (tensorrtllm_backend's name)."""
     dest = Path(dest)
@@ -75,6 +78,10 @@ def render_repository(dest: str | Path, *, model_dir: str, backend: str = "onnxr
         raise RenderError(f"backend must be one of {', '.join(SERVING_BACKENDS)}, got {backend!r}")
     if instance_kind not in INSTANCE_KINDS:
         raise RenderError(f"instance_kind must be one of {', '.join(INSTANCE_KINDS)}, got {instance_kind!r}")
+    if cuda_graphs not in CUDA_GRAPH_SETTINGS:
+        raise RenderError(f"cuda_graphs must be one of {', '.join(CUDA_GRAPH_SETTINGS)}, got {cuda_graphs!r}")
+    if cuda_graphs == "true" and instance_kind != "KIND_GPU":
+        raise RenderError("cuda_graphs 'true' needs instance_kind KIND_GPU (CUDA graphs are captured on a GPU)")
     if draft_len != "auto" and not str(draft_len).isdigit():
         raise RenderError(f"draft_len must be 'auto' or a non-negative integer, got {draft_len!r}")
     for name, value in (("instance_count", instance_count), ("max_batch_size", max_batch_size)):
@@ -88,7 +95,8 @@ def render_repository(dest: str | Path, *, model_dir: str, backend: str = "onnxr
                   autotune_batch_sizes=autotune_batch_sizes, autotune_draft_lens=autotune_draft_lens,
                   autotune_draft_blocks=autotune_draft_blocks,
                   autotune_repeats=autotune_repeats, threads=threads, attention=attention, dtype=dtype,
-                  triton_max_batch_size=MAX_BATCH_SIZE, inputs=_io_block(INPUTS), outputs=_io_block(OUTPUTS),
+                  cuda_graphs=cuda_graphs, triton_max_batch_size=MAX_BATCH_SIZE, inputs=_io_block(INPUTS),
+                  outputs=_io_block(OUTPUTS),
                   ensemble_maps=_ensemble_maps())
     missing = template_fields(templates) - set(values)
     if missing:

@@ -23,6 +23,7 @@ import torch
 from .cache import KVCache
 from .config import TiDARConfig
 from .layout import Layout
+from .cuda_graphs import GraphedForward, graphed_forward
 from .model import TiDARModel, gather_rows
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "trtllm")
@@ -67,20 +68,25 @@ class StepLogits:
 
 
 class TorchBackend:
-    """The reference model in PyTorch (eager, SDPA or FlexAttention attention)."""
+    """The reference model in PyTorch (eager, SDPA, FlexAttention or Triton-kernel attention); on
+    CUDA its decode steps run as CUDA graphs (cuda_graphs.py) unless turned off."""
 
     name = "torch"
 
-    def __init__(self, model: TiDARModel):
+    def __init__(self, model: TiDARModel, cuda_graphs: bool | None = None):
+        """`cuda_graphs`: None (default) = on when the model is on a CUDA device and its attention
+        can be captured; True = on (a ValueError naming the option where it cannot be); False = off."""
         self.model = model
         self.config = model.config
+        self.graphs: GraphedForward | None = graphed_forward(model, cuda_graphs)
+        """The graphed decode steps (None: every forward is eager)."""
 
     @classmethod
     def load(cls, path: str | Path, dtype: str | None = None, attention: str = "eager",
-             device: str = "cpu") -> "TorchBackend":
+             device: str = "cpu", cuda_graphs: bool | None = None) -> "TorchBackend":
         from .checkpoint import load_model
 
-        return cls(load_model(path, dtype=dtype, attention=attention, device=device))
+        return cls(load_model(path, dtype=dtype, attention=attention, device=device), cuda_graphs=cuda_graphs)
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         return self.model.new_cache(batch, capacity)
@@ -88,13 +94,18 @@ class TorchBackend:
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, layout: Layout, cache: KVCache,
                 logits_rows: torch.Tensor | None = None) -> torch.Tensor:
-        return self.model(input_ids.to(self.model.device), layout, cache, logits_rows=logits_rows)
+        hidden = self.hidden_states(input_ids, layout, cache)
+        return self.head(hidden if logits_rows is None else gather_rows(hidden, logits_rows))
 
     @torch.inference_mode()
     def hidden_states(self, input_ids: torch.Tensor, layout: Layout, cache: KVCache) -> torch.Tensor:
         """Final-norm hidden states [B, num_new, hidden] of the new tokens (K/V written as by
-        `forward`); `head` turns the rows the caller picks into logits."""
-        return self.model.hidden_states(input_ids.to(self.model.device), layout, cache)
+        `forward`); `head` turns the rows the caller picks into logits. A decode step on a whole
+        cache replays its CUDA graph when graphs are on."""
+        input_ids = input_ids.to(self.model.device)
+        if self.graphs is not None and self.graphs.handles(layout, cache):
+            return self.graphs(input_ids, layout, cache)
+        return self.model.hidden_states(input_ids, layout, cache)
 
     @torch.inference_mode()
     def head(self, hidden: torch.Tensor) -> torch.Tensor:

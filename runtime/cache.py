@@ -32,6 +32,7 @@ class KVCache:
         self._lengths = torch.zeros(batch, dtype=torch.long, device=device)
         self._host = [0] * batch
         self._start, self._count = 0, batch
+        self._is_view = False
         self.allocations = 1
         """Times the storage was allocated (1 unless `grow` was needed)."""
 
@@ -125,6 +126,28 @@ class KVCache:
         view = KVCache.__new__(KVCache)
         view.__dict__.update(self.__dict__)
         view._start, view._count = self._start + index, 1
+        view._is_view = True
+        return view
+
+    @property
+    def is_view(self) -> bool:
+        """Whether this is a view (`row`, `padded`) of another cache's storage rows."""
+        return self._is_view
+
+    def padded(self, rows: int) -> "KVCache":
+        """A view of the first `rows` storage rows: the active rows, then free ones (batch <= rows
+        <= max_rows), for a forward padded to a fixed batch (cuda_graphs.py). Its writes go to this
+        cache's storage; what a padded row writes lands in free storage, which a joining row starts
+        without reading (`add_rows` makes it empty). Its `lengths` are not maintained: the caller
+        passes the rows' past lengths. Not for a view (a `row`'s next storage rows are in use)."""
+        if self._is_view:
+            raise ValueError("a view of a cache cannot be padded: the storage rows after it may be in use")
+        if not self._count <= rows <= self.max_rows:
+            raise ValueError(f"cannot pad a batch of {self._count} to {rows} rows of a cache with {self.max_rows}")
+        view = KVCache.__new__(KVCache)
+        view.__dict__.update(self.__dict__)
+        view._count = rows
+        view._is_view = True
         return view
 
     def clear(self) -> None:

@@ -208,6 +208,7 @@ class TiDARModel(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         # Kept in fp32 outside the module's buffers, so `.to(dtype)` never rounds the RoPE table.
         self.inv_freq = rope_inverse_frequencies(config)
+        self._inv_freq_copies: dict[torch.device, torch.Tensor] = {}  # `rope_frequencies`
         self.set_attention(attention)
 
     def set_attention(self, attention: str) -> None:
@@ -226,11 +227,17 @@ class TiDARModel(nn.Module):
     def device(self) -> torch.device:
         return self.model.embed_tokens.weight.device
 
-    def plan(self, layout: Layout, past_lens: torch.Tensor, cache: KVCache | None) -> AttentionPlan:
+    def plan(self, layout: Layout, past_lens: torch.Tensor, cache: KVCache | None,
+             kv_len: int | None = None) -> AttentionPlan:
         """Lower the layout once for all layers of a forward. Without a cache the keys are the new
         tokens alone, in slots [0, num_new): the mask then addresses slots with a past of 0, while
-        `past_lens` still offsets the position ids."""
-        kv_len = (cache.max_length() if cache is not None else 0) + layout.num_new  # host-side: no device sync
+        `past_lens` still offsets the position ids. `kv_len` is the number of slots attended over:
+        by default the longest cached row plus the new tokens (host-side, so it changes from step
+        to step); a caller that needs one shape for every step (a CUDA graph, cuda_graphs.py)
+        passes the cache capacity, and checks itself that the rows' new tokens fit: every lowering
+        hides the slots after a row's new tokens, so the wider window changes no output."""
+        if kv_len is None:
+            kv_len = (cache.max_length() if cache is not None else 0) + layout.num_new  # host-side: no device sync
         write_slots = None
         if cache is not None:
             if kv_len > cache.capacity:
@@ -262,18 +269,25 @@ class TiDARModel(nn.Module):
         flex = _flex_attention(self.attention == "flex-compiled")
         return lambda q, k, v, mask, scale: flex(q, k, v, block_mask=mask, scale=scale, enable_gqa=True)
 
+    def rope_frequencies(self, device: torch.device) -> torch.Tensor:
+        """The fp32 RoPE inverse frequencies on `device`, copied there once (a copy from the host
+        inside a forward would wait for the device, which a CUDA graph capture forbids)."""
+        if device not in self._inv_freq_copies:
+            self._inv_freq_copies[device] = self.inv_freq.to(device)
+        return self._inv_freq_copies[device]
+
     def hidden_states(self, input_ids: torch.Tensor, layout: Layout, cache: KVCache | None = None,
-                      past_lens: torch.Tensor | None = None) -> torch.Tensor:
-        """Final-norm hidden states of the new tokens, [B, Q, hidden]."""
+                      past_lens: torch.Tensor | None = None, kv_len: int | None = None) -> torch.Tensor:
+        """Final-norm hidden states of the new tokens, [B, Q, hidden]. `kv_len`: see `plan`."""
         batch, num_new = input_ids.shape
         if num_new != layout.num_new:
             raise ValueError(f"{num_new} input tokens for a layout of {layout.num_new}")
         if past_lens is None:
             past_lens = cache.lengths if cache is not None else torch.zeros(batch, dtype=torch.long,
                                                                                device=input_ids.device)
-        plan = self.plan(layout, past_lens, cache)
+        plan = self.plan(layout, past_lens, cache, kv_len)
         position_ids = layout.position_ids(past_lens)
-        inv_freq = self.inv_freq.to(position_ids.device)
+        inv_freq = self.rope_frequencies(position_ids.device)
         freqs = position_ids[:, :, None].float() * inv_freq[None, None, :]
         angles = torch.cat((freqs, freqs), dim=-1)
         cos, sin = angles.cos().to(self.dtype)[:, None], angles.sin().to(self.dtype)[:, None]

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import cuda_graphs
 from .config import TiDARConfig
 from .generate import Request, RequestError, Stats
 from .sampling import SamplingError, SamplingParams
@@ -326,6 +327,9 @@ class ServingOptions:
     """Attention of the torch backend (eager, sdpa, flex, triton on CUDA); ignored by the others."""
     dtype: str | None = None
     """Compute dtype of the torch backend (float32, bfloat16, float16); empty = the checkpoint's."""
+    cuda_graphs: bool | None = None
+    """Decode steps of the torch backend as CUDA graphs: "auto" (None: on for a KIND_GPU instance with
+    eager, sdpa or triton attention), "true" (an error on KIND_CPU) or "false"; ignored by the others."""
 
     @classmethod
     def from_parameters(cls, params: dict[str, str]) -> "ServingOptions":
@@ -347,9 +351,11 @@ class ServingOptions:
                     values[name] = tuple(int(v) for v in raw.split(",") if v.strip())
                 elif name == "dtype":
                     values[name] = raw or None
+                elif name == "cuda_graphs":
+                    values[name] = cuda_graphs.SETTINGS[raw.lower() or "auto"]
                 else:
                     values[name] = raw
-            except ValueError:
+            except (ValueError, KeyError):
                 raise ValueError(f"config.pbtxt: parameter '{name}' has an invalid value {raw!r}") from None
         options = cls(**values)
         if options.max_batch_size < 1 or options.max_queue_size < 0 or options.autotune_repeats < 1:
@@ -386,7 +392,8 @@ def build_scheduler(folder, options: ServingOptions, device: str = "cpu"):
         torch.set_num_threads(options.threads)
     backend_options = {}
     if options.backend == "torch":
-        backend_options.update(device=device, attention=options.attention, dtype=options.dtype)
+        backend_options.update(device=device, attention=options.attention, dtype=options.dtype,
+                               cuda_graphs=options.cuda_graphs)
     elif options.backend == "onnxruntime":
         backend_options["threads"] = options.threads
     backend = load_backend(options.backend, folder, **backend_options)
