@@ -1,6 +1,6 @@
 """GPU acceptance: one command that checks the GPU paths on one H100/H200 in under 8 minutes.
 
-    bash benchmarks/gpu_acceptance.sh [-o OUT] [--sections a b c d e f]
+    bash benchmarks/gpu_acceptance.sh [-o OUT] [--sections a b c d e f g]
     python benchmarks/gpu_acceptance.py [-o OUT] [--sections ...]
 
 Needs PyTorch with CUDA and Triton; nothing else, no network. Writes OUT/gpu_acceptance.json and
@@ -27,6 +27,13 @@ one more function in SECTIONS):
  f  where TensorRT / TensorRT-LLM are importable, the engines of the bundled model are built
     (`tidar-export build --engine require`) and their greedy tokens compared with the torch
     backend's; otherwise each is recorded as skipped with the reason.
+ g  CUDA graphs of the torch backend (runtime/cuda_graphs.py): greedy tokens with graphs equal
+    those without (bundled model, float32, SDPA and the Triton kernel) while requests join and
+    leave a batch and the draft length changes, every decode step a replay; whole decode-step
+    latency with and without graphs (random 1.5B shape, bf16) at batch 1, 8, 16 and b = 0, 4, 8, 16.
+
+The torch backend on CUDA runs its decode steps as CUDA graphs by default, so sections a and e
+measure and check the graphed path; g compares it with the eager one.
 """
 
 from __future__ import annotations
@@ -91,6 +98,14 @@ def within(error: float, baseline: float, floor: float) -> bool:
     return error <= 2 * baseline + floor
 
 
+def graph_speedups(latency: list[dict]) -> dict[str, float]:
+    """Eager step time over graphed step time per (attention, batch, draft length) of section g's
+    `step_latency` rows."""
+    times = {(r["attention"], r["batch"], r["draft_len"], r["cuda_graphs"]): r["ms"] for r in latency}
+    return {f"{attention} batch {batch} b {b}": times[(attention, batch, b, False)] / ms
+            for (attention, batch, b, graphs), ms in sorted(times.items()) if graphs}
+
+
 # ---------------------------------------------------------------- environment
 def environment() -> dict:
     import triton
@@ -130,6 +145,32 @@ def _greedy(backend, tokenizer, draft_len: int, max_new: int) -> list[list[int]]
 
     requests = [Request(tokenizer.encode(p), max_new, eos_ids=()) for p in PROMPTS]
     return [r.token_ids for r in DecodeEngine(backend, tokenizer, draft_len).generate(requests)]
+
+
+def _greedy_joining(backend, tokenizer, draft_lens=(4, 0, 16, 8)) -> list[list[int]]:
+    """Greedy tokens of requests that join a running batch one by one and leave it at different
+    steps (different lengths), the draft length changing every three steps."""
+    from tidar.runtime.generate import DecodeEngine, Request
+
+    engine = DecodeEngine(backend, tokenizer, draft_lens[0], max_rows=8, max_len=512)
+    pending = [Request(tokenizer.encode(p), 16 + 8 * i, eos_ids=(), request_id=i) for i, p in enumerate(PROMPTS * 2)]
+    tokens: dict[int, list[int]] = {}
+
+    def take(deltas):
+        for delta in deltas:
+            tokens.setdefault(delta.request_id, []).extend(delta.token_ids)
+
+    take(engine.add(pending[:2]))
+    pending, step = pending[2:], 0
+    while engine.rows or pending:
+        if pending and (step % 2 or not engine.rows):
+            take(engine.add(pending[:1]))
+            pending = pending[1:]
+        engine.set_draft_len(draft_lens[step // 3 % len(draft_lens)])
+        if engine.rows:
+            take(engine.step())
+            step += 1
+    return [tokens[i] for i in sorted(tokens)]
 
 
 # ---------------------------------------------------------------- sections
@@ -273,7 +314,7 @@ def end_to_end(context: dict) -> dict:
         for mode, draft_len in (("ar", 0), ("tidar", PAPER_DRAFT_LEN)):
             requests = [Request(prompt, 48, eos_ids=()) for _ in range(batch)]
             engine = DecodeEngine(backend, tokenizer, draft_len)
-            engine.generate(requests[:1])  # warm-up (Triton compiles, allocator)
+            engine.generate(requests)  # warm-up (Triton compiles, allocator, CUDA graph capture) on the same cache
             torch.cuda.synchronize()
             start = time.perf_counter()
             results = engine.generate(requests)
@@ -328,6 +369,45 @@ def engines(context: dict) -> dict:
                                "first_mismatching_draft_len": mismatch, "record": manifest["engines"].get(step)}
         result["ok"] = result["ok"] and mismatch is None
     return result
+
+
+@section("g")
+def cuda_graphs(context: dict) -> dict:
+    from tidar import BUNDLED_MODEL
+    from tidar.runtime.autotune import measure_engine_step_seconds
+    from tidar.runtime.backend import TorchBackend, load_backend
+    from tidar.runtime.tokenizer import Tokenizer
+
+    checks = []
+    tokenizer = Tokenizer(BUNDLED_MODEL)
+    for attention in ("sdpa", "triton"):
+        graphed = load_backend("torch", BUNDLED_MODEL, dtype="float32", attention=attention, device="cuda",
+                               cuda_graphs=True)
+        eager = TorchBackend(graphed.model, cuda_graphs=False)
+        expected, got = _greedy_joining(eager, tokenizer), _greedy_joining(graphed, tokenizer)
+        counts = {"captures": graphed.graphs.captures, "replays": graphed.graphs.replays}
+        checks.append({"model": "bundled", "attention": attention, "identical": got == expected,
+                       "tokens": sum(map(len, got)), **counts, "ok": got == expected and counts["replays"] > counts[
+                           "captures"] > 0})
+        del graphed, eager
+        torch.cuda.empty_cache()
+    path = context["random_15b"]
+    tokenizer = Tokenizer(path)
+    latency = []
+    for attention in ("sdpa", "triton"):
+        graphed = load_backend("torch", path, dtype="bfloat16", attention=attention, device="cuda", cuda_graphs=True)
+        eager = TorchBackend(graphed.model, cuda_graphs=False)
+        for batch in (1, 8, 16):
+            for backend in (eager, graphed):
+                seconds = measure_engine_step_seconds(backend, tokenizer, [0, 4, 8, 16], batch=batch, repeats=5)
+                latency += [{"attention": attention, "batch": batch, "draft_len": b,
+                             "cuda_graphs": backend.graphs is not None, "ms": 1e3 * step} for b, step in seconds.items()]
+        del graphed, eager
+        torch.cuda.empty_cache()
+    return {"ok": all(c["ok"] for c in checks), "checks": checks, "step_latency": latency,
+            "eager_over_graphs": graph_speedups(latency),
+            "note": "whole DecodeEngine.step (forward, verification, drafting), past about 128 tokens, median of 5; "
+                    "latency reported, not enforced"}
 
 
 # ---------------------------------------------------------------- report
@@ -410,7 +490,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tidar-acceptance-") as workdir:
         context = {"workdir": workdir}
-        if {"a", "d", "e"} & set(args.sections):
+        if {"a", "d", "e", "g"} & set(args.sections):
             context["random_15b"] = _random_15b(Path(workdir) / "random-qwen2.5-1.5b")
         for letter in args.sections:
             began = time.perf_counter()

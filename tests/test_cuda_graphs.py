@@ -206,7 +206,7 @@ def run_with_joins(backend, draft_lens=(4, 0, 8, 2), max_rows=8) -> tuple[list[l
     take(engine.add(pending[:3]))
     pending = pending[3:]
     while engine.rows or pending:
-        if pending and steps % 3 == 1:  # one joins every third step
+        if pending and (steps % 3 == 1 or not engine.rows):  # one joins every third step
             take(engine.add(pending[:1]))
             pending = pending[1:]
         engine.set_draft_len(draft_lens[(steps // 4) % len(draft_lens)])

@@ -36,9 +36,16 @@ def test_without_cuda_it_exits_2_at_once_with_the_reason(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_sections_are_a_to_f_in_order(acceptance):
-    assert list(acceptance.SECTIONS) == ["a", "b", "c", "d", "e", "f"]
-    assert acceptance.parse_args([]).sections == ["a", "b", "c", "d", "e", "f"]
+def test_sections_are_a_to_g_in_order(acceptance):
+    assert list(acceptance.SECTIONS) == ["a", "b", "c", "d", "e", "f", "g"]
+    assert acceptance.parse_args([]).sections == ["a", "b", "c", "d", "e", "f", "g"]
+
+
+def test_graph_speedups_pair_each_graphed_step_with_its_eager_one(acceptance):
+    rows = [{"attention": "sdpa", "batch": batch, "draft_len": b, "cuda_graphs": graphs, "ms": ms}
+            for batch, b, graphs, ms in ((1, 0, False, 6.0), (1, 0, True, 2.0), (16, 16, False, 30.0),
+                                         (16, 16, True, 25.0))]
+    assert acceptance.graph_speedups(rows) == {"sdpa batch 1 b 0": 3.0, "sdpa batch 16 b 16": 1.2}
 
 
 def test_verdict(acceptance):
