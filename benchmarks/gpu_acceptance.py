@@ -29,7 +29,7 @@ one more function in SECTIONS):
     backend's; otherwise each is recorded as skipped with the reason.
  g  CUDA graphs of the torch backend (runtime/cuda_graphs.py): greedy tokens with graphs equal
     those without (bundled model, float32, SDPA and the Triton kernel) while requests join and
-    leave a batch and the draft length changes, every decode step a replay; whole decode-step
+    leave a batch and the draft shape (b, k) changes, every decode step a replay; whole decode-step
     latency with and without graphs (random 1.5B shape, bf16) at batch 1, 8, 16 and b = 0, 4, 8, 16.
 
 The torch backend on CUDA runs its decode steps as CUDA graphs by default, so sections a and e
@@ -147,12 +147,12 @@ def _greedy(backend, tokenizer, draft_len: int, max_new: int) -> list[list[int]]
     return [r.token_ids for r in DecodeEngine(backend, tokenizer, draft_len).generate(requests)]
 
 
-def _greedy_joining(backend, tokenizer, draft_lens=(4, 0, 16, 8)) -> list[list[int]]:
+def _greedy_joining(backend, tokenizer, shapes=((4, None), (0, None), (16, None), (8, 2))) -> list[list[int]]:
     """Greedy tokens of requests that join a running batch one by one and leave it at different
-    steps (different lengths), the draft length changing every three steps."""
+    steps (different lengths), the draft shape (b, k) changing every three steps."""
     from tidar.runtime.generate import DecodeEngine, Request
 
-    engine = DecodeEngine(backend, tokenizer, draft_lens[0], max_rows=8, max_len=512)
+    engine = DecodeEngine(backend, tokenizer, shapes[0][0], max_rows=8, max_len=512)
     pending = [Request(tokenizer.encode(p), 16 + 8 * i, eos_ids=(), request_id=i) for i, p in enumerate(PROMPTS * 2)]
     tokens: dict[int, list[int]] = {}
 
@@ -166,7 +166,7 @@ def _greedy_joining(backend, tokenizer, draft_lens=(4, 0, 16, 8)) -> list[list[i
         if pending and (step % 2 or not engine.rows):
             take(engine.add(pending[:1]))
             pending = pending[1:]
-        engine.set_draft_len(draft_lens[step // 3 % len(draft_lens)])
+        engine.set_draft_len(*shapes[step // 3 % len(shapes)])
         if engine.rows:
             take(engine.step())
             step += 1

@@ -191,10 +191,10 @@ def test_padded_rows_of_a_replayed_graph_write_from_slot_0():
 
 
 # ---------------------------------------------------------------- whole decode runs
-def run_with_joins(backend, draft_lens=(4, 0, 8, 2), max_rows=8) -> tuple[list[list[int]], int]:
-    """Greedy decoding of rows that join and leave (different lengths) while the draft length
-    changes every few steps. Returns each request's tokens and the number of decode steps."""
-    engine = DecodeEngine(backend, draft_len=draft_lens[0], max_rows=max_rows, max_len=160)
+def run_with_joins(backend, shapes=((4, None), (0, None), (8, 2), (2, 1)), max_rows=8) -> tuple[list[list[int]], int]:
+    """Greedy decoding of rows that join and leave (different lengths) while the draft shape
+    (b, k) changes every few steps. Returns each request's tokens and the number of decode steps."""
+    engine = DecodeEngine(backend, draft_len=shapes[0][0], max_rows=max_rows, max_len=160)
     pending = [Request(p, 12 + 7 * (i % 3), eos_ids=(), request_id=i) for i, p in enumerate(prompts(7))]
     tokens: dict[int, list[int]] = {}
     steps = 0
@@ -209,7 +209,7 @@ def run_with_joins(backend, draft_lens=(4, 0, 8, 2), max_rows=8) -> tuple[list[l
         if pending and (steps % 3 == 1 or not engine.rows):  # one joins every third step
             take(engine.add(pending[:1]))
             pending = pending[1:]
-        engine.set_draft_len(draft_lens[(steps // 4) % len(draft_lens)])
+        engine.set_draft_len(*shapes[(steps // 4) % len(shapes)])
         if engine.rows:
             take(engine.step())
             steps += 1
