@@ -220,7 +220,14 @@ class DecodeStep(nn.Module):
         self.model, self.inv_freq = model.model, model.inv_freq
         self.dtype = model.dtype
 
-    def plan(self, layout: GraphLayout, past_lens: torch.Tensor, cache: PresentCache) -> AttentionPlan:
+    def rope_frequencies(self, device: torch.device) -> torch.Tensor:
+        """The RoPE inverse frequencies on `device` (a constant of the traced graph)."""
+        return self.inv_freq.to(device)
+
+    def plan(self, layout: GraphLayout, past_lens: torch.Tensor, cache: PresentCache,
+             kv_len: int | None = None) -> AttentionPlan:
+        """The traced graph attends over its past inputs plus the new tokens (`kv_len`, the
+        eager model's CUDA-graph width, does not apply to a graph)."""
         kv_len = cache.past[0].shape[2] + layout.num_new
         write_slots = past_lens[:, None] + torch.arange(layout.num_new, device=past_lens.device)
         if self.attention == "plugin":
