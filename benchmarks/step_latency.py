@@ -67,6 +67,18 @@ def time_steps(backend, draft_len: int, prompt_len: int, repeats: int, warmup: i
     }
 
 
+def time_lm_head(backend, rows: int, repeats: int, clock) -> float:
+    """Median ms of the LM head alone on `rows` hidden states (one row of a batch)."""
+    hidden = torch.randn(1, rows, backend.config.hidden_size, dtype=backend.model.dtype, device=backend.model.device)
+    times = []
+    with torch.inference_mode():
+        for _ in range(repeats + 1):  # the first call warms up
+            start = clock()
+            backend.head(hidden)
+            times.append(clock() - start)
+    return round(1000 * statistics.median(times[1:]), 3)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="a checkpoint (torch) or a `tidar-export build` output (onnxruntime)")
@@ -84,8 +96,13 @@ def main() -> None:
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="wall: elapsed time; cpu: the calling thread's CPU time (time.thread_time), which a "
                              "busy machine disturbs far less; needs --threads 1 to count all the work")
+    parser.add_argument("--lm-head-rows", type=int, nargs="*", default=[],
+                        help="also time the LM head alone on these numbers of rows (torch backend), e.g. b(b+1) "
+                             "and 2b-1, to compare with a step")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
+    if args.lm_head_rows and args.backend != "torch":
+        parser.error("--lm-head-rows times the torch backend's head")
     if args.clock == "cpu" and args.threads != 1:
         parser.error("--clock cpu measures one thread: give --threads 1")
     clock = time.thread_time if args.clock == "cpu" else time.perf_counter
@@ -115,6 +132,8 @@ def main() -> None:
         "prompt_len": args.prompt_len,
         "results": results,
     }
+    if args.lm_head_rows:
+        report["lm_head_ms"] = {str(rows): time_lm_head(backend, rows, args.repeats, clock) for rows in args.lm_head_rows}
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
