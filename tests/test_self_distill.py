@@ -56,6 +56,25 @@ def test_rollout_loss_covers_the_continuation_only():
     assert losses.total.item() == pytest.approx((0.25 * ar + diff) / 2.0, rel=1e-6)
 
 
+def test_draft_decay_weighs_each_mask_by_its_offset_in_the_block():
+    """S = 8, b = 4, prompt 2, decay 0.5: the masks at positions 2..7 sit at block offsets
+    2, 3, 0, 1, 2, 3 and weigh 0.5, 0.25, 0.5, 1, 0.5, 0.25 (decay^|j-1|); the reported
+    diffusion loss stays the plain mean, and decay 1 is the plain mean."""
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 5, (2, 8))
+    logits = torch.randn(2, 16, 5)
+    ce = torch.nn.functional.cross_entropy(logits[:, 10:].reshape(-1, 5), tokens[:, 2:].reshape(-1),
+                                           reduction="none").view(2, 6)
+    weights = torch.tensor([0.5, 0.25, 0.5, 1.0, 0.5, 0.25])
+    weighted = float((ce * weights).sum() / (weights.sum() * 2))
+    losses = rollout_losses(logits, tokens, 2, alpha=1.0, ar_weight=0.0, block_size=4, draft_decay=0.5)
+    assert losses.total.item() == pytest.approx(weighted / 2.0, rel=1e-6)
+    assert losses.diffusion.item() == pytest.approx(float(ce.mean()), rel=1e-6)
+    plain = rollout_losses(logits, tokens, 2, alpha=1.0, ar_weight=0.0, block_size=4, draft_decay=1.0)
+    assert plain.total.item() == pytest.approx(float(ce.mean()) / 2.0, rel=1e-6)
+    assert weighted != pytest.approx(float(ce.mean()), rel=1e-3)
+
+
 def test_mixed_batch_is_the_mean_of_its_rows_and_prompts_come_from_the_training_split(tmp_path):
     trainer = Trainer(TrainConfig(files=corpus(tmp_path), out=str(tmp_path / "out"), steps=4, **DISTILL))
     real, rollouts = trainer.batch(0)

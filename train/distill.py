@@ -82,17 +82,30 @@ def cached(path: Path, make: Callable[[], Rollouts]) -> Rollouts:
     return rollouts
 
 
+def draft_weights(seq_len: int, block_size: int, decay: float) -> torch.Tensor:
+    """[seq_len] weight of each mask of the diffusion half: decay^|j - 1| for the mask at offset j
+    of its block, so mask 1 (the first draft verification judges, d_1) weighs most and later
+    masks, whose drafts are reached only after every earlier one is accepted, less; decay 1 weighs
+    all alike (the plain mean)."""
+    offsets = torch.arange(seq_len) % block_size
+    return decay ** (offsets - 1).abs().float()
+
+
 def rollout_losses(logits: torch.Tensor, tokens: torch.Tensor, prompt_len: int, alpha: float,
-                   ar_weight: float) -> Losses:
+                   ar_weight: float, block_size: int = 1, draft_decay: float = 1.0) -> Losses:
     """Losses of rollout rows on their continuation (positions >= prompt_len) only: diffusion
-    (mask i predicts x_i) and AR (x_{i-1} predicts x_i). total = (ar_weight * AR + diffusion) /
-    (1 + alpha), the weighting of a real row with alpha replaced by ar_weight."""
+    (mask i predicts x_i) and AR (x_{i-1} predicts x_i). total = (ar_weight * AR + weighted
+    diffusion) / (1 + alpha), the weighting of a real row with alpha replaced by ar_weight; the
+    diffusion term of total weighs mask i by `draft_weights` (block_size, draft_decay), while
+    `Losses.diffusion` reports the plain mean (comparable across decays)."""
     seq_len, vocab = tokens.shape[1], logits.shape[-1]
     ar = F.cross_entropy(logits[:, prompt_len - 1: seq_len - 1].reshape(-1, vocab).float(),
                          tokens[:, prompt_len:].reshape(-1))
-    diffusion = F.cross_entropy(logits[:, seq_len + prompt_len:].reshape(-1, vocab).float(),
-                                tokens[:, prompt_len:].reshape(-1))
-    return Losses((ar_weight * ar + diffusion) / (1.0 + alpha), ar, diffusion)
+    per_mask = F.cross_entropy(logits[:, seq_len + prompt_len:].reshape(-1, vocab).float(),
+                               tokens[:, prompt_len:].reshape(-1), reduction="none").view(tokens.shape[0], -1)
+    weights = draft_weights(seq_len, block_size, draft_decay)[prompt_len:].to(per_mask.device)
+    weighted = (per_mask * weights).sum() / (weights.sum() * tokens.shape[0])
+    return Losses((ar_weight * ar + weighted) / (1.0 + alpha), ar, per_mask.mean())
 
 
 @torch.no_grad()

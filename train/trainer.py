@@ -99,6 +99,9 @@ class TrainConfig:
     """Data tokens of a rollout; the model continues it to seq_len tokens."""
     rollout_ar_weight: float = 0.0
     """AR loss weight on rollout continuations (real rows have alpha)."""
+    rollout_draft_decay: float = 1.0
+    """Diffusion loss of rollout rows: mask j of a block weighs decay^|j-1| (1: all alike), so the
+    early drafts, which decide acceptance, get most of the signal (`distill.draft_weights`)."""
     rollout_refresh: int = 0
     """Regenerate the rollouts with the current model every this many steps (0: never)."""
     rollout_batch: int = 32
@@ -345,7 +348,7 @@ class Trainer:
             return {"total": losses.total, "ar": losses.ar, "diffusion": losses.diffusion}
         rows = real.shape[0]
         mine = rollout_losses(logits[rows:], rollouts, config.rollout_prompt_len, config.alpha,
-                              config.rollout_ar_weight)
+                              config.rollout_ar_weight, model_config.block_size, config.rollout_draft_decay)
         result = {"rollout_ar": mine.ar, "rollout_diffusion": mine.diffusion}
         if rows:
             data = losses_from_logits(logits[:rows], real, config.alpha)
