@@ -162,6 +162,12 @@ def eager_attention(q, k, v, mask, scale):
 
 
 def sdpa_attention(q, k, v, mask, scale):
+    """PyTorch's fused attention. On CPU grouped-query heads go to the kernel as they are
+    (`enable_gqa`): bit-identical to expanding K/V first (tests/test_model.py), without copying
+    the whole attended cache once per layer and step. On CUDA K/V are expanded, because with a boolean mask only the math
+    kernel takes `enable_gqa` and the memory-efficient one does not."""
+    if q.device.type == "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
     k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 

@@ -8,6 +8,7 @@
 One background thread runs the loop. Between two steps it
   1. ends rows whose caller cancelled (or whose stream broke) and rows past their deadline
      (finish reason "cancelled" / "timeout"; the partial output is delivered, the cache row freed);
+     a submission's `is_cancelled` is asked at most every `cancel_poll_seconds`;
   2. admits queued requests while the batch has room: each is validated (`DecodeEngine.check`;
      a bad one gets `on_error` and never touches the batch) and prefilled, then joins;
   3. adapts the draft shape (b, k) of the shared batch to its size (`BatchDraftPolicy`: the
@@ -57,6 +58,11 @@ class SchedulerConfig:
     """Draft length of requests that do not ask for one; None = adapt to the batch size."""
     default_timeout: float | None = None
     """Seconds a request may take from submission (None = no limit) unless it sets its own."""
+    cancel_poll_seconds: float = 0.05
+    """Least time between two calls of one submission's `is_cancelled`. In Triton's Python backend
+    that call is a blocking round trip to the server process (python_backend `PbCancel::IsCancelled`),
+    so asking every row at every step would cost a round trip per row per step; a cancelled row
+    still leaves within this time plus one step. 0 asks at every step."""
 
 
 @dataclass
@@ -98,6 +104,8 @@ class _Submission:
     engine_key: object
     deadline: float | None
     cancelled: bool = False
+    next_poll: float = 0.0
+    """`time.monotonic()` from which `is_cancelled` may be asked again (`Scheduler._reap`)."""
 
 
 ADAPTIVE = "adaptive"
@@ -211,8 +219,12 @@ class Scheduler:
         now = time.monotonic()
 
         def reason(sub: _Submission) -> str | None:
-            if sub.cancelled or _safe(sub.is_cancelled):
+            if sub.cancelled:
                 return "cancelled"
+            if now >= sub.next_poll:
+                sub.next_poll = now + self.config.cancel_poll_seconds
+                if _safe(sub.is_cancelled):
+                    return "cancelled"
             return "timeout" if sub.deadline is not None and now >= sub.deadline else None
 
         with self._cond:

@@ -233,3 +233,21 @@ def test_decode_layout_same_for_every_impl_and_transformers(family, b, models, h
         additive = torch.zeros(1, 1, total, total).masked_fill(~visible, float("-inf"))
         ref = hf_models[family](input_ids=ids, position_ids=positions, attention_mask=additive).logits[:, past:]
         assert max_diff(outs["eager"][r:r + 1], ref) <= ATOL, f"row {r}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch,new,kv", [(1, 1, 5), (16, 1, 200), (3, 8, 210), (2, 17, 33), (1, 272, 300)])
+def test_sdpa_grouped_heads_equal_expanded_kv_bit_for_bit(dtype, batch, new, kv):
+    """sdpa_attention hands grouped-query K/V to the fused kernel unexpanded on CPU; the result is
+    the same bits as PyTorch's attention over K/V expanded to every query head."""
+    from tidar.runtime.model import sdpa_attention
+
+    generator = torch.Generator().manual_seed(batch * 1000 + new)
+    q = torch.randn(batch, 8, new, 32, generator=generator).to(dtype)
+    k = torch.randn(batch, 2, kv, 32, generator=generator).to(dtype)
+    v = torch.randn(batch, 2, kv, 32, generator=generator).to(dtype)
+    mask = torch.rand(batch, 1, new, kv, generator=generator) > 0.3
+    mask[..., 0] = True
+    expanded = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(4, dim=1), v.repeat_interleave(4, dim=1), attn_mask=mask, scale=32 ** -0.5)
+    assert torch.equal(sdpa_attention(q, k, v, mask, 32 ** -0.5), expanded)

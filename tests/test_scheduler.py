@@ -285,6 +285,37 @@ def test_is_cancelled_and_a_raising_callback_end_the_request(backend, tokenizer)
         scheduler.close()
 
 
+def test_is_cancelled_is_asked_at_most_once_per_poll_interval(backend, tokenizer):
+    """In Triton each `is_cancelled` is a round trip to the server process: a row is asked at most
+    once per `cancel_poll_seconds`, not at every step, and a cancellation still ends it within
+    that interval plus a step."""
+    poll = 0.1
+    scheduler = Scheduler(slow_backend(backend, 0.005), tokenizer, SchedulerConfig(draft_len=2,
+                                                                                   cancel_poll_seconds=poll))
+    try:
+        flag, asked = threading.Event(), []
+
+        def is_cancelled():
+            asked.append(time.monotonic())
+            return flag.is_set()
+
+        polled = Collector()
+        scheduler.submit(Request(tokenizer.encode(PROMPTS[0]), 10_000, eos_ids=()), polled.on_delta,
+                         polled.on_error, is_cancelled=is_cancelled)
+        time.sleep(1.0)
+        steps_before = len(polled.deltas)
+        flag.set()
+        set_at = time.monotonic()
+        assert polled.wait().finish_reason == "cancelled"
+        ended = time.monotonic()
+        gaps = [b - a for a, b in zip(asked, asked[1:])]
+        assert steps_before > 2 * len(asked) and len(asked) >= 5  # asked far less often than stepped
+        assert min(gaps) >= poll * 0.99
+        assert ended - set_at < poll + 1.0
+    finally:
+        scheduler.close()
+
+
 def test_full_queue_raises_overloaded_and_invalid_requests_get_errors(backend, tokenizer):
     gate = threading.Event()
     scheduler = Scheduler(backend, tokenizer, SchedulerConfig(draft_len=2, max_batch_size=1, max_queue_size=1))
