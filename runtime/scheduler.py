@@ -128,6 +128,7 @@ class Scheduler:
         self.counters.draft_len, self.counters.draft_blocks = b, k
         self.engines: dict[object, DecodeEngine] = {ADAPTIVE: DecodeEngine(backend, tokenizer, draft_len=b,
                                                                            draft_blocks=k)}
+        self._shape_for_rows: dict[int, tuple[int, int]] = {}  # `_adapt`: policy.best per batch size
         self._queue: collections.deque[_Submission] = collections.deque()
         self._running: dict[object, _Submission] = {}  # request_id -> submission
         self._ids = itertools.count()
@@ -274,7 +275,10 @@ class Scheduler:
             return
         engine = self.engines[ADAPTIVE]
         if engine.batch_size:
-            engine.set_draft_len(*as_shape(self.policy.best(sum(e.batch_size for e in self.engines.values()))))
+            rows = sum(e.batch_size for e in self.engines.values())
+            if rows not in self._shape_for_rows:  # the policy is fixed: score its candidates once per size
+                self._shape_for_rows[rows] = as_shape(self.policy.best(rows))
+            engine.set_draft_len(*self._shape_for_rows[rows])
         with self._cond:
             self.counters.draft_len, self.counters.draft_blocks = engine.draft_len, engine.draft_blocks
 

@@ -112,6 +112,23 @@ def test_adaptive_engine_takes_the_policys_shape(backend, tokenizer):
         scheduler.close()
 
 
+def test_the_policy_is_scored_once_per_batch_size(backend, tokenizer):
+    """`BatchDraftPolicy.best` solves a Markov chain per candidate; the scheduler asks it once per
+    batch size, not at every step, and still uses its answer at every step."""
+    policy, asked = changing_policy(), []
+    best = policy.best
+    policy.best = lambda rows: asked.append(rows) or best(rows)
+    scheduler = Scheduler(backend, tokenizer, policy=policy)
+    try:
+        done = Collector()
+        scheduler.submit(Request(tokenizer.encode(PROMPTS[0]), 40, eos_ids=()), done.on_delta, done.on_error)
+        done.wait()
+        assert len(done.deltas) > 5 and sorted(asked) == [1, 1]  # the constructor's and _adapt's
+        assert done.deltas[1].step_stats.draft_tokens <= 3  # steps ran at the policy's (4, 1)
+    finally:
+        scheduler.close()
+
+
 def test_set_draft_len_keeps_greedy_exact_under_any_schedule(backend, hf_models, tokenizer):
     rng = random.Random(7)
     prompts = [tokenizer.encode(p) for p in PROMPTS[:4]]
