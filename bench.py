@@ -10,9 +10,12 @@ Methods, all on the same weights in fp32 and the same held-out prompts:
 Per method: tokens/s (each prompt's median over repeats; total tokens / total seconds),
 T/NFE, committed tokens per decode step, median step latency, query tokens per step and row,
 acceptance per position (accepted / proposed there), and whether every output equals the AR
-output token for token. The autotuner's view is reported beside it: for every candidate shape
-(AR included) the measured forward latency, the expected tokens per step (`autotune.
-expected_tokens`) and so the expected tokens/s, next to the measured tokens/s of the shapes
+output token for token. The greedy replay (runtime/replay.py) gives the tokens per step of every
+shape (b, k), k = 1..b, on the same prompts without running the engine per shape. The
+autotuner's view is reported beside it: for every candidate shape (AR included) the measured
+forward latency, the expected tokens per step (`autotune.expected_tokens_per_step`: the
+replayed one) and so the expected tokens/s, the Markov estimate from acceptance
+(`autotune.expected_tokens`), next to the measured tokens per step and tokens/s of the shapes
 that ran, and the chosen shape. Writes bench.json and bench.png.
 
 Prompts come from the held-out files of the standard-library split the bundled model was
@@ -32,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from tidar.runtime import autotune
+from tidar.runtime import autotune, replay
 from tidar.runtime.backend import TorchBackend
 from tidar.runtime.generate import DecodeEngine, Request
 from tidar.runtime.tokenizer import Tokenizer
@@ -84,7 +87,7 @@ def run_runtime(backend, tokenizer, draft_len: int, prompts, max_new_tokens: int
     b, k = autotune.as_shape((draft_len, draft_blocks) if draft_blocks is not None else draft_len)
     return {"outputs": outputs, "tokens": tokens, "seconds": sum(seconds),
             "tokens_per_second": tokens / sum(seconds), "tokens_per_forward": tokens / forwards,
-            "tokens_per_step": (tokens - len(prompts)) / decode_steps if decode_steps else None,
+            "tokens_per_step": replay.tokens_per_decode_step(tokens, len(prompts), decode_steps),
             "step_ms_median": 1000 * statistics.median(steps_seconds) if steps_seconds else None,
             "draft_len": b, "draft_blocks": k, "query_tokens": autotune.query_tokens((b, k)),
             "acceptance_per_position": autotune.acceptance_from_stats(accepted, proposed)}
@@ -179,27 +182,42 @@ def bench(model: str | Path, out: str | Path, prompts: int = 8, prompt_tokens: i
         progress(name)
         methods[name] = run_runtime(backend, tokenizer, shape[0], prompt_ids, max_new_tokens, repeats, shape[1])
     acceptance = methods[method_name(full)]["acceptance_per_position"]
+    progress("replay: tokens per step of every shape (b, k), k = 1..b")
+    started = time.perf_counter()
+    replayed = replay.replayed_tokens_per_step(replay.replay(
+        backend, prompt_ids, max_new_tokens, autotune.draft_shapes(range(1, block + 1), range(1, block + 1))))
+    replay_seconds = time.perf_counter() - started
     if write_acceptance:
         (model / autotune.ACCEPTANCE_FILE).write_text(json.dumps(
             {"block_size": block, "acceptance": acceptance, "prompts": len(prompt_ids),
+             "max_new_tokens": max_new_tokens, autotune.REPLAY_FIELD: replayed,
              "measured_by": "tidar bench", "date": datetime.date.today().isoformat()}, indent=2) + "\n")
     candidates = autotune.draft_shapes(range(0, block + 1), draft_blocks)
     progress(f"autotune: forward latency of {len(candidates)} shapes")
-    choice = autotune.choose_draft_len(backend, acceptance, candidates=candidates)
+    choice = autotune.choose_draft_len(backend, acceptance, candidates=candidates, replayed=replayed)
     chosen = choice.shape
     progress(f"tidar-auto ({autotune.shape_name(chosen)})")
     methods["tidar-auto"] = run_runtime(backend, tokenizer, chosen[0], prompt_ids, max_new_tokens, repeats, chosen[1])
-    measured = {(r["draft_len"], r["draft_blocks"]): r["tokens_per_second"] for n, r in methods.items()
-                if "draft_len" in r and n != "tidar-auto"}
+    ran = {(r["draft_len"], r["draft_blocks"]): r for n, r in methods.items() if "draft_len" in r and n != "tidar-auto"}
     expected_rate = choice.expected_tokens_per_second
+
+    def measured(shape, key, digits):
+        value = ran[shape][key] if shape in ran else None
+        return None if value is None else round(value, digits)
+
     autotune_view = {
         "acceptance": acceptance, "chosen": autotune.shape_name(chosen),
+        "replay_seconds": round(replay_seconds, 1),
         "candidates": {autotune.shape_name(c): {
             "draft_len": c[0], "draft_blocks": c[1], "query_tokens": autotune.query_tokens(c),
             "forward_ms": round(1000 * choice.step_seconds[c], 3),
             "expected_tokens_per_step": round(choice.expected_tokens_per_step[c], 4),
             "expected_tokens_per_second": round(expected_rate[c], 2),
-            "measured_tokens_per_second": round(measured[c], 2) if c in measured else None}
+            "replayed_tokens_per_step": round(replayed[autotune.shape_name(c)], 4)
+            if autotune.shape_name(c) in replayed else None,
+            "markov_tokens_per_step": round(autotune.expected_tokens(acceptance, *c), 4),
+            "measured_tokens_per_step": measured(c, "tokens_per_step", 4),
+            "measured_tokens_per_second": measured(c, "tokens_per_second", 2)}
             for c in candidates}}
     for result in methods.values():
         shape = (result["draft_len"], result["draft_blocks"])
@@ -247,12 +265,14 @@ def table(report: dict) -> str:
                      f"{'yes' if r['equals_ar'] else 'NO'} |")
     view = report.get("autotune")
     if view:
-        lines += ["", f"Autotune candidates (forward latency at batch 1 x acceptance); chosen: {view['chosen']}", "",
-                  "| shape | query tokens/step | forward ms | expected tokens/step | expected tokens/s "
-                  "| measured tokens/s |", "|---|---|---|---|---|---|"]
+        lines += ["", f"Autotune candidates (expected tokens/step: replayed; over forward latency at batch 1); "
+                      f"chosen: {view['chosen']}", "",
+                  "| shape | query tokens/step | forward ms | expected tokens/step | Markov tokens/step "
+                  "| measured tokens/step | expected tokens/s | measured tokens/s |", "|---|---|---|---|---|---|---|---|"]
         for name, c in sorted(view["candidates"].items(), key=lambda item: -item[1]["expected_tokens_per_second"]):
             mark = " ←" if name == view["chosen"] else ""
             lines.append(f"| {name}{mark} | {c['query_tokens']} | {c['forward_ms']:.2f} | "
-                         f"{c['expected_tokens_per_step']:.2f} | {c['expected_tokens_per_second']:.1f} | "
+                         f"{c['expected_tokens_per_step']:.2f} | {number(c.get('markov_tokens_per_step'), 2)} | "
+                         f"{number(c.get('measured_tokens_per_step'), 2)} | {c['expected_tokens_per_second']:.1f} | "
                          f"{number(c['measured_tokens_per_second'])} |")
     return "\n".join(lines)

@@ -133,14 +133,17 @@ def _torch_device(name: str):
 
 def _auto_draft_shape(backend, tokenizer, model: str) -> tuple[int, int]:
     """The draft shape (b, k) with the best expected tokens/s on this machine (may be AR, when
-    drafting does not pay, as with random weights)."""
+    drafting does not pay, as with random weights): replayed tokens per step where
+    MODEL/acceptance.json has them, else estimates from acceptance."""
     from tidar.runtime import autotune
 
-    acceptance = autotune.load_acceptance(model, backend.config.block_size)
+    block = backend.config.block_size
+    acceptance = autotune.load_acceptance(model, block)
     if acceptance is None:
         acceptance = autotune.calibrate_acceptance(backend, tokenizer)
-    candidates = autotune.draft_shapes(range(0, backend.config.block_size + 1))
-    return autotune.choose_draft_len(backend, acceptance, candidates=candidates).shape
+    candidates = autotune.draft_shapes(range(0, block + 1))
+    return autotune.choose_draft_len(backend, acceptance, candidates=candidates,
+                                     replayed=autotune.load_replayed(model, block)).shape
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -347,7 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "autotuner for every b (default 1 2; none: k = b only)")
     ben.add_argument("--no-peers", action="store_true", help="skip the transformers peers")
     ben.add_argument("--write-acceptance", action="store_true",
-                     help="store the measured acceptance in MODEL/acceptance.json for the draft-length autotuner")
+                     help="store the measured acceptance and the replayed tokens per step of every draft shape "
+                          "in MODEL/acceptance.json for the draft-shape autotuner")
     ben.set_defaults(run=_bench)
 
     train = sub.add_parser("train", help="train a TiDAR model with the full-mask objective",

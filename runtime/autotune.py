@@ -1,20 +1,24 @@
 """Choose the draft shape (b, k) by measurement: step latency on this device and backend, times
-the model's measured acceptance (docs/design.md §3.4).
+the model's measured tokens per step (docs/design.md §3.4).
 
 A candidate is a draft length b (k = b mask blocks, the paper's step) or a shape (b, k) with
-k <= b blocks; (0, 0) and 0 are AR. With k = b a step commits
-E[a | b] = 1 + sum_{i=1}^{b-1} P(d_1..d_i all accepted) tokens; with k < b a step after one that
-committed a > k tokens has fewer proposals, and the long-run tokens per step is the stationary
-expectation of that Markov chain (`expected_tokens`). A step costs latency(b, k, batch), which
-grows with its b + k*b query tokens per row once they stop being "free". The best shape
-maximizes expected tokens / latency (expected tokens per second).
+k <= b blocks; (0, 0) and 0 are AR. A step costs latency(b, k, batch), which grows with its
+b + k*b query tokens per row once they stop being "free". The best shape maximizes expected
+tokens per step / latency (expected tokens per second).
 
-Acceptance comes from `acceptance.json` in the checkpoint folder (written by `tidar bench`,
-measured on held-out prompts at the full block size); without it, a short calibration run on
-generic prompts measures it. P(d_1..d_i accepted) measured at the full block size is used for
-every shorter b (the model drafts each block in one shot, so a shorter block proposes close
-to the same tokens), and for the shifted proposals of k < b (masks s+1.. of a block stand for
-masks 1.. of a fresh one: P(first i accepted | shift s) = P(d_1..d_{s+i}) / P(d_1..d_s));
+The expected tokens per step of a shape (`expected_tokens_per_step`, the one definition) is
+what was measured for it: the replayed tokens per step (runtime/replay.py: the engine's greedy
+decode loop run on the host over held-out prompts, exact for every (b, k)) when
+`acceptance.json` holds them, else an estimate from acceptance (`expected_tokens`): with k = b
+a step commits E[a | b] = 1 + sum_{i=1}^{b-1} P(d_1..d_i all accepted); with k < b a step after
+one that committed a > k tokens has fewer proposals, and the long-run tokens per step is the
+stationary expectation of that Markov chain, with P(first i accepted | shift s) =
+P(d_1..d_{s+i}) / P(d_1..d_s) (optimistic: the shifted masks' block did not see the tokens
+before them).
+
+Both come from `acceptance.json` in the checkpoint folder (written by `tidar bench
+--write-acceptance` from held-out prompts; acceptance at the full block size, used for every
+shorter b too); without it, a short calibration run on generic prompts measures acceptance.
 `tidar bench` checks the choice against measured tokens/s.
 """
 
@@ -33,6 +37,8 @@ from .backend import Backend
 from .layout import Layout, check_draft_shape, next_proposals
 
 ACCEPTANCE_FILE = "acceptance.json"
+REPLAY_FIELD = "replayed_tokens_per_step"
+"""The field of acceptance.json with the replayed tokens per step, {"b{b}k{k}": tokens/step}."""
 CALIBRATION_PROMPTS = ("import os\n", "def main():\n    ", "class Config:\n    def __init__(self", "# ", "for i in range(")
 
 
@@ -130,6 +136,16 @@ def expected_tokens(acceptance: list[float], draft_len: int, draft_blocks: int |
     return float(pi @ reward)
 
 
+def expected_tokens_per_step(acceptance: list[float], candidate, replayed: dict | None = None) -> float:
+    """The expected tokens per step of a candidate (draft length or (b, k)) given what was
+    measured: its replayed tokens per step (`replayed`, keyed by `shape_name`; runtime/replay.py)
+    when it has them, else the estimate from `acceptance` (`expected_tokens`)."""
+    name = shape_name(candidate)
+    if replayed and name in replayed:
+        return float(replayed[name])
+    return expected_tokens(acceptance, *as_shape(candidate))
+
+
 def device_sync(output: torch.Tensor) -> None:
     """Wait for the device that computed `output` (CUDA kernels run asynchronously: without this
     the clock stops while the last layers may still be running)."""
@@ -180,6 +196,18 @@ def load_acceptance(folder: str | Path, block_size: int) -> list[float] | None:
     return [float(r) for r in rates]
 
 
+def load_replayed(folder: str | Path, block_size: int) -> dict[str, float] | None:
+    """The replayed tokens per step of acceptance.json (`REPLAY_FIELD`), the shapes of a model of
+    `block_size` only; None when the file or the field (older files) is missing."""
+    path = Path(folder) / ACCEPTANCE_FILE
+    table = json.loads(path.read_text()).get(REPLAY_FIELD) if path.is_file() else None
+    if not isinstance(table, dict):
+        return None
+    names = {shape_name(s) for s in draft_shapes(range(1, block_size + 1), range(1, block_size + 1))}
+    return {name: float(value) for name, value in table.items()
+            if name in names and isinstance(value, (int, float)) and not isinstance(value, bool)} or None
+
+
 def calibrate_acceptance(backend: Backend, tokenizer, max_new_tokens: int = 48) -> list[float]:
     """Measure acceptance at the full block size by greedy generation from generic prompts."""
     from .generate import DecodeEngine, Request
@@ -227,15 +255,22 @@ class BatchDraftPolicy:
     step_seconds: dict[int, dict]
     """step_seconds[batch][candidate]: measured latency of one step of `batch` rows at a draft
     length b (k = b) or a shape (b, k)."""
+    replayed: dict[str, float] | None = None
+    """Replayed tokens per step by shape name (`load_replayed`); None: estimates from acceptance."""
 
     @classmethod
     def measure(cls, backend: Backend, acceptance: list[float], batch_sizes: list[int],
-                draft_lens: list, repeats: int = 5, tokenizer=None) -> "BatchDraftPolicy":
+                draft_lens: list, repeats: int = 5, tokenizer=None,
+                replayed: dict[str, float] | None = None) -> "BatchDraftPolicy":
         """Time whole engine steps (`measure_engine_step_seconds`) of every candidate (draft
         lengths or (b, k) shapes, e.g. `draft_shapes(...)`) for every batch size."""
         table = {batch: measure_engine_step_seconds(backend, tokenizer, draft_lens, batch=batch, repeats=repeats)
                  for batch in sorted(set(batch_sizes))}
-        return cls(acceptance, table)
+        return cls(acceptance, table, replayed)
+
+    def expected_tokens_per_step(self, candidate) -> float:
+        """`expected_tokens_per_step` of `candidate` with this policy's measurements."""
+        return expected_tokens_per_step(self.acceptance, candidate, self.replayed)
 
     def best(self, batch: int):
         """The candidate (as the table keys it) with the best expected tokens per second for
@@ -244,32 +279,39 @@ class BatchDraftPolicy:
         measured = sorted(self.step_seconds)
         size = next((m for m in measured if m >= batch), measured[-1])
         seconds = self.step_seconds[size]
-        return max(sorted(seconds, key=as_shape),
-                   key=lambda c: expected_tokens(self.acceptance, *as_shape(c)) / seconds[c])
+        return max(sorted(seconds, key=as_shape), key=lambda c: self.expected_tokens_per_step(c) / seconds[c])
 
     def to_json(self) -> dict:
-        """{"acceptance", "step_seconds": {batch: {"b,k": seconds}}} (`from_json` reads it back)."""
-        return {"acceptance": self.acceptance,
+        """{"acceptance", "step_seconds": {batch: {"b,k": seconds}}, and REPLAY_FIELD when
+        replayed} (`from_json` reads it back)."""
+        data = {"acceptance": self.acceptance,
                 "step_seconds": {str(batch): {",".join(map(str, as_shape(c))): seconds for c, seconds in row.items()}
                                  for batch, row in self.step_seconds.items()}}
+        if self.replayed is not None:
+            data[REPLAY_FIELD] = self.replayed
+        return data
 
     @classmethod
     def from_json(cls, data: dict) -> "BatchDraftPolicy":
-        """The policy `to_json` wrote (a key "b" alone is the draft length b, k = b)."""
+        """The policy `to_json` wrote (a key "b" alone is the draft length b, k = b; a cache
+        written before replay has no REPLAY_FIELD: estimates from acceptance)."""
         def candidate(key: str):
             parts = tuple(int(v) for v in key.split(","))
             return parts[0] if len(parts) == 1 else parts
         return cls(data["acceptance"], {int(batch): {candidate(key): seconds for key, seconds in row.items()}
-                                        for batch, row in data["step_seconds"].items()})
+                                        for batch, row in data["step_seconds"].items()},
+                   data.get(REPLAY_FIELD))
 
 
 def choose_draft_len(backend: Backend, acceptance: list[float], batch: int = 1,
-                     step_seconds: dict | None = None, candidates: list | None = None) -> DraftChoice:
+                     step_seconds: dict | None = None, candidates: list | None = None,
+                     replayed: dict[str, float] | None = None) -> DraftChoice:
     """The candidate (draft lengths 0..block_size with k = b by default, AR included; or the
-    given draft lengths / (b, k) shapes) with the best expected tokens per second."""
+    given draft lengths / (b, k) shapes) with the best expected tokens per second
+    (`expected_tokens_per_step` with `replayed` where it has the shape)."""
     candidates = list(candidates) if candidates is not None else list(range(0, backend.config.block_size + 1))
     step_seconds = step_seconds or measure_step_seconds(backend, candidates, batch=batch)
-    expected = {c: expected_tokens(acceptance, *as_shape(c)) for c in candidates}
+    expected = {c: expected_tokens_per_step(acceptance, c, replayed) for c in candidates}
     best = max(sorted(candidates, key=as_shape), key=lambda c: expected[c] / step_seconds[c])
     b, k = as_shape(best)
     return DraftChoice(b, expected, step_seconds, acceptance, k)

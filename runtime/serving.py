@@ -384,7 +384,7 @@ def build_scheduler(folder, options: ServingOptions, device: str = "cpu"):
     Returns (scheduler, tokenizer, config, max_tokens_limit)."""
     import torch
 
-    from .autotune import BatchDraftPolicy, calibrate_acceptance, draft_shapes, load_acceptance
+    from .autotune import BatchDraftPolicy, calibrate_acceptance, draft_shapes, load_acceptance, load_replayed
     from .backend import load_backend
     from .scheduler import Scheduler, SchedulerConfig
 
@@ -410,7 +410,7 @@ def build_scheduler(folder, options: ServingOptions, device: str = "cpu"):
             draft_lens = [b for b in options.autotune_draft_lens if b <= config.block_size] or [0]
             shapes = draft_shapes(draft_lens, options.autotune_draft_blocks)
             policy = BatchDraftPolicy.measure(backend, acceptance, batch_sizes, shapes, options.autotune_repeats,
-                                              tokenizer=tokenizer)
+                                              tokenizer=tokenizer, replayed=load_replayed(folder, config.block_size))
             if cache is not None:  # atomically: instances of one model may start together
                 partial = cache.with_suffix(f".{os.getpid()}.tmp")
                 partial.write_text(json.dumps(policy.to_json()))
