@@ -268,7 +268,8 @@ def table(report: dict) -> str:
         lines += ["", f"Autotune candidates (expected tokens/step: replayed; over forward latency at batch 1); "
                       f"chosen: {view['chosen']}", "",
                   "| shape | query tokens/step | forward ms | expected tokens/step | Markov tokens/step "
-                  "| measured tokens/step | expected tokens/s | measured tokens/s |", "|---|---|---|---|---|---|---|---|"]
+                  "| measured tokens/step | expected tokens/s | measured tokens/s |",
+                  "|---|---|---|---|---|---|---|---|"]
         for name, c in sorted(view["candidates"].items(), key=lambda item: -item[1]["expected_tokens_per_second"]):
             mark = " ←" if name == view["chosen"] else ""
             lines.append(f"| {name}{mark} | {c['query_tokens']} | {c['forward_ms']:.2f} | "

@@ -155,7 +155,8 @@ def test_policy_and_choice_use_the_replay_where_they_have_it():
     policy = BatchDraftPolicy(ACCEPTANCE, {1: seconds}, replayed)
     assert policy.best(1) == 4
     backend = None  # not read: the candidates and their latencies are given
-    assert autotune.choose_draft_len(backend, ACCEPTANCE, step_seconds=seconds, candidates=list(seconds)).shape == (4, 1)
+    choice = autotune.choose_draft_len(backend, ACCEPTANCE, step_seconds=seconds, candidates=list(seconds))
+    assert choice.shape == (4, 1)
     choice = autotune.choose_draft_len(backend, ACCEPTANCE, step_seconds=seconds, candidates=list(seconds),
                                        replayed=replayed)
     assert choice.shape == (4, 4) and choice.expected_tokens_per_step[(4, 1)] == 1.2
@@ -199,8 +200,10 @@ def model_with_replay(tiny_checkpoints, tmp_path):
 def test_generate_auto_reads_the_replay(model_with_replay, monkeypatch):
     from tidar.cli import _auto_draft_shape
 
-    monkeypatch.setattr(autotune, "measure_step_seconds",
-                        lambda backend, candidates, batch=1: {c: 1.0 + 0.1 * autotune.query_tokens(c) for c in candidates})
+    def step_seconds(backend, candidates, batch=1):  # stands in for the timing: grows with the query tokens
+        return {c: 1.0 + 0.1 * autotune.query_tokens(c) for c in candidates}
+
+    monkeypatch.setattr(autotune, "measure_step_seconds", step_seconds)
     backend = TorchBackend.load(model_with_replay, dtype="float32")
     assert _auto_draft_shape(backend, None, str(model_with_replay)) == (2, 1)  # 1.9 / 1.4 beats AR's 1 / 1.1
     (model_with_replay / autotune.ACCEPTANCE_FILE).write_text(json.dumps({"acceptance": [0.0] * 15}))
@@ -213,9 +216,10 @@ def test_server_policy_reads_the_replay(model_with_replay, monkeypatch):
 
     monkeypatch.delenv(AUTOTUNE_CACHE_ENV, raising=False)  # measured now, not read from a cache
 
-    monkeypatch.setattr(autotune, "measure_engine_step_seconds",
-                        lambda backend, tokenizer, shapes, batch=1, repeats=5: {s: 1.0 + 0.1 * autotune.query_tokens(s)
-                                                                               for s in shapes})
+    def step_seconds(backend, tokenizer, shapes, batch=1, repeats=5):  # stands in for the timing
+        return {s: 1.0 + 0.1 * autotune.query_tokens(s) for s in shapes}
+
+    monkeypatch.setattr(autotune, "measure_engine_step_seconds", step_seconds)
     options = ServingOptions(draft_len=None, autotune_batch_sizes=(1,), autotune_draft_lens=(0, 2),
                              autotune_repeats=1, attention="eager")
     scheduler = build_scheduler(model_with_replay, options)[0]
