@@ -58,6 +58,9 @@ class OnnxRuntimeBackend(SplitHead):
         ort = _import_onnxruntime()
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
+        # Workers sleep between runs instead of spinning: the step graph and the LM-head graph run
+        # alternately, and in a server other threads (Triton's, the scheduler's) need the cores.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.config = config
         self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
         self.head_session = ort.InferenceSession(str(head_path), options, providers=["CPUExecutionProvider"])
