@@ -86,9 +86,9 @@ def test_models_and_completions_streaming_and_not(setup, greedy):
 def test_stop_and_seed(setup, greedy):
     server, chat, _, _ = setup
     client = client_of(chat)
-    prompt = "class Config:\n"
+    prompt = "if __name__ == '__main__':\n"
     full = greedy(prompt, 40).text
-    assert "\n" in full.lstrip("\n")
+    assert any(s in full[1:] for s in ("\n\n", ":"))  # the bundled model reaches a stop string, not at once
     stopped = client.completions.create(model=chat.served_name, prompt=prompt, max_tokens=40, temperature=0,
                                         stop=["\n\n", ":"])
     cut = min((full.index(s) for s in ("\n\n", ":") if s in full), default=len(full))
