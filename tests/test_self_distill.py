@@ -75,6 +75,14 @@ def test_draft_decay_weighs_each_mask_by_its_offset_in_the_block():
     assert weighted != pytest.approx(float(ce.mean()), rel=1e-3)
 
 
+@pytest.mark.parametrize("decay", [0.0, -0.5, float("nan"), float("inf")])
+def test_a_bad_draft_decay_is_refused_by_name_before_anything_is_written(tmp_path, decay):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=f"rollout_draft_decay must be a positive number.*got {decay}"):
+        Trainer(TrainConfig(files=corpus(tmp_path), out=str(out), steps=2, rollout_draft_decay=decay, **DISTILL))
+    assert not out.exists()
+
+
 def test_mixed_batch_is_the_mean_of_its_rows_and_prompts_come_from_the_training_split(tmp_path):
     trainer = Trainer(TrainConfig(files=corpus(tmp_path), out=str(tmp_path / "out"), steps=4, **DISTILL))
     real, rollouts = trainer.batch(0)

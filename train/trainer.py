@@ -225,6 +225,9 @@ class Trainer:
         self.rollout_rows = round(config.batch_size * config.self_distill)
         if config.self_distill and not self.rollout_rows:
             raise ValueError(f"self_distill {config.self_distill} of batch_size {config.batch_size} is no row")
+        if not (0.0 < config.rollout_draft_decay < float("inf")):
+            raise ValueError(f"rollout_draft_decay must be a positive number (mask j of a block weighs "
+                             f"decay^|j-1|), got {config.rollout_draft_decay}")
         if self.rollout_rows and not 0 < config.rollout_prompt_len < config.seq_len:
             raise ValueError(f"rollout_prompt_len {config.rollout_prompt_len} must be in (0, seq_len "
                              f"{config.seq_len}): the model continues the prompt to seq_len tokens")
