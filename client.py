@@ -87,6 +87,7 @@ def request(url: str, text: str, max_tokens: int = 64, stream: bool = True, on_t
     responses: queue.Queue = queue.Queue()
     client = grpcclient.InferenceServerClient(url)
     result = ClientResult()
+    finished = False
     try:
         client.start_stream(callback=lambda result, error: responses.put((result, error, time.perf_counter())))
         result.started = time.perf_counter()
@@ -103,10 +104,14 @@ def request(url: str, text: str, max_tokens: int = 64, stream: bool = True, on_t
             if response.as_numpy("text_output") is not None:
                 _absorb(result, response, arrived, on_text)
             if final:
+                finished = True
                 result.finished = arrived
                 return result
     finally:
-        client.stop_stream(cancel_requests=True)
+        # Cancel only a request left unfinished (an error, no response in time, an interrupt): with
+        # Triton 24.10, cancelling a stream whose request has already ended leaks a reference to the
+        # model now and then, and the server then cannot unload it when it stops (docs/design.md §6.1).
+        client.stop_stream(cancel_requests=not finished)
         client.close()
 
 

@@ -334,7 +334,8 @@ class OpenAIFront:
             await sse.write(b"data: [DONE]\n\n")
             return sse
         finally:
-            responses.cancel()  # ends the gRPC stream: a request still running is cancelled in the model
+            if not all(reasons):  # a request still running is cancelled in the model (docs/design.md §6.1)
+                responses.cancel()
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": sum(tokens),
                  "total_tokens": prompt_tokens + sum(tokens)}
         if stream:

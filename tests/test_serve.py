@@ -57,8 +57,13 @@ def server(tmp_path_factory):
     for key, value in (("max_batch_size", "1"), ("max_queue_size", "1"), ("draft_len", "2")):
         config = re.sub(rf'(key: "{key}" value: {{ string_value: )"[^"]*"', rf'\1"{value}"', config)
     (small / "config.pbtxt").write_text(config)
-    with TritonServer(repo, grpc_port=0, http_port=0, metrics_port=0) as running:
+    running = TritonServer(repo, grpc_port=0, http_port=0, metrics_port=0).start()
+    try:
         yield running
+    finally:
+        status = running.stop()
+    # every stream ended, finished or cancelled, the models unload and the server exits 0 (docs/design.md §6.1)
+    assert status == 0, f"tritonserver did not stop cleanly (status {status}); its log: {running.log_file}"
 
 
 @pytest.fixture(scope="module")
