@@ -30,8 +30,8 @@ class CLIError(Exception):
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from tidar.runtime.backend import load_backend
-    from tidar.runtime.cuda_graphs import GRAPHABLE_ATTENTION
+    from tidar.runtime.backends.loading import load_backend
+    from tidar.runtime.backends.cuda_graphs import GRAPHABLE_ATTENTION
     from tidar.runtime.generate import DecodeEngine, Request
     from tidar.runtime.sampling import SamplingParams
     from tidar.runtime.tokenizer import Tokenizer
@@ -147,7 +147,7 @@ def _auto_draft_shape(backend, tokenizer, model: str) -> tuple[int, int]:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from tidar.bench import bench, table
+    from tidar.runtime.bench import bench, table
 
     if not args.no_peers:
         try:
@@ -199,8 +199,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from tidar.serve import ServeError, serve
-    from tidar.supervisor import RestartPolicy
+    from tidar.serving.serve import ServeError, serve
+    from tidar.serving.supervisor import RestartPolicy
 
     if min(args.max_restarts, args.restart_backoff, args.stable_after) < 0:
         raise CLIError(f"--max-restarts, --restart-backoff and --stable-after must be >= 0, got "
@@ -219,7 +219,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace) -> int:
-    from tidar.client import ClientError, request
+    from tidar.serving.client import ClientError, request
 
     top_p = args.top_p
     if args.temperature and top_p is None and args.top_k is None:
@@ -439,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tidar {args.command}: error: {exc}", file=sys.stderr)
         return USAGE_ERROR
     except ModuleNotFoundError as exc:
-        from tidar.extras import explain_missing
+        from tidar.runtime.extras import explain_missing
 
         return explain_missing(exc, f"tidar {args.command}")
     except BrokenPipeError:

@@ -4,7 +4,7 @@ One `tidar serve` (the CLI, default restart backoff of 1 s; `--stable-after 0`, 
 fault is a first one and gets that backoff) on a repository rendered for MODEL (default: the
 bundled checkpoint on the torch backend with its default adaptive draft length, so each start
 runs the start-up autotune as a deployment does). Greedy outputs of a few prompts are taken;
-then per trial STREAMS long streaming requests (`tidar.client.request`) are started, and once
+then per trial STREAMS long streaming requests (`tidar.serving.client.request`) are started, and once
 every stream has received text the model process (Triton's Python-backend stub) is SIGKILLed.
 Variants, one after the other in one run: "cached" (as shipped: a restart reuses the start-up
 autotune measurement) and, with --uncached-trials, "uncached" (TIDAR_AUTOTUNE_CACHE="": every
@@ -43,9 +43,9 @@ import urllib.request
 from pathlib import Path
 
 import tidar
-from tidar.client import ClientError, request
-from tidar.export.triton_repo import render_repository
-from tidar.serve import model_processes
+from tidar.serving.client import ClientError, request
+from tidar.serving.repository import render_repository
+from tidar.serving.serve import model_processes
 
 PROMPTS = ["def main():\n", "import os\nimport sys\n", "class Config:\n    def __init__(self", "for key, value in"]
 

@@ -177,7 +177,7 @@ def _greedy_joining(backend, tokenizer, shapes=((4, None), (0, None), (16, None)
 @section("a")
 def decode_loop(context: dict) -> dict:
     from tidar import BUNDLED_MODEL
-    from tidar.runtime.backend import load_backend
+    from tidar.runtime.backends.loading import load_backend
     from tidar.runtime.generate import DecodeEngine, Request
     from tidar.runtime.sampling import SamplingParams
     from tidar.runtime.tokenizer import Tokenizer
@@ -268,7 +268,7 @@ def kernel_speed(context: dict) -> dict:
 
 @section("d")
 def free_token_curve(context: dict) -> dict:
-    from tidar.runtime.backend import load_backend
+    from tidar.runtime.backends.loading import load_backend
     from tidar.runtime.layout import Layout
 
     gpu_attention = _gpu_attention()
@@ -301,7 +301,7 @@ def free_token_curve(context: dict) -> dict:
 
 @section("e")
 def end_to_end(context: dict) -> dict:
-    from tidar.runtime.backend import load_backend
+    from tidar.runtime.backends.loading import load_backend
     from tidar.runtime.generate import DecodeEngine, Request
     from tidar.runtime.tokenizer import Tokenizer
 
@@ -344,7 +344,7 @@ def engines(context: dict) -> dict:
     from tidar import BUNDLED_MODEL
     from tidar.export.build import build, engine_skip_reasons
     from tidar.export.verify import greedy_mismatch
-    from tidar.runtime.backend import load_backend
+    from tidar.runtime.backends.loading import load_backend
     from tidar.runtime.tokenizer import Tokenizer
 
     reasons = engine_skip_reasons("auto")
@@ -375,7 +375,8 @@ def engines(context: dict) -> dict:
 def cuda_graphs(context: dict) -> dict:
     from tidar import BUNDLED_MODEL
     from tidar.runtime.autotune import measure_engine_step_seconds
-    from tidar.runtime.backend import TorchBackend, load_backend
+    from tidar.runtime.backends.loading import load_backend
+    from tidar.runtime.backends.torch_backend import TorchBackend
     from tidar.runtime.tokenizer import Tokenizer
 
     checks = []

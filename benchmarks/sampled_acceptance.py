@@ -1,4 +1,4 @@
-"""Acceptance under sampling, per draft position, on held-out prompts (issue 14's measurement).
+"""Acceptance under sampling, per draft position, on held-out prompts.
 
 Runs `DecodeEngine` on the bundled model (or CHECKPOINT) in fp32 with sampled requests (one seed
 per prompt, or none with --unseeded: docs/design.md §3.5 verifies the two differently) and reports, per temperature and draft length, P(d_1..d_i all accepted) for every
@@ -23,9 +23,9 @@ import torch
 
 import tidar
 from tidar import BUNDLED_MODEL
-from tidar.bench import heldout_prompts
+from tidar.runtime.bench import heldout_prompts
 from tidar.runtime import autotune
-from tidar.runtime.backend import TorchBackend
+from tidar.runtime.backends.torch_backend import TorchBackend
 from tidar.runtime.generate import DecodeEngine, Request
 from tidar.runtime.sampling import SamplingParams
 from tidar.runtime.tokenizer import Tokenizer

@@ -1,4 +1,4 @@
-"""Seeded requests under concurrent load on the real server (issue 14's demonstration).
+"""Seeded requests under concurrent load on the real server.
 
 Starts `tritonserver` on the bundled model (torch backend, adaptive draft length, so the draft
 length changes with the batch), sends REQUESTS requests at concurrency 16: GROUPS seeded sampled
@@ -20,9 +20,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tidar import BUNDLED_MODEL
-from tidar.client import request
-from tidar.export.triton_repo import render_repository
-from tidar.serve import TritonServer
+from tidar.serving.client import request
+from tidar.serving.repository import render_repository
+from tidar.serving.serve import TritonServer
 
 PROMPTS = ["def main():\n", "import os\nimport sys\n", "class Config:\n    def __init__(self", "# Copyright",
            "for key, value in", "    return self.", "if __name__ == '__main__':\n", "try:\n    import",

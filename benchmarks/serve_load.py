@@ -2,10 +2,10 @@
 
 Renders a Triton model repository for MODEL (default: the bundled checkpoint on the torch
 backend; `--backend onnxruntime --model OUT` serves a `tidar-export build` output) into a
-temporary folder, starts the real tritonserver on free ports (`tidar.serve.TritonServer`) and
-drives it with `tidar.client.request` (tritonclient gRPC streaming) from a thread pool.
+temporary folder, starts the real tritonserver on free ports (`tidar.serving.serve.TritonServer`) and
+drives it with `tidar.serving.client.request` (tritonclient gRPC streaming) from a thread pool.
 
-Prompts: the held-out prompts of `tidar bench` (`tidar.bench.heldout_prompts`), greedy.
+Prompts: the held-out prompts of `tidar bench` (`tidar.runtime.bench.heldout_prompts`), greedy.
 Scenarios, all on the same server, after one untimed warm-up request per mode:
   tidar @ C   no `mode` input: the server's adaptive draft length        for C in --concurrency
   ar    @ C   mode="ar" (draft length 0)
@@ -52,16 +52,16 @@ import numpy as np
 import torch
 
 import tidar
-from tidar.bench import heldout_prompts
-from tidar.export.triton_repo import render_repository
+from tidar.runtime.bench import heldout_prompts
+from tidar.serving.repository import render_repository
 from tidar.runtime.tokenizer import Tokenizer
-from tidar.serve import ServeError, TritonServer, find_tritonserver
+from tidar.serving.serve import ServeError, TritonServer, find_tritonserver
 
 try:
-    import tritonclient.grpc  # noqa: F401  (tidar.client imports it lazily; fail here, clearly)
+    import tritonclient.grpc  # noqa: F401  (tidar.serving.client imports it lazily; fail here, clearly)
 except ImportError as exc:
     sys.exit(f"serve_load.py needs tritonclient[grpc] ({exc}); install the serve extra: pip install -e \".[serve]\"")
-from tidar.client import request
+from tidar.serving.client import request
 
 MODES = {"tidar": {}, "ar": {"mode": "ar"}}
 GAUGES = ("tidar_queue_depth", "tidar_active_rows", "tidar_draft_len")

@@ -22,9 +22,9 @@ from pathlib import Path
 import tritonclient.grpc as grpcclient
 
 from tidar import BUNDLED_MODEL
-from tidar.client import build_inputs
-from tidar.export.triton_repo import render_repository
-from tidar.serve import TritonServer
+from tidar.serving.client import build_inputs
+from tidar.serving.repository import render_repository
+from tidar.serving.serve import TritonServer
 
 
 def finished_request(url: str, cancel_finished: bool) -> None:

@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from tidar.runtime.backend import load_backend
+from tidar.runtime.backends.loading import load_backend
 from tidar.runtime.generate import DecodeEngine, Request
 
 

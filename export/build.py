@@ -63,14 +63,14 @@ from typing import Iterator
 
 import tidar
 from tidar.runtime.checkpoint import CheckpointError, weight_files
-from tidar.runtime import engine_backend, onnx_backend
+from tidar.runtime.backends import base as artifacts
 from tidar.runtime.config import ConfigError, TiDARConfig
 from tidar.runtime.layout import Layout, check_draft_shape
 from tidar.runtime.tokenizer import Tokenizer, TokenizerError
 
 from .engine_shapes import engine_limits
 from .source import CheckpointSource
-from .triton_repo import render_repository
+from tidar.serving.repository import render_repository
 from .trtllm_checkpoint import DTYPES, ConversionError, convert, trtllm_config
 
 ENGINE_MODES = ("auto", "skip", "require")
@@ -78,8 +78,8 @@ MANIFEST = "manifest.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 MODEL_FILES = ("config.json", *TOKENIZER_FILES, "generation_config.json", "acceptance.json")
 """Files copied from the checkpoint into OUT when present (config.json and tokenizer.json always are)."""
-ONNX_GRAPHS = {"standard": onnx_backend.STEP_GRAPH, "plugin": "onnx/decode_step_plugin.onnx"}
-ONNX_HEAD = onnx_backend.HEAD_GRAPH
+ONNX_GRAPHS = {"standard": artifacts.STEP_GRAPH, "plugin": "onnx/decode_step_plugin.onnx"}
+ONNX_HEAD = artifacts.HEAD_GRAPH
 """The LM-head graph (where the runtime's onnxruntime and tensorrt backends look)."""
 ONNX_WEIGHTS = "onnx/decode_step.weights"
 """The external-data file every ONNX graph reads its weights from."""
@@ -92,7 +92,7 @@ TRTLLM_MODEL_CLASS = "TiDARForCausalLM"
 TRTLLM_MODEL_FILE = "export/trtllm_model.py"
 """Where the TensorRT-LLM model definition of TiDARForCausalLM lives, relative to the tidar package."""
 TRTLLM_PLUGIN_MODULE = "tidar.plugins.trtllm_plugin"
-TENSORRT_ENGINE = engine_backend.TENSORRT_ENGINE  # where the runtime's tensorrt backend looks
+TENSORRT_ENGINE = artifacts.TENSORRT_ENGINE  # where the runtime's tensorrt backend looks
 """The TensorRT engine of onnx/decode_step_plugin.onnx (where TensorRT is available)."""
 ENGINE_SCRIPT = "trtllm/build_engine.sh"
 ENGINE_FOLDERS = {"engine": "engine", "tensorrt": Path(TENSORRT_ENGINE).parent.as_posix()}

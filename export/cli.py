@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tidar-export {args.command}: error: {exc}", file=sys.stderr)
         return USAGE_ERROR
     except ModuleNotFoundError as exc:
-        from tidar.extras import explain_missing
+        from tidar.runtime.extras import explain_missing
 
         return explain_missing(exc, f"tidar-export {args.command}")
     except BrokenPipeError:

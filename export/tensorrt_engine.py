@@ -4,7 +4,7 @@
     optimization_profile(config, draft_len)   -> {input: (min, opt, max) shape}   (plain Python)
     build_tensorrt_engine(onnx_path, engine_path, config, draft_len) -> record for manifest.json
 
-The runtime runs the engine with `tidar.runtime.engine_backend.EngineBackend.tensorrt(OUT)`.
+The runtime runs the engine with `tidar.runtime.backends.engine_backend.EngineBackend.tensorrt(OUT)`.
 
 The graph has one `tidar::hybrid_attention` node per layer; TensorRT's ONNX parser maps it to the
 plugin `hybrid_attention` of namespace `tidar`, which `tidar.plugins.tensorrt_plugin.register()`

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from tidar.runtime.checkpoint import CheckpointError, ignorable_tensor, load_model, weight_files
-from tidar.runtime.engine_backend import TENSORRT_ENGINE, TRTLLM_ENGINE, TRTLLM_WEIGHTS
+from tidar.runtime.backends.engine_backend import TENSORRT_ENGINE, TRTLLM_ENGINE, TRTLLM_WEIGHTS
 from tidar.runtime.config import ConfigError, TiDARConfig
 from tidar.runtime.generate import DecodeEngine, Request
 from tidar.runtime.layout import Layout
@@ -172,8 +172,8 @@ def reference_model(source: Path | None, reassembled: tuple[TiDARConfig, dict] |
 
 # ---------------------------------------------------------------- onnx
 def check_onnx_standard(out: Path, reference, origin: str, threads: int) -> Check:
-    from tidar.runtime.backend import TorchBackend
-    from tidar.runtime.onnx_backend import OnnxRuntimeBackend
+    from tidar.runtime.backends.torch_backend import TorchBackend
+    from tidar.runtime.backends.onnx_backend import OnnxRuntimeBackend
 
     name = "onnx:standard"
     if reference is None:
@@ -247,7 +247,7 @@ def greedy_mismatch(reference_backend, candidate, tokenizer, draft_lens) -> int 
 
 def check_triton_repo(out: Path) -> Check:
     """OUT/triton_repo is rendered and serves OUT with an artifact that exists."""
-    from tidar.runtime.serving import ServingOptions
+    from tidar.serving.requests import ServingOptions
 
     config_file = out / "triton_repo" / "tidar" / "config.pbtxt"
     if not config_file.is_file():
@@ -276,8 +276,8 @@ def check_engine(out: Path, step: str, reference, origin: str) -> Check:
     """An engine of the build ("tensorrt": the TensorRT engine of the plugin graph; "engine": the
     TensorRT-LLM engine, tp = 1) gives the reference's greedy tokens (docs/design.md I5) through the
     runtime's engine backend; skipped with the reason where it cannot run here."""
-    from tidar.runtime.backend import TorchBackend
-    from tidar.runtime.engine_backend import EngineBackend
+    from tidar.runtime.backends.torch_backend import TorchBackend
+    from tidar.runtime.backends.engine_backend import EngineBackend
 
     from .build import engine_unavailable_reason
     from .tensorrt_engine import unavailable_reason

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy
 import torch
 
-from .backend import Backend
+from .backends.base import Backend
 from .layout import Layout, check_draft_shape, next_proposals
 
 ACCEPTANCE_FILE = "acceptance.json"

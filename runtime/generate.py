@@ -46,7 +46,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .backend import Backend, StepLogits
+from .backends.base import Backend, StepLogits
 from .cache import KVCache
 from . import logits_processor
 from .layout import Layout, check_draft_shape, next_proposals

@@ -27,7 +27,7 @@ from typing import Sequence
 import torch
 
 from .autotune import acceptance_from_stats, as_shape, shape_name
-from .backend import Backend, StepLogits
+from .backends.base import Backend, StepLogits
 from .cache import KVCache
 from .generate import DecodeEngine, Request
 from .layout import Layout, next_proposals

@@ -31,7 +31,7 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_backends(tiny_checkpoints):
     """{family: TorchBackend} in fp32 with eager attention."""
-    from tidar.runtime.backend import TorchBackend
+    from tidar.runtime.backends.torch_backend import TorchBackend
 
     return {family: TorchBackend.load(path, dtype="float32") for family, path in tiny_checkpoints.items()}
 

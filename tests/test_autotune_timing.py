@@ -10,10 +10,11 @@ from types import SimpleNamespace
 
 import torch
 
+from fakes.logits_backend import LogitsBackend
 from tidar.runtime import autotune
 
 
-class DeferredBackend:
+class DeferredBackend(LogitsBackend):
     """Returns at once; its work 'finishes' only when the device is synchronized."""
 
     config = SimpleNamespace(mask_token_id=0)
@@ -21,8 +22,11 @@ class DeferredBackend:
     def new_cache(self, batch, capacity):
         return SimpleNamespace(commit=lambda counts: None)
 
-    def forward(self, tokens, layout, cache):
+    def logits(self, tokens, layout, cache):
         return SimpleNamespace(device=torch.device("cuda", 0))
+
+    def head(self, hidden):
+        return hidden
 
 
 def test_step_time_includes_the_device_work(monkeypatch):

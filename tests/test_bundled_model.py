@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from tidar import BUNDLED_MODEL
-from tidar.bench import heldout_prompts
-from tidar.runtime.backend import TorchBackend
+from tidar.runtime.bench import heldout_prompts
+from tidar.runtime.backends.torch_backend import TorchBackend
 from tidar.runtime.generate import DecodeEngine, Request
 from tidar.runtime.tokenizer import Tokenizer
 

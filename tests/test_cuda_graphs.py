@@ -1,4 +1,4 @@
-"""CUDA graphs for the torch backend (runtime/cuda_graphs.py, issue 11 item 5).
+"""CUDA graphs for the torch backend (runtime/backends/cuda_graphs.py).
 
 On any machine: the batch buckets, which forwards are graphed, attention over the whole cache
 capacity (the graphs' static width) against the attended width of the eager path for every
@@ -16,15 +16,15 @@ import pytest
 import torch
 
 from tidar.cli import main
-from tidar.export.triton_repo import RenderError, render_repository
-from tidar.runtime.backend import TorchBackend
+from tidar.serving.repository import RenderError, render_repository
+from tidar.runtime.backends.torch_backend import TorchBackend
 from tidar.runtime.cache import KVCache
-from tidar.runtime.cuda_graphs import (GraphedForward, batch_bucket, batch_buckets, call_directly,
+from tidar.runtime.backends.cuda_graphs import (GraphedForward, batch_bucket, batch_buckets, call_directly,
                                        is_decode_layout)
 from tidar.runtime.generate import DecodeEngine, Request
 from tidar.runtime.layout import Layout
 from tidar.runtime.model import TiDARModel
-from tidar.runtime.serving import ServingOptions
+from tidar.serving.options import ServingOptions
 from tidar.train.checkpoint import init_random_weights, tiny_config
 
 VOCAB = 512
@@ -347,7 +347,7 @@ def test_serving_parameter(tmp_path):
     assert 'key: "cuda_graphs" value: { string_value: "auto" }' in (default / "tidar" / "config.pbtxt").read_text()
     with pytest.raises(RenderError, match="cuda_graphs 'true' needs instance_kind KIND_GPU"):
         render_repository(tmp_path / "cpu", model_dir="../..", backend="torch", cuda_graphs="true")
-    with pytest.raises(RenderError, match="cuda_graphs must be one of auto, true, false"):
+    with pytest.raises(RenderError, match="serving option 'cuda_graphs' has an invalid value 'on'"):
         render_repository(tmp_path / "bad", model_dir="../..", cuda_graphs="on")
 
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from fakes.logits_backend import LogitsBackend
 from tidar.runtime.generate import DecodeEngine, Delta, Request, RequestError, Result
 from tidar.runtime.layout import next_proposals
 from tidar.runtime.sampling import SamplingParams
@@ -114,7 +115,7 @@ def oracles(tiny_backends, hf_models, tokenizers) -> dict[str, list[Case]]:
 
 
 # ---------------------------------------------------------------------------- the hook
-class OracleBackend:
+class OracleBackend(LogitsBackend):
     """The backend protocol around a real backend. After the real forward, the logits of every
     mask row (new tokens from `layout.causal_len` on) are replaced by a large logit at the
     token the mask should predict: oracle token p for the mask at position p ("forced"), or
@@ -149,7 +150,7 @@ class OracleBackend:
         shift = 1 + (position * 7919) % (span - 1)  # never 0 mod span: a token other than the truth
         return FIRST_PLAIN_ID + (truth - FIRST_PLAIN_ID + shift) % span
 
-    def forward(self, input_ids: torch.Tensor, layout, cache) -> torch.Tensor:
+    def logits(self, input_ids: torch.Tensor, layout, cache) -> torch.Tensor:
         positions = layout.position_ids(cache.lengths.clone())  # before the forward writes
         causal = layout.causal_len
         if bool((cache.lengths == 0).all()):

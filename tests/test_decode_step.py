@@ -1,4 +1,4 @@
-"""The decode step's shape (issue 11): one device->host transfer per step, and a KV cache that
+"""The decode step's shape: one device->host transfer per step, and a KV cache that
 is allocated once while rows join and leave and the draft length changes.
 
 Host transfers are counted by wrapping every tensor->Python conversion (item, tolist, int,
@@ -15,7 +15,7 @@ import itertools
 import pytest
 import torch
 
-from tidar.runtime.backend import TorchBackend
+from tidar.runtime.backends.torch_backend import TorchBackend
 from tidar.runtime.generate import DecodeEngine, Request
 from tidar.runtime.model import TiDARModel
 from tidar.runtime.sampling import SamplingParams

@@ -1,4 +1,4 @@
-"""Incremental detokenisation (issue 11 item 6): each committed token is decoded once, by
+"""Incremental detokenisation: each committed token is decoded once, by
 `tokenizers`' DecodeStream, so the per-step host cost does not grow with the output; stop
 strings are searched in the new tail only and still cut the text where a full decode would.
 
@@ -17,6 +17,7 @@ import dataclasses
 import pytest
 import torch
 
+from fakes.logits_backend import LogitsBackend
 from tidar import BUNDLED_MODEL
 from tidar.runtime import tokenizer as tokenizer_module
 from tidar.runtime.cache import KVCache
@@ -28,7 +29,7 @@ TEXT = "def grüße(x):\n    return '✓ naïve → ok'  # 日本語\n"
 LENGTH = 4000
 
 
-class SpellingBackend:
+class SpellingBackend(LogitsBackend):
     """Logits whose argmax at absolute position p is spelling[p % len(spelling)]: the AR output
     at position p predicts p + 1, a mask at position p predicts p."""
 
@@ -38,7 +39,7 @@ class SpellingBackend:
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         return KVCache(1, batch, 1, capacity, 1)
 
-    def forward(self, input_ids, layout, cache):
+    def logits(self, input_ids, layout, cache):
         positions = layout.position_ids(cache.lengths)
         predicted = positions + (torch.arange(layout.num_new) < layout.causal_len).long()
         targets = self.spelling[predicted % len(self.spelling)]

@@ -31,10 +31,10 @@ from tidar.export.engine_shapes import dimension_ranges, input_shapes
 from tidar.export.onnx_export import default_head_path, export_decode_step
 from tidar.export.trtllm_checkpoint import convert
 from tidar.export.trtllm_model import builder_ranges, input_specs, output_specs
-from tidar.runtime import engine_backend
-from tidar.runtime.engine_backend import EngineBackend, engine_io, onnx_head_weight, torch_dtype, trtllm_head_weight
+from tidar.runtime.backends import engine_backend
+from tidar.runtime.backends.engine_backend import EngineBackend, engine_io, onnx_head_weight, torch_dtype, trtllm_head_weight
 from tidar.runtime.model import gather_rows
-from tidar.runtime.onnx_backend import OnnxRuntimeBackend
+from tidar.runtime.backends.onnx_backend import OnnxRuntimeBackend
 from tidar.runtime.layout import Layout
 
 # TensorRT's ONNX parser keeps the graph's I/O types: ONNX element type -> tensorrt.DataType name

@@ -27,10 +27,10 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from tidar import BUNDLED_MODEL
-from tidar.client import build_inputs, request
-from tidar.export.triton_repo import render_repository
-from tidar.serve import ModelProcessDied, ServeError
-from tidar.supervisor import RESTARTS_ENV, RestartPolicy, Supervisor, describe_status, restarts_from_environment
+from tidar.serving.client import build_inputs, request
+from tidar.serving.repository import render_repository
+from tidar.serving.serve import ModelProcessDied, ServeError
+from tidar.serving.supervisor import RESTARTS_ENV, RestartPolicy, Supervisor, describe_status, restarts_from_environment
 
 PROMPTS = ["def main():\n", "import os\nimport sys\n", "class Config:\n    def __init__(self", "for key, value in"]
 STUB = "triton_python_backend_stub"
@@ -110,8 +110,9 @@ def test_restart_counts_travel_through_the_environment():
 
 def test_a_restarted_model_reuses_the_start_up_autotune(tiny_checkpoints, tmp_path, monkeypatch):
     from tidar.runtime import autotune
-    from tidar.runtime.serving import ServingOptions, build_scheduler
-    from tidar.supervisor import AUTOTUNE_CACHE_ENV
+    from tidar.serving.options import ServingOptions
+    from tidar.serving.requests import build_scheduler
+    from tidar.serving.supervisor import AUTOTUNE_CACHE_ENV
 
     options = ServingOptions(draft_len=None, autotune_batch_sizes=(1, 2), autotune_draft_lens=(0, 2), autotune_repeats=1,
                              attention="eager")

@@ -373,7 +373,7 @@ def test_cuda_decode_engine_greedy_equals_the_cpu_run(tiny_checkpoints, attentio
     """DecodeEngine on CUDA through the torch backend, float32 with TF32 off: the same greedy
     tokens as on the CPU, AR and TiDAR (b = 4)."""
     from tidar.export.verify import greedy_mismatch
-    from tidar.runtime.backend import load_backend
+    from tidar.runtime.backends.loading import load_backend
     from tidar.runtime.tokenizer import Tokenizer
 
     path = tiny_checkpoints["qwen2"]

@@ -26,7 +26,7 @@ from tidar.export.onnx_export import (LAYOUT_SCALARS, PLUGIN_DOMAIN, PLUGIN_OP, 
 from tidar.runtime.generate import DecodeEngine, Request  # noqa: E402
 from tidar.runtime.layout import Layout  # noqa: E402
 from tidar.runtime.model import gather_rows  # noqa: E402
-from tidar.runtime.onnx_backend import OnnxRuntimeBackend  # noqa: E402
+from tidar.runtime.backends.onnx_backend import OnnxRuntimeBackend  # noqa: E402
 from tidar.runtime.sampling import SamplingParams  # noqa: E402
 from tidar.runtime.tokenizer import Tokenizer  # noqa: E402
 
@@ -184,7 +184,7 @@ def test_greedy_tokens_match_torch(family, tiny_backends, onnx_backends, tiny_ch
 
 
 def test_seeded_sampling_matches_torch(tiny_backends, onnx_backends, tiny_checkpoints):
-    """Issue 14: the same seed gives the same tokens on ONNX Runtime as on torch (fp32), for AR and
+    """The same seed gives the same tokens on ONNX Runtime as on torch (fp32), for AR and
     TiDAR decoding, in one batch of several seeds and settings."""
     family = "qwen2"
     tokenizer = Tokenizer(tiny_checkpoints[family])
@@ -232,7 +232,7 @@ def test_missing_onnxruntime_is_a_clear_error(monkeypatch, tmp_path, tiny_backen
 def test_an_export_without_the_head_graph_is_named(tmp_path):
     """An export made when the LM head was inside the step graph has no onnx/lm_head.onnx: the
     backend says which file is missing and to build again."""
-    from tidar.runtime.backend import load_backend
+    from tidar.runtime.backends.loading import load_backend
     from tidar.runtime.checkpoint import CheckpointError
 
     (tmp_path / "onnx").mkdir()

@@ -21,14 +21,14 @@ import pytest
 from transformers import AutoTokenizer
 
 from tidar import BUNDLED_MODEL
-from tidar.client import request
-from tidar.export.triton_repo import render_repository
-from tidar.openai_server import OpenAIFront, served_name_of
-from tidar.runtime.backend import TorchBackend
+from tidar.serving.client import request
+from tidar.serving.repository import render_repository
+from tidar.serving.openai_front import OpenAIFront, served_name_of
+from tidar.runtime.backends.torch_backend import TorchBackend
 from tidar.runtime.generate import DecodeEngine, Request
 from tidar.runtime.sampling import SamplingParams
 from tidar.runtime.tokenizer import Tokenizer
-from tidar.serve import TritonServer
+from tidar.serving.serve import TritonServer
 
 from serving_helpers import metrics, settled_metrics, wait_for
 

@@ -23,10 +23,10 @@ import pytest
 import torch
 
 from tidar import BUNDLED_MODEL
-from tidar.bench import heldout_prompts
+from tidar.runtime.bench import heldout_prompts
 from tidar.runtime import autotune, replay
 from tidar.runtime.autotune import BatchDraftPolicy, expected_tokens, expected_tokens_per_step
-from tidar.runtime.backend import TorchBackend
+from tidar.runtime.backends.torch_backend import TorchBackend
 from tidar.runtime.generate import DecodeEngine, Request
 from tidar.runtime.tokenizer import Tokenizer
 
@@ -211,8 +211,9 @@ def test_generate_auto_reads_the_replay(model_with_replay, monkeypatch):
 
 
 def test_server_policy_reads_the_replay(model_with_replay, monkeypatch):
-    from tidar.runtime.serving import ServingOptions, build_scheduler
-    from tidar.supervisor import AUTOTUNE_CACHE_ENV
+    from tidar.serving.options import ServingOptions
+    from tidar.serving.requests import build_scheduler
+    from tidar.serving.supervisor import AUTOTUNE_CACHE_ENV
 
     monkeypatch.delenv(AUTOTUNE_CACHE_ENV, raising=False)  # measured now, not read from a cache
 
@@ -233,7 +234,7 @@ def test_server_policy_reads_the_replay(model_with_replay, monkeypatch):
 def test_bench_writes_replayed_tokens_per_step_equal_to_its_measured(tiny_checkpoints, tmp_path):
     """`tidar bench --write-acceptance` on a tiny model: the replayed tokens per step of every
     shape that ran equals the bench's own measured tokens per step, and the file loads."""
-    from tidar.bench import bench
+    from tidar.runtime.bench import bench
 
     folder = shutil.copytree(tiny_checkpoints["qwen2"], tmp_path / "model")
     report = bench(folder, tmp_path / "out", prompts=2, prompt_tokens=16, max_new_tokens=12, repeats=1,

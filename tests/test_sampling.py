@@ -44,7 +44,7 @@ import torch
 from scipy import stats
 
 from tidar.runtime import sampling as sampling_module
-from tidar.runtime.backend import TorchBackend
+from tidar.runtime.backends.torch_backend import TorchBackend
 from tidar.runtime.generate import DecodeEngine, Request
 from tidar.runtime.layout import Layout
 from tidar.runtime.model import TiDARModel

@@ -21,9 +21,10 @@ import time
 import pytest
 import torch
 
+from fakes.logits_backend import LogitsBackend
 from tidar.runtime.autotune import BatchDraftPolicy, as_shape
 from tidar.runtime.generate import DecodeEngine, Request, RequestError
-from tidar.runtime.scheduler import Overloaded, Scheduler, SchedulerConfig
+from tidar.serving.scheduler import Overloaded, Scheduler, SchedulerConfig
 from tidar.runtime.tokenizer import Tokenizer
 
 FAMILY = "qwen2"
@@ -97,7 +98,7 @@ def test_policy_picks_best_expected_tokens_per_second():
 def test_adaptive_engine_takes_the_policys_shape(backend, tokenizer):
     """One row: the policy's (4, 1) for batch 1 is the engine's shape and the counters' gauges;
     two rows: the policy's draft length 2 means k = 2."""
-    from tidar.runtime.scheduler import ADAPTIVE
+    from tidar.serving.scheduler import ADAPTIVE
 
     scheduler = Scheduler(backend, tokenizer, policy=changing_policy())
     try:
@@ -238,13 +239,13 @@ def test_snapshot_is_taken_under_the_lock_the_scheduler_counts_under(backend, to
 def slow_backend(backend, seconds):
     """The real backend with every forward slowed down, to make timing-dependent events certain."""
 
-    class Slow:
+    class Slow(LogitsBackend):
         config = backend.config
 
         def new_cache(self, batch, capacity):
             return backend.new_cache(batch, capacity)
 
-        def forward(self, input_ids, layout, cache):
+        def logits(self, input_ids, layout, cache):
             time.sleep(seconds)
             return backend.forward(input_ids, layout, cache)
 

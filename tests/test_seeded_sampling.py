@@ -1,5 +1,4 @@
-"""Seeded sampling is a function of (model, prompt, sampling settings, seed) alone (issue 14,
-docs/design.md §3.5).
+"""Seeded sampling is a function of (model, prompt, sampling settings, seed) alone (docs/design.md §3.5).
 
 Oracle: the same request decoded alone by AR (draft length 0). The same seed must give the same
 tokens for draft lengths 0, 1, 4, 8 and 16, for draft shapes (b, k) with k < b blocks, with the

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tidar.runtime.backend import TorchBackend
+from tidar.runtime.backends.torch_backend import TorchBackend
 from tidar.runtime.checkpoint import load_model
 from tidar.runtime.generate import DecodeEngine, Request
 from tidar.train import distill

@@ -28,14 +28,14 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from tidar import BUNDLED_MODEL
-from tidar.client import ClientError, build_inputs, request
-from tidar.export.triton_repo import render_repository
-from tidar.runtime.backend import TorchBackend
+from tidar.serving.client import ClientError, build_inputs, request
+from tidar.serving.repository import render_repository
+from tidar.runtime.backends.torch_backend import TorchBackend
 from tidar.runtime.generate import DecodeEngine, Request
 from tidar.runtime.sampling import SamplingParams
 from tidar.runtime.tokenizer import Tokenizer
-from tidar.runtime.wire import PERF_METRIC_OUTPUTS
-from tidar.serve import TritonServer
+from tidar.serving.wire import PERF_METRIC_OUTPUTS
+from tidar.serving.serve import TritonServer
 
 from serving_helpers import metrics, settled_metrics, wait_for
 
@@ -107,7 +107,7 @@ def test_sixteen_concurrent_streams_equal_their_solo_output(server, ar_oracle):
 
 
 def test_seeded_requests_repeat_under_concurrent_load(server):
-    """Issue 14: three seeded sampled requests, each sent four times at concurrency 16 among
+    """Three seeded sampled requests, each sent four times at concurrency 16 among
     greedy and unseeded requests of other lengths (so the adaptive draft length changes as the
     batch grows and shrinks), get one answer each: the one the request gets alone in AR mode."""
     seeded = [(PROMPTS[i], 40, dict(temperature=t, top_p=p, random_seed=s))
@@ -181,7 +181,7 @@ def test_cancelled_and_disconnected_clients_free_their_rows(server, ar_oracle):
     assert wait_for(lambda: len(received) >= 3)
     client.stop_stream(cancel_requests=True)
     client.close()
-    script = ("import sys; from tidar.client import request\n"
+    script = ("import sys; from tidar.serving.client import request\n"
               "request(sys.argv[1], 'import os\\n', 2000, on_text=lambda t: print(t, flush=True), draft_len=1)")
     child = subprocess.Popen([sys.executable, "-c", script, server.grpc_url], stdout=subprocess.PIPE, text=True)
     assert child.stdout.readline()  # streaming has begun
@@ -328,7 +328,7 @@ def test_published_contract_perf_metrics_and_several_sequences(server):
 
 
 def test_penalties_min_tokens_bad_words_and_log_probs_are_served(server, ar_oracle):
-    """Issue 13: the processors and log-prob inputs of the contract, sampled, through the ensemble
+    """The processors and log-prob inputs of the contract, sampled, through the ensemble
     (one response) and the tidar model (streamed): the tokens of the same request decoded in this
     process, the log probs within 1e-4 (another batch shape and draft length: fp32 round-off),
     cum_log_probs their running sum; out-of-range values are INVALID_ARG naming the input."""
@@ -392,7 +392,7 @@ def test_tidar_serve_runs_a_command_against_the_ready_server_and_exits_with_its_
     """`tidar serve REPO -- COMMAND` (the README's main job): COMMAND runs once the server is
     ready, with TIDAR_GRPC_URL set; the server stops cleanly after it; its status is the exit status."""
     repo = render_repository(tmp_path / "repo", model_dir=str(BUNDLED_MODEL), backend="torch", draft_len="0")
-    script = ("import os, sys; from tidar.client import request\n"
+    script = ("import os, sys; from tidar.serving.client import request\n"
               "sys.exit(3 if len(request(os.environ['TIDAR_GRPC_URL'], 'import os\\n', 4).token_ids) == 4 else 1)")
     run = subprocess.run([sys.executable, "-m", "tidar.cli", "serve", str(repo), "--grpc-port", "0", "--http-port",
                           "0", "--metrics-port", "0", "--", sys.executable, "-c", script],

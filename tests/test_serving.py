@@ -11,13 +11,14 @@ import socket
 import numpy as np
 import pytest
 
-from tidar.export.triton_repo import TEMPLATES, RenderError, render_repository, template_fields
+from tidar.serving.repository import TEMPLATES, RenderError, render_repository, template_fields
 from tidar.runtime.config import TiDARConfig
 from tidar.runtime.generate import RequestError, Stats
-from tidar.runtime.serving import ServingOptions, Timing, parse_request, response_tensors
+from tidar.serving.options import ServingOptions
+from tidar.serving.requests import Timing, parse_request, response_tensors
 from tidar.runtime.tokenizer import Tokenizer
-from tidar.runtime.wire import INPUTS, OUTPUTS, PERF_METRIC_OUTPUTS, request_arrays, sampling_choice
-from tidar.serve import ServeError, TritonServer, check_repository
+from tidar.serving.wire import INPUTS, OUTPUTS, PERF_METRIC_OUTPUTS, request_arrays, sampling_choice
+from tidar.serving.serve import ServeError, TritonServer, check_repository
 
 
 @pytest.fixture(scope="module")
@@ -285,7 +286,8 @@ def test_render_fills_every_field_and_options_parse_back(tmp_path):
 @pytest.mark.parametrize("options,message", [
     (dict(backend="tensorflow"), "backend must be one of"),
     (dict(instance_kind="KIND_TPU"), "instance_kind must be one of"),
-    (dict(draft_len="many"), "draft_len must be 'auto'"),
+    (dict(draft_len="many"), "serving option 'draft_len' has an invalid value 'many'"),
+    (dict(draft_len=-1), "draft_len must be 'auto' or a non-negative integer, got -1"),
     (dict(max_batch_size=0), "max_batch_size must be a positive integer"),
     (dict(model_dir='a"b'), "cannot be written into config.pbtxt"),
 ])
@@ -298,7 +300,7 @@ def test_render_refuses_bad_options_and_writes_nothing(tmp_path, options, messag
 @pytest.mark.parametrize("params,message", [
     ({"max_batch_size": "lots"}, "parameter 'max_batch_size' has an invalid value 'lots'"),
     ({"colour": "blue"}, r"unknown parameter\(s\) \['colour'\]"),
-    ({"max_batch_size": "0"}, "max_batch_size and autotune_repeats must be >= 1"),
+    ({"max_batch_size": "0"}, "max_batch_size must be a positive integer, got 0"),
 ])
 def test_bad_model_parameters_are_named(params, message):
     with pytest.raises(ValueError, match=message):
@@ -325,7 +327,7 @@ def test_serve_refuses_missing_unrendered_and_busy(tmp_path):
 def test_serve_without_a_server_says_how_to_get_one(monkeypatch):
     import sys
 
-    from tidar.serve import find_tritonserver
+    from tidar.serving.serve import find_tritonserver
 
     monkeypatch.setitem(sys.modules, "pytriton", None)  # as if nvidia-pytriton were not installed
     monkeypatch.setenv("PATH", "")

@@ -68,10 +68,10 @@ def test_build_and_run_need_tensorrt(tiny_checkpoints, tiny_backends, tmp_path):
         assert isinstance(reason, str) and reason
         pytest.skip(f"building a TensorRT engine needs TensorRT, tidar's TensorRT plugin and a GPU: {reason}")
     from tidar.export.verify import greedy_mismatch
-    from tidar.runtime.engine_backend import TENSORRT_ENGINE, EngineBackend
+    from tidar.runtime.backends.engine_backend import TENSORRT_ENGINE, EngineBackend
     from tidar.runtime.tokenizer import Tokenizer
 
-    from tidar.runtime.onnx_backend import HEAD_GRAPH
+    from tidar.runtime.backends.base import HEAD_GRAPH
 
     model = tiny_backends["qwen2"].model
     # laid out as in a build: the backend applies the LM head weight of OUT/onnx/lm_head.onnx
@@ -86,7 +86,7 @@ def test_build_and_run_need_tensorrt(tiny_checkpoints, tiny_backends, tmp_path):
 
 @pytest.mark.parametrize("name", ["tensorrt", "trtllm"])
 def test_engine_backends_explain_what_is_missing(tmp_path, tiny_checkpoints, name):
-    from tidar.runtime.backend import load_backend
+    from tidar.runtime.backends.loading import load_backend
     from tidar.runtime.checkpoint import CheckpointError
 
     if importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available():

@@ -52,9 +52,12 @@ def test_wheel_ships_templates_and_the_bundled_model(wheel_env):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"tidar/triton_repo/tidar/config.pbtxt", "tidar/triton_repo/tidar/1/model.py",
             "tidar/triton_repo/ensemble/config.pbtxt", "tidar/models/tidar-stdlib-qwen2/model.safetensors",
-            "tidar/models/tidar-stdlib-qwen2/tokenizer.json", "tidar/openai_server.py",
-            "tidar/runtime/wire.py"} <= names
-    where = run([env / "bin" / "python", "-c", "import tidar; from tidar.export.triton_repo import TEMPLATES; "
+            "tidar/models/tidar-stdlib-qwen2/tokenizer.json", "tidar/serving/openai_front.py",
+            "tidar/serving/wire.py", "tidar/runtime/backends/base.py"} <= names
+    model_files = run(["git", "ls-files", "models"], cwd=ROOT).stdout.split()
+    assert any("/self-distill/" in name for name in model_files)
+    assert {f"tidar/{name}" for name in model_files} <= names, "the wheel lacks part of the bundled model"
+    where = run([env / "bin" / "python", "-c", "import tidar; from tidar.serving.repository import TEMPLATES; "
                  "print(tidar.__file__, tidar.BUNDLED_MODEL.is_dir(), TEMPLATES.is_dir())"], cwd=env).stdout.split()
     assert Path(where[0]).is_relative_to(env) and where[1:] == ["True", "True"]
 
@@ -64,7 +67,7 @@ def test_export_and_serve_from_the_wheel(wheel_env, tiny_checkpoints, tmp_path):
     out = tmp_path / "out"
     run([env / "bin" / "tidar-export", "build", tiny_checkpoints["qwen2"], "-o", out, "-q"], cwd=tmp_path)
     assert (out / "triton_repo" / "tidar" / "1" / "model.py").is_file()
-    script = "from tidar.client import request; r = request(__import__('os').environ['TIDAR_GRPC_URL'], 'ab', 5); " \
+    script = "from tidar.serving.client import request; r = request(__import__('os').environ['TIDAR_GRPC_URL'], 'ab', 5); " \
              "print(len(r.token_ids), r.finish_reason)"
     served = run([env / "bin" / "tidar", "serve", out / "triton_repo", "--grpc-port", "0", "--http-port", "0",
                   "--metrics-port", "0", "--", env / "bin" / "python", "-c", script], cwd=tmp_path)
@@ -82,7 +85,7 @@ def test_a_missing_optional_dependency_is_one_line_naming_its_extra(wheel_env, t
     _, env = wheel_env
     if "REPO" in argv:
         from tidar import BUNDLED_MODEL
-        from tidar.export.triton_repo import render_repository
+        from tidar.serving.repository import render_repository
 
         repo = render_repository(tmp_path / "repo", model_dir=str(BUNDLED_MODEL), backend="torch", draft_len="0")
         argv = [str(repo) if a == "REPO" else a for a in argv]

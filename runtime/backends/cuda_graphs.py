@@ -43,9 +43,9 @@ from typing import Callable
 
 import torch
 
-from .cache import KVCache
-from .layout import Layout
-from .model import TiDARModel
+from tidar.runtime.cache import KVCache
+from tidar.runtime.layout import Layout
+from tidar.runtime.model import TiDARModel
 
 Step = Callable[[], torch.Tensor]
 Capture = Callable[[Step], Step]
@@ -54,10 +54,6 @@ Capture = Callable[[Step], Step]
 GRAPHABLE_ATTENTION = ("eager", "sdpa", "triton")
 """Attention implementations whose forward launches no host synchronisation and no compilation
 (flex builds a block mask per step; flex-compiled compiles)."""
-
-SETTINGS = {"auto": None, "true": True, "false": False}
-"""The option's spellings in text settings (the Triton model parameter `cuda_graphs`) and their
-`TorchBackend(cuda_graphs=...)` values."""
 
 WARMUP_STEPS = 3
 """Eager runs of a step on the capture stream before its capture (lazy library initialisation,

@@ -38,10 +38,10 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .autotune import BatchDraftPolicy, as_shape
-from .backend import Backend
-from .generate import DecodeEngine, Delta, Request, RequestError, add_per_position
-from .tokenizer import Tokenizer
+from tidar.runtime.autotune import BatchDraftPolicy, as_shape
+from tidar.runtime.backends.base import Backend
+from tidar.runtime.generate import DecodeEngine, Delta, Request, RequestError, add_per_position
+from tidar.runtime.tokenizer import Tokenizer
 
 
 class Overloaded(RuntimeError):

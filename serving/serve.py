@@ -32,9 +32,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-
-class ServeError(RuntimeError):
-    """The server cannot be started (no binary, a port taken, a repository that fails to load)."""
+from tidar.serving.options import OptionsError, ServingOptions
+from tidar.serving.supervisor import ModelProcessDied, RestartPolicy, ServeError, Supervisor, describe_status
 
 
 def find_tritonserver() -> tuple[Path, Path | None, Path | None]:
@@ -69,9 +68,16 @@ def check_repository(repo: Path) -> None:
     if not configs:
         raise ServeError(f"{repo}: not a model repository (no <model>/config.pbtxt)")
     for config in configs:
-        if "${" in config.read_text():
+        text = config.read_text()
+        if "${" in text:
             raise ServeError(f"{config}: an unrendered template; serve the repository that `tidar-export build` "
                              "writes to OUT/triton_repo")
+        params = dict(re.findall(r'key: "(\w+)" value: \{ string_value: "([^"]*)" \}', text))
+        if "model_dir" in params:  # a tidar model
+            try:
+                ServingOptions.from_parameters({"repository_format": "", **params}).check_format(str(config))
+            except OptionsError as error:
+                raise ServeError(str(error)) from None
 
 
 def port_is_free(port: int) -> bool:
@@ -101,10 +107,6 @@ SHM_PREFIX = "triton_python_backend_shm_region_"
 ZOMBIE_GRACE = 0.5  # seconds a dead stub stays unreaped before it counts as a fault
 
 
-class ModelProcessDied(ServeError):
-    """A model process of the server died (while it was loading its model, for `start`)."""
-
-
 def _proc_stat(pid: int) -> list[str] | None:
     """Fields 3.. of /proc/PID/stat (state, ppid, pgrp, ...; see proc(5)), or None once gone."""
     try:
@@ -117,8 +119,6 @@ def _proc_stat(pid: int) -> list[str] | None:
 def _zombie_status(fields: list[str] | None) -> str | None:
     """How a process ended, if `fields` (of _proc_stat) are a zombie's (its wait status is field
     52), else None: running, or gone (reaped)."""
-    from tidar.supervisor import describe_status
-
     if fields is None or fields[0] != "Z":
         return None
     return describe_status(int(fields[49]), waitpid_form=True) if len(fields) >= 50 else "exited"
@@ -378,10 +378,9 @@ def serve(repo: str | Path, grpc_port: int, http_port: int, metrics_port: int, c
     restarted per `policy` (a supervisor.RestartPolicy), and 1 is returned once it gives up. With
     `command`, run it once the server is ready, stop the server when it ends and return its status. With
     `openai_port`, an OpenAI-compatible HTTP front (openai_server.py) forwards to the `tidar` model over gRPC."""
-    from tidar.supervisor import RestartPolicy, Supervisor
 
     if openai_port is not None:
-        import tidar.openai_server  # noqa: F401  (the openai extra; cli.py names it if missing, before any start)
+        import tidar.serving.openai_front  # noqa: F401  (the openai extra; cli.py names it if missing, before any start)
 
         if openai_port != 0 and not port_is_free(openai_port):
             raise ServeError(f"OpenAI port {openai_port} is already in use")
@@ -439,7 +438,7 @@ def serve(repo: str | Path, grpc_port: int, http_port: int, metrics_port: int, c
 
 
 def _start_openai_front(server: TritonServer, port: int):
-    from tidar.openai_server import OpenAIFront, model_dir_of  # the openai extra (cli.py names it if missing)
+    from tidar.serving.openai_front import OpenAIFront, model_dir_of  # the openai extra (cli.py names it if missing)
 
     try:
         return OpenAIFront(server.grpc_url, model_dir_of(server.repo), port=port).start()

@@ -43,16 +43,10 @@ from typing import Callable
 
 import torch
 
-from .backend import SplitHead
-from .cache import KVCache
-from .config import TiDARConfig
-from .layout import Layout
-from .onnx_backend import HEAD_GRAPH, head_graph_weight
-
-TENSORRT_ENGINE = "tensorrt/decode_step.engine"
-TRTLLM_ENGINE = "engine/rank0.engine"
-TRTLLM_WEIGHTS = "trtllm/rank0.safetensors"
-"""The TensorRT-LLM checkpoint's rank file (tp = 1), whose lm_head.weight the trtllm backend applies."""
+from tidar.runtime.cache import KVCache
+from tidar.runtime.config import TiDARConfig
+from tidar.runtime.layout import Layout
+from .base import HEAD_GRAPH, TENSORRT_ENGINE, TRTLLM_ENGINE, TRTLLM_WEIGHTS, BackendBase, head_graph_weight
 
 # tensorrt.DataType member names -> torch dtypes (the I/O dtypes either exporter can declare)
 TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32,
@@ -103,7 +97,7 @@ def engine_io(engine) -> dict[str, TensorIO]:
     return found
 
 
-class EngineBackend(SplitHead):
+class EngineBackend(BackendBase):
     """The runtime's Backend protocol (`hidden_states`, `head`, `forward`, `new_cache`) over one
     deserialized engine and the LM-head weight."""
 

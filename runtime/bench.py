@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from tidar.runtime import autotune, replay
-from tidar.runtime.backend import TorchBackend
+from tidar.runtime.backends.torch_backend import TorchBackend
 from tidar.runtime.generate import DecodeEngine, Request
 from tidar.runtime.tokenizer import Tokenizer
 

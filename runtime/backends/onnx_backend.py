@@ -2,10 +2,10 @@
 
 Two sessions: the decode step, which outputs the final-norm hidden states of the new tokens,
 and the LM-head graph, which turns the rows the decode loop picks into float32 logits. The
-backend offers `hidden_states` and `head` (backend.py), so the loop runs the head on the rows
+backend offers `hidden_states` and `head` (base.py), so the loop runs the head on the rows
 it needs only (docs/design.md §3.2, §3.8); `forward` is the head on every row.
 
-It implements the `Backend` protocol of backend.py, so `DecodeEngine` drives it unchanged. The
+It implements the `Backend` protocol of base.py, so `DecodeEngine` drives it unchanged. The
 cache is the runtime's own `KVCache` (torch tensors, so commit / row / keep_rows / concat keep
 working); each forward hands the first `max(lengths)` slots of every layer to the graph as
 numpy arrays and copies the graph's `present` tensors back over the first
@@ -22,15 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .backend import SplitHead
-from .cache import KVCache
-from .config import TiDARConfig
-from .layout import Layout
-
-STEP_GRAPH = "onnx/decode_step.onnx"
-"""The decode-step graph (standard lowering) in a `tidar-export build` output."""
-HEAD_GRAPH = "onnx/lm_head.onnx"
-"""The LM-head graph in a `tidar-export build` output; the engine backends read its weight too."""
+from tidar.runtime.cache import KVCache
+from tidar.runtime.config import TiDARConfig
+from tidar.runtime.layout import Layout
+from .base import BackendBase
 
 _NUMPY_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16,
                  "tensor(double)": torch.float64}
@@ -45,7 +40,7 @@ def _import_onnxruntime():
     return onnxruntime
 
 
-class OnnxRuntimeBackend(SplitHead):
+class OnnxRuntimeBackend(BackendBase):
     """A decode-step graph and its LM-head graph executed by ONNX Runtime on the CPU execution
     provider."""
 
@@ -105,21 +100,3 @@ class OnnxRuntimeBackend(SplitHead):
         rows = np.ascontiguousarray(hidden.detach().to("cpu", self.dtype).numpy())
         (logits,) = self.head_session.run([self.head_output], {self.head_input: rows})
         return torch.from_numpy(logits)
-
-
-def head_graph_weight(path: str | Path, config: TiDARConfig) -> torch.Tensor:
-    """The weight [vocab, hidden] of the LM-head graph `path` (its one initializer of that shape,
-    read from the external-data file it points at), as stored (the graph's dtype)."""
-    try:
-        import onnx
-        from onnx import numpy_helper
-    except ImportError as error:
-        raise ImportError(f"reading the LM head of {path} needs the `onnx` package: pip install onnx") from error
-    graph = onnx.load(str(path), load_external_data=False)
-    shape = [config.vocab_size, config.hidden_size]
-    found = [tensor for tensor in graph.graph.initializer if list(tensor.dims) == shape]
-    if len(found) != 1:
-        raise ValueError(f"{path}: {len(found)} initializers of shape {shape} (vocab, hidden); an LM-head "
-                         "graph has one")
-    onnx.external_data_helper.load_external_data_for_tensor(found[0], str(Path(path).parent))
-    return torch.from_numpy(numpy_helper.to_array(found[0]).copy())

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from tidar.runtime.wire import INPUT_SPECS, request_arrays
+from tidar.serving.wire import INPUT_SPECS, request_arrays
 
 FINISH_REASONS = {"stop": "stop", "length": "length", "timeout": "length"}
 REFUSED = {"logit_bias": None, "tools": None, "functions": None, "suffix": None}

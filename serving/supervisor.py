@@ -25,6 +25,15 @@ import time
 from dataclasses import dataclass
 from typing import Callable, TextIO
 
+
+class ServeError(RuntimeError):
+    """The server cannot be started (no binary, a port taken, a repository that fails to load)."""
+
+
+class ModelProcessDied(ServeError):
+    """A model process of the server died (while it was loading its model, for `start`)."""
+
+
 RESTARTS_ENV = "TIDAR_SERVER_RESTARTS"
 # A folder where a model keeps its start-up autotune measurement for the restarts of one
 # `tidar serve` (runtime/serving.py): a restart then skips the measurement.
@@ -137,8 +146,6 @@ class Supervisor:
 
     def recover(self, cause: str, what: str, keep_going: Callable[[], bool] = lambda: True) -> bool:
         """Kill the server, restart it (again while restarts fail); False once the policy gives up."""
-        from tidar.serve import ModelProcessDied
-
         began = time.monotonic()
         self.log(f"fault: {what}; stopping tritonserver (its in-flight requests end)")
         self.server.kill()

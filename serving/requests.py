@@ -43,11 +43,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import cuda_graphs
-from .config import TiDARConfig
-from .generate import Request, RequestError, Stats
-from .sampling import SamplingError, SamplingParams
-from .tokenizer import Tokenizer
+from tidar.runtime.config import TiDARConfig
+from tidar.runtime.generate import Request, RequestError, Stats
+from tidar.runtime.sampling import SamplingError, SamplingParams
+from tidar.runtime.tokenizer import Tokenizer
+from .options import ServingOptions
 from .wire import INPUT_SPECS, MODES, OUTPUT_SPECS, PERF_METRIC_OUTPUTS, sampling_choice
 
 MAX_RETURN_SEQUENCES = 16
@@ -295,81 +295,11 @@ def response_tensors(text: str, token_ids: list[int], finish_reason: str | None,
     return tensors
 
 
-# ---------------------------------------------------------------- the model's parameters
-@dataclass
-class ServingOptions:
-    """The `parameters` of the Triton model (config.pbtxt), typed. Every value arrives as a string."""
-
-    model_dir: str = "."
-    """Checkpoint (torch backend) or `tidar-export build` output (onnxruntime); relative paths are
-    relative to the Triton model's folder."""
-    backend: str = "torch"
-    """Runtime backend: torch or onnxruntime (tensorrt and trtllm on GPU hosts with those packages)."""
-    draft_len: int | None = None
-    """Draft length of requests that set none; "auto" (None) adapts it to the batch size."""
-    max_batch_size: int = 16
-    max_queue_size: int = 64
-    max_tokens_limit: int = 0
-    """Largest accepted `max_tokens`; 0 = the model's max_position_embeddings."""
-    default_timeout: float | None = None
-    """Seconds before a request ends with finish reason "timeout" ("" or 0 = none)."""
-    autotune_batch_sizes: tuple[int, ...] = (1, 4, 16)
-    """Batch sizes whose step latency is measured at start-up (the draft-length policy's table)."""
-    autotune_draft_lens: tuple[int, ...] = (0, 1, 2, 3, 4)
-    """Candidate draft lengths of the adaptive batch."""
-    autotune_draft_blocks: tuple[int, ...] = (1, 2)
-    """Block counts k tried below k = b for each candidate draft length (`autotune.draft_shapes`;
-    empty: k = b only)."""
-    autotune_repeats: int = 3
-    threads: int = 0
-    """torch / ONNX Runtime intra-op threads; 0 = the library's default."""
-    attention: str = "sdpa"
-    """Attention of the torch backend (eager, sdpa, flex, triton on CUDA); ignored by the others."""
-    dtype: str | None = None
-    """Compute dtype of the torch backend (float32, bfloat16, float16); empty = the checkpoint's."""
-    cuda_graphs: bool | None = None
-    """Decode steps of the torch backend as CUDA graphs: "auto" (None: on for a KIND_GPU instance with
-    eager, sdpa or triton attention), "true" (an error on KIND_CPU) or "false"; ignored by the others."""
-
-    @classmethod
-    def from_parameters(cls, params: dict[str, str]) -> "ServingOptions":
-        fields = cls.__dataclass_fields__
-        unknown = sorted(set(params) - set(fields))
-        if unknown:
-            raise ValueError(f"config.pbtxt: unknown parameter(s) {unknown}; known: {', '.join(fields)}")
-        values = {}
-        for name, raw in params.items():
-            raw = raw.strip()
-            try:
-                if name in ("max_batch_size", "max_queue_size", "max_tokens_limit", "autotune_repeats", "threads"):
-                    values[name] = int(raw)
-                elif name == "draft_len":
-                    values[name] = None if raw in ("", "auto") else int(raw)
-                elif name == "default_timeout":
-                    values[name] = float(raw) if raw not in ("", "0", "none") else None
-                elif name.startswith("autotune_") and name.endswith("s"):
-                    values[name] = tuple(int(v) for v in raw.split(",") if v.strip())
-                elif name == "dtype":
-                    values[name] = raw or None
-                elif name == "cuda_graphs":
-                    values[name] = cuda_graphs.SETTINGS[raw.lower() or "auto"]
-                else:
-                    values[name] = raw
-            except (ValueError, KeyError):
-                raise ValueError(f"config.pbtxt: parameter '{name}' has an invalid value {raw!r}") from None
-        options = cls(**values)
-        if options.max_batch_size < 1 or options.max_queue_size < 0 or options.autotune_repeats < 1:
-            raise ValueError("config.pbtxt: max_batch_size and autotune_repeats must be >= 1, "
-                             f"max_queue_size >= 0 (got {options.max_batch_size}, {options.autotune_repeats}, "
-                             f"{options.max_queue_size})")
-        return options
-
-
 def _autotune_cache(folder, options: ServingOptions, device: str):
     """Where this model's start-up measurement is kept across restarts of one `tidar serve`
     (the folder it names in the environment; None without it): a restarted server reuses the
     draft-length policy measured on the same machine minutes before instead of measuring again."""
-    from ..supervisor import AUTOTUNE_CACHE_ENV
+    from .supervisor import AUTOTUNE_CACHE_ENV
 
     root = os.environ.get(AUTOTUNE_CACHE_ENV)
     if not root:
@@ -384,8 +314,8 @@ def build_scheduler(folder, options: ServingOptions, device: str = "cpu"):
     Returns (scheduler, tokenizer, config, max_tokens_limit)."""
     import torch
 
-    from .autotune import BatchDraftPolicy, calibrate_acceptance, draft_shapes, load_acceptance, load_replayed
-    from .backend import load_backend
+    from tidar.runtime.autotune import BatchDraftPolicy, calibrate_acceptance, draft_shapes, load_acceptance, load_replayed
+    from tidar.runtime.backends.loading import load_backend
     from .scheduler import Scheduler, SchedulerConfig
 
     if options.threads > 0:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tidar.runtime.wire import INPUT_SPECS, request_arrays
+from tidar.serving.wire import INPUT_SPECS, request_arrays
 
 DEFAULT_URL = "localhost:8001"
 MODEL = "tidar"

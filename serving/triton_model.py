@@ -1,0 +1,255 @@
+"""The Triton Python-backend model `tidar`: TiDAR generation with continuous batching (decoupled).
+
+triton_repo/tidar/1/model.py imports `TritonPythonModel` from here; Triton runs it in the model
+process, where `triton_python_backend_utils` exists.
+
+Only the Triton plumbing lives here; the rest is tidar's runtime:
+- the request tensors are parsed by `tidar.serving.requests.parse_request` (a bad request gets an
+  INVALID_ARG error response naming the input; the other requests are untouched);
+- requests go to a `tidar.serving.scheduler.Scheduler`, whose thread batches them into shared
+  decode steps and calls back with each step's delta;
+- a streaming request gets one response per decode step with its new text and the final
+  flag on the last; a non-streaming request gets one response with the whole output (the prompt
+  first unless `exclude_input_in_output`); with `num_return_sequences` = n, n rows run and each
+  response names its `sequence_index`; the final flag comes with the last one;
+- a full queue gives an UNAVAILABLE "overloaded" error; a cancelled request or a closed
+  stream frees its row at the next step;
+- scheduler counters are published as `tidar_*` metrics on Triton's metrics endpoint by a
+  thread of their own every PUBLISH_SECONDS (each metric update is an IPC call to the server;
+  the decode loop never waits for them).
+"""
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import triton_python_backend_utils as pb_utils
+
+from tidar.runtime.generate import RequestError, Stats
+from .options import ServingOptions
+from .requests import Timing, build_scheduler, parse_request, response_tensors
+from .scheduler import Overloaded
+from .supervisor import restarts_from_environment
+from .wire import INPUTS
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+TOKENS_PER_FORWARD_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16]
+PUBLISH_SECONDS = 0.2
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
+        params.setdefault("repository_format", "")  # a repository that names none is an older one
+        options = ServingOptions.from_parameters(params)
+        options.check_format(f"{args['model_repository']}/config.pbtxt")
+        folder = Path(options.model_dir)
+        if not folder.is_absolute():
+            folder = Path(args["model_repository"]) / folder
+        device = "cpu"
+        if args.get("model_instance_kind") == "GPU":
+            device = f"cuda:{args['model_instance_device_id']}"
+        self.metrics = Metrics({"model": args["model_name"], "version": args["model_version"]})
+        self.scheduler, self.tokenizer, self.config, self.max_tokens_limit = build_scheduler(
+            folder.resolve(), options, device=device)
+        self.stop_publishing = threading.Event()
+        self.publisher = threading.Thread(target=self._publish_loop, name="tidar-metrics", daemon=True)
+        self.publisher.start()
+
+    def _publish_loop(self):
+        while not self.stop_publishing.wait(PUBLISH_SECONDS):
+            try:
+                self.metrics.publish(self.scheduler.snapshot())
+            except Exception:  # metrics must never take the model down
+                pass
+
+    def execute(self, requests):
+        for request in requests:
+            self._submit(request)
+        return None
+
+    def _submit(self, request):
+        arrival = time.time_ns()
+        sender = request.get_response_sender()
+        inputs = {}
+        for spec in INPUTS:
+            tensor = pb_utils.get_input_tensor_by_name(request, spec.name)
+            if tensor is not None:
+                inputs[spec.name] = tensor.as_numpy()
+        try:
+            parsed = parse_request(inputs, self.tokenizer, self.config, self.max_tokens_limit)
+        except RequestError as error:
+            self.metrics.rejected("invalid")
+            return _send_error(sender, str(error), pb_utils.TritonError.INVALID_ARG)
+        reply = Reply(sender, parsed, arrival)
+        for index, row in enumerate(parsed.requests):
+            try:
+                self.scheduler.submit(row, reply.callbacks(index), reply.on_error, draft_len=parsed.draft_len,
+                                      timeout=parsed.timeout, is_cancelled=reply.is_cancelled)
+            except Overloaded as error:
+                reply.fail(str(error), pb_utils.TritonError.UNAVAILABLE)
+                return
+            except RequestError as error:
+                self.metrics.rejected("invalid")
+                reply.fail(str(error), pb_utils.TritonError.INVALID_ARG)
+                return
+
+    def finalize(self):
+        self.scheduler.close()
+        self.stop_publishing.set()
+        self.publisher.join(5)
+
+
+class Reply:
+    """Sends one request's responses (called from the scheduler's thread); with several returned
+    sequences, the final flag goes with the last sequence to finish, and a failure of one ends all."""
+
+    def __init__(self, sender, parsed, arrival_ns: int):
+        self.sender, self.parsed = sender, parsed
+        count = len(parsed.requests)
+        self.text = [[] for _ in range(count)]
+        self.token_ids = [[] for _ in range(count)]
+        self.log_probs = [[] for _ in range(count)]  # per sequence, the output's so far
+        self.stats = [Stats() for _ in range(count)]  # per sequence, the sums of its deltas' increments
+        self.timing = [Timing(arrival_ns) for _ in range(count)]
+        self.open = count
+        self.closed = False
+        self.lock = threading.Lock()
+
+    def is_cancelled(self) -> bool:
+        return self.closed or self.sender.is_cancelled()
+
+    def callbacks(self, index: int):
+        return lambda delta: self.on_delta(index, delta)
+
+    def on_delta(self, index, delta):
+        timing, stats = self.timing[index], self.stats[index]
+        stats.add(delta.step_stats)
+        now = time.time_ns()
+        if delta.token_ids:
+            if not timing.first_token_ns:
+                timing.first_token_ns = now
+                prefill = stats.prefill_seconds
+                timing.first_scheduled_ns = max(timing.arrival_ns, now - int(prefill * 1e9))
+            timing.last_token_ns = now
+        self.log_probs[index].extend(delta.log_probs or ())
+        if self.parsed.stream:
+            text, token_ids = delta.text, delta.token_ids
+            log_probs = list(delta.log_probs or ())
+        else:
+            self.text[index].append(delta.text)
+            self.token_ids[index].extend(delta.token_ids)
+            if not delta.finished:
+                return
+            text, token_ids, log_probs = "".join(self.text[index]), self.token_ids[index], self.log_probs[index]
+            if not self.parsed.exclude_input_in_output:
+                text = self.parsed.prompt + text
+        tensors = response_tensors(text, token_ids, delta.finish_reason, stats,
+                                   sequence_index=index if len(self.timing) > 1 else None,
+                                   timing=timing if self.parsed.return_perf_metrics else None,
+                                   log_probs=(log_probs, sum(self.log_probs[index])) if self.parsed.return_log_probs
+                                   else None)
+        response = pb_utils.InferenceResponse([pb_utils.Tensor(name, value) for name, value in tensors.items()])
+        with self.lock:
+            if self.closed:
+                return
+            if delta.finished:
+                self.open -= 1
+            final = self.open == 0
+            self.closed = final
+            self.sender.send(response, flags=FINAL if final else 0)
+
+    def on_error(self, kind, message):
+        self.fail(message, pb_utils.TritonError.INVALID_ARG if kind == "invalid" else pb_utils.TritonError.INTERNAL)
+
+    def fail(self, message, code):
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+        _send_error(self.sender, message, code)
+
+
+def _send_error(sender, message, code):
+    try:
+        sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code)), flags=FINAL)
+    except Exception:  # the client is gone; nothing to tell
+        pass
+
+
+class Metrics:
+    """Scheduler counters as Triton custom metrics (`tidar_*`), in the style of vLLM's
+    speculative-decoding metrics. Counters are incremented by what changed since the last publish."""
+
+    COUNTERS = {
+        "forward_passes": "Model forwards (prefills and decode steps)",
+        "row_forwards": "Rows summed over model forwards",
+        "generated_tokens": "Tokens generated",
+        "drafts": "Row steps that verified drafts (vllm: spec_decode_num_drafts)",
+        "draft_tokens": "Draft tokens verified (vllm: spec_decode_num_draft_tokens)",
+        "accepted_tokens": "Draft tokens accepted (vllm: spec_decode_num_accepted_tokens)",
+    }
+
+    def __init__(self, labels):
+        self.labels = labels
+        self.lock = threading.Lock()
+        counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
+        self.families = []  # a MetricFamily must outlive its Metric objects
+
+        def family(name, text, kind):
+            self.families.append(pb_utils.MetricFamily(name, text, kind))
+            return self.families[-1]
+
+        self.counters = {name: family(f"tidar_{name}_total", text, counter).Metric(labels=labels)
+                         for name, text in self.COUNTERS.items()}
+        self.requests_family = family(
+            "tidar_requests_total", "Finished requests by outcome (stop, length, cancelled, timeout, invalid, "
+            "overloaded, error)", counter)
+        self.position_family = family(
+            "tidar_accepted_tokens_per_pos_total",
+            "Accepted draft tokens by draft position (vllm: spec_decode_num_accepted_tokens_per_pos)", counter)
+        self.gauges = {name: family(f"tidar_{name}", text, gauge).Metric(labels=labels)
+                       for name, text in (("queue_depth", "Requests waiting for a row"),
+                                          ("active_rows", "Rows in the decode batch"),
+                                          ("draft_len", "Current draft length of the adaptive batch"))}
+        self.histogram = family(
+            "tidar_tokens_per_forward", "Tokens committed per row per forward", pb_utils.MetricFamily.HISTOGRAM,
+        ).Metric(labels=labels, buckets=TOKENS_PER_FORWARD_BUCKETS)
+        self.labelled = {}
+        self.published = {}
+        restarts = family("tidar_server_restarts_total", "Restarts of this server by `tidar serve` after a dead "
+                          "model process or tritonserver, by cause (model_process, tritonserver)", counter)
+        for cause, count in restarts_from_environment().items():
+            self._labelled(restarts, "cause", cause).increment(count)
+
+    def _labelled(self, family, key, value):
+        metric = self.labelled.get((key, value))
+        if metric is None:
+            metric = self.labelled[(key, value)] = family.Metric(labels={**self.labels, key: str(value)})
+        return metric
+
+    def _advance(self, key, metric, total):
+        change = total - self.published.get(key, 0)
+        if change:
+            metric.increment(change)
+            self.published[key] = total
+
+    def rejected(self, outcome):
+        with self.lock:
+            self._labelled(self.requests_family, "outcome", outcome).increment(1)
+
+    def publish(self, counters):
+        with self.lock:
+            for name, metric in self.counters.items():
+                self._advance(name, metric, getattr(counters, name))
+            for outcome, total in counters.requests.items():
+                self._advance(("requests", outcome), self._labelled(self.requests_family, "outcome", outcome), total)
+            for index, total in enumerate(counters.accepted_per_position):
+                self._advance(("position", index + 1),
+                              self._labelled(self.position_family, "position", index + 1), total)
+            for name, metric in self.gauges.items():
+                metric.set(getattr(counters, name))
+            for value in counters.drain_observations():
+                self.histogram.observe(value)
