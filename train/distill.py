@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from tidar.runtime.backend import TorchBackend
+from tidar.runtime.backends.torch_backend import TorchBackend
 from tidar.runtime.generate import DecodeEngine, Request
 from tidar.runtime.model import TiDARModel
 
