@@ -39,7 +39,8 @@ def tiny_backends(tiny_checkpoints):
 @pytest.fixture(scope="session")
 def hf_models(tiny_checkpoints):
     """{family: transformers AutoModelForCausalLM} loaded from the same folders: the AR oracle."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     return {family: transformers.AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.float32, attn_implementation="eager").eval()
         for family, path in tiny_checkpoints.items()}

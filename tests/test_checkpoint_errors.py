@@ -84,12 +84,38 @@ def shard(folder: Path) -> list[Path]:
     return shards
 
 
+def stored_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the folder's safetensors files, read with safetensors itself."""
+    state = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(path))
+    return state
+
+
+def assert_holds_the_stored_tensors(folder: Path) -> None:
+    """load_model(folder) gives a model whose every parameter and buffer is materialized and whose
+    parameters are exactly the stored tensors (a tied LM head is the embedding itself)."""
+    stored = stored_tensors(folder)
+    model = load_model(folder, dtype="float32")
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name, tensor in (*params.items(), *model.named_buffers()):
+        assert not tensor.is_meta, f"{name} was never loaded"
+    tied = "lm_head.weight" not in stored
+    expected = {**stored, "lm_head.weight": stored[EMBED]} if tied else stored
+    assert set(params) == set(expected), sorted(set(params) ^ set(expected))
+    for name, tensor in expected.items():
+        assert torch.equal(params[name], tensor.float()), name
+    assert (params["lm_head.weight"] is params[EMBED]) == tied
+
+
 def test_undamaged_copy_loads(ckpt, tied_ckpt):
-    """The baseline: both copies load, and a hand-sharded copy too."""
+    """The baseline: both copies load, and a hand-sharded copy too, each into a model that holds
+    exactly the stored tensors."""
+    assert "lm_head.weight" in stored_tensors(ckpt) and "lm_head.weight" not in stored_tensors(tied_ckpt)
     for folder in (ckpt, tied_ckpt):
-        load_model(folder, dtype="float32")
-    shard(ckpt)
-    load_model(ckpt, dtype="float32")
+        assert_holds_the_stored_tensors(folder)
+    assert len(shard(ckpt)) == 2
+    assert_holds_the_stored_tensors(ckpt)
 
 
 # ---------------------------------------------------------------- files

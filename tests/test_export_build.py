@@ -20,12 +20,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-pytest.importorskip("onnxscript")
-pytest.importorskip("onnxruntime")
-
-from tidar.cli import main as tidar_main  # noqa: E402
-from tidar.export.build import engine_unavailable_reason, tensorrt_unavailable_reason  # noqa: E402
-from tidar.export.cli import main  # noqa: E402
+from tidar.cli import main as tidar_main
+from tidar.export.build import engine_unavailable_reason, tensorrt_unavailable_reason
+from tidar.export.cli import main
 
 Q_PROJ = "model.layers.1.self_attn.q_proj.weight"
 WEIGHTS = "model.safetensors"

@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import importlib.util
 
+import onnx
 import pytest
 import torch
 
-onnx = pytest.importorskip("onnx")
-pytest.importorskip("onnxscript")
-
-from tidar.export.onnx_export import PLUGIN_DOMAIN, export_decode_step, input_names  # noqa: E402
-from tidar.export.tensorrt_engine import (annotate_plugin_nodes, build_tensorrt_engine,  # noqa: E402
-                                          network_flags, optimization_profile, unavailable_reason)
+from tidar.export.onnx_export import PLUGIN_DOMAIN, export_decode_step, input_names
+from tidar.export.tensorrt_engine import (annotate_plugin_nodes, build_tensorrt_engine, network_flags,
+                                          optimization_profile, unavailable_reason)
 
 
 def test_profile_covers_every_input(tiny_backends):
