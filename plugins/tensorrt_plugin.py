@@ -25,11 +25,22 @@ No `from __future__ import annotations`: TensorRT reads the annotations of the r
 functions as classes, and `tensorrt.plugin` refuses an `aot_impl` without its return annotation
 (tests/test_plugins.py runs `register()` through NVIDIA's own package).
 
+The attributes are declared as one-element numpy arrays (`npt.NDArray[np.int64]`,
+`npt.NDArray[np.float64]`), not `int` / `float`: `tensorrt.plugin`'s `create_plugin` turns a
+builtin-typed attribute into a value with `int(field.data)` on the one-element array TensorRT
+hands it, which numpy >= 2.4 refuses (TypeError: only 0-dimensional arrays can be converted),
+whereas an array-typed attribute is passed on with `field.data.astype(dtype)` under every numpy.
+int64 / float64 are the plugin field types TensorRT gives builtin int / float, so engines keep
+the same serialized fields. `attribute_values` turns them back into Python scalars.
+
 `compiled_kernels()` lists the kernels handed to TensorRT in this process (name, PTX ISA version,
 shared memory, tiles, Triton version): what an engine build records in manifest.json.
 """
 
 from typing import Tuple, Union
+
+import numpy as np
+import numpy.typing as npt
 
 from . import contract
 
@@ -45,6 +56,24 @@ _compiled: dict[tuple, dict] = {}
 
 
 # ---------------------------------------------------------------- plain Python
+def scalar_attribute(name: str, value, kind: type):
+    """The Python `kind` (int or float) of plugin attribute `name`, which TensorRT passes as a
+    one-element numpy array (see the module docstring); a plain scalar is accepted too."""
+    values = np.asarray(value).reshape(-1)
+    if values.size != 1:
+        raise ValueError(f"{PLUGIN_ID}: attribute {name!r} must hold one value, got {values.size}: {values.tolist()}")
+    scalar = values[0].item()
+    if kind is int and (isinstance(scalar, float) and not scalar.is_integer()):
+        raise ValueError(f"{PLUGIN_ID}: attribute {name!r} must be an integer, got {scalar!r}")
+    return kind(scalar)
+
+
+def attribute_values(num_heads, num_kv_heads, head_dim, scale) -> tuple[int, int, int, float]:
+    """(num_heads, num_kv_heads, head_dim, scale) as Python scalars from TensorRT's attributes."""
+    return (scalar_attribute("num_heads", num_heads, int), scalar_attribute("num_kv_heads", num_kv_heads, int),
+            scalar_attribute("head_dim", head_dim, int), scalar_attribute("scale", scale, float))
+
+
 def dtype_name(trt_dtype) -> str:
     """contract.py's name of a tensorrt.DataType (its enum member name, e.g. HALF -> float16)."""
     name = getattr(trt_dtype, "name", str(trt_dtype).rsplit(".", 1)[-1])
@@ -135,11 +164,13 @@ def register() -> None:
 def _define(trtp) -> None:
     """The three definitions of the module docstring, through `tensorrt.plugin`."""
     Desc = trtp.TensorDesc
+    Int, Float = npt.NDArray[np.int64], npt.NDArray[np.float64]  # see the module docstring
 
     @trtp.register(PLUGIN_ID)
     def describe(query: Desc, key: Desc, value: Desc, past_lens: Desc, causal_len: Desc, num_blocks: Desc,
                  block_len: Desc, first_visible: Desc, visible_stride: Desc,
-                 num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> Desc:
+                 num_heads: Int, num_kv_heads: Int, head_dim: Int, scale: Float) -> Desc:
+        num_heads, num_kv_heads, head_dim, scale = attribute_values(num_heads, num_kv_heads, head_dim, scale)
         shapes, dtypes = _descriptors((query, key, value, past_lens, causal_len, num_blocks, block_len,
                                        first_visible, visible_stride))
         check_descriptors(shapes, dtypes, num_heads, num_kv_heads, head_dim, scale)
@@ -153,6 +184,7 @@ def _define(trtp) -> None:
 
         from .hybrid_attention import aot_kernel
 
+        num_heads, num_kv_heads, head_dim, scale = attribute_values(num_heads, num_kv_heads, head_dim, scale)
         dtypes = _dtypes((query, key, value, past_lens, causal_len, num_blocks, block_len, first_visible,
                           visible_stride))
         kernel = aot_kernel(dtypes["query"], index_dtype(dtypes), head_dim, scale)
@@ -179,6 +211,7 @@ def _define(trtp) -> None:
         def as_torch(tensor):
             return tensor_from_pointer(tensor.data_ptr, tuple(tensor.shape), dtype_name(tensor.dtype))
 
+        scale = scalar_attribute("scale", scale, float)
         inputs = [as_torch(t) for t in (query, key, value, past_lens, causal_len, num_blocks, block_len,
                                         first_visible, visible_stride)]
         with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
