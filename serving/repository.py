@@ -3,9 +3,11 @@
     render_repository(dest, ServingOptions(model_dir="../..", backend="onnxruntime")) -> dest
     render_repository(dest, model_dir="../..", backend="onnxruntime")   # the same, as keywords
 
-Copies the template model folders to `dest` — `tidar` (the Python-backend model) and, unless
+Copies the template model folders to `dest` — `tidar` (the Python-backend model); unless
 `ensemble=False`, `ensemble` (the same model under the name tensorrtllm_backend's clients use:
-a one-step Triton ensemble, so one instance and one scheduler serve both names) — and fills the
+a one-step Triton ensemble, so one instance and one scheduler serve both names); unless
+`llmapi=False`, `tensorrt_llm` (TensorRT-LLM's LLM-API contract, a Python model that forwards
+each request to `tidar`, docs/design.md §6.2) — and fills the
 `${...}` fields of their config.pbtxt with `string.Template` (the convention of
 tensorrtllm_backend's fill_template.py). The model parameters are `ServingOptions.to_parameters()`
 (options.py: the one source of serving parameters and their defaults); the `input`/`output` blocks
@@ -22,11 +24,12 @@ from pathlib import Path
 
 import tidar
 from .options import OptionsError, ServingOptions
-from .wire import INPUTS, MAX_BATCH_SIZE, OUTPUTS, TensorSpec
+from .wire import INPUTS, LLMAPI_INPUTS, LLMAPI_OUTPUTS, MAX_BATCH_SIZE, OUTPUTS, TensorSpec
 
 TEMPLATES = Path(tidar.__file__).resolve().parent / "triton_repo"
 INSTANCE_KINDS = ("KIND_CPU", "KIND_GPU")
-STRUCTURE_FIELDS = ("instance_count", "instance_kind", "triton_max_batch_size", "inputs", "outputs", "ensemble_maps")
+STRUCTURE_FIELDS = ("instance_count", "instance_kind", "triton_max_batch_size", "inputs", "outputs", "ensemble_maps",
+                    "llmapi_inputs", "llmapi_outputs")
 """Template fields that are not model parameters (the rest are `ServingOptions` fields)."""
 
 
@@ -61,12 +64,13 @@ def _ensemble_maps() -> str:
 
 
 def render_repository(dest: str | Path, options: ServingOptions | None = None, *, instance_count: int = 1,
-                      instance_kind: str = "KIND_CPU", ensemble: bool = True, templates: Path = TEMPLATES,
-                      **option_values) -> Path:
+                      instance_kind: str = "KIND_CPU", ensemble: bool = True, llmapi: bool = True,
+                      templates: Path = TEMPLATES, **option_values) -> Path:
     """Write the rendered repository to `dest` (which must not exist). `options` (or
     `option_values`, ServingOptions fields as Python values or config.pbtxt strings, applied over
     `options`) are the model's parameters; `instance_kind` KIND_GPU puts `instance_count` instances
-    on every GPU; `ensemble` also serves the model as `ensemble` (tensorrtllm_backend's name)."""
+    on every GPU; `ensemble` also serves the model as `ensemble` (tensorrtllm_backend's name),
+    `llmapi` as `tensorrt_llm` (TensorRT-LLM's LLM-API contract)."""
     dest = Path(dest)
     try:
         if option_values:
@@ -84,12 +88,13 @@ def render_repository(dest: str | Path, options: ServingOptions | None = None, *
         raise RenderError("cuda_graphs 'true' needs instance_kind KIND_GPU (CUDA graphs are captured on a GPU)")
     values = dict(options.to_parameters(), instance_count=instance_count, instance_kind=instance_kind,
                   triton_max_batch_size=MAX_BATCH_SIZE, inputs=_io_block(INPUTS), outputs=_io_block(OUTPUTS),
-                  ensemble_maps=_ensemble_maps())
+                  ensemble_maps=_ensemble_maps(), llmapi_inputs=_io_block(LLMAPI_INPUTS),
+                  llmapi_outputs=_io_block(LLMAPI_OUTPUTS))
     missing = template_fields(templates) - set(values)
     if missing:
         raise RenderError(f"{templates}: template fields without a value: {sorted(missing)}")
     models = [config.parent for config in templates.glob("*/config.pbtxt")
-              if ensemble or config.parent.name != "ensemble"]
+              if (ensemble or config.parent.name != "ensemble") and (llmapi or config.parent.name != "tensorrt_llm")]
     rendered = {config.relative_to(templates): string.Template(config.read_text()).substitute(values)
                 for config in (model / "config.pbtxt" for model in models)}
     dest.mkdir(parents=True)

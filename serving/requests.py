@@ -23,7 +23,9 @@ Meaning of tensorrtllm_backend's inputs here (docs/design.md §3):
   the tokens of the response: the log-probability of each token under the distribution it was
   drawn from (`SamplingBatch.choose_with_log_probs`); `cum_log_probs` is the sum over the output
   so far; `exclude_input_in_output` does not change them;
-- `return_perf_metrics` adds the acceptance counters and timing outputs to every response;
+- `return_perf_metrics` adds the acceptance counters and timing outputs to every response; the
+  `kv_cache_*` outputs count token slots of the request's cache row (no pages, nothing reused);
+- `stop_reason` (TiDAR's own output) names the stop string that ended the output, else "";
 - what would change the model input or the outputs beyond that (embedding bias, logits outputs,
   LoRA, prompt tables, guided decoding, multimodal and encoder inputs, an external draft model)
   is refused with INVALID_ARG naming the input, unless the value is the neutral one.
@@ -38,16 +40,19 @@ import hashlib
 import json
 import math
 import os
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from tidar.runtime.config import TiDARConfig
+from tidar.runtime.draft_shape import DraftShapeError, validate_draft_shape
 from tidar.runtime.generate import Request, RequestError, Stats
 from tidar.runtime.sampling import SamplingError, SamplingParams
 from tidar.runtime.tokenizer import Tokenizer
-from .options import ServingOptions
+from .options import OptionsError, ServingOptions
 from .wire import INPUT_SPECS, MODES, OUTPUT_SPECS, PERF_METRIC_OUTPUTS, sampling_choice
 
 MAX_RETURN_SEQUENCES = 16
@@ -216,9 +221,10 @@ def parse_request(inputs: dict[str, np.ndarray], tokenizer: Tokenizer, config: T
     if draft_len is not None:
         if mode == "ar" and draft_len != 0:
             raise RequestError(f"input 'draft_len' = {draft_len} contradicts mode 'ar' (AR decoding drafts nothing)")
-        if not 0 <= draft_len <= config.block_size:
-            raise RequestError(f"input 'draft_len' must be in [0, block_size = {config.block_size}] "
-                               f"(0 = AR), got {draft_len}")
+        try:
+            validate_draft_shape(config, draft_len, names=("input 'draft_len'", "input 'draft_blocks'"))
+        except DraftShapeError as error:
+            raise RequestError(str(error)) from None
     if mode == "ar":
         draft_len = 0
 
@@ -253,17 +259,21 @@ class Timing:
     first_scheduled_ns: int = 0
     first_token_ns: int = 0
     last_token_ns: int = 0
+    cache_slots: int = 0
+    """KV-cache slots the sequence's row holds (prompt + output so far): the `kv_cache_alloc_*`
+    outputs, counting one token slot as a block (runtime/cache.py has no pages and no reuse)."""
 
 
 def response_tensors(text: str, token_ids: list[int], finish_reason: str | None, stats: Stats | None,
                      sequence_index: int | None = None, timing: Timing | None = None,
-                     log_probs: tuple[list[float], float] | None = None) -> dict:
+                     log_probs: tuple[list[float], float] | None = None, stop_reason: str = "") -> dict:
     """Output tensors of one response, batch dimension included: `text` and `token_ids` are what
     this response adds (streaming) or the whole output (the single response of a non-streaming
     request); the counters are `stats`, the request's totals so far (the sum of its deltas'
     `step_stats`; None: zeros). `sequence_index` is sent when the request asked for several
     sequences, the perf metrics when `timing` is given, the log probs (those of `token_ids`, and
-    the sum over the output so far) when `log_probs` is."""
+    the sum over the output so far) when `log_probs` is; `stop_reason` is the stop string that
+    ended the output ("" otherwise)."""
     draft_tokens = stats.draft_tokens if stats else 0
     accepted = stats.accepted_tokens if stats else 0
 
@@ -277,6 +287,7 @@ def response_tensors(text: str, token_ids: list[int], finish_reason: str | None,
         "num_forward_passes": one("num_forward_passes", stats.forward_passes if stats else 0),
         "num_draft_tokens": one("num_draft_tokens", draft_tokens),
         "num_accepted_draft_tokens": one("num_accepted_draft_tokens", accepted),
+        "stop_reason": one("stop_reason", stop_reason.encode("utf-8")),
     }
     if sequence_index is not None:
         tensors["sequence_index"] = one("sequence_index", sequence_index)
@@ -286,13 +297,25 @@ def response_tensors(text: str, token_ids: list[int], finish_reason: str | None,
         tensors["output_log_probs"] = np.array(tokens_log_probs, dtype=OUTPUT_SPECS["output_log_probs"].numpy_dtype
                                                ).reshape(1, 1, -1)  # [batch, beam, tokens]
     if timing is not None:
-        values = {"kv_cache_alloc_new_blocks": 0, "kv_cache_reused_blocks": 0, "kv_cache_alloc_total_blocks": 0,
+        values = {"kv_cache_alloc_new_blocks": timing.cache_slots, "kv_cache_reused_blocks": 0,
+                  "kv_cache_alloc_total_blocks": timing.cache_slots,
                   "arrival_time_ns": timing.arrival_ns, "first_scheduled_time_ns": timing.first_scheduled_ns,
                   "first_token_time_ns": timing.first_token_ns, "last_token_time_ns": timing.last_token_ns,
                   "acceptance_rate": accepted / draft_tokens if draft_tokens else 0.0,
                   "total_accepted_draft_tokens": accepted, "total_draft_tokens": draft_tokens}
         tensors.update({name: one(name, values[name]) for name in PERF_METRIC_OUTPUTS})
     return tensors
+
+
+def matched_stop(tokenizer: Tokenizer, token_ids: list[int], text: str, stop) -> str:
+    """The stop string that ended an output of `token_ids` whose text, cut before the stop
+    string, is `text`: the first of `stop` in the tokens' decoded text after `text` ("" if none)."""
+    if not stop:
+        return ""
+    full = tokenizer.decode(token_ids)
+    start = len(text) if full.startswith(text) else 0
+    found = [(full.find(word, start), word) for word in stop if full.find(word, start) >= 0]
+    return min(found)[1] if found else ""
 
 
 def _autotune_cache(folder, options: ServingOptions, device: str):
@@ -309,12 +332,35 @@ def _autotune_cache(folder, options: ServingOptions, device: str):
     return Path(root) / f"autotune-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
-def build_scheduler(folder, options: ServingOptions, device: str = "cpu"):
-    """Load the model of `folder` on `options.backend` and start a scheduler for it.
+def check_backend_limits(backend, options: ServingOptions) -> None:
+    """Refuse serving options that would ask the backend for more rows than it takes: an engine
+    (`EngineBackend.max_batch_size`, from its optimization profile) serves at most the batch it
+    was built for, so `max_batch_size` (and every autotuned batch, which never exceeds it) must fit."""
+    limit = getattr(backend, "max_batch_size", None)
+    if limit is not None and options.max_batch_size > limit:
+        raise OptionsError(f"max_batch_size {options.max_batch_size} exceeds the {backend.name} engine's "
+                           f"optimization profile (built for at most {limit} rows); set max_batch_size <= {limit} "
+                           "(`tidar-export build` renders it from the engine it built) or build the engine for more rows")
+
+
+STARTUP_PREFIX = "tidar start-up:"
+"""Start of the lines a model prints on stderr while it starts (`startup_log`); `tidar serve`
+shows them while it waits for the server to be ready."""
+
+
+def startup_log(line: str) -> None:
+    """One start-up progress line on stderr (the server's log), flushed at once."""
+    print(f"{STARTUP_PREFIX} {line}", file=sys.stderr, flush=True)
+
+
+def build_scheduler(folder, options: ServingOptions, device: str = "cpu", progress=startup_log):
+    """Load the model of `folder` on `options.backend` and start a scheduler for it; `progress`
+    gets a line for each start-up stage (the draft-shape autotune's estimate and measurement).
     Returns (scheduler, tokenizer, config, max_tokens_limit)."""
     import torch
 
-    from tidar.runtime.autotune import BatchDraftPolicy, calibrate_acceptance, draft_shapes, load_acceptance, load_replayed
+    from tidar.runtime.autotune import BatchDraftPolicy, candidate_draft_lens, draft_shapes, shape_name
+    from tidar.runtime.calibrate import startup_estimate
     from tidar.runtime.backends.loading import load_backend
     from .scheduler import Scheduler, SchedulerConfig
 
@@ -326,7 +372,9 @@ def build_scheduler(folder, options: ServingOptions, device: str = "cpu"):
                                cuda_graphs=options.cuda_graphs)
     elif options.backend == "onnxruntime":
         backend_options["threads"] = options.threads
+    progress(f"loading {folder} on {options.backend}")
     backend = load_backend(options.backend, folder, **backend_options)
+    check_backend_limits(backend, options)
     tokenizer = Tokenizer(folder)
     config = backend.config
     policy = None
@@ -334,13 +382,23 @@ def build_scheduler(folder, options: ServingOptions, device: str = "cpu"):
         cache = _autotune_cache(folder, options, device)
         if cache is not None and cache.is_file():
             policy = BatchDraftPolicy.from_json(json.loads(cache.read_text()))
+            progress(f"draft-shape policy measured by an earlier start of this server ({cache.name})")
         else:
-            acceptance = load_acceptance(folder, config.block_size) or calibrate_acceptance(backend, tokenizer)
+            started = time.monotonic()
+            draft_lens = candidate_draft_lens(config, options.autotune_draft_lens)
+            progress(f"autotune: draft lengths {draft_lens} (of autotune_draft_lens {list(options.autotune_draft_lens)} "
+                     f"the trained ones), budget {options.autotune_budget:g} s")
+            acceptance, replayed, source = startup_estimate(backend, tokenizer, folder, options.autotune_budget / 2,
+                                                            [b for b in draft_lens if b])
+            progress(f"autotune: expected tokens per step from {source}")
             batch_sizes = [b for b in options.autotune_batch_sizes if b <= options.max_batch_size] or [1]
-            draft_lens = [b for b in options.autotune_draft_lens if b <= config.block_size] or [0]
             shapes = draft_shapes(draft_lens, options.autotune_draft_blocks)
             policy = BatchDraftPolicy.measure(backend, acceptance, batch_sizes, shapes, options.autotune_repeats,
-                                              tokenizer=tokenizer, replayed=load_replayed(folder, config.block_size))
+                                              tokenizer=tokenizer, replayed=replayed,
+                                              budget_s=options.autotune_budget - (time.monotonic() - started),
+                                              progress=lambda line: progress(f"autotune: {line}"))
+            progress(f"autotune: done in {time.monotonic() - started:.1f} s; batch 1 uses "
+                     f"{shape_name(policy.best(1))}")
             if cache is not None:  # atomically: instances of one model may start together
                 partial = cache.with_suffix(f".{os.getpid()}.tmp")
                 partial.write_text(json.dumps(policy.to_json()))

@@ -28,7 +28,7 @@ import triton_python_backend_utils as pb_utils
 
 from tidar.runtime.generate import RequestError, Stats
 from .options import ServingOptions
-from .requests import Timing, build_scheduler, parse_request, response_tensors
+from .requests import Timing, build_scheduler, matched_stop, parse_request, response_tensors
 from .scheduler import Overloaded
 from .supervisor import restarts_from_environment
 from .wire import INPUTS
@@ -83,7 +83,7 @@ class TritonPythonModel:
         except RequestError as error:
             self.metrics.rejected("invalid")
             return _send_error(sender, str(error), pb_utils.TritonError.INVALID_ARG)
-        reply = Reply(sender, parsed, arrival)
+        reply = Reply(sender, parsed, arrival, self.tokenizer)
         for index, row in enumerate(parsed.requests):
             try:
                 self.scheduler.submit(row, reply.callbacks(index), reply.on_error, draft_len=parsed.draft_len,
@@ -106,10 +106,10 @@ class Reply:
     """Sends one request's responses (called from the scheduler's thread); with several returned
     sequences, the final flag goes with the last sequence to finish, and a failure of one ends all."""
 
-    def __init__(self, sender, parsed, arrival_ns: int):
-        self.sender, self.parsed = sender, parsed
+    def __init__(self, sender, parsed, arrival_ns: int, tokenizer=None):
+        self.sender, self.parsed, self.tokenizer = sender, parsed, tokenizer
         count = len(parsed.requests)
-        self.text = [[] for _ in range(count)]
+        self.text = [[] for _ in range(count)]  # per sequence, the text and tokens of its output so far
         self.token_ids = [[] for _ in range(count)]
         self.log_probs = [[] for _ in range(count)]  # per sequence, the output's so far
         self.stats = [Stats() for _ in range(count)]  # per sequence, the sums of its deltas' increments
@@ -135,12 +135,17 @@ class Reply:
                 timing.first_scheduled_ns = max(timing.arrival_ns, now - int(prefill * 1e9))
             timing.last_token_ns = now
         self.log_probs[index].extend(delta.log_probs or ())
+        self.text[index].append(delta.text)
+        self.token_ids[index].extend(delta.token_ids)
+        request = self.parsed.requests[index]
+        timing.cache_slots = len(request.prompt_ids) + len(self.token_ids[index])
+        stop_reason = ""
+        if delta.finish_reason == "stop" and self.tokenizer is not None:
+            stop_reason = matched_stop(self.tokenizer, self.token_ids[index], "".join(self.text[index]), request.stop)
         if self.parsed.stream:
             text, token_ids = delta.text, delta.token_ids
             log_probs = list(delta.log_probs or ())
         else:
-            self.text[index].append(delta.text)
-            self.token_ids[index].extend(delta.token_ids)
             if not delta.finished:
                 return
             text, token_ids, log_probs = "".join(self.text[index]), self.token_ids[index], self.log_probs[index]
@@ -150,7 +155,7 @@ class Reply:
                                    sequence_index=index if len(self.timing) > 1 else None,
                                    timing=timing if self.parsed.return_perf_metrics else None,
                                    log_probs=(log_probs, sum(self.log_probs[index])) if self.parsed.return_log_probs
-                                   else None)
+                                   else None, stop_reason=stop_reason)
         response = pb_utils.InferenceResponse([pb_utils.Tensor(name, value) for name, value in tensors.items()])
         with self.lock:
             if self.closed:

@@ -1,9 +1,17 @@
-"""The wire contract of the served model: tensor names, types and shapes, in plain Python and numpy.
+"""The wire contracts of the served models: tensor names, types and shapes, in plain Python and numpy.
 
 One definition, read by every side of the wire (no torch and no Triton import here):
-- the Triton model (runtime/serving.py parses requests and builds responses against it;
-  export/triton_repo.py renders the `input`/`output` blocks of config.pbtxt from it);
-- the clients (client.py, openai_server.py build their requests with `request_arrays`).
+- the Triton models (serving/requests.py and serving/llmapi.py parse requests and build
+  responses against it; serving/repository.py renders the `input`/`output` blocks of every
+  config.pbtxt from it);
+- the clients (client.py, openai_front.py build their requests with `request_arrays`).
+
+Two contracts:
+1. `INPUTS` / `OUTPUTS`, model `tidar` (and `ensemble`), described below.
+2. `LLMAPI_INPUTS` / `LLMAPI_OUTPUTS`, model `tensorrt_llm`: TensorRT-LLM's LLM-API Triton model
+   (triton_backend/all_models/llmapi/tensorrt_llm/config.pbtxt), the contract NVIDIA ships since
+   the C++ backend's removal; `max_batch_size` 0, so its dims are whole shapes (no batch
+   dimension). Its meaning here is serving/llmapi.py.
 
 Names, types and shapes are those of NVIDIA tensorrtllm_backend's `ensemble` and
 `tensorrt_llm_bls` models (all_models/inflight_batcher_llm), so its clients work unchanged: the
@@ -31,7 +39,7 @@ class TensorSpec:
     data_type: str
     """Triton config type (TYPE_STRING, TYPE_INT32, ...)."""
     dims: tuple[int, ...]
-    """Dims after the batch dimension."""
+    """Dims after the batch dimension (the whole shape in a model of max_batch_size 0)."""
     optional: bool = False
 
     @property
@@ -93,6 +101,7 @@ OUTPUTS = tuple(TensorSpec(name, kind, dims) for name, kind, dims in (
     ("output_ids", "TYPE_INT32", (-1,)), ("finish_reason", "TYPE_STRING", _SCALAR),
     ("num_forward_passes", "TYPE_INT32", _SCALAR), ("num_draft_tokens", "TYPE_INT32", _SCALAR),
     ("num_accepted_draft_tokens", "TYPE_INT32", _SCALAR),
+    ("stop_reason", "TYPE_STRING", _SCALAR),
 ))
 INPUT_SPECS = {spec.name: spec for spec in INPUTS}
 OUTPUT_SPECS = {spec.name: spec for spec in OUTPUTS}
@@ -101,6 +110,44 @@ PERF_METRIC_OUTPUTS = ("kv_cache_alloc_new_blocks", "kv_cache_reused_blocks", "k
                        "acceptance_rate", "total_accepted_draft_tokens", "total_draft_tokens")
 """Sent on every response of a request with `return_perf_metrics` (as the backend does)."""
 MODES = ("tidar", "ar")
+
+LLMAPI_MODEL = "tensorrt_llm"
+"""Name of the LLM-API model (TensorRT-LLM's template names it so; its clients call it by it)."""
+LLMAPI_INPUTS = tuple(TensorSpec(name, kind, dims, optional=name != "text_input") for name, kind, dims in (
+    # TensorRT-LLM triton_backend/all_models/llmapi/tensorrt_llm/config.pbtxt, in its order
+    ("text_input", "TYPE_STRING", (-1,)), ("image_url", "TYPE_STRING", (-1,)), ("streaming", "TYPE_BOOL", (1,)),
+    ("sampling_param_best_of", "TYPE_INT32", (1,)), ("sampling_param_temperature", "TYPE_FP32", (1,)),
+    ("sampling_param_top_k", "TYPE_INT32", (1,)), ("sampling_param_top_p", "TYPE_FP32", (1,)),
+    ("sampling_param_frequency_penalty", "TYPE_FP32", (1,)), ("sampling_param_presence_penalty", "TYPE_FP32", (1,)),
+    ("sampling_param_max_tokens", "TYPE_INT32", (1,)), ("sampling_param_stop", "TYPE_STRING", (-1,)),
+    ("sampling_param_seed", "TYPE_UINT64", (1,)), ("sampling_param_exclude_input_from_output", "TYPE_BOOL", (1,)),
+    ("sampling_param_return_perf_metrics", "TYPE_BOOL", (1,)), ("return_finish_reason", "TYPE_BOOL", (1,)),
+    ("return_stop_reason", "TYPE_BOOL", (1,)), ("return_cumulative_logprob", "TYPE_BOOL", (1,)),
+    ("stop", "TYPE_BOOL", (1,)), ("lora_id", "TYPE_UINT64", (1,)), ("lora_name", "TYPE_STRING", (1,)),
+    ("lora_path", "TYPE_STRING", (1,)), ("lora_ckpt_source", "TYPE_STRING", (1,)),
+))
+LLMAPI_OUTPUTS = tuple(TensorSpec(name, kind, dims) for name, kind, dims in (
+    ("text_output", "TYPE_STRING", (-1,)), ("finish_reason", "TYPE_STRING", (-1,)),
+    ("stop_reason", "TYPE_STRING", (-1,)), ("cumulative_logprob", "TYPE_FP32", (-1,)),
+    ("kv_cache_reused_block", "TYPE_INT32", (-1,)), ("kv_cache_missed_block", "TYPE_INT32", (-1,)),
+    ("kv_cache_alloc_new_blocks", "TYPE_INT32", (-1,)), ("kv_cache_alloc_total_blocks", "TYPE_INT32", (-1,)),
+    ("kv_cache_hit_rate", "TYPE_FP32", (-1,)), ("arrival_time_ns", "TYPE_INT64", (1,)),
+    ("first_scheduled_time_ns", "TYPE_INT64", (1,)), ("first_token_time_ns", "TYPE_INT64", (1,)),
+    ("last_token_time_ns", "TYPE_INT64", (1,)), ("acceptance_rate", "TYPE_FP32", (1,)),
+    ("total_accepted_draft_tokens", "TYPE_INT32", (1,)), ("total_draft_tokens", "TYPE_INT32", (1,)),
+))
+LLMAPI_INPUT_SPECS = {spec.name: spec for spec in LLMAPI_INPUTS}
+LLMAPI_OUTPUT_SPECS = {spec.name: spec for spec in LLMAPI_OUTPUTS}
+LLMAPI_FORWARDED = {
+    "sampling_param_temperature": "temperature", "sampling_param_top_k": "top_k", "sampling_param_top_p": "top_p",
+    "sampling_param_frequency_penalty": "frequency_penalty", "sampling_param_presence_penalty": "presence_penalty",
+    "sampling_param_seed": "seed", "sampling_param_stop": "stop_words", "sampling_param_max_tokens": "max_tokens",
+}
+"""LLM-API inputs that are `tidar` inputs of the same meaning, by their `tidar` name."""
+LLMAPI_DEFAULT_MAX_TOKENS = 32
+"""`sampling_param_max_tokens` when absent: the LLM API's SamplingParams.max_tokens default."""
+PERF_METRIC_LLMAPI_OUTPUTS = tuple(spec.name for spec in LLMAPI_OUTPUTS[4:])
+"""Sent when `sampling_param_return_perf_metrics` is set."""
 
 
 def sampling_choice(temperature: float | None, top_k: int | None, top_p: float | None) -> tuple[float, int, float]:

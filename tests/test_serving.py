@@ -11,7 +11,7 @@ import socket
 import numpy as np
 import pytest
 
-from tidar.serving.repository import TEMPLATES, RenderError, render_repository, template_fields
+from tidar.serving.repository import STRUCTURE_FIELDS, TEMPLATES, RenderError, render_repository, template_fields
 from tidar.runtime.config import TiDARConfig
 from tidar.runtime.generate import RequestError, Stats
 from tidar.serving.options import ServingOptions
@@ -176,14 +176,18 @@ def test_response_tensors_follow_the_contract():
     specs = {spec.name: spec for spec in OUTPUTS}
     tensors = response_tensors("héllo", [5, 6], "stop", None)
     assert set(tensors) == {"text_output", "output_ids", "finish_reason", "num_forward_passes", "num_draft_tokens",
-                            "num_accepted_draft_tokens"}
+                            "num_accepted_draft_tokens", "stop_reason"}
     for name, array in tensors.items():
         assert array.dtype == specs[name].numpy_dtype, name
         # batch dimension first; text_output is one string per request, as tensorrtllm_backend sends it
         assert array.shape == ((1,) if name == "text_output" else (1, 2) if name == "output_ids" else (1, 1)), name
     assert tensors["text_output"][0].decode() == "héllo" and tensors["output_ids"].tolist() == [[5, 6]]
     assert tensors["finish_reason"][0, 0] == b"stop" and tensors["num_forward_passes"].tolist() == [[0]]
-    more = response_tensors("", [], None, None, sequence_index=2, timing=Timing(10, 11, 12, 13))
+    assert tensors["stop_reason"][0, 0] == b""
+    assert response_tensors("a", [5], "stop", None, stop_reason="\n")["stop_reason"][0, 0] == b"\n"
+    more = response_tensors("", [], None, None, sequence_index=2, timing=Timing(10, 11, 12, 13, cache_slots=7))
+    assert [more[n][0, 0] for n in ("kv_cache_alloc_new_blocks", "kv_cache_alloc_total_blocks",
+                                    "kv_cache_reused_blocks")] == [7, 7, 0]
     assert more["sequence_index"].tolist() == [[2]] and set(PERF_METRIC_OUTPUTS) < set(more)
     assert [more[n][0, 0] for n in ("arrival_time_ns", "first_token_time_ns", "last_token_time_ns")] == [10, 12, 13]
     assert more["output_ids"].shape == (1, 0)
@@ -262,7 +266,8 @@ def test_rendered_configs_declare_exactly_the_contract(tmp_path):
     assert all(key == value for _, key, value in maps)
     assert sorted(key for kind, key, _ in maps if kind == "input") == sorted(s.name for s in INPUTS)
     assert sorted(key for kind, key, _ in maps if kind == "output") == sorted(s.name for s in OUTPUTS)
-    alone = render_repository(tmp_path / "alone", model_dir="../..", ensemble=False)
+    assert sorted(p.name for p in repo.iterdir()) == ["ensemble", "tensorrt_llm", "tidar"]
+    alone = render_repository(tmp_path / "alone", model_dir="../..", ensemble=False, llmapi=False)
     assert sorted(p.name for p in alone.iterdir()) == ["tidar"]
 
 
@@ -273,9 +278,7 @@ def test_render_fills_every_field_and_options_parse_back(tmp_path):
     assert "${" not in text and (repo / "tidar" / "1" / "model.py").is_file()
     assert "count: 2 kind: KIND_GPU" in text
     params = dict(re.findall(r'key: "(\w+)" value: \{ string_value: "([^"]*)" \}', text))
-    assert set(params) == {f for f in template_fields() if f not in ("instance_count", "instance_kind",
-                                                                     "triton_max_batch_size", "inputs", "outputs",
-                                                                     "ensemble_maps")}
+    assert set(params) == set(template_fields()) - set(STRUCTURE_FIELDS)
     options = ServingOptions.from_parameters(params)
     assert (options.model_dir, options.backend, options.draft_len, options.max_batch_size) == ("../..", "onnxruntime",
                                                                                             3, 4)
