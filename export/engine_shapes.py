@@ -12,7 +12,9 @@ Both engine flows take the decode step of `export/onnx_export.py` with three dyn
 `engine_limits` gives the trtllm-build sizes, `dimension_ranges` the (min, opt, max) of each
 dynamic dimension (TensorRT optimization profile / TensorRT-LLM `dim_range`), and
 `input_shapes` the (min, opt, max) shape of every graph input, as TensorRT's
-`IOptimizationProfile.set_shape` wants them. `opt` is what kernels are tuned for: one row, one
+`IOptimizationProfile.set_shape` wants them. `recorded_batch_limit` reads the rows an engine was
+built for back from its manifest record, and `serving_batch_sizes` turns it into the serving
+parameters a repository rendered for that engine gets (every batch it runs fits the profile). `opt` is what kernels are tuned for: one row, one
 TiDAR decode step of `draft_len` b drafts and `draft_blocks` k mask blocks (None: k = b, the
 paper's b(b+1) tokens; docs/design.md §3.4), a past of up to OPT_PAST tokens.
 """
@@ -112,3 +114,27 @@ def input_shapes(config: TiDARConfig, draft_len: int, num_kv_heads: int | None =
         for kind in ("key", "value"):
             found[f"past_{kind}_{layer}"] = shapes("batch", kv_heads, "past", config.head_dim)
     return found
+
+
+def recorded_batch_limit(record: dict, step: str = "engine") -> int:
+    """The most rows the engine of manifest record `record` (manifest.json `engines[step]`) was
+    built for: `max_batch_size` (both flows record it; a TensorRT record of an older build has
+    only its profile's `batch` range)."""
+    if "max_batch_size" in record:
+        limit = record["max_batch_size"]
+    elif "batch" in record.get("profile", {}):
+        limit = record["profile"]["batch"][2]
+    else:
+        raise ValueError(f"manifest.json engines[{step!r}] records no max_batch_size and no profile batch range: "
+                         "the rows it was built for are unknown")
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"manifest.json engines[{step!r}]: max_batch_size {limit!r} is not a positive integer")
+    return limit
+
+
+def serving_batch_sizes(limit: int, max_batch_size: int, autotune_batch_sizes: tuple[int, ...]
+                        ) -> tuple[int, tuple[int, ...]]:
+    """(max_batch_size, autotune_batch_sizes) of a repository serving an engine of `limit` rows,
+    from the defaults given: no more rows than the engine takes, autotuned up to that batch."""
+    rows = min(max_batch_size, limit)
+    return rows, tuple(sorted({b for b in autotune_batch_sizes if b <= rows} | {rows}))

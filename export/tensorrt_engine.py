@@ -125,7 +125,17 @@ def build_tensorrt_engine(onnx_path: str | Path, engine_path: str | Path, config
         raise TensorRTEngineError(f"{onnx_path}: TensorRT could not build an engine (see its log above)")
     engine_path.parent.mkdir(parents=True, exist_ok=True)
     engine_path.write_bytes(bytes(serialized))
+    return engine_record(config, draft_len, max_batch_size, draft_blocks, trt.__version__, onnx_path.name,
+                         plugins.compiled_kernels())
+
+
+def engine_record(config: TiDARConfig, draft_len: int, max_batch_size: int, draft_blocks: int | None,
+                  tensorrt_version: str, source: str, kernels: list[dict]) -> dict:
+    """What manifest.json records of a TensorRT engine build: versions, the draft shape, the rows
+    it takes (`max_batch_size`, what `build.render_triton` serves at most), the profile's ranges
+    and the kernels (PTX ISA version, tiles, Triton version of each)."""
     ranges = dimension_ranges(config, draft_len, max_batch_size, draft_blocks)
-    return {"tensorrt": trt.__version__, "source": onnx_path.name, "draft_len": draft_len, "draft_blocks": draft_blocks,
+    return {"tensorrt": tensorrt_version, "source": source, "draft_len": draft_len, "draft_blocks": draft_blocks,
+            "max_batch_size": max_batch_size,
             "profile": {dim: list(value.as_tuple()) for dim, value in ranges.items()},
-            "kernels": plugins.compiled_kernels()}  # PTX ISA version, tiles, Triton version of each kernel
+            "kernels": kernels}

@@ -97,6 +97,16 @@ def engine_io(engine) -> dict[str, TensorIO]:
     return found
 
 
+def profile_batch_limit(engine) -> int | None:
+    """The batch dimension's maximum in optimization profile 0 of `engine` (ICudaEngine
+    `get_tensor_profile_shape(name, profile_index)` -> [min, opt, max] shapes) for `input_ids`;
+    None for an engine object without the query (a stand-in)."""
+    query = getattr(engine, "get_tensor_profile_shape", None)
+    if query is None:
+        return None
+    return int(query("input_ids", 0)[2][0])
+
+
 class EngineBackend(BackendBase):
     """The runtime's Backend protocol (`hidden_states`, `head`, `forward`, `new_cache`) over one
     deserialized engine and the LM-head weight."""
@@ -123,6 +133,8 @@ class EngineBackend(BackendBase):
             raise EngineUnavailable(f"the {name} backend's LM head weight has shape {tuple(head_weight.shape)}, "
                                     f"config.json implies {(config.vocab_size, config.hidden_size)}")
         self.head_weight = head_weight.to(self.device, self.io["hidden_states"].dtype)
+        self.max_batch_size = profile_batch_limit(engine)
+        """The most rows of a step the engine's optimization profile takes (None: not known)."""
 
     @classmethod
     def open(cls, engine_path: Path, config: TiDARConfig, name: str,
