@@ -68,7 +68,7 @@ from tidar.runtime.config import ConfigError, TiDARConfig
 from tidar.runtime.layout import Layout, check_draft_shape
 from tidar.runtime.tokenizer import Tokenizer, TokenizerError
 
-from .engine_shapes import engine_limits
+from .engine_shapes import engine_limits, recorded_batch_limit, serving_batch_sizes
 from .source import CheckpointSource
 from tidar.serving.repository import render_repository
 from .trtllm_checkpoint import DTYPES, ConversionError, convert, trtllm_config
@@ -77,6 +77,7 @@ ENGINE_MODES = ("auto", "skip", "require")
 MANIFEST = "manifest.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 MODEL_FILES = ("config.json", *TOKENIZER_FILES, "generation_config.json", "acceptance.json")
+from tidar.serving.options import ServingOptions
 """Files copied from the checkpoint into OUT when present (config.json and tokenizer.json always are)."""
 ONNX_GRAPHS = {"standard": artifacts.STEP_GRAPH, "plugin": "onnx/decode_step_plugin.onnx"}
 ONNX_HEAD = artifacts.HEAD_GRAPH
@@ -284,7 +285,8 @@ def build_trtllm_engine(folder: Path, config: TiDARConfig, tp: int, draft_len: i
             raise ExportError(f"TensorRT-LLM engine build failed for rank {rank}: "
                               f"{type(exc).__name__}: {exc}") from exc
     return {"builder": "tensorrt_llm.builder.build", "tensorrt_llm": versions().get("tensorrt_llm"),
-            "ranks": tp, "draft_len": draft_len, "draft_blocks": draft_blocks, **limits}
+            "ranks": tp, "draft_len": draft_len, "draft_blocks": draft_blocks,
+            **engine_limits(config, draft_len, draft_blocks=draft_blocks)}
 
 
 def build_tensorrt(folder: Path, config: TiDARConfig, draft_len: int, draft_blocks: int | None = None) -> dict:
@@ -298,13 +300,30 @@ def build_tensorrt(folder: Path, config: TiDARConfig, draft_len: int, draft_bloc
         raise ExportError(f"TensorRT engine build failed: {exc}") from exc
 
 
-def render_triton(folder: Path, built: list[str]) -> dict:
+def render_triton(folder: Path, built: list[str], engines: dict[str, dict] | None = None) -> dict:
     """OUT/triton_repo for the best backend that was built: the TensorRT-LLM engine, else the
-    TensorRT engine (one instance per GPU), else the ONNX graph on ONNX Runtime (CPU)."""
-    backend = "trtllm" if "engine" in built else "tensorrt" if "tensorrt" in built else "onnxruntime"
+    TensorRT engine (one instance per GPU), else the ONNX graph on ONNX Runtime (CPU). An engine
+    repository takes its batch limits from the engine's manifest record (`engines[step]`): no
+    more rows than the engine was built for, start-up autotune up to that batch, so it never asks
+    the engine for a shape outside its profile."""
+    step = "engine" if "engine" in built else "tensorrt" if "tensorrt" in built else None
+    backend = {"engine": "trtllm", "tensorrt": "tensorrt", None: "onnxruntime"}[step]
     kind = "KIND_CPU" if backend == "onnxruntime" else "KIND_GPU"
-    render_repository(folder / "triton_repo", model_dir="../..", backend=backend, instance_kind=kind)
-    return {"backend": backend, "instance_kind": kind, "model_dir": "../.. (OUT, relative to triton_repo/tidar)"}
+    return trtllm_engine_record(config, tp, draft_len, draft_blocks)
+
+
+def trtllm_engine_record(config: TiDARConfig, tp: int, draft_len: int, draft_blocks: int | None = None) -> dict:
+    """What manifest.json records of a TensorRT-LLM engine build: the builder, ranks, the draft
+    shape and the `engine_limits` it was built with (max_batch_size is what `render_triton` serves)."""
+    limits = {}
+    if step is not None:
+        defaults = ServingOptions()
+        rows, autotune = serving_batch_sizes(recorded_batch_limit((engines or {}).get(step, {}), step),
+                                             defaults.max_batch_size, defaults.autotune_batch_sizes)
+        limits = {"max_batch_size": rows, "autotune_batch_sizes": autotune}
+    render_repository(folder / "triton_repo", model_dir="../..", backend=backend, instance_kind=kind, **limits)
+    return {"backend": backend, "instance_kind": kind, "model_dir": "../.. (OUT, relative to triton_repo/tidar)",
+            **{name: list(value) if isinstance(value, tuple) else value for name, value in limits.items()}}
 
 
 # ---------------------------------------------------------------- atomic output
@@ -456,7 +475,7 @@ def build(checkpoint: str | Path, out: str | Path, tp: int = 1, dtype: str | Non
             steps.done()
 
             steps.start("Triton model repository")
-            triton = render_triton(partial, built)
+            triton = render_triton(partial, built, engines)
             built.append("triton_repo")
             steps.note(f"triton_repo: model tidar on the {triton['backend']} backend")
             steps.done()
