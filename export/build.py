@@ -70,6 +70,7 @@ from tidar.runtime.tokenizer import Tokenizer, TokenizerError
 
 from .engine_shapes import engine_limits, recorded_batch_limit, serving_batch_sizes
 from .source import CheckpointSource
+from tidar.serving.options import ServingOptions
 from tidar.serving.repository import render_repository
 from .trtllm_checkpoint import DTYPES, ConversionError, convert, trtllm_config
 
@@ -77,7 +78,6 @@ ENGINE_MODES = ("auto", "skip", "require")
 MANIFEST = "manifest.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 MODEL_FILES = ("config.json", *TOKENIZER_FILES, "generation_config.json", "acceptance.json")
-from tidar.serving.options import ServingOptions
 """Files copied from the checkpoint into OUT when present (config.json and tokenizer.json always are)."""
 ONNX_GRAPHS = {"standard": artifacts.STEP_GRAPH, "plugin": "onnx/decode_step_plugin.onnx"}
 ONNX_HEAD = artifacts.HEAD_GRAPH
@@ -284,6 +284,12 @@ def build_trtllm_engine(folder: Path, config: TiDARConfig, tp: int, draft_len: i
         except Exception as exc:  # TensorRT-LLM raises many types (AssertionError, RuntimeError, ...)
             raise ExportError(f"TensorRT-LLM engine build failed for rank {rank}: "
                               f"{type(exc).__name__}: {exc}") from exc
+    return trtllm_engine_record(config, tp, draft_len, draft_blocks)
+
+
+def trtllm_engine_record(config: TiDARConfig, tp: int, draft_len: int, draft_blocks: int | None = None) -> dict:
+    """What manifest.json records of a TensorRT-LLM engine build: the builder, ranks, the draft
+    shape and the `engine_limits` it was built with (max_batch_size is what `render_triton` serves)."""
     return {"builder": "tensorrt_llm.builder.build", "tensorrt_llm": versions().get("tensorrt_llm"),
             "ranks": tp, "draft_len": draft_len, "draft_blocks": draft_blocks,
             **engine_limits(config, draft_len, draft_blocks=draft_blocks)}
@@ -309,12 +315,6 @@ def render_triton(folder: Path, built: list[str], engines: dict[str, dict] | Non
     step = "engine" if "engine" in built else "tensorrt" if "tensorrt" in built else None
     backend = {"engine": "trtllm", "tensorrt": "tensorrt", None: "onnxruntime"}[step]
     kind = "KIND_CPU" if backend == "onnxruntime" else "KIND_GPU"
-    return trtllm_engine_record(config, tp, draft_len, draft_blocks)
-
-
-def trtllm_engine_record(config: TiDARConfig, tp: int, draft_len: int, draft_blocks: int | None = None) -> dict:
-    """What manifest.json records of a TensorRT-LLM engine build: the builder, ranks, the draft
-    shape and the `engine_limits` it was built with (max_batch_size is what `render_triton` serves)."""
     limits = {}
     if step is not None:
         defaults = ServingOptions()
