@@ -1,19 +1,21 @@
 """The TiDAR draft-verify loop (docs/design.md §3), for batches of independent requests.
 
-One readable function per phase:
+A request goes through two phases:
   prefill  the prompt (causal) plus a block of b masks; d_0 = the target choice at the prompt's
-           end, d_1..d_{b-1} = the masks' diffusion choices.
-  step     one forward over b drafts and k <= b blocks of b masks (k = b: the paper's step);
-           verify the proposals against the target logits; commit a tokens; the next d_0 is the
-           correction or bonus token and the next proposals come from block a, or from block
-           k's masks after the new d_0 when a > k (fewer proposals; docs/design.md §3.4).
+           end, d_1..d_{b-1} = the masks' diffusion choices (`_prefill`).
+  step     one forward over b drafts and k <= b blocks of b masks (k = b: the paper's step), in
+           four functions read top to bottom in `step`: `_forward` runs the model, `_verify`
+           checks the proposals against the target logits, `_commit` keeps the accepted
+           proposals and the correction or bonus token, `_draft` picks the next proposals from
+           block a, or from block k's masks after the new d_0 when a > k (fewer proposals;
+           docs/design.md §3.4).
 Draft length 0 is plain AR decoding through the same code (one causal token per step), the
 baseline every TiDAR figure is compared with.
 
 Target logits for position L+i mix AR and diffusion: beta * AR_i + (1 - beta) * diff_i, where
-AR_i is the output at the token before (d_{i-1}) and diff_i the output of the first mask of
-block i (same position). beta = 1, the default, is lossless: greedy output equals AR greedy
-output, and sampled output is distributed as AR sampling (exact speculative sampling).
+AR_i is the output at the token before (d_{i-1}) and diff_i the output of the mask of block i
+at the same position. beta = 1, the default, is lossless: greedy output equals AR greedy output,
+and sampled output is distributed as AR sampling (exact speculative sampling).
 
 Every token is picked by one rule (sampling.py): the argmax of the processed logits plus
 Gumbel noise keyed by (seed, absolute position, token) for sampled rows, the plain argmax for
@@ -23,22 +25,25 @@ seeded row's output is a function of (model, prompt, sampling settings, seed): t
 draft length, batch or backend. Unseeded sampled rows verify by residual speculative sampling,
 which accepts more (docs/design.md §3.5).
 
-A step is batched over rows on the device: the drafts [B, b], the target's choices, the
-accepted counts, the next drafts and the cache commit are tensors, and the step reads the
-device once (the committed tokens and counts, `_read`). Per-row Python runs only on the host
-side of that one transfer (statistics, stop conditions, text).
+Words: a *row* is a row of the batch (one request); a token's index among a forward's new
+tokens is its *query index* (`Layout.causal_index`, `Layout.mask_index`); the *proposals* of a
+step are the drafts d_1.. it verifies: `proposal_counts` says how many each row has, the
+drafts tensor holds their tokens.
+
+A step is batched over rows on the device, and its results come back in one device->host
+transfer (`StepOutput.to_host`). Per-row Python runs only on the host side of that transfer
+(counters, stop conditions, text). Every per-row array lives in one `BatchState`
+(runtime/batch_state.py), changed only by its `add`, `keep` and `resize`.
 
 Rows are independent: each has its own cached length, sampling settings, seed, stop
-conditions and statistics; finished rows leave the batch, new rows may join between steps
-(`add`), rows may be ended early (`finish`: cancellation, timeout) and the draft length may
-change between steps (`set_draft_len`, with the number of blocks k: the draft shape), which is
-how a server adapts it to the batch. The KV
-cache is allocated once (`max_rows` x `max_len` when given) and rows take and return slots.
+conditions and counters; finished rows leave the batch, new rows may join between steps
+(`add`), rows may be ended early (`finish`: cancellation, timeout) and the draft shape (b, k)
+may change between steps (`set_draft_len`), which is how a server adapts it to the batch. The
+KV cache is allocated once (`max_rows` x `max_len` when given) and rows take and return slots.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -47,9 +52,11 @@ from typing import Iterator, Sequence
 import torch
 
 from .backends.base import Backend, StepLogits
+from .batch_state import BatchState, NewRows, Row
 from .cache import KVCache
-from . import logits_processor
-from .layout import Layout, check_draft_shape, next_proposals
+from .counters import Stats, StepStats, add_per_position  # noqa: F401  (the last two: names callers import)
+from .draft_shape import DraftShapeError, validate_draft_shape
+from .layout import Layout, next_proposals
 from .logits_processor import LogitsProcessor, ProcessorState
 from .sampling import SamplingBatch, SamplingParams
 from .tokenizer import IncrementalDetokenizer, Tokenizer
@@ -77,72 +84,6 @@ class Request:
     """Caller's handle, echoed in deltas and results."""
     return_log_probs: bool = False
     """Report each token's log-probability (`SamplingBatch.choose_with_log_probs`) in deltas and results."""
-
-
-def add_per_position(totals: list[int], increments: Sequence[int]) -> None:
-    """Add `increments` to `totals` position by position, extending `totals` with zeros first when
-    it is shorter (the draft length, hence the number of proposal positions, may change)."""
-    totals.extend([0] * (len(increments) - len(totals)))
-    for position, count in enumerate(increments):
-        totals[position] += count
-
-
-@dataclass(frozen=True)
-class StepStats:
-    """What one forward added to one request's counters (`Stats.add` sums them). A value of its
-    own in every delta: nothing in it changes after the delta is made."""
-
-    forward_passes: int = 0
-    """1 for a prefill or a step; 0 for a delta that no forward made (`DecodeEngine.finish`)."""
-    drafts: int = 0
-    """1 when this step verified proposals."""
-    draft_tokens: int = 0
-    """Proposals verified in this step (b - 1; fewer after a step that committed more than k
-    tokens with k < b blocks: a padded draft slot is never a proposal and never accepted)."""
-    accepted_tokens: int = 0
-    """Proposals accepted in this step."""
-    accepted_per_position: tuple[int, ...] = ()
-    """1 at each proposal position d_1..d_{b-1} accepted in this step, else 0 (empty without proposals)."""
-    proposed_per_position: tuple[int, ...] = ()
-    """1 at each position d_1..d_{b-1} that held a proposal in this step, else 0."""
-    prefill_seconds: float = 0.0
-    """The prefill's wall time (on the request's first delta only)."""
-
-
-@dataclass
-class Stats:
-    """Per-request counters, in the style of vLLM's speculative-decoding metrics: the sums of
-    the request's `StepStats`, plus its decode time."""
-
-    forward_passes: int = 0
-    """Forwards this request took part in (prefill included)."""
-    drafts: int = 0
-    """Steps that verified proposals."""
-    draft_tokens: int = 0
-    """Proposals verified (b - 1 per step with k = b blocks; see `StepStats.draft_tokens`)."""
-    accepted_tokens: int = 0
-    """Proposals accepted."""
-    accepted_per_position: list[int] = field(default_factory=list)
-    """accepted_per_position[i]: how often proposal d_{i+1} was accepted."""
-    proposed_per_position: list[int] = field(default_factory=list)
-    """proposed_per_position[i]: how often there was a proposal d_{i+1} to verify."""
-    prefill_seconds: float = 0.0
-    decode_seconds: float = 0.0
-    """Wall time from the end of the prefill to the request's end (set when it finishes)."""
-
-    def add(self, step: StepStats) -> None:
-        """Count one forward's increments."""
-        self.forward_passes += step.forward_passes
-        self.drafts += step.drafts
-        self.draft_tokens += step.draft_tokens
-        self.accepted_tokens += step.accepted_tokens
-        add_per_position(self.accepted_per_position, step.accepted_per_position)
-        add_per_position(self.proposed_per_position, step.proposed_per_position)
-        self.prefill_seconds += step.prefill_seconds
-
-    def copy(self) -> Stats:
-        return dataclasses.replace(self, accepted_per_position=list(self.accepted_per_position),
-                                   proposed_per_position=list(self.proposed_per_position))
 
 
 @dataclass
@@ -183,7 +124,7 @@ class Delta:
     text: str
     finished: bool = False
     finish_reason: str | None = None
-    step_stats: StepStats = field(default_factory=StepStats)
+    step_stats: Stats = field(default_factory=Stats)
     """This forward's increments to the request's counters (`Stats.add` sums them)."""
     log_probs: list[float] | None = None
     """One per token of `token_ids` when the request asked for them."""
@@ -195,22 +136,92 @@ class Delta:
 
 
 @dataclass
-class _Row:
-    request: Request
-    prompt_ids: list[int]
-    eos_ids: frozenset[int]
-    seed: int  # the request's seed, or one drawn at admission (sampled rows)
-    stats: Stats
-    detokenizer: IncrementalDetokenizer | None
-    started: float
-    tokens: list[int] = field(default_factory=list)
-    log_probs: list[float] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str | None = None
-    admission: int = -1  # set by `add`
-    proposals: int = 0  # real proposals among the pending drafts d_1..; host copy of DecodeEngine._proposals
+class Prefill:
+    """One request's prefill, on the device until `DecodeEngine.add` reads `first`."""
+
+    row: Row
+    drafts: torch.Tensor
+    """[1, max(b, 1)]: d_0 .. d_{b-1}."""
+    draft_probs: torch.Tensor | None
+    """[1, max(b, 1) - 1, V]: the distributions of d_1.. for a residual row, else None."""
+    processor_state: ProcessorState | None
+    """The row's processor state with d_0 committed (None without processors)."""
+    first: torch.Tensor
+    """float64 [1, 2]: d_0 and its log prob (0 unless the request asked for it)."""
 
 
+# ---------------------------------------------------------------------- the phases' outputs
+@dataclass
+class StepForward:
+    """The forward of one step: the new tokens' logits (computed on demand) and each row's cached
+    length before it (the position of its d_0)."""
+
+    logits: StepLogits
+    past: torch.Tensor
+    """[B] int64."""
+
+
+@dataclass
+class Verification:
+    """The verdict on every row's proposals."""
+
+    accepted: torch.Tensor
+    """[B]: proposals accepted (the step commits accepted + 1 tokens)."""
+    next_token: torch.Tensor
+    """[B]: the correction (first rejected position) or the bonus token (all accepted)."""
+    scores: torch.Tensor | None
+    """[B, max(b, 1), V]: the processed target logits (for log probs), None when none were needed."""
+
+
+@dataclass
+class Drafts:
+    """The next step's drafts, on the device."""
+
+    tokens: torch.Tensor
+    """[B, max(b, 1)]: d_0 (the committed correction or bonus token), then the proposal slots;
+    slots past a row's count hold the mask id (padding)."""
+    proposal_counts: torch.Tensor | None
+    """[B]: real proposals among d_1.. (None for b <= 1: there are none)."""
+    probs: torch.Tensor | None
+    """[B, b - 1, V]: the proposals' distributions when a row verifies by residual sampling."""
+
+
+@dataclass
+class HostStep:
+    """A step's output on the host (`StepOutput.to_host`)."""
+
+    committed: list[int]
+    tokens: list[list[int]]
+    """Each row's committed tokens (exactly `committed` of them)."""
+    log_probs: list[list[float]]
+    """Each row's tokens' log probs (empty lists when no row asked for them)."""
+
+
+@dataclass
+class StepOutput:
+    """What a step commits, on the device."""
+
+    committed: torch.Tensor
+    """[B]: tokens committed per row (accepted + 1)."""
+    tokens: torch.Tensor
+    """[B, max(b, 1)]: the committed tokens d_1..d_accepted then the correction or bonus token;
+    entries past `committed` are padding."""
+    log_probs: torch.Tensor | None
+    """[B, max(b, 1)]: their log probs, None when no row asked for them."""
+
+    def to_host(self) -> HostStep:
+        """The step's one device->host transfer: counts, tokens and log probs packed in one tensor."""
+        width = self.tokens.shape[1]
+        parts = [self.committed[:, None], self.tokens]
+        if self.log_probs is not None:
+            parts = [part.double() for part in parts] + [self.log_probs.double()]
+        host = torch.cat(parts, dim=1).tolist()
+        committed = [int(row[0]) for row in host]
+        return HostStep(committed, [[int(t) for t in row[1:1 + count]] for row, count in zip(host, committed)],
+                        [row[1 + width:1 + width + count] for row, count in zip(host, committed)])
+
+
+# ---------------------------------------------------------------------- the engine
 class DecodeEngine:
     """Runs requests through prefill and draft-verify steps on one backend."""
 
@@ -234,35 +245,30 @@ class DecodeEngine:
         self.draft_len, self.draft_blocks, self.beta = draft_len, draft_blocks, beta
         self.max_rows, self.max_len = max_rows, max_len
         self.layout = Layout.decode(draft_len, draft_blocks)
-        self._proposals: torch.Tensor | None = None  # [B]: how many of d_1.. are real proposals (the rest pad)
         self.cache: KVCache | None = None
-        self.rows: list[_Row] = []
-        self._drafts: torch.Tensor | None = None  # [B, max(b, 1)]: d_0 .. d_{b-1} of each row, on the device
-        self._draft_probs: torch.Tensor | None = None  # [B, max(b, 1) - 1, V]: q of d_1.. (while a row is residual)
-        self._sampling: SamplingBatch | None = None
-        self._processor: LogitsProcessor | None = None  # None while no row has penalties, min_tokens or bad words
-        self._log_probs = False  # whether any row asked for log probs
+        self.batch = BatchState(config.vocab_size)
         self._admissions = itertools.count()  # numbers of admitted requests (`Delta.admission`)
+
+    @property
+    def rows(self) -> list[Row]:
+        """The rows of the batch, in order."""
+        return self.batch.rows
 
     @property
     def batch_size(self) -> int:
         """Rows in the batch now."""
-        return len(self.rows)
+        return len(self.batch)
 
     def request_ids(self) -> list[object]:
         """The request ids of the rows in the batch, in row order."""
         return [row.request.request_id for row in self.rows]
 
     def check_draft_len(self, draft_len: int, draft_blocks: int | None = None) -> int:
-        """Raise RequestError unless `draft_len` b is usable by this model (0 .. block_size) and
-        `draft_blocks` k with it (1 .. b, or None for b); returns k."""
-        block = self.config.block_size
-        if isinstance(draft_len, bool) or not isinstance(draft_len, int) or not 0 <= draft_len <= block:
-            raise RequestError(f"draft_len must be an integer in [0, block_size={block}] "
-                               f"(0 = AR decoding), got {draft_len!r}")
+        """Raise RequestError unless this model decodes with the draft shape (`draft_len` b,
+        `draft_blocks` k; None: k = b): `draft_shape.validate_draft_shape`. Returns k."""
         try:
-            return check_draft_shape(draft_len, draft_blocks)
-        except ValueError as error:
+            return validate_draft_shape(self.config, draft_len, draft_blocks)[1]
+        except DraftShapeError as error:
             raise RequestError(str(error)) from None
 
     # ------------------------------------------------------------------ admission
@@ -299,8 +305,27 @@ class DecodeEngine:
                                    f"[0, {vocab})")
 
     def _capacity(self, request: Request) -> int:
-        """Slots a row of `request` may use: any draft length fits without growing the cache."""
-        return len(request.prompt_ids) + request.max_new_tokens + Layout.decode(self.config.block_size).num_new
+        """Slots a row of `request` may use: any draft length fits without growing the cache. A row
+        ends at max_position_embeddings tokens (`_emit`), so no row needs more than
+        `max_slots()`, however large its max_new_tokens."""
+        used = min(len(request.prompt_ids) + request.max_new_tokens, self.config.max_position_embeddings)
+        return used + Layout.decode(self.config.block_size).num_new
+
+    def max_slots(self) -> int:
+        """The most KV slots any row of this model can use (`_capacity` of the longest request):
+        a `max_len` that never refuses a request the model can serve."""
+        return self.config.max_position_embeddings + Layout.decode(self.config.block_size).num_new
+
+    def allocate_cache(self) -> KVCache:
+        """Make the KV cache now, `max_rows` x `max_len` (both must be set), so that serving never
+        reallocates it (a server does this before it reports ready: CUDA graphs captured on it
+        stay valid, backends/cuda_graphs.py); returns it. An existing cache is kept."""
+        if self.max_rows is None or self.max_len is None:
+            raise ValueError("allocate_cache needs max_rows and max_len (the cache is otherwise sized by requests)")
+        if self.cache is None:
+            self.cache = self.backend.new_cache(self.max_rows, self.max_len)
+            self.cache.clear()
+        return self.cache
 
     def _reserve(self, requests: Sequence[Request]) -> None:
         """Make room for `requests` next to the active rows: the cache is made once, sized by
@@ -327,50 +352,23 @@ class DecodeEngine:
         if not requests:
             return []
         self._reserve(requests)
-        indices = self.cache.add_rows(len(requests))
-        rows, drafts, probs, states, firsts, prefills = [], [], [], [], [], []
-        for index, request in zip(indices, requests):
-            row, row_drafts, row_probs, state, first = self._prefill(request, self.cache.row(index))
-            row.admission = next(self._admissions)
-            prefills.append(StepStats(forward_passes=1, prefill_seconds=time.perf_counter() - row.started))
-            rows.append(row)
-            drafts.append(row_drafts)
-            probs.append(row_probs)
-            states.append(state)
-            firsts.append(first)
-        self._draft_probs = self._join_probs(len(self.rows), probs)
-        self.rows.extend(rows)
-        known = [self._drafts] if self._drafts is not None and self._drafts.shape[0] else []
-        self._drafts = torch.cat(known + drafts)
-        counts = torch.tensor([row.proposals for row in rows], device=self._drafts.device)
-        self._proposals = torch.cat(([self._proposals] if known else []) + [counts])
-        self._sampling = self._sampling_batch()
-        self._processor = logits_processor.join(self._processor, states, *self._processor_settings(),
-                                                self.config.vocab_size, self.cache.device)
-        self._log_probs = any(row.request.return_log_probs for row in self.rows)
-        # the first tokens and their log probs: one device->host transfer
-        firsts = torch.cat(firsts).tolist()
+        slots = self.cache.add_rows(len(requests))
+        new, prefills, firsts = NewRows([], [], [], []), [], []
+        for slot, request in zip(slots, requests):
+            prefill = self._prefill(request, self.cache.row(slot))
+            prefill.row.admission = next(self._admissions)
+            prefills.append(Stats(forward_passes=1, prefill_seconds=time.perf_counter() - prefill.row.started))
+            new.rows.append(prefill.row)
+            new.drafts.append(prefill.drafts)
+            new.draft_probs.append(prefill.draft_probs)
+            new.processor_states.append(prefill.processor_state)
+            firsts.append(prefill.first)
+        self.batch.add(new, self.cache.device)
+        firsts = torch.cat(firsts).tolist()  # the first tokens and their log probs: one device->host transfer
         deltas = [self._emit(row, prefill, [int(first[0])], first[1:])
-                  for row, prefill, first in zip(rows, prefills, firsts)]
+                  for row, prefill, first in zip(new.rows, prefills, firsts)]
         self._drop_finished()
         return deltas
-
-    def _join_probs(self, known_rows: int, new: list[torch.Tensor | None]) -> torch.Tensor | None:
-        """The draft distributions of the `known_rows` active rows followed by those of new rows
-        (zeros for rows that never read them); None while no row verifies by residual sampling."""
-        if self._draft_probs is None and all(p is None for p in new):
-            return None
-        shape = next(p for p in [self._draft_probs, *new] if p is not None).shape[1:]
-        zeros = lambda rows: torch.zeros((rows, *shape), device=self.cache.device)  # noqa: E731
-        known = self._draft_probs if self._draft_probs is not None else zeros(known_rows)
-        return torch.cat([known, *(p if p is not None else zeros(1) for p in new)])
-
-    def _sampling_batch(self) -> SamplingBatch:
-        return SamplingBatch.of([row.request.sampling for row in self.rows], [row.seed for row in self.rows],
-                                self.cache.device)
-
-    def _processor_settings(self) -> tuple[list[SamplingParams], list[frozenset[int]]]:
-        return [row.request.sampling for row in self.rows], [row.eos_ids for row in self.rows]
 
     def set_draft_len(self, draft_len: int, draft_blocks: int | None = None) -> None:
         """Use the draft shape (b, k) = (`draft_len`, `draft_blocks`; None: k = b) from the next step
@@ -380,26 +378,9 @@ class DecodeEngine:
         if (draft_len, draft_blocks) == (self.draft_len, self.draft_blocks):
             return
         self.draft_blocks, self.layout = draft_blocks, Layout.decode(draft_len, draft_blocks)
-        if draft_len == self.draft_len:
-            return
-        self.draft_len = draft_len
-        for row in self.rows:
-            row.proposals = min(row.proposals, max(draft_len - 1, 0))
-            for positions in (row.stats.accepted_per_position, row.stats.proposed_per_position):
-                positions.extend([0] * (draft_len - 1 - len(positions)))
-        if self._drafts is not None:
-            self._proposals = self._proposals.clamp(max=max(draft_len - 1, 0))
-            wanted, have = max(draft_len, 1), self._drafts.shape[1]
-            if wanted <= have:
-                self._drafts = self._drafts[:, :wanted]
-                if self._draft_probs is not None:
-                    self._draft_probs = self._draft_probs[:, : wanted - 1]
-            else:
-                pads = self._drafts[:, -1:].expand(-1, wanted - have)
-                self._drafts = torch.cat([self._drafts, pads], dim=1)
-                if self._draft_probs is not None:
-                    point_masses = torch.nn.functional.one_hot(pads, self._draft_probs.shape[-1]).float()
-                    self._draft_probs = torch.cat([self._draft_probs, point_masses], dim=1)
+        if draft_len != self.draft_len:
+            self.draft_len = draft_len
+            self.batch.resize(draft_len)
 
     def finish(self, request_ids: Sequence[object], reason: str) -> list[Delta]:
         """End the rows of `request_ids` now with finish reason `reason` (e.g. "cancelled",
@@ -409,8 +390,7 @@ class DecodeEngine:
         deltas = []
         for row in self.rows:
             if row.request.request_id in wanted and row.finish_reason is None:
-                row.finish_reason = reason
-                row.stats.decode_seconds = time.perf_counter() - row.started - row.stats.prefill_seconds
+                row.finish(reason)
                 text = ""
                 if row.detokenizer is not None:
                     row.detokenizer.flush()
@@ -423,144 +403,148 @@ class DecodeEngine:
 
     def reset(self) -> None:
         """Drop every row without a result (after an internal error); the cache is made anew."""
-        self.rows, self.cache, self._drafts, self._draft_probs, self._sampling = [], None, None, None, None
-        self._proposals = None
-        self._processor, self._log_probs = None, False
+        self.batch.clear()
+        self.cache = None
 
-    # ------------------------------------------------------------------ phases
-    def _prefill(self, request: Request, cache: KVCache) -> tuple[_Row, torch.Tensor, torch.Tensor | None,
-                                                                  ProcessorState | None, torch.Tensor]:
-        """Prefill one request into its cache row. Returns the row, its drafts [1, max(b, 1)], the
-        distributions of d_1.. for a residual row ([1, max(b, 1) - 1, V], else None), its
-        processor state with d_0 committed (None without processors) and [d_0, log prob of d_0]
-        (float64 [1, 2]; the log prob is 0 unless the request asked for it)."""
+    # ------------------------------------------------------------------ prefill
+    def _prefill(self, request: Request, cache: KVCache) -> "Prefill":
+        """Prefill one request into its cache row (`cache`, a one-row view)."""
         started = time.perf_counter()
-        b = self.draft_len
+        b, mask_id = self.draft_len, self.config.mask_token_id
         prompt = list(request.prompt_ids)
-        layout = Layout.prefill(len(prompt), b)
-        tokens = torch.tensor([prompt + [self.config.mask_token_id] * b], device=cache.device)
-        out = StepLogits(self.backend, tokens, layout, cache)
-        cache.commit([len(prompt)])
+        L = len(prompt)
+        layout = Layout.prefill(L, b)
+        logits = StepLogits(self.backend, torch.tensor([prompt + [mask_id] * b], device=cache.device), layout, cache)
+        cache.commit([L])
         params = request.sampling
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2 ** 62, ()).item())
         eos = request.eos_ids if request.eos_ids is not None else self.config.eos_token_ids
-        row = _Row(request=request, prompt_ids=prompt, eos_ids=frozenset(eos), seed=seed,
-                   stats=Stats(accepted_per_position=[0] * max(b - 1, 0), proposed_per_position=[0] * max(b - 1, 0)),
-                   detokenizer=IncrementalDetokenizer(self.tokenizer, request.stop) if self.tokenizer else None,
-                   started=started, proposals=max(b - 1, 0))
+        row = Row(request=request, prompt_ids=prompt, eos_ids=frozenset(eos), seed=seed, stats=Stats.positions(b),
+                  detokenizer=IncrementalDetokenizer(self.tokenizer, request.stop) if self.tokenizer else None,
+                  started=started, proposal_count=max(b - 1, 0))
         sampling = SamplingBatch.of([params], [seed], cache.device)
         processor = state = None
         if params.processes_logits:
             state = ProcessorState.of_prompt(prompt, self.config.vocab_size, cache.device)
             processor = LogitsProcessor([params], [row.eos_ids], state, self.config.vocab_size)
         adjust = processor.adjust if processor is not None else None
-        # d_0 at position L: AR at the last prompt token, mixed with mask 0 (same position);
-        # d_1..d_{b-1} at positions L+1..: the block's masks 1..b-1. The LM head runs on these rows only.
-        L = len(prompt)
+        # d_0 at position L: the AR output at the last prompt token, mixed (beta < 1) with the
+        # block's mask 0 at the same position; d_1..d_{b-1} at positions L+1..: masks 1..b-1.
+        # The LM head runs on these query indices only.
         positions = torch.arange(L, L + max(b, 1), device=cache.device)[None]
-        mixed = b and self.beta < 1.0
-        logits = out.rows(torch.cat([positions[:, :1] - 1, positions[:, : 1 if mixed else 0], positions[:, 1:]], 1))
-        target = self._mix(logits[:, :1], logits[:, 1:2] if mixed else None)
+        masks = layout.mask_index(0, torch.arange(b, device=cache.device)) if b else positions[0, :0]
+        mixed = bool(b) and self.beta < 1.0
+        query = torch.cat([layout.causal_index(device=cache.device)[-1:], masks[: int(mixed)], masks[1:]])
+        out = logits.at(query[None])
+        target = self._mix(out[:, :1], out[:, 1:2] if mixed else None)
         if request.return_log_probs:
             first, log_prob = sampling.choose_with_log_probs(target, positions[:, :1], adjust)
-            reported = torch.cat([first.double(), log_prob.double()], dim=1)
         else:
             first = sampling.choose(target, positions[:, :1], adjust)
-            reported = torch.cat([first.double(), torch.zeros_like(first, dtype=torch.float64)], dim=1)
+            log_prob = torch.zeros_like(first, dtype=torch.float64)
         if state is not None:
             state.commit(first, torch.ones(1, dtype=torch.long, device=cache.device))
-        proposals, probs = sampling.draft(logits[:, 1 + mixed:], positions[:, 1:], adjust)
-        drafts = torch.cat([first, proposals], dim=1)
-        return row, drafts, probs, state, reported
+        proposal_tokens, probs = sampling.draft(out[:, 1 + mixed:], positions[:, 1:], adjust)
+        return Prefill(row, torch.cat([first, proposal_tokens], dim=1), probs, state,
+                       torch.cat([first.double(), log_prob.double()], dim=1))
 
+    # ------------------------------------------------------------------ step
     def step(self) -> list[Delta]:
         """One forward for every active row; returns one delta per row."""
         if not self.rows:
             return []
-        committed, tokens, log_probs = self._read(*self._device_step())
-        deltas = []
+        forward = self._forward()
+        verification = self._verify(forward)
+        output = self._commit(verification)
+        self._set_drafts(self._draft(forward, verification, output))
+        host = output.to_host()
+        self.cache.commit(output.committed, host.committed)
         b, k = self.draft_len, self.draft_blocks
-        for row, count, new_tokens, new_log_probs in zip(self.rows, committed, tokens, log_probs):
-            step = StepStats(forward_passes=1)
-            if row.proposals:
-                accepted, proposed = count - 1, row.proposals
-                step = StepStats(forward_passes=1, drafts=1, draft_tokens=proposed, accepted_tokens=accepted,
-                                 accepted_per_position=(1,) * accepted + (0,) * (b - 1 - accepted),
-                                 proposed_per_position=(1,) * proposed + (0,) * (b - 1 - proposed))
-            row.proposals = max(next_proposals(count - 1, b, k)[2], 0)
-            deltas.append(self._emit(row, step, new_tokens[:count], new_log_probs[:count]))
+        deltas = []
+        for row, committed, tokens, log_probs in zip(self.rows, host.committed, host.tokens, host.log_probs):
+            step = Stats.of_step(b, proposed=row.proposal_count, accepted=committed - 1)
+            row.proposal_count = max(next_proposals(committed - 1, b, k)[2], 0)
+            deltas.append(self._emit(row, step, tokens, log_probs))
         self._drop_finished()
         return deltas
 
-    def _device_step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward, verification and next drafts for all rows, on the device. Returns the packed
-        output [B, 1 + max(b, 1)] (each row's committed count, then its tokens; entries past the
-        count are padding), followed by the tokens' log probs (float64 [B, 1 + 2 max(b, 1)]) when
-        a row asked for them, and the counts [B] for the cache commit."""
-        b, layout, cache = self.draft_len, self.layout, self.cache
-        nb = max(b, 1)
-        batch, device = len(self.rows), self._drafts.device
-        masks = torch.full((batch, layout.num_new - layout.causal_len), self.config.mask_token_id, device=device)
-        past = cache.lengths.clone()  # position of each row's d_0
-        out = StepLogits(self.backend, torch.cat([self._drafts, masks], dim=1), layout, cache)
-        # Target at positions past+1 .. past+b: AR output at d_{i-1} (rows 0..b-1), mixed when
-        # beta < 1 with the mask at the same position of block i (mask 0), or of the last block
-        # when i > k. The LM head runs on these rows, then on b - 1 more.
-        offsets = torch.arange(1, nb + 1, device=device)
-        rows = offsets - 1
-        mixed = b and self.beta < 1.0
-        if mixed:
-            mixing_block = rows.clamp(max=self.draft_blocks - 1)
-            rows = torch.cat([rows, layout.causal_len + b * mixing_block + rows - mixing_block])
-        logits = out.rows(rows[None].expand(batch, -1))
-        target = self._mix(logits[:, :nb], logits[:, nb:] if mixed else None)
-        # the target at d_i's position assumes d_1..d_{i-1} accepted: with processors, they count
-        processor = self._processor
-        adjust = (lambda scores: processor.adjust(scores, self._drafts[:, 1:nb])) if processor is not None else None
-        # proposals past a row's count (k < b, §3.4) are padding: never accepted
-        accepted, next_token, scores = self._sampling.verify(self._drafts[:, 1:], self._draft_probs, target,
-                                                             past[:, None] + offsets, adjust,
-                                                             counts=self._proposals if b > 1 else None)
-        committed = accepted + 1
-        # Emitted tokens: d_1..d_accepted, then the correction or bonus token.
-        shifted = torch.cat([self._drafts[:, 1:], next_token[:, None]], dim=1)
-        emitted = torch.where(torch.arange(nb, device=device) < accepted[:, None], shifted, next_token[:, None])
-        if processor is not None:
-            processor.state.commit(emitted, committed)
-        if self._log_probs:
-            log_probs = (self._sampling.log_probs(scores, emitted) if scores is not None
-                         else torch.zeros(emitted.shape, device=device))
-        # Next drafts at positions past + committed + 1 .. (processed with the committed state,
-        # which holds the new d_0): block `accepted` (it sees d_0..d_accepted), masks 1..b-1; when
-        # accepted >= k, block k-1's masks after the new d_0, fewer of them (docs/design.md §3.4):
-        # the slots past `count` are padding.
-        drafts = next_token[:, None]
-        if b > 1:
-            block, first_mask, count = next_proposals(accepted, b, self.draft_blocks)
-            slot = offsets[None, : b - 1] - 1
-            masks_used = (first_mask[:, None] + slot).clamp(max=b - 1)
-            mask_logits = out.rows(layout.causal_len + block[:, None] * b + masks_used)
-            proposals, probs = self._sampling.draft(mask_logits, past[:, None] + committed[:, None] + 1 + slot,
-                                                    processor.adjust if processor is not None else None)
-            proposals = torch.where(slot < count[:, None], proposals, self.config.mask_token_id)
-            drafts = torch.cat([drafts, proposals], dim=1)
-            self._proposals = count
-            if probs is not None:
-                self._draft_probs = probs
-        self._drafts = drafts
-        if self._log_probs:
-            return torch.cat([committed[:, None].double(), emitted.double(), log_probs.double()], dim=1), committed
-        return torch.cat([committed[:, None], emitted], dim=1), committed
+    def _forward(self) -> StepForward:
+        """Run the model on every row's drafts d_0..d_{b-1} and the step's mask blocks."""
+        layout, drafts = self.layout, self.batch.drafts
+        masks = torch.full((len(self.batch), layout.num_new - layout.causal_len), self.config.mask_token_id,
+                           device=drafts.device)
+        past = self.cache.lengths.clone()  # the position of each row's d_0
+        return StepForward(StepLogits(self.backend, torch.cat([drafts, masks], dim=1), layout, self.cache), past)
 
-    def _read(self, packed: torch.Tensor, counts: torch.Tensor) -> tuple[list[int], list[list[int]], list[list[float]]]:
-        """The step's one device->host transfer; then the cache commit (the device adds `counts`,
-        the host its copy of them). Returns the committed counts, tokens and log probs (empty
-        lists unless they were packed)."""
-        host = packed.tolist()
-        width = max(self.draft_len, 1)
-        committed = [int(row[0]) for row in host]
-        self.cache.commit(counts, committed)
-        return committed, [[int(t) for t in row[1:1 + width]] for row in host], [row[1 + width:] for row in host]
+    def _verify(self, forward: StepForward) -> Verification:
+        """The target logits at the positions of d_1..d_b (past + 1 ..), and the verdict on the
+        proposals. The target for d_i is the AR output at d_{i-1} (causal query index i - 1),
+        mixed when beta < 1 with the mask at the same position of block i, or of the last block
+        when i > k. The LM head runs on these query indices only."""
+        b, layout, batch = self.draft_len, self.layout, self.batch
+        width = max(b, 1)
+        device = batch.drafts.device
+        query = layout.causal_index(width, device)
+        mixed = bool(b) and self.beta < 1.0
+        if mixed:
+            mixing_block = query.clamp(max=self.draft_blocks - 1)
+            query = torch.cat([query, layout.mask_index(mixing_block, query - mixing_block)])
+        logits = forward.logits.at(query[None].expand(len(batch), -1))
+        target = self._mix(logits[:, :width], logits[:, width:] if mixed else None)
+        # the target at d_i's position assumes d_1..d_{i-1} accepted: with processors, they count
+        processor = batch.processor
+        adjust = (lambda scores: processor.adjust(scores, batch.drafts[:, 1:width])) if processor is not None else None
+        positions = forward.past[:, None] + torch.arange(1, width + 1, device=device)
+        # proposal slots past a row's count (k < b, §3.4) are padding: never accepted
+        accepted, next_token, scores = batch.sampling.verify(
+            batch.drafts[:, 1:], batch.draft_probs, target, positions, adjust,
+            proposal_counts=batch.proposal_counts if b > 1 else None)
+        return Verification(accepted, next_token, scores)
+
+    def _commit(self, verification: Verification) -> StepOutput:
+        """The committed tokens d_1..d_accepted then the correction or bonus token; the logits
+        processors count them; their log probs when a row asked for them."""
+        batch, accepted, next_token = self.batch, verification.accepted, verification.next_token
+        width = batch.drafts.shape[1]
+        committed = accepted + 1
+        shifted = torch.cat([batch.drafts[:, 1:], next_token[:, None]], dim=1)
+        tokens = torch.where(torch.arange(width, device=accepted.device) < accepted[:, None], shifted,
+                             next_token[:, None])
+        if batch.processor is not None:
+            batch.processor.state.commit(tokens, committed)
+        log_probs = None
+        if batch.wants_log_probs:
+            log_probs = (batch.sampling.log_probs(verification.scores, tokens) if verification.scores is not None
+                         else torch.zeros(tokens.shape, device=tokens.device))
+        return StepOutput(committed, tokens, log_probs)
+
+    def _draft(self, forward: StepForward, verification: Verification, output: StepOutput) -> Drafts:
+        """The next drafts at positions past + committed ..: d_0 = the correction or bonus token;
+        proposals from block `accepted` (it saw d_0..d_accepted), masks 1..b-1; when accepted >= k,
+        from block k-1's masks after the new d_0, fewer of them (`next_proposals`, docs/design.md
+        §3.4); the slots past the count are padding. They are processed with the committed state
+        of the logits processors (which holds the new d_0)."""
+        b, batch = self.draft_len, self.batch
+        d0 = verification.next_token[:, None]
+        if b <= 1:
+            return Drafts(d0, None, None)
+        block, first_mask, count = next_proposals(verification.accepted, b, self.draft_blocks)
+        slot = torch.arange(b - 1, device=d0.device)[None]
+        masks = (first_mask[:, None] + slot).clamp(max=b - 1)
+        positions = forward.past[:, None] + output.committed[:, None] + 1 + slot
+        processor = batch.processor
+        proposal_tokens, probs = batch.sampling.draft(forward.logits.at(self.layout.mask_index(block[:, None], masks)),
+                                                      positions, processor.adjust if processor is not None else None)
+        proposal_tokens = torch.where(slot < count[:, None], proposal_tokens, self.config.mask_token_id)
+        return Drafts(torch.cat([d0, proposal_tokens], dim=1), count, probs)
+
+    def _set_drafts(self, drafts: Drafts) -> None:
+        """The next step's drafts replace the batch's (the distributions only when drawn)."""
+        self.batch.drafts = drafts.tokens
+        if drafts.proposal_counts is not None:
+            self.batch.proposal_counts = drafts.proposal_counts
+        if drafts.probs is not None:
+            self.batch.draft_probs = drafts.probs
 
     def _mix(self, ar_logits: torch.Tensor, diff_logits: torch.Tensor | None) -> torch.Tensor:
         if diff_logits is None or self.beta == 1.0:
@@ -568,7 +552,7 @@ class DecodeEngine:
         return self.beta * ar_logits.float() + (1.0 - self.beta) * diff_logits.float()
 
     # ------------------------------------------------------------------ output
-    def _emit(self, row: _Row, step: StepStats, new_tokens: list[int], new_log_probs: list[float] = ()) -> Delta:
+    def _emit(self, row: Row, step: Stats, new_tokens: list[int], new_log_probs: Sequence[float] = ()) -> Delta:
         """Count the forward's `step` increments, append committed tokens (and their log probs
         when the request asked for them) to `row`, apply the stop conditions, return the delta
         (with the `Result` when the row finished). The text grows token by token (no re-decoding
@@ -577,47 +561,40 @@ class DecodeEngine:
         row.stats.add(step)
         before = len(row.tokens)
         limit = self.config.max_position_embeddings
-        cut = False
+        cut, reason = False, None
         for index, token in enumerate(new_tokens):
             row.tokens.append(token)
             if request.return_log_probs:
                 row.log_probs.append(new_log_probs[index])
             if row.detokenizer is not None and row.detokenizer.add(token):
-                row.finish_reason, cut = "stop", True  # a stop string: the text ends before it
+                reason, cut = "stop", True  # a stop string: the text ends before it
                 break
             if token in row.eos_ids:
-                row.finish_reason = "stop"
+                reason = "stop"
                 break
             if len(row.tokens) >= request.max_new_tokens or len(row.prompt_ids) + len(row.tokens) >= limit:
-                row.finish_reason = "length"
+                reason = "length"
                 break
         if row.detokenizer is not None:
-            if row.finish_reason is not None and not cut and row.detokenizer.flush():
-                row.finish_reason = "stop"
+            if reason is not None and not cut and row.detokenizer.flush():
+                reason = "stop"
             row.text = row.detokenizer.text
+        if reason is not None:
+            row.finish(reason)
         finished = row.finish_reason is not None
-        if finished:
-            row.stats.decode_seconds = time.perf_counter() - row.started - row.stats.prefill_seconds
         text = row.detokenizer.delta(final=finished) if row.detokenizer else ""
         return Delta(request.request_id, row.tokens[before:], text, finished, row.finish_reason, step,
                      row.log_probs[before:] if request.return_log_probs else None,
                      self._result(row) if finished else None, row.admission)
 
     def _drop_finished(self) -> None:
+        """Finished rows leave the batch: the cache frees their rows (the last rows fill the
+        holes) and the batch state keeps the others in the cache's new order."""
         gone = [i for i, row in enumerate(self.rows) if row.finish_reason is not None]
-        if not gone:
-            return
-        order = self.cache.remove_rows(gone)  # the last rows fill the holes
-        self.rows = [self.rows[i] for i in order]
-        keep = torch.tensor(order, dtype=torch.long, device=self._drafts.device)
-        self._drafts, self._proposals = self._drafts[keep], self._proposals[keep]
-        self._sampling = self._sampling_batch() if self.rows else None
-        if self._draft_probs is not None:
-            self._draft_probs = self._draft_probs[keep] if self._sampling and self._sampling.any_residual else None
-        self._processor = logits_processor.keep(self._processor, order, *self._processor_settings())
-        self._log_probs = any(row.request.return_log_probs for row in self.rows)
+        if gone:
+            self.batch.keep(self.cache.remove_rows(gone))
 
-    def _result(self, row: _Row) -> Result:
+    def _result(self, row: Row) -> Result:
         """The finished `row`'s result: copies, so that it shares nothing with the engine."""
         return Result(row.request.request_id, list(row.prompt_ids), list(row.tokens), row.text, row.finish_reason,
                       row.stats.copy(), self.draft_len, time.perf_counter() - row.started, row.request,

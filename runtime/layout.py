@@ -95,8 +95,17 @@ class Layout:
         return self.causal_len + self.num_blocks * self.block_len
 
     def block_start(self, block: int) -> int:
-        """Index, among the new tokens, of the first mask of `block`."""
-        return self.causal_len + block * self.block_len
+        """Query index (index among the new tokens) of the first mask of `block`."""
+        return self.mask_index(block, 0)
+
+    def mask_index(self, block, mask):
+        """Query index of mask `mask` of `block` (Python ints or integer tensors, elementwise)."""
+        return self.causal_len + block * self.block_len + mask
+
+    def causal_index(self, count: int | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+        """Query indices of the first `count` causal tokens (None: all of them): [count]. In a decode
+        step the output at causal token i (d_i) is the AR prediction for the position of d_{i+1}."""
+        return torch.arange(self.causal_len if count is None else count, device=device)
 
     def block_visible(self, block: int) -> int:
         """Causal tokens that `block` sees."""

@@ -26,9 +26,10 @@ from typing import Sequence
 
 import torch
 
-from .autotune import acceptance_from_stats, as_shape, shape_name
+from .autotune import as_shape, shape_name
 from .backends.base import Backend, StepLogits
 from .cache import KVCache
+from .counters import Stats
 from .generate import DecodeEngine, Request
 from .layout import Layout, next_proposals
 
@@ -45,17 +46,28 @@ def tokens_per_decode_step(tokens: int, prefills: int, decode_steps: int) -> flo
 
 @dataclass
 class ReplayCounts:
-    """One shape's counters summed over the prompts, as the engine's `Stats` would sum them."""
+    """One shape's counters summed over the prompts: the engine's `Stats` (what `DecodeEngine`
+    would count, prefills included), with the shape, the prompts and the output tokens."""
 
     draft_len: int
     draft_blocks: int
     prompts: int = 0
     tokens: int = 0
     """Output tokens (the prefill's first token included; max_new_tokens per prompt)."""
-    decode_steps: int = 0
-    """Forward passes after the prefills."""
-    accepted_per_position: list[int] = field(default_factory=list)
-    proposed_per_position: list[int] = field(default_factory=list)
+    stats: Stats = field(default_factory=Stats)
+
+    @property
+    def decode_steps(self) -> int:
+        """Forward passes after the prefills."""
+        return self.stats.forward_passes - self.prompts
+
+    @property
+    def accepted_per_position(self) -> list[int]:
+        return self.stats.accepted_per_position
+
+    @property
+    def proposed_per_position(self) -> list[int]:
+        return self.stats.proposed_per_position
 
     @property
     def tokens_per_step(self) -> float | None:
@@ -64,12 +76,18 @@ class ReplayCounts:
     @property
     def tokens_per_forward(self) -> float:
         """T/NFE: tokens over all forwards, prefills included."""
-        return self.tokens / (self.decode_steps + self.prompts)
+        return self.tokens / self.stats.forward_passes
 
     @property
     def acceptance(self) -> list[float]:
-        """Per position: accepted / proposed there (`autotune.acceptance_from_stats`)."""
-        return acceptance_from_stats(self.accepted_per_position, self.proposed_per_position)
+        """Per position: accepted / proposed there (`Stats.acceptance`)."""
+        return self.stats.acceptance
+
+    def add(self, other: "ReplayCounts") -> None:
+        """Add another prompt's counters (same shape)."""
+        self.prompts += other.prompts
+        self.tokens += other.tokens
+        self.stats.add(other.stats)
 
 
 def greedy_continuations(backend: Backend, prompts: Sequence[Sequence[int]], length: int) -> list[list[int]]:
@@ -99,7 +117,7 @@ def block_drafts(backend: Backend, sequence: Sequence[int], first: int, count: i
     layout = Layout.decode(b, 1)
     mask_id = backend.config.mask_token_id
     prefix = _prefix_cache(backend, sequence, first + count - 2)
-    mask_rows = layout.block_start(0) + torch.arange(b)
+    mask_index = layout.mask_index(0, torch.arange(b))  # query indices of the block's masks
     out = []
     for start in range(first, first + count, chunk_rows):
         positions = list(range(start, min(start + chunk_rows, first + count)))
@@ -111,7 +129,7 @@ def block_drafts(backend: Backend, sequence: Sequence[int], first: int, count: i
         cache.lengths = pasts
         tokens = torch.tensor([[sequence[past]] + [mask_id] * (layout.num_new - 1) for past in pasts],
                               device=cache.device)
-        logits = StepLogits(backend, tokens, layout, cache).rows(mask_rows[None].expand(len(positions), -1))
+        logits = StepLogits(backend, tokens, layout, cache).at(mask_index[None].expand(len(positions), -1))
         out.append(logits.argmax(-1).cpu())
     return torch.cat(out)
 
@@ -127,22 +145,18 @@ def simulate(drafts: torch.Tensor | list[list[int]], continuation: Sequence[int]
     next proposals come from `next_proposals`; generation stops at max_new_tokens."""
     b, k = as_shape((draft_len, draft_blocks))
     rows = drafts.tolist() if isinstance(drafts, torch.Tensor) else drafts
-    counts = ReplayCounts(b, k, prompts=1, tokens=max_new_tokens,
-                          accepted_per_position=[0] * max(b - 1, 0), proposed_per_position=[0] * max(b - 1, 0))
+    counts = ReplayCounts(b, k, prompts=1, tokens=max_new_tokens, stats=Stats.positions(b, forward_passes=1))
     t, emitted = 0, 1  # d_0 = x_t; tokens emitted so far (x_0 by the prefill)
-    source, first_mask, proposals = 0, 1, max(b - 1, 0)  # the prefill's block, masks 1..b-1
+    source, first_mask, proposal_count = 0, 1, max(b - 1, 0)  # the prefill's block, masks 1..b-1
     while emitted < max_new_tokens:
         accepted = 0
-        while accepted < proposals and rows[source][first_mask + accepted] == continuation[t + 1 + accepted]:
+        while accepted < proposal_count and rows[source][first_mask + accepted] == continuation[t + 1 + accepted]:
             accepted += 1
-        counts.decode_steps += 1
-        for i in range(proposals):
-            counts.proposed_per_position[i] += 1
-            counts.accepted_per_position[i] += i < accepted
+        counts.stats.add(Stats.of_step(b, proposed=proposal_count, accepted=accepted))
         emitted += accepted + 1
         t += accepted + 1
         if b > 1:
-            block, first_mask, proposals = next_proposals(accepted, b, k)
+            block, first_mask, proposal_count = next_proposals(accepted, b, k)
             source = t - accepted + block  # block j of the step at the old d_0 sees it and j more
     return counts
 
@@ -163,21 +177,11 @@ def replay(backend: Backend, prompts: Sequence[Sequence[int]], max_new_tokens: i
         drafts = [block_drafts(backend, list(p) + x, len(p), max_new_tokens - 1, b, chunk_rows) if b > 1 else None
                   for p, x in zip(prompts, continuations)]
         for k in [k for shape_b, k in shapes if shape_b == b]:
-            total = ReplayCounts(b, k, accepted_per_position=[0] * max(b - 1, 0),
-                                 proposed_per_position=[0] * max(b - 1, 0))
+            total = ReplayCounts(b, k, stats=Stats.positions(b))
             for rows, x in zip(drafts, continuations):
-                add_counts(total, simulate(rows if rows is not None else [], x, b, k, max_new_tokens))
+                total.add(simulate(rows if rows is not None else [], x, b, k, max_new_tokens))
             results[(b, k)] = total
     return results
-
-
-def add_counts(total: ReplayCounts, one: ReplayCounts) -> None:
-    """Add one prompt's counters to `total` (same shape)."""
-    total.prompts += one.prompts
-    total.tokens += one.tokens
-    total.decode_steps += one.decode_steps
-    total.accepted_per_position = [a + c for a, c in zip(total.accepted_per_position, one.accepted_per_position)]
-    total.proposed_per_position = [a + c for a, c in zip(total.proposed_per_position, one.proposed_per_position)]
 
 
 def replayed_tokens_per_step(results: dict[tuple[int, int], ReplayCounts]) -> dict[str, float]:

@@ -19,8 +19,8 @@ exact continuous Gumbel-max sample with probability about V * 2**-32 per positio
 that a tie or the top of the discretised range decides it), the same order as the float32
 uniforms of torch.multinomial.
 
-`verify_greedy` and `verify_sampled` (standard speculative sampling with a residual) are the
-per-row reference algorithms; the tests use them as oracles.
+Words: the *proposals* of a step are the drafts d_1.. it verifies; `proposal_tokens` [B, n] holds
+them, `proposal_counts` [B] says how many of each row's n slots are real (the rest are padding).
 """
 
 from __future__ import annotations
@@ -143,18 +143,6 @@ def process_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         x = x.masked_fill(drop, float("-inf"))
     return x
-
-
-def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """The processed distribution (float32) over the last dim: temperature, then top-k, then top-p.
-    Greedy settings (temperature 0) give the one-hot distribution of the argmax."""
-    if params.greedy:
-        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    shape, device = logits.shape[:-1], logits.device
-    top_k = torch.full(shape, params.top_k, device=device) if params.top_k else None
-    top_p = torch.full(shape, float(params.top_p), device=device) if params.top_p < 1.0 else None
-    x = process_logits(logits, torch.full(shape, float(params.temperature), device=device), top_k, top_p)
-    return torch.softmax(x, dim=-1)
 
 
 # ---------------------------------------------------------------- seeded noise
@@ -297,27 +285,28 @@ class SamplingBatch:
         tokens, scores = self._pick(logits, positions, adjust)
         return tokens, torch.softmax(scores, dim=-1)
 
-    def verify(self, proposals: torch.Tensor, proposal_probs: torch.Tensor | None, target_logits: torch.Tensor,
-               positions: torch.Tensor, adjust: Adjust | None = None, counts: torch.Tensor | None = None
+    def verify(self, proposal_tokens: torch.Tensor, proposal_probs: torch.Tensor | None, target_logits: torch.Tensor,
+               positions: torch.Tensor, adjust: Adjust | None = None, proposal_counts: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Batched verification. proposals [B, n] (d_1..d_n, from `draft`), proposal_probs [B, n, V]
+        """Batched verification. proposal_tokens [B, n] (d_1..d_n, from `draft`), proposal_probs [B, n, V]
         (their distributions; read for residual rows only, None when there are none), target_logits
         [B, n + 1, V] at absolute `positions` [B, n + 1], `adjust` as in `choose`. Returns (accepted
         [B], next [B]: the correction or bonus token, the processed target logits [B, n + 1, V] for
         `log_probs`, None when no row needed them). Greedy and seeded rows accept the prefix of
         proposals equal to the target's own choices; unseeded sampled rows run `verify_residual`.
-        `counts` [B] (None: n): the real proposals of each row; the slots after them are padding
+        `proposal_counts` [B] (None: n): the real proposals of each row; the slots after them are padding
         (docs/design.md §3.4), never accepted, and the token after the last real one is drawn as
         a bonus token."""
         if self.all_greedy and adjust is None:
             choices, scores = target_logits.argmax(-1), None
         else:
             choices, scores = self._pick(target_logits, positions, adjust)
-        accepted, next_token = accept_greedy(proposals, choices, counts)
+        accepted, next_token = accept_greedy(proposal_tokens, choices, proposal_counts)
         if not self.any_residual:
             return accepted, next_token, scores
-        residual_accepted, residual_next = verify_residual(proposals, proposal_probs, torch.softmax(scores, dim=-1),
-                                                           positions, self.keys, counts)
+        residual_accepted, residual_next = verify_residual(proposal_tokens, proposal_probs,
+                                                           torch.softmax(scores, dim=-1), positions, self.keys,
+                                                           proposal_counts)
         return (torch.where(self.residual, residual_accepted, accepted),
                 torch.where(self.residual, residual_next, next_token), scores)
 
@@ -346,29 +335,29 @@ class SamplingBatch:
         return greedy.index_copy(0, rows, noisy.argmax(-1)), scores
 
 
-def verify_residual(proposals: torch.Tensor, proposal_probs: torch.Tensor, target_probs: torch.Tensor,
+def verify_residual(proposal_tokens: torch.Tensor, proposal_probs: torch.Tensor, target_probs: torch.Tensor,
                     positions: torch.Tensor, keys: torch.Tensor,
-                    counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    proposal_counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Speculative sampling (Leviathan et al.; Chen et al.) batched over rows: proposal i is
     accepted when u_i * q_i(d_i) < p_i(d_i); at the first rejection the token is drawn from
     normalize(max(0, p - q)), after n acceptances from p at the bonus position. The uniforms and
     the residual draw are keyed by (row key, position) on streams of their own, independent of the
     noise that drew the proposals. Shapes as in `SamplingBatch.verify`; target_probs [B, n + 1, V];
-    `counts` [B] (None: n) real proposals per row: after them the bonus token is drawn from p."""
-    n, vocab = proposals.shape[1], target_probs.shape[-1]
+    `proposal_counts` [B] (None: n) real proposals per row: after them the bonus token is drawn from p."""
+    n, vocab = proposal_tokens.shape[1], target_probs.shape[-1]
     proposal_probs = proposal_probs[:, :n]
-    p_at = target_probs[:, :n].gather(-1, proposals[..., None])[..., 0].double()
-    q_at = proposal_probs.gather(-1, proposals[..., None])[..., 0].double()
+    p_at = target_probs[:, :n].gather(-1, proposal_tokens[..., None])[..., 0].double()
+    q_at = proposal_probs.gather(-1, proposal_tokens[..., None])[..., 0].double()
     u = uniforms(derived_keys(keys, 1), positions[:, :n])
     passed = u * q_at < p_at  # u < p / q without dividing by q
-    if counts is not None:
-        passed &= torch.arange(n, device=passed.device) < counts[:, None]
+    if proposal_counts is not None:
+        passed &= torch.arange(n, device=passed.device) < proposal_counts[:, None]
     accepted = passed.long().cumprod(1).sum(1)
     pick = accepted[:, None, None].expand(-1, 1, vocab)
     p = target_probs.gather(1, pick)[:, 0]
     q = torch.cat([proposal_probs, torch.zeros_like(p[:, None])], dim=1).gather(1, pick)[:, 0]  # bonus: q = 0
-    if counts is not None:
-        q = torch.where((accepted < counts)[:, None], q, 0.0)  # all real proposals accepted: a bonus token
+    if proposal_counts is not None:
+        q = torch.where((accepted < proposal_counts)[:, None], q, 0.0)  # all real proposals accepted: a bonus token
     noise = gumbel_noise(derived_keys(keys, 2), positions.gather(1, accepted[:, None]), vocab)[:, 0]
     return accepted, (residual_distribution(p, q).log() + noise).argmax(-1)
 
@@ -384,54 +373,15 @@ def _rows(setting: torch.Tensor | None) -> torch.Tensor | None:
     return None if setting is None else setting[:, None]
 
 
-def accept_greedy(proposals: torch.Tensor, choices: torch.Tensor,
-                  counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batched acceptance: proposals [B, n] (d_1..d_n), choices [B, n + 1] (the target's tokens at
-    the same positions plus the next). Returns (accepted [B]: the length of the prefix of
-    proposals equal to the choices, at most `counts` [B] (the real proposals; None: n), next
-    [B]: the choice after it)."""
-    matches = proposals == choices[:, : proposals.shape[1]]
-    if counts is not None:
-        matches &= torch.arange(proposals.shape[1], device=proposals.device) < counts[:, None]
+def accept_greedy(proposal_tokens: torch.Tensor, choices: torch.Tensor,
+                  proposal_counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched acceptance: proposal_tokens [B, n] (d_1..d_n), choices [B, n + 1] (the target's
+    tokens at the same positions plus the next). Returns (accepted [B]: the length of the prefix
+    of proposals equal to the choices, at most `proposal_counts` [B] (the real proposals; None:
+    n), next [B]: the choice after it)."""
+    n = proposal_tokens.shape[1]
+    matches = proposal_tokens == choices[:, :n]
+    if proposal_counts is not None:
+        matches &= torch.arange(n, device=proposal_tokens.device) < proposal_counts[:, None]
     accepted = matches.long().cumprod(1).sum(1)
     return accepted, choices.gather(1, accepted[:, None])[:, 0]
-
-
-def sample(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One sample per row of a [n, V] (or [V]) probability tensor."""
-    flat = probs.reshape(-1, probs.shape[-1])
-    return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
-
-
-@dataclass
-class Verdict:
-    accepted: int
-    """Proposals accepted (0 .. number of proposals); the step commits accepted + 1 tokens."""
-    next_token: int
-    """The correction (first rejected position) or the bonus token (all accepted)."""
-
-
-def verify_greedy(proposals: torch.Tensor, target_logits: torch.Tensor) -> Verdict:
-    """proposals [n] (drafts d_1..d_n), target_logits [n + 1, V] (positions L+1..L+n+1)."""
-    choice = target_logits.argmax(dim=-1)
-    matches = (proposals == choice[: proposals.shape[0]]).long()
-    accepted = int(matches.cumprod(0).sum()) if matches.numel() else 0
-    return Verdict(accepted, int(choice[accepted]))
-
-
-def verify_sampled(proposals: torch.Tensor, proposal_probs: torch.Tensor, target_probs: torch.Tensor,
-                   generator: torch.Generator) -> Verdict:
-    """Speculative sampling. proposals [n] drawn from proposal_probs [n, V] (q); target_probs
-    [n + 1, V] (p) for the same positions plus the bonus position."""
-    n = proposals.shape[0]
-    uniforms = torch.rand(n, generator=generator, dtype=torch.float64)
-    for i in range(n):
-        token = int(proposals[i])
-        p, q = float(target_probs[i, token]), float(proposal_probs[i, token])
-        if uniforms[i] * q < p:  # u < p / q, without dividing by a q that underflowed
-            continue
-        residual = (target_probs[i] - proposal_probs[i]).clamp_min(0.0)
-        if float(residual.sum()) <= 0.0:  # p == q up to round-off: the residual is p itself
-            residual = target_probs[i]
-        return Verdict(i, int(sample(residual / residual.sum(), generator)))
-    return Verdict(n, int(sample(target_probs[n], generator)))

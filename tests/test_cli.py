@@ -56,7 +56,7 @@ def test_sampling_is_reproducible_from_the_seed(tiny_checkpoints, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--draft-len", "17"], "draft_len"),
+    (["--draft-len", "17"], "--draft-len"),
     (["--draft-len", "many"], "--draft-len"),
     (["--draft-len", "-1"], "--draft-len"),
     (["--draft-len", "0"], "--draft-len"),

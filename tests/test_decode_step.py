@@ -69,7 +69,7 @@ def test_one_host_transfer_per_step(backend, monkeypatch, mode, draft_len):
     engine.add([Request(p, 64, params, eos_ids=(0,) if mode == "processors" else (),
                         return_log_probs=mode == "processors" and i % 4 == 0)
                 for i, (p, params) in enumerate(zip(prompts(8), itertools.cycle(settings)))])
-    assert (engine._processor is not None) == engine._log_probs == (mode == "processors")
+    assert (engine.batch.processor is not None) == engine.batch.wants_log_probs == (mode == "processors")
     engine.step()  # warm-up
     for _ in range(3):
         counts = count_conversions(monkeypatch, engine.step)

@@ -243,3 +243,20 @@ def test_invalid_layouts_raise(kwargs):
 def test_constructors_reject_zero_tokens(make):
     with pytest.raises(ValueError, match="no tokens"):
         make()
+
+
+@pytest.mark.parametrize("b,k", [(1, 1), (4, 1), (4, 4), (6, 3), (16, 2)])
+def test_query_index_helpers_address_the_tokens_the_loop_reads(b, k):
+    """`causal_index` and `mask_index` (the loop's only query-index arithmetic) point at the
+    tokens whose position offsets the design gives: d_i at offset i, mask m of block j (0-based,
+    it sees d_0..d_j) at offset 1 + j + m; and at the mask token of the input."""
+    layout = Layout.decode(b, k)
+    offsets = layout.position_offsets()
+    assert offsets[layout.causal_index()].tolist() == list(range(b))
+    for j in range(k):
+        masks = layout.mask_index(j, torch.arange(b))
+        assert offsets[masks].tolist() == [1 + j + m for m in range(b)]
+        assert bool((masks >= layout.causal_len).all()) and int(masks.max()) < layout.num_new
+        assert layout.block_start(j) == int(masks[0])
+    blocks, mask = torch.tensor([[0], [k - 1]]), torch.tensor([[b - 1], [0]])
+    assert layout.mask_index(blocks, mask).tolist() == [[layout.causal_len + b - 1], [layout.causal_len + (k - 1) * b]]

@@ -95,7 +95,7 @@ def test_block_drafts_are_the_engines_proposals(bundled, b, k):
     drafts = replay.block_drafts(backend, prompt + x, len(prompt), NEW_TOKENS, b)
     engine = DecodeEngine(backend, draft_len=b, draft_blocks=k)
     engine.add([Request(prompt, NEW_TOKENS, eos_ids=())])
-    assert engine._drafts[0, 1:].tolist() == drafts[0, 1:].tolist()  # the prefill's block is D_b(len(prompt))
+    assert engine.batch.drafts[0, 1:].tolist() == drafts[0, 1:].tolist()  # the prefill's block is D_b(len(prompt))
     emitted, shifted = 1, 0
     while engine.rows:
         d0_index = emitted - 1
@@ -106,8 +106,8 @@ def test_block_drafts_are_the_engines_proposals(bundled, b, k):
         emitted += committed
         position, first, count = expected_source(len(prompt), d0_index, committed, b, k)
         row = drafts[position - len(prompt)]
-        assert engine._drafts[0, 1:1 + count].tolist() == row[first:first + count].tolist(), (d0_index, committed)
-        assert int(engine._proposals[0]) == count
+        assert engine.batch.drafts[0, 1:1 + count].tolist() == row[first:first + count].tolist(), (d0_index, committed)
+        assert int(engine.batch.proposal_counts[0]) == count
         shifted += first > 1
     assert shifted > 0  # some step committed more than k: the shifted case was checked
 
@@ -197,13 +197,20 @@ def model_with_replay(tiny_checkpoints, tmp_path):
     return folder
 
 
+class StepsByQueryTokens:
+    """Stands in for `autotune.EngineSteps`: a step costs 1 + 0.1 s per query token per row."""
+
+    def __init__(self, backend, tokenizer=None, batch=1, **_options):
+        self.prefill_seconds = [0.0]
+
+    def __call__(self, candidate) -> float:
+        return 1.0 + 0.1 * autotune.query_tokens(candidate)
+
+
 def test_generate_auto_reads_the_replay(model_with_replay, monkeypatch):
     from tidar.cli import _auto_draft_shape
 
-    def step_seconds(backend, candidates, batch=1):  # stands in for the timing: grows with the query tokens
-        return {c: 1.0 + 0.1 * autotune.query_tokens(c) for c in candidates}
-
-    monkeypatch.setattr(autotune, "measure_step_seconds", step_seconds)
+    monkeypatch.setattr(autotune, "EngineSteps", StepsByQueryTokens)
     backend = TorchBackend.load(model_with_replay, dtype="float32")
     assert _auto_draft_shape(backend, None, str(model_with_replay)) == (2, 1)  # 1.9 / 1.4 beats AR's 1 / 1.1
     (model_with_replay / autotune.ACCEPTANCE_FILE).write_text(json.dumps({"acceptance": [0.0] * 15}))
@@ -216,19 +223,19 @@ def test_server_policy_reads_the_replay(model_with_replay, monkeypatch):
     from tidar.serving.supervisor import AUTOTUNE_CACHE_ENV
 
     monkeypatch.delenv(AUTOTUNE_CACHE_ENV, raising=False)  # measured now, not read from a cache
-
-    def step_seconds(backend, tokenizer, shapes, batch=1, repeats=5):  # stands in for the timing
-        return {s: 1.0 + 0.1 * autotune.query_tokens(s) for s in shapes}
-
-    monkeypatch.setattr(autotune, "measure_engine_step_seconds", step_seconds)
+    monkeypatch.setattr(autotune, "EngineSteps", StepsByQueryTokens)
     options = ServingOptions(draft_len=None, autotune_batch_sizes=(1,), autotune_draft_lens=(0, 2),
                              autotune_repeats=1, attention="eager")
-    scheduler = build_scheduler(model_with_replay, options)[0]
+    lines = []
+    scheduler = build_scheduler(model_with_replay, options, progress=lines.append)[0]
     try:
         assert scheduler.policy.replayed == {"b2k1": 1.9}
         assert autotune.as_shape(scheduler.policy.best(1)) == (2, 1)
     finally:
         scheduler.close()
+    said = "\n".join(lines)
+    assert f"expected tokens per step from {autotune.ACCEPTANCE_FILE}" in said and "replayed tokens per step" in said
+    assert "batch 1 uses b2k1" in said
 
 
 def test_bench_writes_replayed_tokens_per_step_equal_to_its_measured(tiny_checkpoints, tmp_path):

@@ -48,10 +48,11 @@ from tidar.runtime.backends.torch_backend import TorchBackend
 from tidar.runtime.generate import DecodeEngine, Request
 from tidar.runtime.layout import Layout
 from tidar.runtime.model import TiDARModel
-from tidar.runtime.sampling import (SamplingBatch, SamplingError, SamplingParams, Verdict, accept_greedy,
-                                    gumbel_noise, probabilities, sample, seed_key, verify_greedy, verify_residual,
-                                    verify_sampled)
+from tidar.runtime.sampling import (SamplingBatch, SamplingError, SamplingParams, accept_greedy, gumbel_noise,
+                                    seed_key, verify_residual)
 from tidar.train.checkpoint import init_random_weights, tiny_config
+
+from oracles import Verdict, probabilities, sample, verify_greedy, verify_sampled
 
 
 ALPHA = 1e-3
@@ -199,9 +200,10 @@ def position_blind_noise(keys, positions, vocab):
     return gumbel_noise(keys, torch.zeros_like(positions), vocab)
 
 
-def accept_all(proposals, choices, counts=None):
+def accept_all(proposal_tokens, choices, proposal_counts=None):
     """WRONG on purpose: accepts every draft."""
-    return torch.full_like(proposals[:, 0] if proposals.shape[1] else choices[:, 0], proposals.shape[1]), choices[:, -1]
+    n = proposal_tokens.shape[1]
+    return torch.full_like(proposal_tokens[:, 0] if n else choices[:, 0], n), choices[:, -1]
 
 
 # ---------------------------------------------------------------------------- I2

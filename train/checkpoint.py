@@ -58,10 +58,13 @@ def save_tokenizer(tokenizer: Tokenizer, folder: Path, model_max_length: int, ba
 def tiny_config(family: str, vocab_size: int, block_size: int = 16, **overrides) -> TiDARConfig:
     """A small config of each family that still exercises what distinguishes it: Qwen2 q/k/v
     bias and tied embeddings, Qwen3 q/k norm and a head_dim unlike hidden/heads, Llama-3 RoPE
-    scaling; GQA everywhere but Llama (plain multi-head)."""
+    scaling; GQA everywhere but Llama (plain multi-head). Random weights are trained on no block
+    size, so the config allows every one (`trained_block_sizes` 1..block_size): tests decode them
+    at every shape."""
     common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, max_position_embeddings=1024, rms_norm_eps=1e-6,
                   mask_token_id=SPECIAL_TOKENS.index(MASK_TOKEN), block_size=block_size,
+                  trained_block_sizes=tuple(range(1, block_size + 1)),
                   eos_token_ids=(SPECIAL_TOKENS.index(EOS_TOKEN),), pad_token_id=SPECIAL_TOKENS.index(PAD_TOKEN))
     family_specific = {
         "qwen2": dict(num_key_value_heads=2, head_dim=16, rope_theta=1000000.0, tie_word_embeddings=True),

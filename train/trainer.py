@@ -373,7 +373,9 @@ class Trainer:
         config = self.config
         if not self.group.main:
             return
-        saved = TiDARModel(dataclasses.replace(self.model.config, torch_dtype=config.save_dtype))
+        # the objective trains blocks of block_size masks only (train/objective.py): that is the trained size
+        saved = TiDARModel(dataclasses.replace(self.model.config, torch_dtype=config.save_dtype,
+                                               trained_block_sizes=(self.model.config.block_size,)))
         saved.load_state_dict({k: v.cpu() for k, v in self.model.state_dict().items()})
         saved.to(getattr(torch, config.save_dtype))
         save_checkpoint(saved, self.out)

@@ -65,16 +65,16 @@ class BackendBase:
 
 
 class StepLogits:
-    """The logits of one forward's new tokens, computed for the rows the loop asks for: the
-    forward runs once, the LM head on the picked rows only."""
+    """The logits of one forward's new tokens, computed at the query indices the loop asks for:
+    the forward runs once, the LM head on the picked tokens only."""
 
     def __init__(self, backend: Backend, input_ids: torch.Tensor, layout: Layout, cache: KVCache):
         self._head = backend.head
         self._states = backend.hidden_states(input_ids, layout, cache)
 
-    def rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """Logits [B, R, vocab] at `rows` [B, R] (indices among the new tokens)."""
-        return self._head(gather_rows(self._states, rows))
+    def at(self, query_index: torch.Tensor) -> torch.Tensor:
+        """Logits [B, Q, vocab] at `query_index` [B, Q] (indices among the new tokens)."""
+        return self._head(gather_rows(self._states, query_index))
 
 
 def head_graph_weight(path: str | Path, config: TiDARConfig) -> torch.Tensor:
