@@ -6,6 +6,7 @@
                    [--cuda-graphs | --no-cuda-graphs] [--beta X] [--json]
     tidar init OUT [--family qwen2|qwen3|llama] [--block-size B] [--seed S]
     tidar train --files GLOB [GLOB ...] --out OUT [--init-from CHECKPOINT] [--steps N] [--self-distill F] ... [--resume]
+    tidar calibrate MODEL [--prompts default|heldout|FILE] [--max-new-tokens N] [-o FILE]
     tidar serve REPO [--grpc-port P] [--http-port P] [--metrics-port P] [--max-restarts N] [-- COMMAND ...]
     tidar client [--url HOST:PORT] [--max-tokens N] [--no-stream] TEXT
 
@@ -133,18 +134,48 @@ def _torch_device(name: str):
 
 def _auto_draft_shape(backend, tokenizer, model: str) -> tuple[int, int]:
     """The draft shape (b, k) with the best expected tokens/s on this machine (may be AR, when
-    drafting does not pay, as with random weights): replayed tokens per step where
-    MODEL/acceptance.json has them, else estimates from acceptance."""
+    drafting does not pay, as with random weights), by a race of whole decode steps: replayed
+    tokens per step where MODEL/acceptance.json has them, else the start-up estimate (said on
+    stderr)."""
     from tidar.runtime import autotune
 
-    block = backend.config.block_size
-    acceptance = autotune.load_acceptance(model, block)
-    if acceptance is None:
-        acceptance = autotune.calibrate_acceptance(backend, tokenizer)
-    candidates = autotune.draft_shapes(range(0, block + 1))
-    return autotune.choose_draft_len(backend, acceptance, candidates=candidates,
-                                     replayed=autotune.load_replayed(model, block)).shape
 
+def _calibrate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from tidar.runtime.backends.loading import load_backend
+    from tidar.runtime.calibrate import CalibrationError, calibrate, prompt_ids, write_acceptance
+    from tidar.runtime.tokenizer import Tokenizer
+
+    model = Path(args.model)
+    out = Path(args.out) if args.out else model / "acceptance.json"
+    if args.max_new_tokens < 1:
+        raise CLIError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if not out.parent.is_dir():
+        raise CLIError(f"-o {out}: folder {out.parent} does not exist")
+    backend = load_backend(args.backend, model, dtype="float32" if args.backend == "torch" else None,
+                           **({"attention": "sdpa"} if args.backend == "torch" else {}))
+    tokenizer = Tokenizer(model)
+    try:
+        prompts = prompt_ids(args.prompts, model, tokenizer, args.count)
+        result = calibrate(backend, prompts, args.max_new_tokens, args.draft_lens,
+                           progress=lambda items: tqdm(items, desc="calibrating (greedy replay)", unit="prompt",
+                                                       file=sys.stderr))
+    except CalibrationError as exc:
+        raise CLIError(str(exc)) from None
+    path = write_acceptance(out, result, "tidar calibrate", prompt_set=args.prompts if args.prompts in
+                            ("default", "heldout") else Path(args.prompts).name, backend=args.backend)
+    b = max(result.draft_lens)
+    print(f"{result.prompts} prompts x {result.max_new_tokens} tokens in {result.seconds:.1f} s: P(d1) = "
+          f"{result.acceptance[0] if result.acceptance else 0.0:.3f}, b{b}k{b} commits "
+          f"{result.replayed.get(f'b{b}k{b}', 1.0):.2f} tokens/step; written to {path}", file=sys.stderr)
+    return 0
+
+    from tidar.runtime.calibrate import startup_estimate
+
+    acceptance, replayed, source = startup_estimate(backend, tokenizer, model, budget_s=30.0)
+    print(f"draft shape: expected tokens per step from {source}", file=sys.stderr)
+    return autotune.choose_draft_len(backend, acceptance, replayed=replayed, tokenizer=tokenizer, budget_s=30.0).shape
 
 def _bench(args: argparse.Namespace) -> int:
     from tidar.runtime.bench import bench, table
@@ -211,7 +242,10 @@ def _serve(args: argparse.Namespace) -> int:
                                stable_after=args.stable_after)
         return serve(args.repo, args.grpc_port, args.http_port, args.metrics_port,
                      command=args.command_after or None, verbose=args.verbose, policy=policy,
-                     openai_port=args.openai_port)
+    if args.ready_timeout is not None and not args.ready_timeout > 0:
+        raise CLIError(f"--ready-timeout must be a positive number of seconds, got {args.ready_timeout}")
+                     openai_port=args.openai_port,
+                     **({} if args.ready_timeout is None else {"ready_timeout": args.ready_timeout}))
     except ServeError as exc:
         raise CLIError(str(exc)) from None
     except FileNotFoundError as exc:
@@ -374,6 +408,25 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(in-flight requests end with UNAVAILABLE) and restarted with backoff.")
     srv.add_argument("repo", help="rendered model repository (OUT/triton_repo)")
     srv.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001; 0 = any free port)")
+    cal = sub.add_parser("calibrate", help="measure a checkpoint's acceptance for the draft-shape autotuner",
+                         description="Greedy replay of a prompt set through MODEL (a checkpoint or a `tidar-export "
+                                     "build` output): the acceptance and the tokens per step of every trained draft "
+                                     "shape (b, k), written to acceptance.json beside the model, where `tidar "
+                                     "generate --draft-len auto` and `tidar serve` read them (an export copies "
+                                     "the checkpoint's).")
+    cal.add_argument("model", help="checkpoint folder or export output folder")
+    cal.add_argument("--prompts", default="default",
+                     help="prompt set: default (shipped with tidar: code, prose, instructions), heldout (the held-out "
+                          "split of the model's train_config.json) or a file (a JSON list of strings, or JSON Lines "
+                          "of strings or {\"prompt\": ...} objects)")
+    cal.add_argument("--count", type=int, default=None, help="use at most this many prompts (default all; heldout 8)")
+    cal.add_argument("--max-new-tokens", type=int, default=64, help="tokens replayed per prompt (default 64)")
+    cal.add_argument("--draft-lens", type=int, nargs="+", default=None,
+                     help="draft lengths b to replay, each with k = 1..b (default: the trained ones)")
+    cal.add_argument("--backend", default="torch", help="executor: torch (default) or onnxruntime (an export)")
+    cal.add_argument("-o", "--out", default=None, help="file to write (default MODEL/acceptance.json)")
+    cal.set_defaults(run=_calibrate)
+
     srv.add_argument("--http-port", type=int, default=8000, help="HTTP port (default 8000; 0 = any free port)")
     srv.add_argument("--metrics-port", type=int, default=8002,
                      help="Prometheus metrics port (default 8002; 0 = any free port)")
@@ -408,6 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_argument("--seed", type=int, default=None)
     cli.add_argument("--stop", action="append", help="stop string (repeatable)")
     cli.add_argument("--timeout", type=float, default=None, help="seconds before the server ends the request")
+    srv.add_argument("--ready-timeout", type=float, default=None,
+                     help="seconds to wait for every model to load and finish its start-up autotune before giving "
+                          "up (default 900; the models print their progress meanwhile)")
     cli.add_argument("--model-name", default="tidar", help="Triton model name (default tidar)")
     cli.add_argument("--json", action="store_true", help="print one JSON object with the output and statistics")
     cli.set_defaults(run=_client)

@@ -5,18 +5,23 @@ Methods, all on the same weights in fp32 and the same held-out prompts:
   tidar-b{N}          TiDAR at draft length N (k = N mask blocks, the paper's step)
   tidar-b{N}k{K}      TiDAR at draft length N with K < N mask blocks (docs/design.md §3.4)
   tidar-auto          TiDAR at the draft shape (b, k) the runtime picks itself (runtime/autotune.py)
+  (RUNTIME_VARIANTS)  further drafting methods of this runtime, e.g. the hybrid drafter
   hf-greedy           transformers generate(), greedy
   hf-prompt-lookup    transformers generate() with prompt-lookup speculation
+                      (prompt_lookup_num_tokens = PROMPT_LOOKUP_TOKENS)
 Per method: tokens/s (each prompt's median over repeats; total tokens / total seconds),
 T/NFE, committed tokens per decode step, median step latency, query tokens per step and row,
 acceptance per position (accepted / proposed there), and whether every output equals the AR
-output token for token. The greedy replay (runtime/replay.py) gives the tokens per step of every
+output token for token. Only draft lengths the checkpoint was trained with run. The greedy
+replay (runtime/calibrate.py, runtime/replay.py) gives the tokens per step of every trained
 shape (b, k), k = 1..b, on the same prompts without running the engine per shape. The
-autotuner's view is reported beside it: for every candidate shape (AR included) the measured
-forward latency, the expected tokens per step (`autotune.expected_tokens_per_step`: the
-replayed one) and so the expected tokens/s, the Markov estimate from acceptance
+autotuner's view is reported beside it: for every candidate shape (AR included) what its race
+measured (median whole-step latency with its confidence interval and sample count, or why it
+was not timed or left the race), the expected tokens per step (`autotune.expected_tokens_per_step`:
+the replayed one) and so the expected tokens/s, the Markov estimate from acceptance
 (`autotune.expected_tokens`), next to the measured tokens per step and tokens/s of the shapes
-that ran, and the chosen shape. Writes bench.json and bench.png.
+that ran, the chosen shape, and how far tidar-auto's measured tokens/s lands from the best
+measured method (`chosen_vs_best`). Writes bench.json and bench.png.
 
 Prompts come from the held-out files of the standard-library split the bundled model was
 trained with (train/data.py), cut at a line start a third of the way into each file.
@@ -32,32 +37,20 @@ import platform
 import statistics
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from tidar.runtime import autotune, replay
 from tidar.runtime.backends.torch_backend import TorchBackend
+from tidar.runtime.calibrate import calibrate, heldout_prompts
+from tidar.runtime.calibrate import write_acceptance as write_acceptance_file
 from tidar.runtime.generate import DecodeEngine, Request
 from tidar.runtime.tokenizer import Tokenizer
 
 
-def heldout_prompts(model: Path, tokenizer: Tokenizer, count: int, prompt_tokens: int) -> list[list[int]]:
-    """Token prompts from the held-out side of the model's training split (stdlib by default)."""
-    from tidar.train.data import expand_globs, split_files
-
-    settings = json.loads((model / "train_config.json").read_text()) if (model / "train_config.json").is_file() \
-        else {"files": ["stdlib"], "heldout_percent": 5.0}
-    _, heldout = split_files(expand_globs(settings["files"]), settings["heldout_percent"])
-    prompts = []
-    for path in heldout:
-        text = path.read_text(encoding="utf-8", errors="replace")
-        start = text.find("\n", len(text) // 3) + 1
-        ids = tokenizer.encode(text[start:])[:prompt_tokens]
-        if len(ids) == prompt_tokens:
-            prompts.append(ids)
-        if len(prompts) == count:
-            break
-    return prompts
+PROMPT_LOOKUP_TOKENS = 10
+"""transformers' prompt_lookup_num_tokens of the hf-prompt-lookup peer (its documented example value)."""
 
 
 def run_runtime(backend, tokenizer, draft_len: int, prompts, max_new_tokens: int, repeats: int,
@@ -157,91 +150,117 @@ def method_name(shape: tuple[int, int]) -> str:
     return "ar" if b == 0 else f"tidar-b{b}" if k == b else f"tidar-b{b}k{k}"
 
 
+RUNTIME_VARIANTS: dict[str, Callable[..., dict]] = {}
+"""Further decoding methods of this runtime that `bench` runs after tidar-auto and reports beside
+it (table, plot, equal-to-AR check): name -> function(backend, tokenizer, prompts, max_new_tokens,
+repeats) returning `run_runtime`'s fields. The place of the hybrid drafter (TiDAR's block or an
+n-gram continuation, whichever is expected to commit more) once it exists."""
+
+
+def chosen_vs_best(methods: dict) -> dict:
+    """How far tidar-auto's measured tokens/s lands from the best TiDAR or AR method that ran."""
+    runtime = {name: r for name, r in methods.items() if name == "ar" or name.startswith("tidar-")}
+    best = max(runtime, key=lambda name: runtime[name]["tokens_per_second"])
+    auto = methods["tidar-auto"]["tokens_per_second"]
+    return {"best_method": best, "best_tokens_per_second": round(runtime[best]["tokens_per_second"], 2),
+            "chosen_tokens_per_second": round(auto, 2),
+            "chosen_over_best": round(auto / runtime[best]["tokens_per_second"], 3)}
+
+
 def bench(model: str | Path, out: str | Path, prompts: int = 8, prompt_tokens: int = 64, max_new_tokens: int = 128,
           repeats: int = 3, draft_lens: tuple[int, ...] = (4, 8, 16), peers: bool = True,
           write_acceptance: bool = False, progress=print,
-          draft_blocks: tuple[int, ...] = autotune.DEFAULT_DRAFT_BLOCKS) -> dict:
-    """`draft_lens` b run with k = b and with each k of `draft_blocks` below b; the autotuner
-    chooses among every b in 0..block_size with the same k's."""
+          draft_blocks: tuple[int, ...] = autotune.DEFAULT_DRAFT_BLOCKS, autotune_budget_s: float | None = None) -> dict:
+    """`draft_lens` b (the trained ones among them) run with k = b and with each k of
+    `draft_blocks` below b; the autotuner races every trained b with the same k's, AR included,
+    within `autotune_budget_s` (None: no limit but its round limit)."""
     model, out = Path(model), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     backend = TorchBackend.load(model, dtype="float32", attention="sdpa")
     tokenizer = Tokenizer(model)
     block = backend.config.block_size
-    draft_lens = tuple(b for b in draft_lens if b <= block)
+    trained = autotune.trained_draft_lens(backend.config)
+    draft_lens = tuple(b for b in draft_lens if b in trained)
     prompt_ids = heldout_prompts(model, tokenizer, prompts, prompt_tokens)
     if not prompt_ids:
         raise ValueError(f"no held-out prompt of {prompt_tokens} tokens found")
     methods: dict[str, dict] = {}
     progress("ar")
     methods["ar"] = run_runtime(backend, tokenizer, 0, prompt_ids, max_new_tokens, repeats)
-    full = (block, block)
+    full = (max(trained), max(trained))
     for shape in sorted(set(autotune.draft_shapes(draft_lens, draft_blocks)) - {(0, 0)} | {full},
                         key=lambda s: (s[0], -s[1])):
         name = method_name(shape)
         progress(name)
         methods[name] = run_runtime(backend, tokenizer, shape[0], prompt_ids, max_new_tokens, repeats, shape[1])
-    acceptance = methods[method_name(full)]["acceptance_per_position"]
-    progress("replay: tokens per step of every shape (b, k), k = 1..b")
-    started = time.perf_counter()
-    replayed = replay.replayed_tokens_per_step(replay.replay(
-        backend, prompt_ids, max_new_tokens, autotune.draft_shapes(range(1, block + 1), range(1, block + 1))))
-    replay_seconds = time.perf_counter() - started
+    progress("replay: tokens per step of every trained shape (b, k), k = 1..b")
+    calibration = calibrate(backend, prompt_ids, max_new_tokens, trained)
+    acceptance, replayed = calibration.acceptance, calibration.replayed
     if write_acceptance:
-        (model / autotune.ACCEPTANCE_FILE).write_text(json.dumps(
-            {"block_size": block, "acceptance": acceptance, "prompts": len(prompt_ids),
-             "max_new_tokens": max_new_tokens, autotune.REPLAY_FIELD: replayed,
-             "measured_by": "tidar bench", "date": datetime.date.today().isoformat()}, indent=2) + "\n")
-    candidates = autotune.draft_shapes(range(0, block + 1), draft_blocks)
-    progress(f"autotune: forward latency of {len(candidates)} shapes")
-    choice = autotune.choose_draft_len(backend, acceptance, candidates=candidates, replayed=replayed)
+        write_acceptance_file(model, calibration, "tidar bench", source="held-out prompts of the training split")
+    candidates = autotune.draft_shapes(autotune.candidate_draft_lens(backend.config), draft_blocks)
+    progress(f"autotune: racing whole decode steps of {len(candidates)} shapes")
+    choice = autotune.choose_draft_len(backend, acceptance, candidates=candidates, replayed=replayed,
+                                       tokenizer=tokenizer, budget_s=autotune_budget_s,
+                                       progress=lambda line: progress(f"autotune {line}"))
     chosen = choice.shape
     progress(f"tidar-auto ({autotune.shape_name(chosen)})")
     methods["tidar-auto"] = run_runtime(backend, tokenizer, chosen[0], prompt_ids, max_new_tokens, repeats, chosen[1])
+    for name, run in RUNTIME_VARIANTS.items():
+        progress(name)
+        methods[name] = run(backend, tokenizer, prompt_ids, max_new_tokens, repeats)
     ran = {(r["draft_len"], r["draft_blocks"]): r for n, r in methods.items() if "draft_len" in r and n != "tidar-auto"}
     expected_rate = choice.expected_tokens_per_second
+    race = choice.race.to_json()["candidates"]
 
     def measured(shape, key, digits):
         value = ran[shape][key] if shape in ran else None
         return None if value is None else round(value, digits)
 
+    def rounded(value, digits):
+        return None if value is None else round(value, digits)
+
     autotune_view = {
         "acceptance": acceptance, "chosen": autotune.shape_name(chosen),
-        "replay_seconds": round(replay_seconds, 1),
+        "best_measured_by_race": autotune.shape_name(choice.race.best_measured),
+        "race": {key: value for key, value in choice.race.to_json().items() if key != "candidates"},
+        "replay_seconds": round(calibration.seconds, 1),
         "candidates": {autotune.shape_name(c): {
             "draft_len": c[0], "draft_blocks": c[1], "query_tokens": autotune.query_tokens(c),
-            "forward_ms": round(1000 * choice.step_seconds[c], 3),
+            **{key: value for key, value in race[autotune.shape_name(c)].items() if key != "expected_tokens_per_step"},
             "expected_tokens_per_step": round(choice.expected_tokens_per_step[c], 4),
-            "expected_tokens_per_second": round(expected_rate[c], 2),
-            "replayed_tokens_per_step": round(replayed[autotune.shape_name(c)], 4)
-            if autotune.shape_name(c) in replayed else None,
+            "expected_tokens_per_second": rounded(expected_rate.get(c), 2),
+            "replayed_tokens_per_step": rounded(replayed.get(autotune.shape_name(c)), 4),
             "markov_tokens_per_step": round(autotune.expected_tokens(acceptance, *c), 4),
             "measured_tokens_per_step": measured(c, "tokens_per_step", 4),
             "measured_tokens_per_second": measured(c, "tokens_per_second", 2)}
             for c in candidates}}
     for result in methods.values():
+        if "draft_len" not in result:
+            continue
         shape = (result["draft_len"], result["draft_blocks"])
-        result["expected_tokens_per_step"] = autotune_view["candidates"][autotune.shape_name(shape)][
-            "expected_tokens_per_step"]
-        result["expected_tokens_per_second"] = round(expected_rate[shape], 2)
+        result["expected_tokens_per_step"] = round(autotune.expected_tokens_per_step(acceptance, shape, replayed), 4)
+        result["expected_tokens_per_second"] = rounded(expected_rate.get(shape), 2)
     if peers:
         progress("hf-greedy")
         methods["hf-greedy"] = run_transformers(model, prompt_ids, max_new_tokens, repeats, None)
-        progress("hf-prompt-lookup")
-        methods["hf-prompt-lookup"] = run_transformers(model, prompt_ids, max_new_tokens, repeats, 10)
+        progress(f"hf-prompt-lookup (prompt_lookup_num_tokens={PROMPT_LOOKUP_TOKENS})")
+        methods["hf-prompt-lookup"] = run_transformers(model, prompt_ids, max_new_tokens, repeats, PROMPT_LOOKUP_TOKENS)
     reference = methods["ar"]["outputs"]
     for result in methods.values():
         result["equals_ar"] = result.pop("outputs") == reference
     ar_speed = methods["ar"]["tokens_per_second"]
     for result in methods.values():
         result["speedup_vs_ar"] = result["tokens_per_second"] / ar_speed
+    autotune_view["chosen_vs_best"] = chosen_vs_best(methods)
     report = {
         "benchmark": "tidar bench", "model": model.name, "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cpus", "torch": torch.__version__,
         "threads": torch.get_num_threads(), "dtype": "float32", "attention": "sdpa", "batch_size": 1,
         "prompts": len(prompt_ids), "prompt_tokens": prompt_tokens, "max_new_tokens": max_new_tokens,
-        "repeats": repeats, "chosen_shape": {"draft_len": chosen[0], "draft_blocks": chosen[1],
-                                             "query_tokens": autotune.query_tokens(chosen)},
+        "repeats": repeats, "prompt_lookup_num_tokens": PROMPT_LOOKUP_TOKENS if peers else None,
+        "chosen_shape": {"draft_len": chosen[0], "draft_blocks": chosen[1],
+                         "query_tokens": autotune.query_tokens(chosen)},
         "methods": methods, "autotune": autotune_view,
     }
     (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -250,7 +269,8 @@ def bench(model: str | Path, out: str | Path, prompts: int = 8, prompt_tokens: i
 
 
 def table(report: dict) -> str:
-    """The report as Markdown tables: the methods run, then every candidate of the autotuner."""
+    """The report as Markdown tables: the methods run, how far the chosen shape lands from the best
+    measured one, then every candidate of the autotuner's race."""
     def number(value, digits=1):
         return "–" if value is None else f"{value:.{digits}f}"
 
@@ -265,15 +285,30 @@ def table(report: dict) -> str:
                      f"{'yes' if r['equals_ar'] else 'NO'} |")
     view = report.get("autotune")
     if view:
-        lines += ["", f"Autotune candidates (expected tokens/step: replayed; over forward latency at batch 1); "
-                      f"chosen: {view['chosen']}", "",
-                  "| shape | query tokens/step | forward ms | expected tokens/step | Markov tokens/step "
-                  "| measured tokens/step | expected tokens/s | measured tokens/s |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for name, c in sorted(view["candidates"].items(), key=lambda item: -item[1]["expected_tokens_per_second"]):
+        gap = view.get("chosen_vs_best")
+        if gap:
+            lines += ["", f"Chosen shape {view['chosen']}: {gap['chosen_tokens_per_second']:.1f} tokens/s, "
+                          f"{gap['chosen_over_best']:.3f} x the best measured ({gap['best_method']}, "
+                          f"{gap['best_tokens_per_second']:.1f} tokens/s)"]
+        race = view.get("race", {})
+        lines += ["", f"Autotune race of whole decode steps at batch 1 ({race.get('rounds', '?')} rounds, "
+                      f"{race.get('seconds', '?')} s, stopped: {race.get('stop', '?')}); expected tokens/step: "
+                      f"replayed; chosen: {view['chosen']}", "",
+                  "| shape | query tokens/step | step ms [95 % interval] | samples | expected tokens/step "
+                  "| Markov tokens/step | measured tokens/step | expected tokens/s | measured tokens/s | race |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+
+        def order(item):
+            rate = item[1].get("expected_tokens_per_second")
+            return (rate is None, -(rate or 0.0))
+        for name, c in sorted(view["candidates"].items(), key=order):
             mark = " ←" if name == view["chosen"] else ""
-            lines.append(f"| {name}{mark} | {c['query_tokens']} | {c['forward_ms']:.2f} | "
+            step = "–" if c.get("step_ms") is None else \
+                f"{c['step_ms']:.2f} [{c['step_ms_interval'][0]:.2f}, {c['step_ms_interval'][1]:.2f}]"
+            fate = c.get("skipped") or (f"out in round {c['eliminated_in_round']}" if "eliminated_in_round" in c
+                                        else "to the end")
+            lines.append(f"| {name}{mark} | {c['query_tokens']} | {step} | {c.get('samples', 0)} | "
                          f"{c['expected_tokens_per_step']:.2f} | {number(c.get('markov_tokens_per_step'), 2)} | "
-                         f"{number(c.get('measured_tokens_per_step'), 2)} | {c['expected_tokens_per_second']:.1f} | "
-                         f"{number(c['measured_tokens_per_second'])} |")
+                         f"{number(c.get('measured_tokens_per_step'), 2)} | {number(c['expected_tokens_per_second'])} | "
+                         f"{number(c['measured_tokens_per_second'])} | {fate} |")
     return "\n".join(lines)

@@ -56,7 +56,12 @@ class ServingOptions:
     """Block counts k tried below k = b for each candidate draft length (`autotune.draft_shapes`;
     empty: k = b only)."""
     autotune_repeats: int = 3
-    """Timed repeats of each candidate step at start-up."""
+    """Least timed rounds of each candidate step at start-up before the race drops any
+    (runtime/autotune.py `race`)."""
+    autotune_budget: float = 60.0
+    """Seconds the start-up measurement may take (the acceptance estimate when the model has no
+    acceptance.json, then the race of step latencies): larger models get fewer candidates and
+    batch sizes measured, not a later start."""
     threads: int = 0
     """torch / ONNX Runtime intra-op threads; 0 = the library's default."""
     attention: str = "sdpa"
@@ -116,6 +121,9 @@ class ServingOptions:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise OptionsError(f"{name} must be a non-negative integer, got {value!r}")
+        if isinstance(self.autotune_budget, bool) or not isinstance(self.autotune_budget, (int, float)) \
+                or not 0 < self.autotune_budget < float("inf"):
+            raise OptionsError(f"autotune_budget must be a positive number of seconds, got {self.autotune_budget!r}")
         if '"' in str(self.model_dir) or "\n" in str(self.model_dir):
             raise OptionsError(f"model_dir {self.model_dir!r} cannot be written into config.pbtxt")
 
@@ -152,6 +160,8 @@ def _parse(name: str, raw: str):
         return int(raw)
     if name == "draft_len":
         return None if raw in ("", "auto") else int(raw)
+    if name == "autotune_budget":
+        return float(raw)
     if name == "default_timeout":
         return float(raw) if raw not in ("", "0", "none") else None
     if name.startswith("autotune_") and name.endswith("s"):

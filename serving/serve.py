@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tidar.serving.options import OptionsError, ServingOptions
+from tidar.serving.requests import STARTUP_PREFIX
 from tidar.serving.supervisor import ModelProcessDied, RestartPolicy, ServeError, Supervisor, describe_status
 
 
@@ -167,11 +168,19 @@ def model_processes(server_pid: int) -> list[ModelProcess]:
     return sorted(found, key=lambda process: process.instance)
 
 
+DEFAULT_READY_TIMEOUT = 900.0
+"""Seconds `tidar serve` waits for every model to be ready (`--ready-timeout`): a model's start-up
+(loading, then the draft-shape autotune within its `autotune_budget`) takes minutes at billions
+of parameters on a CPU."""
+
+
 class TritonServer:
-    """One tritonserver process on `repo`; a context manager. Port 0 picks a free port."""
+    """One tritonserver process on `repo`; a context manager. Port 0 picks a free port. While it
+    starts, the models' start-up progress lines (requests.STARTUP_PREFIX) are shown on stderr."""
 
     def __init__(self, repo: str | Path, grpc_port: int = 8001, http_port: int = 8000, metrics_port: int = 8002,
-                 log_file: str | Path | None = None, verbose: bool = False, ready_timeout: float = 300.0):
+                 log_file: str | Path | None = None, verbose: bool = False,
+                 ready_timeout: float = DEFAULT_READY_TIMEOUT):
         self.repo = Path(repo).resolve()
         check_repository(self.repo)
         spare = iter(free_ports(3))
@@ -233,7 +242,9 @@ class TritonServer:
                                         start_new_session=True)
         log.close()
         deadline = time.monotonic() + self.ready_timeout
+        shown = self.log_file.stat().st_size if self.log_file.is_file() else 0
         while time.monotonic() < deadline:
+            shown = self._show_startup_lines(shown)
             if self.process.poll() is not None:
                 raise ServeError(f"tritonserver exited with status {self.process.returncode} while starting:\n"
                                  f"{self.log_tail()}")
@@ -250,7 +261,23 @@ class TritonServer:
                 raise ServeError("stopped while starting")
             time.sleep(0.25)
         self.kill()
-        raise ServeError(f"tritonserver was not ready after {self.ready_timeout:.0f} s:\n{self.log_tail()}")
+        raise ServeError(f"tritonserver was not ready after {self.ready_timeout:.0f} s (the limit is "
+                         f"--ready-timeout):\n{self.log_tail()}")
+
+    def _show_startup_lines(self, offset: int) -> int:
+        """Print the models' start-up lines the log gained past byte `offset`; returns the offset
+        after the last whole line read."""
+        try:
+            with open(self.log_file, "rb") as log:
+                log.seek(offset)
+                chunk = log.read()
+        except OSError:
+            return offset
+        end = chunk.rfind(b"\n") + 1
+        for line in chunk[:end].decode(errors="replace").splitlines():
+            if STARTUP_PREFIX in line:
+                print(line[line.index(STARTUP_PREFIX):], file=sys.stderr, flush=True)
+        return offset + end
 
     def _ready(self) -> bool:
         try:
@@ -373,7 +400,8 @@ def _group_alive(pgid: int) -> bool:
 
 
 def serve(repo: str | Path, grpc_port: int, http_port: int, metrics_port: int, command: list[str] | None = None,
-          verbose: bool = False, policy=None, openai_port: int | None = None) -> int:
+          verbose: bool = False, policy=None, openai_port: int | None = None,
+          ready_timeout: float = DEFAULT_READY_TIMEOUT) -> int:
     """Run the server until SIGINT/SIGTERM (0), supervised: a dead model process or server is
     restarted per `policy` (a supervisor.RestartPolicy), and 1 is returned once it gives up. With
     `command`, run it once the server is ready, stop the server when it ends and return its status. With
@@ -384,7 +412,7 @@ def serve(repo: str | Path, grpc_port: int, http_port: int, metrics_port: int, c
 
         if openai_port != 0 and not port_is_free(openai_port):
             raise ServeError(f"OpenAI port {openai_port} is already in use")
-    server = TritonServer(repo, grpc_port, http_port, metrics_port, verbose=verbose)
+    server = TritonServer(repo, grpc_port, http_port, metrics_port, verbose=verbose, ready_timeout=ready_timeout)
     supervisor = Supervisor(server, policy or RestartPolicy())
     front = None
     stop_requested = []

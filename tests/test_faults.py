@@ -127,7 +127,7 @@ def test_a_restarted_model_reuses_the_start_up_autotune(tiny_checkpoints, tmp_pa
     monkeypatch.setattr(autotune.BatchDraftPolicy, "measure", classmethod(measure))
     again = build_scheduler(tiny_checkpoints["qwen2"], options)[0]
     again.close()
-    assert again.policy == first.policy and again.policy.step_seconds[2][(2, 2)] > 0 and (2, 1) in again.policy.step_seconds[2]
+    assert again.policy == first.policy and again.policy.step_seconds[2][(0, 0)] > 0  # AR: always timed
     with pytest.raises(AssertionError, match="measured again"):  # other options: measured anew
         build_scheduler(tiny_checkpoints["qwen2"], dataclasses.replace(options, autotune_draft_lens=(0, 1)))
 
