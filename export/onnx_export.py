@@ -11,16 +11,21 @@ only: the verification rows, then the masks of the block the verification picked
 (docs/design.md §3.2 "Logits only where needed", §3.8). A step's second set of rows depends on
 the first's verification, so a single graph could produce them only with verification inside it.
 
-Graph inputs
+Graph inputs (both lowerings)
     input_ids        int64 [batch, new]                  the new tokens of the layout
     past_lens        int64 [batch]                       each row's cached length
     causal_len, num_blocks, block_len, first_visible, visible_stride
                      int64 []                            `Layout.kernel_scalars()`
     past_key_{i}, past_value_{i}
-                     float [batch, kv_heads, past, head_dim]   per layer; past = the padded
-                                                         maximum of past_lens (may be 0)
-Graph outputs
+                     float [batch, kv_heads, past, head_dim]   per layer; any past >=
+                                                         max(past_lens): slots from past_lens[r]
+                                                         on are never read
+Graph outputs, "standard" lowering (ONNX Runtime)
     hidden_states    float [batch, new, hidden]          final-norm hidden states (the graph's dtype)
+    new_key_{i}, new_value_{i}
+                     float [batch, kv_heads, new, head_dim]    the new tokens' K/V only
+Graph outputs, "plugin" lowering (TensorRT)
+    hidden_states    as above
     present_key_{i}, present_value_{i}
                      float [batch, kv_heads, past + new, head_dim]
 
@@ -29,19 +34,24 @@ The LM-head graph
     output  logits         float32 [batch, rows, vocab]
     weight  lm_head.weight, or the embedding when embeddings are tied (`source.head_weight_source`)
 
-Slot convention (the one of runtime/cache.py): `present` is `past` followed by `new` free slots,
-and the new tokens of row r are written to slots past_lens[r] .. past_lens[r] + new - 1, so a
-row shorter than the padded past overwrites its padding. Slots of `present` past
-past_lens[r] + new hold whatever `past` held there; the mask never reads them. Dynamic axes:
-batch, new and past.
+Slot convention (the one of runtime/cache.py): the new tokens of row r belong at slots
+past_lens[r] .. past_lens[r] + new - 1. The standard graph never copies the cache: it attends
+over the `past` inputs as they are (slots below past_lens[r] visible, the rest masked) and over
+the new tokens' own K/V, and returns only those, so a runtime can hand it its whole cache
+in place, without a copy, and store the `new_*` outputs at those slots itself (O(new tokens)
+per step; runtime/backends/onnx_backend.py, docs/design.md §3.8). The plugin graph writes the
+new K/V into `present` (`past` followed by `new` free slots, a row shorter than the padded past
+overwriting its padding; slots past past_lens[r] + new hold whatever `past` held there), the
+contract of the TensorRT plugin. Dynamic axes: batch, new and past.
 
 Position ids and the hybrid mask are computed inside the graph from past_lens and the layout
 scalars with the same code as the runtime (`runtime.layout.position_offset` / `visible`), and
 the rest of the forward is the reference model's own `TiDARModel.hidden_states`, so the graph
 cannot drift from the runtime. Two lowerings of attention:
 
-- "standard": the dense boolean mask and eager attention (MatMul, Where, Softmax, ...): plain
-  ONNX that ONNX Runtime runs (runtime/onnx_backend.py).
+- "standard": boolean masks and eager attention (MatMul, Where, Softmax, ...) in two parts, the
+  cached slots and the new tokens, one softmax over both; grouped-query heads share their K/V
+  without expanding it: plain ONNX that ONNX Runtime runs (runtime/backends/onnx_backend.py).
 - "plugin": one `tidar::hybrid_attention` node per layer with inputs (query [B, heads, new, D],
   key and value [B, kv_heads, past + new, D] with the new tokens already written, past_lens and
   the five layout scalars) and attributes num_heads, num_kv_heads, head_dim, scale; its output
@@ -95,9 +105,15 @@ LOGITS = "logits"
 """The LM-head graph's output (float32)."""
 
 
-def output_names(num_layers: int) -> list[str]:
-    """Names of the graph outputs, in order."""
-    return [HIDDEN_STATES, *_per_layer("present", num_layers)]
+NEW_KV = "new"
+"""Prefix of the standard graph's per-layer K/V outputs (new_key_i, new_value_i)."""
+PRESENT_KV = "present"
+"""Prefix of the plugin graph's per-layer K/V outputs (present_key_i, present_value_i)."""
+
+
+def output_names(num_layers: int, attention: str = "standard") -> list[str]:
+    """Names of the outputs of the `attention` lowering's graph, in order."""
+    return [HIDDEN_STATES, *_per_layer(NEW_KV if attention == "standard" else PRESENT_KV, num_layers)]
 
 
 def _per_layer(prefix: str, num_layers: int) -> list[str]:
@@ -140,6 +156,45 @@ class PresentCache:
             written.append(present.scatter(2, index, new))
         self.present.extend(written)
         return written[0], written[1]
+
+
+class NewSlotsCache:
+    """Stands in for `KVCache` in the standard graph: `write` keeps each layer's new K/V as its
+    outputs and hands attention the cached slots and the new tokens apart, (past, new), so the
+    cache input is read in place and never copied."""
+
+    def __init__(self, past: list[torch.Tensor]):
+        self.past = past  # past_key_0, past_value_0, past_key_1, ...
+        self.new: list[torch.Tensor] = []
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len):
+        self.new.extend((k, v))
+        return (self.past[2 * layer], k), (self.past[2 * layer + 1], v)
+
+
+def split_attention(q, keys, values, mask, scale):
+    """Eager attention over the cached slots and the new tokens held apart: `keys` / `values` are
+    (past [B, kv_heads, P, D], new [B, kv_heads, Q, D]), `mask` is (past [B, P] over cached slots,
+    new [Q, Q] among the new tokens). One softmax (fp32) over both parts, so it equals
+    `eager_attention` over the cache with the new tokens written at their slots. The query heads
+    of one K/V head are stacked into one matrix, so K/V are never expanded."""
+    (past_k, new_k), (past_v, new_v) = keys, values
+    past_mask, new_mask = mask
+    batch, heads, num_new, dim = q.shape
+    kv_heads = past_k.shape[1]
+    group = heads // kv_heads
+    grouped = q.reshape(batch, kv_heads, group * num_new, dim)  # head h reads K/V head h // group
+    past_scores = torch.matmul(grouped, past_k.transpose(2, 3)) * scale  # [B, kv_heads, group * Q, P]
+    new_scores = torch.matmul(grouped, new_k.transpose(2, 3)) * scale  # [B, kv_heads, group * Q, Q]
+    past_scores = past_scores.reshape(batch, kv_heads, group, num_new, -1)
+    new_scores = new_scores.reshape(batch, kv_heads, group, num_new, num_new)
+    past_scores = past_scores.masked_fill(~past_mask[:, None, None, None, :], float("-inf"))
+    new_scores = new_scores.masked_fill(~new_mask, float("-inf"))
+    probs = torch.softmax(torch.cat([past_scores, new_scores], dim=-1), dim=-1, dtype=torch.float32).to(q.dtype)
+    past_probs, new_probs = probs[..., :past_k.shape[2]], probs[..., past_k.shape[2]:]
+    out = (torch.matmul(past_probs.reshape(batch, kv_heads, group * num_new, -1), past_v)
+           + torch.matmul(new_probs.reshape(batch, kv_heads, group * num_new, num_new), new_v))
+    return out.reshape(batch, heads, num_new, dim)
 
 
 # ---------------------------------------------------------------- the plugin op
@@ -224,21 +279,24 @@ class DecodeStep(nn.Module):
         """The RoPE inverse frequencies on `device` (a constant of the traced graph)."""
         return self.inv_freq.to(device)
 
-    def plan(self, layout: GraphLayout, past_lens: torch.Tensor, cache: PresentCache,
+    def plan(self, layout: GraphLayout, past_lens: torch.Tensor, cache,
              kv_len: int | None = None) -> AttentionPlan:
         """The traced graph attends over its past inputs plus the new tokens (`kv_len`, the
-        eager model's CUDA-graph width, does not apply to a graph)."""
-        kv_len = cache.past[0].shape[2] + layout.num_new
+        eager model's CUDA-graph width, does not apply to a graph). Standard: every new token
+        sees a row's cached slots below past_lens[r] (`visible`'s first clause) and the new
+        tokens by the layout's rule, the same for every row; plugin: the plugin's inputs."""
+        past = cache.past[0].shape[2]
         write_slots = past_lens[:, None] + torch.arange(layout.num_new, device=past_lens.device)
         if self.attention == "plugin":
             mask = (past_lens, *layout.scalars.values())  # the plugin builds the mask itself
         else:
-            mask = layout.dense_mask(past_lens, kv_len)
-        return AttentionPlan(layout, past_lens, kv_len, mask, write_slots)
+            cached = torch.arange(past, device=past_lens.device)[None, :] < past_lens[:, None]  # [B, P]
+            mask = (cached, layout.dense_mask(torch.zeros_like(past_lens[:1]), layout.num_new)[0, 0])  # [Q, Q]
+        return AttentionPlan(layout, past_lens, past + layout.num_new, mask, write_slots)
 
     def _attend(self):
         if self.attention == "standard":
-            return eager_attention
+            return split_attention
         c = self.config
 
         def plugin(q, k, v, mask, scale):
@@ -252,6 +310,10 @@ class DecodeStep(nn.Module):
         scalars = dict(causal_len=causal_len, num_blocks=num_blocks, block_len=block_len,
                        first_visible=first_visible, visible_stride=visible_stride)
         layout = GraphLayout(input_ids.shape[1], scalars)
+        if self.attention == "standard":
+            cache = NewSlotsCache(list(past_key_values))
+            hidden = self.hidden_states(input_ids, layout, cache, past_lens)
+            return (hidden, *cache.new)
         cache = PresentCache(list(past_key_values))
         return (self.hidden_states(input_ids, layout, cache, past_lens), *cache.present)
 
@@ -342,7 +404,7 @@ def trace_decode_step(config: TiDARConfig, attention: str = "standard", opset: i
     dynamic_shapes = ({0: batch, 1: new}, {0: batch}, *([None] * len(LAYOUT_SCALARS)),
                       tuple([cache_shape] * (2 * layers)))  # *past_key_values: one tuple
     translations = {torch.ops.tidar.hybrid_attention.default: _plugin_translation} if attention == "plugin" else None
-    return _trace(step, example_inputs(config, dtype=dtype), input_names(layers), output_names(layers),
+    return _trace(step, example_inputs(config, dtype=dtype), input_names(layers), output_names(layers, attention),
                   dynamic_shapes, weight_names(step, _hf_names(config)), opset, translations)
 
 

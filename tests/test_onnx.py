@@ -2,12 +2,14 @@
 Runtime backend.
 
 Oracle: the torch reference backend. The graphs' logits (the step's hidden states through the
-head graph) and present K/V match it within 1e-4 for prefill, AR and TiDAR decode layouts (k = b
-and k < b blocks) with ragged cached lengths, on every row and on rows picked per batch row; one
-file serves every batch size / new-token count / past length; greedy decoding through ONNX
-Runtime gives the torch backend's tokens (docs/design.md invariant I5) while the head graph sees
-2b - 1 rows per step and row (docs/design.md §3.2). The plugin lowering is checked structurally
-(ONNX Runtime cannot run tidar::hybrid_attention).
+head graph) and the K/V the backend writes into the cache match it within 1e-4 for prefill, AR
+and TiDAR decode layouts (k = b and k < b blocks) with ragged cached lengths, on every row and on
+rows picked per batch row, and step after step of a decode whose rows have different lengths
+and commit different counts, with the cache read in place (garbage in the slots the mask hides
+changes nothing); one file serves every batch size / new-token count / past length; greedy
+decoding through ONNX Runtime gives the torch backend's tokens (docs/design.md invariant I5)
+while the head graph sees 2b - 1 rows per step and row (docs/design.md §3.2). The plugin
+lowering is checked structurally (ONNX Runtime cannot run tidar::hybrid_attention).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 from tidar.export.onnx_export import (LAYOUT_SCALARS, PLUGIN_DOMAIN, PLUGIN_OP, default_head_path,  # noqa: E402
-                                      export_decode_step)
+                                      export_decode_step, output_names)
 from tidar.runtime.generate import DecodeEngine, Request  # noqa: E402
 from tidar.runtime.layout import Layout  # noqa: E402
 from tidar.runtime.model import gather_rows  # noqa: E402
@@ -118,6 +120,70 @@ def test_logits_of_picked_rows_match_torch(family, tiny_backends, onnx_backends)
         assert difference < TOLERANCE, f"{family} {name}: logits of picked rows differ by {difference}"
 
 
+STEPS = (Layout.decode(4), Layout.decode(0), Layout.decode(16, 3), Layout.decode(0), Layout.decode(4, 1),
+         Layout.decode(16))
+"""A decode's layouts, one per step (AR steps between TiDAR steps of other shapes)."""
+
+
+@pytest.mark.parametrize("family", ("qwen3", "llama"))  # grouped-query heads (4:1) and one K/V head per head
+def test_multi_step_decode_with_ragged_rows_matches_torch(family, tiny_backends, onnx_backends):
+    """Rows of different lengths (prefilled one by one through row views), then decode steps of
+    several layouts, each committing a different count per row: at every step the ORT backend's
+    logits and the K/V it writes equal torch's, and the cache slots the mask hides (from each
+    row's length on) are filled with large garbage before every ORT step, which must change
+    nothing: the graph reads the cache in place over its whole capacity."""
+    torch_backend, onnx_backend = tiny_backends[family], onnx_backends[family]
+    generator = torch.Generator().manual_seed(11)
+    vocab, prompts = torch_backend.config.vocab_size, (5, 13, 1)
+    capacity = max(prompts) + sum(layout.num_new for layout in STEPS) + 1
+    reference, candidate = (backend.new_cache(len(prompts), capacity) for backend in (torch_backend, onnx_backend))
+    for row, length in enumerate(prompts):
+        prompt = torch.randint(0, vocab, (1, length), generator=generator)
+        for backend, cache in ((torch_backend, reference), (onnx_backend, candidate)):
+            view = cache.row(row)
+            backend.forward(prompt, Layout.autoregressive(length), view)
+            view.commit([length])
+    for step, layout in enumerate(STEPS):
+        lengths = candidate.host_lengths
+        for row, length in enumerate(lengths):  # garbage where the mask hides slots
+            candidate.keys[:, row, :, length:] = 1e4
+            candidate.values[:, row, :, length:] = -1e4
+        input_ids = torch.randint(0, vocab, (len(prompts), layout.num_new), generator=generator)
+        expected = torch_backend.forward(input_ids, layout, reference)
+        actual = onnx_backend.forward(input_ids, layout, candidate)
+        difference = (actual - expected).abs().max().item()
+        assert difference < TOLERANCE, f"{family} step {step}: logits differ by {difference}"
+        for row, length in enumerate(lengths):
+            slots = slice(0, length + layout.num_new)
+            for ours, theirs in ((candidate.keys, reference.keys), (candidate.values, reference.values)):
+                kv_difference = (ours[:, row, :, slots] - theirs[:, row, :, slots]).abs().max().item()
+                assert kv_difference < TOLERANCE, f"{family} step {step} row {row}: K/V differ by {kv_difference}"
+        assert candidate.host_lengths == lengths  # the forward committed nothing
+        counts = [int(c) for c in torch.randint(0, layout.num_new + 1, (len(prompts),), generator=generator)]
+        reference.commit(counts)
+        candidate.commit(counts)
+
+
+def test_an_old_graph_with_present_outputs_is_named(tiny_backends, tmp_path):
+    """A step graph that returns present_* (exported before the backend read the cache in place)
+    is refused by file and output name."""
+    from onnx import TensorProto, helper
+
+    config = tiny_backends["qwen2"].config
+
+    def save(name, inputs, outputs):
+        nodes = [helper.make_node("Identity", [inputs[0]], [output]) for output in outputs]
+        graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info(inputs[0], TensorProto.FLOAT, None)],
+                                  [helper.make_tensor_value_info(output, TensorProto.FLOAT, None) for output in outputs])
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / name)
+        return tmp_path / name
+
+    step = save("old.onnx", ["past_key_0"], ["hidden_states", "present_key_0", "present_value_0"])
+    head = save("old.lm_head.onnx", ["hidden_states"], ["logits"])
+    with pytest.raises(ValueError, match=r"old\.onnx: the step graph has no output 'new_key_0'.*build it again"):
+        OnnxRuntimeBackend(step, head, config)
+
+
 def test_graph_axes_are_dynamic(onnx_backends):
     backend = onnx_backends["llama"]
     config = backend.config
@@ -127,10 +193,13 @@ def test_graph_axes_are_dynamic(onnx_backends):
     assert shapes["past_lens"] == ["batch"]
     assert all(shapes[name] == [] for name in LAYOUT_SCALARS)
     assert shapes["past_key_0"][0] == "batch" and shapes["past_key_0"][2] == "past"
-    hidden, present = session.get_outputs()[0], session.get_outputs()[1]
+    outputs = session.get_outputs()
+    assert [output.name for output in outputs] == output_names(config.num_hidden_layers, "standard")
+    hidden, new_key = outputs[0], outputs[1]
     assert hidden.name == "hidden_states" and hidden.shape[:2] == ["batch", "new"]
     assert hidden.shape[2] == config.hidden_size
-    assert isinstance(present.shape[2], str)  # past + new
+    assert new_key.name == "new_key_0"  # the new tokens' K/V only, not past + new slots
+    assert new_key.shape == ["batch", config.num_key_value_heads, "new", config.head_dim]
     (head_input,), (head_output,) = backend.head_session.get_inputs(), backend.head_session.get_outputs()
     assert head_input.name == "hidden_states" and isinstance(head_input.shape[1], str)
     assert head_input.shape[2] == config.hidden_size
