@@ -1,7 +1,7 @@
 """`tidar-export build`: one checkpoint in, one self-describing export folder out.
 
     build(checkpoint, out, tp=1, dtype=None, draft_len=None, engine="auto", force=False,
-          draft_blocks=None) -> manifest
+          draft_blocks=None, mask_token_id=None, block_size=None) -> manifest
 
 Steps, in order (each is an existing function; this module only sequences and records them):
 
@@ -12,7 +12,12 @@ Steps, in order (each is an existing function; this module only sequences and re
               larger than config.json's and holding the mask id; pickle-only weights refused. The
               options are checked too (tp against the heads, dtype, draft length, the engine request).
 2. copy       config.json and the tokenizer files, so OUT is itself a model folder the runtime
-              opens (`tidar generate OUT --backend onnxruntime`).
+              opens (`tidar generate OUT --backend onnxruntime`). OUT's config.json is the
+              checkpoint's with the resolved `tidar` block (mask id, block size, trained block
+              sizes, and where they came from when not from the config: a released TiDAR-LM
+              checkpoint's inferred fields, or --mask-token-id / --block-size), so every later step
+              (`generate`, `serve`, `verify`, the engines) reads them with no flag;
+              generation_config.json (end ids, sampling defaults) is copied as it is.
 3. trtllm/    the TensorRT-LLM checkpoint (`export.trtllm_checkpoint.convert`) and
               `build_engine.sh`, the exact `trtllm-build` command for a GPU host.
 4. onnx/      `decode_step.onnx` (standard lowering, runs in ONNX Runtime) and
@@ -31,7 +36,8 @@ Steps, in order (each is an existing function; this module only sequences and re
               (`export.triton_repo`), serving OUT on the TensorRT-LLM engine, else the TensorRT
               engine, else ONNX Runtime; `tidar serve OUT/triton_repo` runs it.
 7. manifest.json  inputs and their sha256, library versions, options, every artifact's size and
-              sha256, skipped steps and why, and the TiDAR config summary.
+              sha256, skipped steps and why, the TiDAR config summary, and the resolved TiDAR
+              fields with their sources (`tidar`).
 
 Memory: every step streams the checkpoint (one tensor, or a chunk of its rows, at a time), so
 the build's peak memory is about the traced graph plus the largest tensor, not the model.
@@ -65,6 +71,7 @@ import tidar
 from tidar.runtime.checkpoint import CheckpointError, weight_files
 from tidar.runtime.backends import base as artifacts
 from tidar.runtime.config import ConfigError, TiDARConfig
+from tidar.runtime.generation_config import GenerationConfigError, GenerationDefaults
 from tidar.runtime.layout import Layout, check_draft_shape
 from tidar.runtime.tokenizer import Tokenizer, TokenizerError
 
@@ -77,8 +84,10 @@ from .trtllm_checkpoint import DTYPES, ConversionError, convert, trtllm_config
 ENGINE_MODES = ("auto", "skip", "require")
 MANIFEST = "manifest.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-MODEL_FILES = ("config.json", *TOKENIZER_FILES, "generation_config.json", "acceptance.json")
-"""Files copied from the checkpoint into OUT when present (config.json and tokenizer.json always are)."""
+GENERATION_FILE = "generation_config.json"
+MODEL_FILES = (*TOKENIZER_FILES, GENERATION_FILE, "acceptance.json")
+"""Files copied from the checkpoint into OUT when present (tokenizer.json always is); config.json
+is written with the resolved `tidar` block (`write_config`)."""
 ONNX_GRAPHS = {"standard": artifacts.STEP_GRAPH, "plugin": "onnx/decode_step_plugin.onnx"}
 ONNX_HEAD = artifacts.HEAD_GRAPH
 """The LM-head graph (where the runtime's onnxruntime and tensorrt backends look)."""
@@ -106,11 +115,13 @@ class ExportError(ValueError):
 
 
 # ---------------------------------------------------------------- validation
-def validate_checkpoint(folder: Path) -> tuple[TiDARConfig, CheckpointSource]:
+def validate_checkpoint(folder: Path, mask_token_id: int | None = None,
+                        block_size: int | None = None) -> tuple[TiDARConfig, CheckpointSource]:
     """(config, opened source) of the checkpoint `folder`, after every check of the module
     docstring's step 1; raises CheckpointError / ConfigError / TokenizerError naming the file,
-    tensor or field."""
-    config = TiDARConfig.from_file(folder)
+    tensor or field. `mask_token_id` / `block_size` supply or override the TiDAR fields."""
+    config = TiDARConfig.from_file(folder, mask_token_id=mask_token_id, block_size=block_size)
+    GenerationDefaults.from_folder(folder)  # a generation_config.json the runtime cannot read is refused now
     source = CheckpointSource(folder, config)  # names, shapes, dtypes (headers only)
     source.validate()  # every value finite, a chunk of rows at a time
     tokenizer = Tokenizer(folder)
@@ -149,10 +160,11 @@ def sha256(path: Path) -> str:
 
 
 def input_files(folder: Path) -> list[Path]:
-    """The checkpoint files an export depends on: config, index, weight files, tokenizer files."""
+    """The checkpoint files an export depends on: config, index, weight files, tokenizer files,
+    generation config."""
     files = [folder / "config.json", folder / "model.safetensors.index.json"]
     files += sorted(set(weight_files(folder).values()))
-    files += [folder / name for name in TOKENIZER_FILES]
+    files += [folder / name for name in (*TOKENIZER_FILES, GENERATION_FILE)]
     return [path for path in dict.fromkeys(files) if path.is_file()]
 
 
@@ -171,6 +183,14 @@ def versions() -> dict[str, str | None]:
         except importlib.metadata.PackageNotFoundError:
             found[package] = None
     return found
+
+
+def write_config(folder: Path, config: TiDARConfig, out: Path) -> None:
+    """OUT/config.json: the checkpoint's config.json as it is, but for its `tidar` block, which
+    holds the resolved fields (`TiDARConfig.tidar_block`)."""
+    raw = json.loads((folder / "config.json").read_text())
+    raw["tidar"] = config.tidar_block()
+    (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
 
 
 def config_summary(config: TiDARConfig) -> dict:
@@ -407,12 +427,15 @@ class _Steps:
 # ---------------------------------------------------------------- the build
 def build(checkpoint: str | Path, out: str | Path, tp: int = 1, dtype: str | None = None,
           draft_len: int | None = None, engine: str = "auto", force: bool = False,
-          progress: bool = True, draft_blocks: int | None = None) -> dict:
+          progress: bool = True, draft_blocks: int | None = None, mask_token_id: int | None = None,
+          block_size: int | None = None) -> dict:
     """Export the TiDAR checkpoint folder `checkpoint` into `out` (see the module docstring) and
     return the manifest. `dtype` (TRT-LLM checkpoint and engine) defaults to the checkpoint's;
     `draft_len` b (engine sizes) to its block size, `draft_blocks` k (mask blocks of the decode
-    step the engines are sized for, docs/design.md §3.4) to b. Raises CheckpointError / TokenizerError /
-    ExportError / ConversionError naming the problem; nothing is left at `out` then."""
+    step the engines are sized for, docs/design.md §3.4) to b. `mask_token_id` / `block_size`
+    supply or override the checkpoint's TiDAR fields (`TiDARConfig.from_file`); OUT records the
+    resolved ones. Raises CheckpointError / TokenizerError / ExportError / ConversionError naming
+    the problem; nothing is left at `out` then."""
     folder, out = Path(checkpoint), Path(out)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a checkpoint folder")
@@ -422,8 +445,8 @@ def build(checkpoint: str | Path, out: str | Path, tp: int = 1, dtype: str | Non
         steps.start("validating the checkpoint")
         hashes = {path.name: sha256(path) for path in input_files(folder)}
         try:
-            config, source = validate_checkpoint(folder)
-        except ConfigError as exc:
+            config, source = validate_checkpoint(folder, mask_token_id, block_size)
+        except (ConfigError, GenerationConfigError) as exc:
             raise CheckpointError(str(exc)) from None
         dtype = dtype or config.torch_dtype
         draft_len = config.block_size if draft_len is None else draft_len
@@ -436,6 +459,7 @@ def build(checkpoint: str | Path, out: str | Path, tp: int = 1, dtype: str | Non
         skipped, built = [], []
         with staging(out, force) as partial:
             steps.start("copying config and tokenizer")
+            write_config(folder, config, partial)
             for name in MODEL_FILES:
                 if (folder / name).is_file():
                     shutil.copy2(folder / name, partial / name)
@@ -489,8 +513,9 @@ def build(checkpoint: str | Path, out: str | Path, tp: int = 1, dtype: str | Non
                 "versions": versions(),
                 "options": {"tp": tp, "dtype": dtype, "draft_len": draft_len, "draft_blocks": draft_blocks,
                             "engine": engine,
-                            "onnx_dtype": ONNX_DTYPE},
+                            "onnx_dtype": ONNX_DTYPE, "mask_token_id": mask_token_id, "block_size": block_size},
                 "config": config_summary(config),
+                "tidar": config.resolved_fields(),
                 "built": built,
                 "engines": engines,
                 "triton_repo": triton,

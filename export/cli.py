@@ -1,7 +1,7 @@
 """The `tidar-export` command line: build an export folder from a checkpoint, and verify one.
 
     tidar-export build [CHECKPOINT] -o OUT [--tp N] [--dtype D] [--draft-len B] [--draft-blocks K]
-                       [--engine auto|skip|require] [--force] [--quiet]
+                       [--mask-token-id ID] [--block-size B] [--engine auto|skip|require] [--force] [--quiet]
     tidar-export verify OUT [--json] [--threads N]
 
 Bad input exits with status 2 and one line `tidar-export CMD: error: ...` on stderr, no
@@ -26,10 +26,16 @@ stays well below the checkpoint's size. OUT is written atomically: the build hap
 sibling folder (.OUT.partial-*) that becomes OUT only once complete, so a failed build leaves
 no OUT behind.
 
+Checkpoints: this project's (config.json with a `tidar` block), and the released TiDAR-LM models
+as downloaded (architectures TiDARForCausalLM / TiDARSmallForCausalLM, no `tidar` block: [MASK] is
+the tokenizer's <|fim_pad|>, the block size 16). --mask-token-id and --block-size supply or
+override the two fields for any checkpoint. OUT's config.json and manifest.json record the
+resolved fields and where each came from, so nothing after the build needs the flags.
+
 OUT holds:
-  config.json, tokenizer.json, tokenizer_config.json
-                         copied from the checkpoint: OUT is itself a model folder, e.g.
-                         `tidar generate OUT --backend onnxruntime`
+  config.json, tokenizer.json, tokenizer_config.json, generation_config.json
+                         from the checkpoint (config.json with the resolved `tidar` block): OUT
+                         is itself a model folder, e.g. `tidar generate OUT --backend onnxruntime`
   trtllm/                TensorRT-LLM checkpoint: config.json + rank{r}.safetensors per
                          tensor-parallel rank (input of trtllm-build)
   trtllm/build_engine.sh the trtllm-build command (TensorRT-LLM 1.2.x) for a GPU host
@@ -54,9 +60,9 @@ VERIFY_DESCRIPTION = """\
 Re-check every artifact of a `tidar-export build` output against manifest.json and the
 reference: each file's sha256; the TensorRT-LLM rank files reassemble into exactly the source
 checkpoint's tensors; ONNX Runtime's logits equal the PyTorch reference model's within 1e-4 and
-greedy decoding gives identical tokens (draft lengths 0, 4 and the block size); the plugin
-graph is valid ONNX; a TensorRT engine, where one was built and TensorRT and a GPU are here,
-gives identical greedy tokens too. Steps the build skipped are reported with the build's reason. If the
+greedy decoding gives identical tokens (AR, every trained block size, and the largest with k = 4
+mask blocks); the plugin graph is valid ONNX; a TensorRT engine, where one was built and TensorRT
+and a GPU are here, gives identical greedy tokens too. Steps the build skipped are reported with the build's reason. If the
 source checkpoint no longer exists, artifacts are checked against the manifest's hashes only.
 Prints one line per check; exits 1 if any check fails.
 """
@@ -66,7 +72,8 @@ def _build(args: argparse.Namespace) -> int:
     from .build import build
 
     manifest = build(args.checkpoint, args.out, tp=args.tp, dtype=args.dtype, draft_len=args.draft_len,
-                     engine=args.engine, force=args.force, progress=not args.quiet, draft_blocks=args.draft_blocks)
+                     engine=args.engine, force=args.force, progress=not args.quiet, draft_blocks=args.draft_blocks,
+                     mask_token_id=args.mask_token_id, block_size=args.block_size)
     files = manifest["artifacts"]
     print(f"wrote {args.out}: {len(files)} files, {sum(f['size'] for f in files):,} bytes "
           f"({', '.join(manifest['built'])})")
@@ -121,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--draft-blocks", type=_count, default=None,
                        help="mask blocks k of the decode step the engine is sized for, 1..draft length "
                             "(b + k*b tokens per row; default: k = the draft length)")
+    build.add_argument("--mask-token-id", type=_count, default=None,
+                       help="token id of [MASK]: supplies or overrides config.json's tidar.mask_token_id (default: "
+                            "the config's; for a released TiDAR-LM checkpoint, the tokenizer's <|fim_pad|>)")
+    build.add_argument("--block-size", type=_count, default=None,
+                       help="block size b the model was trained with: supplies or overrides tidar.block_size "
+                            "(default: the config's; 16 for a released TiDAR-LM checkpoint)")
     build.add_argument("--engine", choices=("auto", "skip", "require"), default="auto",
                        help="auto (default): build the engines (TensorRT-LLM; TensorRT from the plugin graph) "
                             "where their libraries and a GPU are available, else record why not; skip: do not "

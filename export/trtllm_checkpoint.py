@@ -222,7 +222,7 @@ def convert(checkpoint_dir: str | Path, out_dir: str | Path, tp_size: int = 1, d
     Each rank file is streamed: one TRT-LLM tensor at a time is in memory."""
     folder, out = Path(checkpoint_dir), Path(out_dir)
     try:
-        config = TiDARConfig.from_file(folder)
+        config = source.config if source is not None else TiDARConfig.from_file(folder)  # its resolved fields
     except ConfigError as exc:
         raise CheckpointError(str(exc)) from None
     dtype = dtype or config.torch_dtype

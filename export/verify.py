@@ -10,11 +10,16 @@ Checks (each a `Check` in the report: "ok", "failed" or "skipped", with a one-li
                   If it no longer exists, the checks below use the manifest's hashes and the
                   artifacts themselves, and say so; if it changed, this check fails.
 - trtllm          the rank files reassemble (`trtllm_checkpoint.reassemble`) into exactly the
-                  source tensors (in the export's dtype) and the source config.
+                  source tensors (in the export's dtype) and the source config. The source's
+                  TiDAR fields are those OUT/config.json records (the build resolved them: a
+                  released checkpoint's inferred fields, or the build's --mask-token-id /
+                  --block-size), so verify needs no flag.
 - onnx:standard   ONNX Runtime logits (the standard step graph, then the LM-head graph on every
                   row) equal the fp32 reference model's within 1e-4 on fixed
                   prompts (a prefill and a decode step), and greedy decoding through
-                  `DecodeEngine` gives identical tokens for draft lengths 0, 4 and the block size.
+                  `DecodeEngine` gives identical tokens at the shapes of `verified_shapes`: AR, every
+                  block size the model was trained on (k = b blocks), and the largest with k = 4
+                  blocks (a k-of-b step) when it is larger than 4.
                   The reference is the source checkpoint, or, without it, the weights reassembled
                   from trtllm/ when they are exact (same dtype as the source).
 - onnx:plugin     the plugin graph passes onnx.checker with one tidar::hybrid_attention node per
@@ -22,7 +27,7 @@ Checks (each a `Check` in the report: "ok", "failed" or "skipped", with a one-li
                   file it shares with the standard graph, which the standard check has run.
 - tensorrt        the TensorRT engine of the plugin graph, when the build made one and TensorRT
                   and a GPU are here: greedy tokens through `DecodeEngine` equal the reference's
-                  at draft lengths 0, 4 and the block size; skipped with the reason otherwise.
+                  at the shapes of `verified_shapes`; skipped with the reason otherwise.
 - engine          the TensorRT-LLM engine (tp = 1), likewise, through the runtime's trtllm backend;
                   skipped with the reason where TensorRT-LLM or a GPU is missing.
 - triton_repo     the repository is rendered (no template field left), its model folder points at
@@ -128,6 +133,12 @@ def source_tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------- trtllm
+def resolved_overrides(config: TiDARConfig) -> dict[str, int]:
+    """The TiDAR fields OUT/config.json records, as overrides for reading the source checkpoint
+    (which may have no `tidar` block, or other values the build overrode)."""
+    return {"mask_token_id": config.mask_token_id, "block_size": config.block_size}
+
+
 def check_trtllm(out: Path, source: Path | None) -> tuple[Check, tuple[TiDARConfig, dict] | None]:
     """The trtllm check, and the reassembled (config, state) when reassembly succeeded."""
     try:
@@ -137,7 +148,7 @@ def check_trtllm(out: Path, source: Path | None) -> tuple[Check, tuple[TiDARConf
     if source is None:
         return Check("trtllm", "ok", f"{len(state)} tensors reassemble consistently (source checkpoint "
                                      "gone: compared with manifest hashes only)"), (config, state)
-    if config != TiDARConfig.from_file(source):
+    if config != TiDARConfig.from_file(source, **resolved_overrides(TiDARConfig.from_file(out))):
         return Check("trtllm", "failed", "trtllm/config.json: tidar.hf_config differs from the source config.json"), None
     expected = {name: t for name, t in source_tensors(source).items() if not ignorable_tensor(name, config)}
     if set(state) != set(expected):
@@ -152,10 +163,13 @@ def check_trtllm(out: Path, source: Path | None) -> tuple[Check, tuple[TiDARConf
                                  f"({str(dtype).removeprefix('torch.')})"), (config, state)
 
 
-def reference_model(source: Path | None, reassembled: tuple[TiDARConfig, dict] | None):
-    """(fp32 reference model, where it came from) or (None, why there is none)."""
+def reference_model(source: Path | None, reassembled: tuple[TiDARConfig, dict] | None,
+                    exported: TiDARConfig | None = None):
+    """(fp32 reference model, where it came from) or (None, why there is none); `exported` is
+    OUT's config, whose TiDAR fields the source is read with."""
     if source is not None:
-        return load_model(source, dtype="float32"), f"the source checkpoint {source}"
+        overrides = resolved_overrides(exported) if exported is not None else {}
+        return load_model(source, dtype="float32", **overrides), f"the source checkpoint {source}"
     if reassembled is None:
         return None, "no source checkpoint and trtllm/ did not reassemble"
     config, state = reassembled
@@ -204,13 +218,13 @@ def check_onnx_standard(out: Path, reference, origin: str, threads: int) -> Chec
     if not worst < TOLERANCE:
         return Check(name, "failed", f"{ONNX_GRAPHS['standard']}: logits differ from {origin} by {worst:.2e} "
                                      f"(tolerance {TOLERANCE})")
-    draft_lens = sorted({0, config.block_size} | ({4} if config.block_size >= 4 else set()))
-    mismatch = greedy_mismatch(torch_backend, onnx_backend, tokenizer, draft_lens)
+    shapes = verified_shapes(config)
+    mismatch = greedy_mismatch(torch_backend, onnx_backend, tokenizer, shapes)
     if mismatch is not None:
         return Check(name, "failed", f"{ONNX_GRAPHS['standard']}: greedy tokens differ from {origin} "
-                                     f"at draft length {mismatch}")
+                                     f"at draft shape {shape_name(mismatch)}")
     return Check(name, "ok", f"logits within {worst:.1e} of {origin}; identical greedy tokens at draft "
-                             f"lengths {', '.join(map(str, draft_lens))}")
+                             f"shapes {', '.join(map(shape_name, shapes))}")
 
 
 def check_onnx_plugin(out: Path, num_layers: int) -> Check:
@@ -233,15 +247,34 @@ def check_onnx_plugin(out: Path, num_layers: int) -> Check:
 
 
 # ---------------------------------------------------------------- tensorrt
-def greedy_mismatch(reference_backend, candidate, tokenizer, draft_lens) -> int | None:
-    """The first draft length at which `candidate`'s greedy tokens differ from the reference's
-    on PROMPTS (None: identical everywhere)."""
+def verified_shapes(config: TiDARConfig) -> list[tuple[int, int | None]]:
+    """The draft shapes (b, k; None: k = b) greedy decoding is compared at: AR, each block size
+    the model was trained on (it decodes with no other), and the largest with k = 4 mask blocks
+    (a k-of-b step, docs/design.md §3.4) when it is larger than 4."""
+    trained = sorted(config.trained_block_sizes)
+    return [(0, None), *((b, None) for b in trained), *(((trained[-1], 4),) if trained[-1] > 4 else ())]
+
+
+def as_shape(shape) -> tuple[int, int | None]:
+    """(b, k) of a draft length b (k = b: None) or a (b, k) pair."""
+    return (shape, None) if isinstance(shape, int) else tuple(shape)
+
+
+def shape_name(shape) -> str:
+    draft_len, draft_blocks = as_shape(shape)
+    return f"b={draft_len}" + (f",k={draft_blocks}" if draft_blocks is not None else "")
+
+
+def greedy_mismatch(reference_backend, candidate, tokenizer, shapes):
+    """The first of `shapes` (draft lengths, or (b, k) shapes) at which `candidate`'s greedy
+    tokens differ from the reference's on PROMPTS, as given (None: identical everywhere)."""
     requests = [Request(tokenizer.encode(prompt), MAX_NEW_TOKENS, eos_ids=()) for prompt in PROMPTS]
-    for draft_len in draft_lens:
-        expected = [r.token_ids for r in DecodeEngine(reference_backend, tokenizer, draft_len).generate(requests)]
-        actual = [r.token_ids for r in DecodeEngine(candidate, tokenizer, draft_len).generate(requests)]
-        if actual != expected:
-            return draft_len
+    for shape in shapes:
+        draft_len, draft_blocks = as_shape(shape)
+        runs = [DecodeEngine(backend, tokenizer, draft_len, draft_blocks=draft_blocks).generate(requests)
+                for backend in (reference_backend, candidate)]
+        if [r.token_ids for r in runs[0]] != [r.token_ids for r in runs[1]]:
+            return shape
     return None
 
 
@@ -293,12 +326,11 @@ def check_engine(out: Path, step: str, reference, origin: str) -> Check:
         engine = opened(out, TiDARConfig.from_file(out))
     except Exception as exc:  # TensorRT reports deserialization problems with its own types
         return Check(step, "failed", f"{path}: cannot be loaded ({exc})")
-    block = reference.config.block_size
-    draft_lens = sorted({0, block} | ({4} if block >= 4 else set()))
-    mismatch = greedy_mismatch(TorchBackend(reference), engine, Tokenizer(out), draft_lens)
+    shapes = verified_shapes(reference.config)
+    mismatch = greedy_mismatch(TorchBackend(reference), engine, Tokenizer(out), shapes)
     if mismatch is not None:
-        return Check(step, "failed", f"{path}: greedy tokens differ from {origin} at draft length {mismatch}")
-    return Check(step, "ok", f"identical greedy tokens to {origin} at draft lengths {', '.join(map(str, draft_lens))}")
+        return Check(step, "failed", f"{path}: greedy tokens differ from {origin} at draft shape {shape_name(mismatch)}")
+    return Check(step, "ok", f"identical greedy tokens to {origin} at draft shapes {', '.join(map(shape_name, shapes))}")
 
 
 # ---------------------------------------------------------------- the report
@@ -323,7 +355,7 @@ def verify(out: str | Path, threads: int = 0) -> dict:
     reference, origin = None, "not needed"
     if present & {"onnx", "tensorrt", "engine"}:
         try:
-            reference, origin = reference_model(source, reassembled)
+            reference, origin = reference_model(source, reassembled, config)
         except CheckpointError as exc:
             reference, origin = None, str(exc)
     if "onnx" in present:

@@ -110,14 +110,16 @@ def load_state_dict(folder: Path, model: TiDARModel) -> dict[str, torch.Tensor]:
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype | None = None, attention: str = "eager",
-               device: str | torch.device = "cpu") -> TiDARModel:
+               device: str | torch.device = "cpu", mask_token_id: int | None = None,
+               block_size: int | None = None) -> TiDARModel:
     """Build the reference model of the checkpoint folder `path`, in `dtype` (default: the
-    checkpoint's own)."""
+    checkpoint's own). `mask_token_id` / `block_size` supply or override the TiDAR fields
+    (`TiDARConfig.from_file`: a released TiDAR-LM checkpoint needs neither)."""
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a checkpoint folder")
     try:
-        config = TiDARConfig.from_file(folder)
+        config = TiDARConfig.from_file(folder, mask_token_id=mask_token_id, block_size=block_size)
     except ConfigError as exc:
         raise CheckpointError(str(exc)) from None
     if isinstance(dtype, str):

@@ -1,10 +1,24 @@
 """Typed TiDAR model configuration, read from and written to a Hugging Face `config.json`.
 
 A TiDAR checkpoint is an ordinary Hugging Face checkpoint of a Qwen2, Qwen3 or Llama
-backbone plus a `tidar` block (`mask_token_id`, `block_size`). This module reads both the
-transformers 4.x spelling of RoPE settings (`rope_theta` + `rope_scaling`) and the 5.x one
-(`rope_parameters`), validates every field with an error that names it, and writes the
-4.x spelling back (both transformers generations read it).
+backbone plus a `tidar` block (`mask_token_id`, `block_size`, optionally
+`trained_block_sizes`). This module reads both the transformers 4.x spelling of RoPE settings
+(`rope_theta` + `rope_scaling`) and the 5.x one (`rope_parameters`), validates every field with
+an error that names it, and writes the 4.x spelling back (both transformers generations read it).
+
+The TiDAR fields are resolved (docs/design.md, "Checkpoints users bring"):
+
+- from the `tidar` block when there is one ("config");
+- for the released TiDAR-LM layout (`architectures` TiDARForCausalLM or TiDARSmallForCausalLM and
+  no `tidar` block): [MASK] is the tokenizer's `<|fim_pad|>` ("inferred from <|fim_pad|>"; refused
+  by name when the tokenizer lacks it) and the block size 16 ("default of the released layout");
+- `mask_token_id=` / `block_size=` (the `--mask-token-id` / `--block-size` flags) supply or
+  override either for any checkpoint ("command line").
+
+A checkpoint with neither a `tidar` block, a released architecture nor both overrides is a plain
+AR checkpoint and is refused, naming the flags. Where each field came from is kept
+(`field_sources`) and written into the `tidar` block (`sources`) when one was not the config's,
+so every artifact built from the checkpoint reads the fields with no flag.
 """
 
 from __future__ import annotations
@@ -18,6 +32,17 @@ from typing import Any
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
+RELEASED_ARCHITECTURES = ("TiDARForCausalLM", "TiDARSmallForCausalLM")
+"""`architectures` of the released TiDAR-LM checkpoints (Qwen3- and Qwen2-based), which carry no `tidar` block."""
+RELEASED_MASK_TOKEN = "<|fim_pad|>"
+"""[MASK] of the released checkpoints (Qwen's id 151662; the authors' server hard-codes it)."""
+RELEASED_BLOCK_SIZE = 16
+"""Block size of the released checkpoints (the authors' server default `speculative_tidar_b`)."""
+FROM_CONFIG = "config"
+FROM_COMMAND_LINE = "command line"
+FROM_FIM_PAD = f"inferred from {RELEASED_MASK_TOKEN}"
+FROM_RELEASED_DEFAULT = "default of the released layout"
+OVERRIDE_FLAGS = "--mask-token-id and --block-size (mask_token_id= and block_size= in Python)"
 
 
 class ConfigError(ValueError):
@@ -54,6 +79,9 @@ class TiDARConfig:
     """Token id of [MASK], the diffusion slot (`tidar.mask_token_id`)."""
     block_size: int
     """Draft length b the model was trained with (`tidar.block_size`); inference uses b' <= b."""
+    trained_block_sizes: tuple[int, ...] = ()
+    """The block sizes (masks per block) the model was trained on (`tidar.trained_block_sizes`,
+    each in 1..block_size; default: (block_size,), what a released b = 16 model saw)."""
     rope_scaling: dict | None = None
     """RoPE scaling: None, {'rope_type': 'linear', 'factor'} or Llama-3 style {'rope_type':
     'llama3', 'factor', 'low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings'}."""
@@ -71,6 +99,15 @@ class TiDARConfig:
     """Dtype the weights are stored in ('float32', 'bfloat16', 'float16')."""
     extra: dict = field(default_factory=dict, compare=False, repr=False)
     """Fields of config.json this class does not interpret, kept so a round trip loses nothing."""
+    field_sources: dict = field(default_factory=dict, compare=False, repr=False)
+    """Where `mask_token_id` and `block_size` came from when not from the `tidar` block
+    (FROM_COMMAND_LINE, FROM_FIM_PAD, FROM_RELEASED_DEFAULT); a field not named is FROM_CONFIG."""
+
+    def __post_init__(self) -> None:
+        if not self.trained_block_sizes:
+            object.__setattr__(self, "trained_block_sizes", (self.block_size,))
+        else:
+            object.__setattr__(self, "trained_block_sizes", tuple(self.trained_block_sizes))
 
     # ----------------------------------------------------------------- derived
     @property
@@ -84,8 +121,12 @@ class TiDARConfig:
 
     # ----------------------------------------------------------------- reading
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> "TiDARConfig":
-        """Validate a parsed config.json; `source` names the file in error messages."""
+    def from_dict(cls, raw: dict[str, Any], source: str = "config.json", mask_token_id: int | None = None,
+                  block_size: int | None = None, tokenizer_folder: str | Path | None = None) -> "TiDARConfig":
+        """Validate a parsed config.json; `source` names the file in error messages.
+        `mask_token_id` / `block_size` override (or supply) the `tidar` block's fields;
+        `tokenizer_folder` holds the tokenizer.json in which a released-layout checkpoint's mask
+        token is looked up (see the module docstring)."""
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: expected a JSON object, got {type(raw).__name__}")
         raw = dict(raw)
@@ -94,13 +135,22 @@ class TiDARConfig:
             raise ConfigError(
                 f"{source}: field 'model_type' is {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
+        overrides = {"mask_token_id": mask_token_id, "block_size": block_size}
+        for name, value in overrides.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ConfigError(f"{source}: the {name} given on the command line must be an integer, got {value!r}")
         tidar = raw.pop("tidar", None)
+        sources = {name: FROM_COMMAND_LINE for name, value in overrides.items() if value is not None}
+        if tidar is None:
+            tidar, inferred = released_layout_fields(raw, source, overrides, tokenizer_folder)
+            sources.update(inferred)
         if not isinstance(tidar, dict):
-            raise ConfigError(
-                f"{source}: no 'tidar' block (with 'mask_token_id' and 'block_size'); "
-                "this is a plain AR checkpoint, not a TiDAR one"
-            )
+            raise ConfigError(f"{source}: field 'tidar' must be an object (with 'mask_token_id' and "
+                              f"'block_size'), got {tidar!r}")
         tidar = dict(tidar)  # fields are popped from it below; leave the caller's dict alone
+        for name, value in overrides.items():
+            if value is not None:
+                tidar[name] = value
 
         def take(name: str, kind: type, default: Any = ..., store: dict = raw) -> Any:
             value = store.pop(name, default)
@@ -189,15 +239,20 @@ class TiDARConfig:
             pad_token_id=take("pad_token_id", int, None),
             mask_token_id=take("mask_token_id", int, store=tidar),
             block_size=take("block_size", int, store=tidar),
+            trained_block_sizes=parse_trained_block_sizes(tidar.pop("trained_block_sizes", None), source),
             torch_dtype=str(dtype),
             extra={**raw, **({"tidar": tidar} if tidar else {})},
+            field_sources=sources,
         )
         config.validate(source)
         return config
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "TiDARConfig":
-        """Read `path` (a config.json, or a checkpoint folder holding one)."""
+    def from_file(cls, path: str | Path, mask_token_id: int | None = None,
+                  block_size: int | None = None) -> "TiDARConfig":
+        """Read `path` (a config.json, or a checkpoint folder holding one); `mask_token_id` /
+        `block_size` override or supply the TiDAR fields (the module docstring has the rule; a
+        released-layout checkpoint's mask token is looked up in the tokenizer.json beside it)."""
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
@@ -207,7 +262,8 @@ class TiDARConfig:
             raw = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: not valid JSON ({exc})") from None
-        return cls.from_dict(raw, source=str(path))
+        return cls.from_dict(raw, source=str(path), mask_token_id=mask_token_id, block_size=block_size,
+                             tokenizer_folder=path.parent)
 
     def validate(self, source: str = "config.json") -> None:
         """Raise ConfigError naming the first field that is out of range or inconsistent."""
@@ -234,6 +290,11 @@ class TiDARConfig:
             if not isinstance(value, int) or isinstance(value, bool) or not (0 <= value < self.vocab_size):
                 raise ConfigError(f"{source}: field 'eos_token_id' ({value!r}) is outside the vocabulary "
                                   f"[0, {self.vocab_size})")
+        trained = self.trained_block_sizes
+        if not trained or any(isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= self.block_size
+                              for b in trained) or len(set(trained)) != len(trained):
+            raise ConfigError(f"{source}: field 'tidar.trained_block_sizes' must list distinct block sizes in "
+                              f"[1, tidar.block_size = {self.block_size}], got {list(trained)}")
         if self.mask_token_id in self.eos_token_ids:
             raise ConfigError(f"{source}: field 'tidar.mask_token_id' ({self.mask_token_id}) is also an eos id")
         if not (math.isfinite(self.rope_theta) and self.rope_theta > 0):
@@ -260,19 +321,97 @@ class TiDARConfig:
     def to_dict(self) -> dict[str, Any]:
         """The config.json contents (transformers 4.x spelling, which 5.x reads as well)."""
         data = {k: v for k, v in asdict(self).items() if k not in ("extra", "eos_token_ids", "mask_token_id",
-                                                                    "block_size")}
+                                                                    "block_size", "trained_block_sizes",
+                                                                    "field_sources")}
         data.update(self.extra)
         eos = list(self.eos_token_ids)
         data["eos_token_id"] = eos[0] if len(eos) == 1 else (eos or None)
         data["architectures"] = [ARCHITECTURES[self.model_type]]
-        tidar = dict(self.extra.get("tidar", {}))
-        tidar.update(mask_token_id=self.mask_token_id, block_size=self.block_size)
-        data["tidar"] = tidar
+        data["tidar"] = self.tidar_block()
         if self.model_type == "qwen2":
             data.pop("attention_bias")
         return dict(sorted(data.items()))
+
+    def tidar_block(self) -> dict[str, Any]:
+        """The `tidar` block of config.json: the resolved fields, the block's other keys, and
+        `sources` ({field: where it came from}) when a field did not come from the config.
+        `trained_block_sizes` is written when it is not the default (block_size,) or the block
+        has `sources` (so an export of a released checkpoint states it, and keeps stating it
+        through round trips); a config without it reads the default, so round trips of
+        existing checkpoints stay identical."""
+        tidar = dict(self.extra.get("tidar", {}))
+        tidar.update(mask_token_id=self.mask_token_id, block_size=self.block_size)
+        if any(source != FROM_CONFIG for source in self.field_sources.values()):
+            tidar["sources"] = self.resolved_sources()
+        if "sources" in tidar or self.trained_block_sizes != (self.block_size,):
+            tidar["trained_block_sizes"] = list(self.trained_block_sizes)
+        return tidar
+
+    def resolved_sources(self) -> dict[str, str]:
+        """{field: where its value came from} of the two TiDAR fields."""
+        return {name: self.field_sources.get(name, FROM_CONFIG) for name in ("mask_token_id", "block_size")}
+
+    def resolved_fields(self) -> dict[str, Any]:
+        """The TiDAR fields with their sources, as the export manifest records them."""
+        return {"mask_token_id": self.mask_token_id, "block_size": self.block_size,
+                "trained_block_sizes": list(self.trained_block_sizes), "sources": self.resolved_sources()}
 
     def save(self, folder: str | Path) -> Path:
         path = Path(folder) / "config.json"
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         return path
+
+
+def released_layout_fields(raw: dict, source: str, overrides: dict[str, int | None],
+                           tokenizer_folder: str | Path | None) -> tuple[dict, dict[str, str]]:
+    """(the `tidar` block, {field: source}) of a config.json without one: a released TiDAR-LM
+    architecture gets [MASK] = the tokenizer's <|fim_pad|> and block size 16 where `overrides`
+    leave them unset; anything else needs both overrides, or is refused as a plain AR checkpoint."""
+    architectures = raw.get("architectures") or []
+    released = isinstance(architectures, list) and any(a in RELEASED_ARCHITECTURES for a in architectures)
+    if not released:
+        missing = [name for name, value in overrides.items() if value is None]
+        if missing:
+            raise ConfigError(
+                f"{source}: no 'tidar' block (with 'mask_token_id' and 'block_size'); this is a plain AR "
+                f"checkpoint (architectures {architectures!r}), not a TiDAR one. If it is a TiDAR model, give "
+                f"its fields with {OVERRIDE_FLAGS}; missing: {', '.join(missing)}")
+        return {}, {}
+    inferred = {}
+    tidar: dict[str, int] = {}
+    if overrides["mask_token_id"] is None:
+        tidar["mask_token_id"] = released_mask_id(source, tokenizer_folder)
+        inferred["mask_token_id"] = FROM_FIM_PAD
+    if overrides["block_size"] is None:
+        tidar["block_size"] = RELEASED_BLOCK_SIZE
+        inferred["block_size"] = FROM_RELEASED_DEFAULT
+    return tidar, inferred
+
+
+def released_mask_id(source: str, tokenizer_folder: str | Path | None) -> int:
+    """The id of <|fim_pad|> in the tokenizer of a released-layout checkpoint."""
+    from .tokenizer import Tokenizer, TokenizerError
+
+    layout = f"{source}: architectures {'/'.join(RELEASED_ARCHITECTURES)} without a 'tidar' block (the released " \
+             f"TiDAR-LM layout) take [MASK] = the tokenizer's {RELEASED_MASK_TOKEN}"
+    if tokenizer_folder is None:
+        raise ConfigError(f"{layout}, and no tokenizer was given to look it up in; give it with --mask-token-id "
+                          "(mask_token_id= in Python)")
+    try:
+        mask_id = Tokenizer(tokenizer_folder).token_to_id(RELEASED_MASK_TOKEN)
+    except TokenizerError as exc:
+        raise ConfigError(f"{layout}, looked up in the tokenizer: {exc}") from None
+    if mask_id is None:
+        raise ConfigError(f"{layout}, but {Path(tokenizer_folder) / 'tokenizer.json'} has no {RELEASED_MASK_TOKEN} "
+                          "token; give the mask id with --mask-token-id (mask_token_id= in Python)")
+    return mask_id
+
+
+def parse_trained_block_sizes(value: Any, source: str) -> tuple[int, ...]:
+    """`tidar.trained_block_sizes` as a tuple (empty when absent: the block size alone)."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not value or any(isinstance(b, bool) or not isinstance(b, int) for b in value):
+        raise ConfigError(f"{source}: field 'tidar.trained_block_sizes' must be a non-empty list of integers, "
+                          f"got {value!r}")
+    return tuple(value)

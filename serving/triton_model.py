@@ -27,6 +27,7 @@ from pathlib import Path
 import triton_python_backend_utils as pb_utils
 
 from tidar.runtime.generate import RequestError, Stats
+from tidar.runtime.generation_config import GenerationDefaults
 from .options import ServingOptions
 from .requests import Timing, build_scheduler, matched_stop, parse_request, response_tensors
 from .scheduler import Overloaded
@@ -54,6 +55,7 @@ class TritonPythonModel:
         self.metrics = Metrics({"model": args["model_name"], "version": args["model_version"]})
         self.scheduler, self.tokenizer, self.config, self.max_tokens_limit = build_scheduler(
             folder.resolve(), options, device=device)
+        self.defaults = GenerationDefaults.from_folder(folder.resolve())  # generation_config.json
         self.stop_publishing = threading.Event()
         self.publisher = threading.Thread(target=self._publish_loop, name="tidar-metrics", daemon=True)
         self.publisher.start()
@@ -79,7 +81,7 @@ class TritonPythonModel:
             if tensor is not None:
                 inputs[spec.name] = tensor.as_numpy()
         try:
-            parsed = parse_request(inputs, self.tokenizer, self.config, self.max_tokens_limit)
+            parsed = parse_request(inputs, self.tokenizer, self.config, self.max_tokens_limit, self.defaults)
         except RequestError as error:
             self.metrics.rejected("invalid")
             return _send_error(sender, str(error), pb_utils.TritonError.INVALID_ARG)

@@ -63,7 +63,9 @@ def test_transformers_reads_saved_config(family, tiny_checkpoints, tmp_path):
     rope = dict(hf.rope_parameters)
     assert rope.pop("rope_theta") == config.rope_theta
     assert rope == (config.rope_scaling or {"rope_type": "default"})
-    assert hf.tidar == {"mask_token_id": config.mask_token_id, "block_size": config.block_size}
+    assert hf.tidar == config.tidar_block()
+    assert {k: hf.tidar[k] for k in ("mask_token_id", "block_size")} == {"mask_token_id": config.mask_token_id,
+                                                                         "block_size": config.block_size}
 
 
 @pytest.mark.parametrize("family", FAMILIES)

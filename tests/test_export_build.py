@@ -164,7 +164,7 @@ def test_verify_passes(exported, capsys):
     assert lines["triton_repo"] == "ok"
     if tensorrt_unavailable_reason():
         assert lines["tensorrt"] == "skipped"
-    assert "identical greedy tokens at draft lengths 0, 4, 16" in out
+    assert "identical greedy tokens at draft shapes b=0, b=16, b=16,k=4" in out  # AR, the trained b, k-of-b
 
 
 def _tamper_rank(path: Path) -> None:

@@ -348,11 +348,12 @@ def test_full_queue_raises_overloaded_and_invalid_requests_get_errors(backend, t
         while scheduler.counters.queue_depth or scheduler.idle:
             time.sleep(0.01)
         queued = Collector()
-        scheduler.submit(Request([3, 2, 4], 5), queued.on_delta, queued.on_error)  # holds the mask id
+        scheduler.submit(Request([3, 10 ** 6, 4], 5), queued.on_delta, queued.on_error)  # outside the vocabulary
         with pytest.raises(Overloaded, match="max_queue_size = 1"):
             scheduler.submit(Request(tokenizer.encode(PROMPTS[1]), 5), Collector().on_delta, Collector().on_error)
         gate.set()
-        assert queued.wait().errors == [("invalid", "prompt contains the mask token id 2")]
+        vocab = backend.config.vocab_size
+        assert queued.wait().errors == [("invalid", f"prompt token {10 ** 6} is outside the vocabulary [0, {vocab})")]
         assert len(first.wait().token_ids) == 5
         assert scheduler.counters.requests["overloaded"] == 1 and scheduler.counters.requests["invalid"] == 1
         with pytest.raises(RequestError, match="draft_len"):
