@@ -110,12 +110,19 @@ def _given(inputs: dict, name: str) -> bool:
     return array.size > 0
 
 
-def parse_llmapi_request(inputs: dict[str, np.ndarray]) -> LlmapiRequest:
+def parse_llmapi_request(inputs: dict[str, np.ndarray], parameters: dict | None = None) -> LlmapiRequest:
     """The `tidar` request of one `tensorrt_llm` request's input tensors (name -> array, shapes as
-    the contract's, no batch dimension); LlmapiRequestError names what is refused."""
+    the contract's, no batch dimension); LlmapiRequestError names what is refused. `parameters`
+    are the request's other parameters: Triton's generate endpoint makes every JSON field that
+    names no input one, so a misspelt or old input name (`max_tokens`) would otherwise be ignored
+    without a word; any is refused by name."""
     unknown = sorted(set(inputs) - set(LLMAPI_INPUT_SPECS))
     if unknown:
         raise LlmapiRequestError(f"unknown input(s) {unknown}")
+    for name in sorted(parameters or {}):
+        hint = f" (did you mean 'sampling_param_{name}'?)" if f"sampling_param_{name}" in LLMAPI_INPUT_SPECS else ""
+        raise LlmapiRequestError(f"'{name}' is not an input of this model{hint}; its inputs: "
+                                 f"{', '.join(LLMAPI_INPUT_SPECS)}")
     text = inputs.get("text_input")
     if text is None:
         raise LlmapiRequestError("input 'text_input' is missing")

@@ -45,7 +45,7 @@ class TritonPythonModel:
             if tensor is not None:
                 inputs[spec.name] = tensor.as_numpy()
         try:
-            parsed = parse_llmapi_request(inputs)
+            parsed = parse_llmapi_request(inputs, _parameters(request))
         except LlmapiRequestError as error:
             return _send_error(sender, str(error), pb_utils.TritonError.INVALID_ARG)
         if parsed.streaming and not self.decoupled:
@@ -81,6 +81,16 @@ class TritonPythonModel:
 
     def finalize(self):
         pass
+
+
+def _parameters(request) -> dict:
+    """The request's parameters (the generate endpoint turns JSON fields that name no input into
+    parameters), less Triton's own (`triton_*`, e.g. a gRPC stream's enable_empty_final_response)."""
+    try:
+        given = json.loads(request.parameters() or "{}")
+    except (AttributeError, ValueError):
+        return {}
+    return {key: value for key, value in given.items() if not key.startswith("triton_")}
 
 
 def _finished(outputs) -> bool:
