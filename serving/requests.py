@@ -8,7 +8,10 @@ into output tensors. The model (triton_repo/tidar/1/model.py) only moves these b
 and the scheduler.
 
 Meaning of tensorrtllm_backend's inputs here (docs/design.md §3):
-- sampling inputs as TensorRT-LLM reads them (`wire.sampling_choice`: only `temperature` = greedy);
+- sampling inputs as TensorRT-LLM reads them (`wire.sampling_choice`: only `temperature` = greedy),
+  after the checkpoint's generation_config.json defaults (`GenerationDefaults.apply`) fill the
+  ones the request leaves unset (absent, or `top_p` <= 0); its end ids end generation unless the
+  request sends `end_id`;
 - `exclude_input_in_output` (default false): a non-streaming response's `text_output` starts with
   the prompt unless it is set; streaming responses carry only new text either way (as there);
 - `num_return_sequences` = n runs n rows (seeds `seed`, `seed`+1, ...), each response tagged
@@ -50,6 +53,7 @@ import numpy as np
 from tidar.runtime.config import TiDARConfig
 from tidar.runtime.draft_shape import DraftShapeError, validate_draft_shape
 from tidar.runtime.generate import Request, RequestError, Stats
+from tidar.runtime.generation_config import GenerationDefaults
 from tidar.runtime.sampling import SamplingError, SamplingParams
 from tidar.runtime.tokenizer import Tokenizer
 from .options import OptionsError, ServingOptions
@@ -158,8 +162,9 @@ def _unsupported(inputs) -> None:
 
 
 def parse_request(inputs: dict[str, np.ndarray], tokenizer: Tokenizer, config: TiDARConfig,
-                  max_tokens_limit: int) -> ServingRequest:
-    """The runtime requests of one Triton request's inputs; RequestError names what is wrong."""
+                  max_tokens_limit: int, defaults: GenerationDefaults | None = None) -> ServingRequest:
+    """The runtime requests of one Triton request's inputs; RequestError names what is wrong.
+    `defaults`: the model's generation_config.json (end ids, sampling defaults)."""
     unknown = set(inputs) - set(INPUT_SPECS)
     if unknown:
         raise RequestError(f"unknown input(s) {sorted(unknown)}")
@@ -190,7 +195,12 @@ def parse_request(inputs: dict[str, np.ndarray], tokenizer: Tokenizer, config: T
     if seed is not None and old_seed is not None and seed != old_seed:
         raise RequestError(f"inputs 'seed' = {seed} and 'random_seed' = {old_seed} disagree (send one)")
     seed = seed if seed is not None else old_seed
-    temperature, top_k, top_p = sampling_choice(temperature, number("top_k", int), top_p)
+    top_k = number("top_k", int)
+    if defaults is not None:  # the checkpoint's defaults fill what the request leaves unset
+        chosen = defaults.apply({"temperature": temperature, "top_k": top_k,
+                                 "top_p": top_p if top_p is not None and top_p > 0 else None})
+        temperature, top_k, top_p = chosen["temperature"], chosen["top_k"], chosen["top_p"]
+    temperature, top_k, top_p = sampling_choice(temperature, top_k, top_p)
     processors = {}  # penalties, min_tokens, bad words: left at SamplingParams' neutral values when absent
     for name, kind in (("repetition_penalty", float), ("presence_penalty", float), ("frequency_penalty", float),
                        ("min_tokens", int)):
@@ -205,7 +215,7 @@ def parse_request(inputs: dict[str, np.ndarray], tokenizer: Tokenizer, config: T
         raise RequestError(f"input {error}") from None
 
     stop = _words(inputs, "stop_words")
-    eos_ids = None
+    eos_ids = defaults.eos_ids if defaults is not None else None
     for name in ("end_id", "pad_id"):
         token = number(name, int)
         if token is not None and not 0 <= token < config.vocab_size:

@@ -29,7 +29,8 @@ def load_backend(name: str, path: str | Path, **options) -> Backend:
     raise ValueError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")
 
 
-def load_onnxruntime(path: str | Path, dtype: str | None = None, attention: str = "eager", threads: int = 0):
+def load_onnxruntime(path: str | Path, dtype: str | None = None, attention: str = "eager", threads: int = 0,
+                     mask_token_id: int | None = None, block_size: int | None = None):
     """The ONNX Runtime backend of a `tidar-export build` output: OUT/onnx/decode_step.onnx
     (standard lowering) and OUT/onnx/lm_head.onnx with OUT/config.json. The graph fixes dtype and
     attention: `dtype` may only name the graph's own, `attention` only "eager" (the graph's
@@ -47,21 +48,24 @@ def load_onnxruntime(path: str | Path, dtype: str | None = None, attention: str 
     if attention != "eager":
         raise CheckpointError(f"{graph}: attention {attention!r} is a torch backend option; the graph has its "
                               "own (eager) attention")
-    backend = OnnxRuntimeBackend(graph, folder / HEAD_GRAPH, TiDARConfig.from_file(folder), threads=threads)
+    config = TiDARConfig.from_file(folder, mask_token_id=mask_token_id, block_size=block_size)
+    backend = OnnxRuntimeBackend(graph, folder / HEAD_GRAPH, config, threads=threads)
     if dtype is not None and backend.dtype != getattr(torch, dtype, None):
         raise CheckpointError(f"{graph}: the graph computes in {str(backend.dtype).removeprefix('torch.')}, "
                               f"not {dtype}")
     return backend
 
 
-def load_engine(name: str, path: str | Path, dtype: str | None = None, attention: str = "eager", **_unused):
+def load_engine(name: str, path: str | Path, dtype: str | None = None, attention: str = "eager",
+                mask_token_id: int | None = None, block_size: int | None = None, **_unused):
     """The TensorRT ("tensorrt") or TensorRT-LLM ("trtllm") engine of a `tidar-export build`
     output (engine_backend.py); GPU hosts only. The engine fixes dtype and attention."""
     from tidar.runtime.checkpoint import CheckpointError
     from .engine_backend import EngineBackend, EngineUnavailable
 
+    config = TiDARConfig.from_file(path, mask_token_id=mask_token_id, block_size=block_size)
     try:
-        backend = getattr(EngineBackend, name)(path)
+        backend = getattr(EngineBackend, name)(path, config)
     except EngineUnavailable as exc:
         raise CheckpointError(str(exc)) from None
     if dtype is not None and backend.dtype != getattr(torch, dtype, None):

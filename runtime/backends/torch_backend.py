@@ -31,10 +31,12 @@ class TorchBackend(BackendBase):
 
     @classmethod
     def load(cls, path: str | Path, dtype: str | None = None, attention: str = "eager",
-             device: str = "cpu", cuda_graphs: bool | None = None) -> "TorchBackend":
+             device: str = "cpu", cuda_graphs: bool | None = None, mask_token_id: int | None = None,
+             block_size: int | None = None) -> "TorchBackend":
         from tidar.runtime.checkpoint import load_model
 
-        return cls(load_model(path, dtype=dtype, attention=attention, device=device), cuda_graphs=cuda_graphs)
+        return cls(load_model(path, dtype=dtype, attention=attention, device=device, mask_token_id=mask_token_id,
+                              block_size=block_size), cuda_graphs=cuda_graphs)
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         return self.model.new_cache(batch, capacity)
