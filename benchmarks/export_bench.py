@@ -6,7 +6,8 @@ of each build step (from the progress lines the build prints on stderr), the che
 the output's size on disk, and the ratio of peak memory to checkpoint size. Writes one JSON
 object with the date, machine and versions.
 
-    python benchmarks/export_bench.py [CHECKPOINT] --out RESULT.json [--tp N] [--dtype D] [--keep DIR]
+    python benchmarks/export_bench.py [CHECKPOINT] --out RESULT.json [--tp N] [--dtype D] [--engine auto|skip]
+                                      [--keep DIR]
 
 CHECKPOINT defaults to the bundled model. OUT goes to a temporary folder (removed afterwards)
 unless --keep names one: exports of large checkpoints are large.
@@ -88,6 +89,8 @@ def main() -> int:
     parser.add_argument("--name", default=None, help="label of the checkpoint in the result (default: its folder name)")
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--dtype", default=None, help="TensorRT-LLM checkpoint dtype (default: the checkpoint's)")
+    parser.add_argument("--engine", choices=("auto", "skip", "require"), default="auto",
+                        help="tidar-export build's --engine (default auto; skip: ONNX and TensorRT-LLM checkpoint only)")
     parser.add_argument("--keep", type=Path, default=None, help="write the export here and keep it")
     args = parser.parse_args()
 
@@ -95,7 +98,7 @@ def main() -> int:
     scratch = None if args.keep else tempfile.mkdtemp(prefix="tidar-export-bench-")
     out = args.keep or Path(scratch) / "out"
     command = [*export_cli, "build", str(args.checkpoint), "-o", str(out), "--force", "--tp", str(args.tp),
-               "--engine", "auto"] + (["--dtype", args.dtype] if args.dtype else [])
+               "--engine", args.engine] + (["--dtype", args.dtype] if args.dtype else [])
     try:
         measured = run_build(command)
         output_bytes = folder_size(out) if out.is_dir() else None
