@@ -36,6 +36,7 @@ imported (slow; for tests).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from dataclasses import dataclass
@@ -333,14 +334,25 @@ def hybrid_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     if out.numel() == 0:
         return out
     query, key, value = _last_dim_dense(query), _last_dim_dense(key), _last_dim_dense(value)
-    _hybrid_attention_kernel[grid[:2]](
-        query, key, value, past_lens.contiguous(), *layout,
-        num_new, kv_len, num_heads, num_heads // num_kv_heads,
-        *query.stride()[:3], *key.stride()[:3], *value.stride()[:3], *out.stride()[:3],
-        out, tile_counts,
-        **kernel_constants(head_dim, dtype, scale, config),
-        num_warps=config.num_warps, num_stages=config.num_stages)
+    with launch_device(query.device):
+        _hybrid_attention_kernel[grid[:2]](
+            query, key, value, past_lens.contiguous(), *layout,
+            num_new, kv_len, num_heads, num_heads // num_kv_heads,
+            *query.stride()[:3], *key.stride()[:3], *value.stride()[:3], *out.stride()[:3],
+            out, tile_counts,
+            **kernel_constants(head_dim, dtype, scale, config),
+            num_warps=config.num_warps, num_stages=config.num_stages)
     return out
+
+
+def launch_device(device: torch.device):
+    """The context a launch runs in: Triton launches on the calling thread's current CUDA device
+    and stream (triton/runtime/jit.py: driver.active.get_current_device(), get_current_stream), not on
+    the tensors' device, so a launch on tensors of cuda:1 from a thread whose current device is 0
+    makes it current first. CPU tensors (the interpreter) need nothing."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def kernel_constants(head_dim: int, dtype: str, scale: float, config: contract.LaunchConfig) -> dict:

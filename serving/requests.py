@@ -372,6 +372,7 @@ def build_scheduler(folder, options: ServingOptions, device: str = "cpu", progre
     from tidar.runtime.autotune import BatchDraftPolicy, candidate_draft_lens, draft_shapes, shape_name
     from tidar.runtime.calibrate import startup_estimate
     from tidar.runtime.backends.loading import load_backend
+    from tidar.runtime.generate import DecodeEngine
     from .scheduler import Scheduler, SchedulerConfig
 
     if options.threads > 0:
@@ -382,6 +383,8 @@ def build_scheduler(folder, options: ServingOptions, device: str = "cpu", progre
                                cuda_graphs=options.cuda_graphs)
     elif options.backend == "onnxruntime":
         backend_options["threads"] = options.threads
+    else:  # an engine: deserialized on this instance's GPU
+        backend_options["device"] = device
     progress(f"loading {folder} on {options.backend}")
     backend = load_backend(options.backend, folder, **backend_options)
     check_backend_limits(backend, options)
@@ -413,8 +416,15 @@ def build_scheduler(folder, options: ServingOptions, device: str = "cpu", progre
                 partial = cache.with_suffix(f".{os.getpid()}.tmp")
                 partial.write_text(json.dumps(policy.to_json()))
                 os.replace(partial, cache)
+    graphed = getattr(backend, "graphs", None) is not None  # CUDA graphs: a cache that never grows
     scheduler = Scheduler(backend, tokenizer, SchedulerConfig(
         max_batch_size=options.max_batch_size, max_queue_size=options.max_queue_size,
-        draft_len=options.draft_len, default_timeout=options.default_timeout), policy=policy)
+        draft_len=options.draft_len, default_timeout=options.default_timeout,
+        max_len=DecodeEngine(backend).max_slots() if graphed else None), policy=policy)
+    if graphed:  # every graph before the server reports ready; none captured while serving
+        started = time.monotonic()
+        captured = scheduler.prepare_graphs()
+        progress(f"CUDA graphs: {captured} decode steps captured in {time.monotonic() - started:.1f} s "
+                 f"(cache of {options.max_batch_size} rows x {scheduler.config.max_len} slots)")
     limit = options.max_tokens_limit or config.max_position_embeddings
     return scheduler, tokenizer, config, limit

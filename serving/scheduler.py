@@ -41,6 +41,7 @@ from typing import Callable
 from tidar.runtime.autotune import BatchDraftPolicy, as_shape
 from tidar.runtime.backends.base import Backend
 from tidar.runtime.generate import DecodeEngine, Delta, Request, RequestError, add_per_position
+from tidar.runtime.layout import Layout
 from tidar.runtime.tokenizer import Tokenizer
 
 
@@ -58,6 +59,9 @@ class SchedulerConfig:
     """Draft length of requests that do not ask for one; None = adapt to the batch size."""
     default_timeout: float | None = None
     """Seconds a request may take from submission (None = no limit) unless it sets its own."""
+    max_len: int | None = None
+    """KV slots per row of the adaptive engine's cache; set (with max_batch_size rows), the cache is
+    allocated once at `prepare_graphs` and never grows; None: sized by requests, grown on demand."""
     cancel_poll_seconds: float = 0.05
     """Least time between two calls of one submission's `is_cancelled`. In Triton's Python backend
     that call is a blocking round trip to the server process (python_backend `PbCancel::IsCancelled`),
@@ -126,8 +130,10 @@ class Scheduler:
         self.counters = SchedulerCounters()
         b, k = as_shape(self.config.draft_len if self.config.draft_len is not None else policy.best(1))
         self.counters.draft_len, self.counters.draft_blocks = b, k
+        rows = self.config.max_batch_size if self.config.max_len is not None else None
         self.engines: dict[object, DecodeEngine] = {ADAPTIVE: DecodeEngine(backend, tokenizer, draft_len=b,
-                                                                           draft_blocks=k)}
+                                                                           draft_blocks=k, max_rows=rows,
+                                                                           max_len=self.config.max_len)}
         self._shape_for_rows: dict[int, tuple[int, int]] = {}  # `_adapt`: policy.best per batch size
         self._queue: collections.deque[_Submission] = collections.deque()
         self._running: dict[object, _Submission] = {}  # request_id -> submission
@@ -136,6 +142,27 @@ class Scheduler:
         self._closing = False
         self._thread = threading.Thread(target=self._loop, name="tidar-scheduler", daemon=True)
         self._thread.start()
+
+    def prepare_graphs(self) -> int:
+        """Before any request: capture the CUDA graph of every decode step the adaptive engine can
+        run — each draft shape the policy picks for 1..max_batch_size rows (or the fixed draft
+        length) at every batch bucket of its cache, allocated now for max_batch_size x max_len —
+        then freeze capture, so nothing is captured or dropped while requests are served (a step
+        without a graph, e.g. of a request's own draft length, runs eagerly). Returns the graphs
+        captured; 0 where the backend has none (backends/cuda_graphs.py)."""
+        graphs = getattr(self.backend, "graphs", None)
+        if graphs is None:
+            return 0
+        if self.config.max_len is None:
+            raise ValueError("prepare_graphs needs SchedulerConfig.max_len: graphs of a cache that grows are dropped")
+        if self.config.draft_len is not None:
+            shapes = {as_shape(self.config.draft_len)}
+        else:
+            shapes = {as_shape(self.policy.best(rows)) for rows in range(1, self.config.max_batch_size + 1)}
+        cache = self.engines[ADAPTIVE].allocate_cache()
+        captured = graphs.prepare(cache, [Layout.decode(b, k) for b, k in sorted(shapes, reverse=True)])
+        graphs.freeze()
+        return captured
 
     # ------------------------------------------------------------------ callers
     def submit(self, request: Request, on_delta: Callable[[Delta], None], on_error: Callable[[str, str], None],
@@ -199,6 +226,7 @@ class Scheduler:
 
     # ------------------------------------------------------------------ the loop
     def _loop(self) -> None:
+        use_backend_device(self.backend)
         while True:
             with self._cond:
                 while not (self._closing or self._queue or self._running):
@@ -367,6 +395,17 @@ class Scheduler:
 
 
 _FAILED = object()
+
+
+def use_backend_device(backend: Backend) -> None:
+    """Make the backend's CUDA device this thread's current one (a new thread starts on device 0:
+    kernels launched on the current device, such as the Triton attention kernel's, and
+    allocations without a device would otherwise go to GPU 0 for an instance on GPU 1)."""
+    device = getattr(backend, "device", None)
+    if device is not None and getattr(device, "type", None) == "cuda":
+        import torch
+
+        torch.cuda.set_device(device)
 
 
 def _safe(function: Callable, *args):

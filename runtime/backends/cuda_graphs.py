@@ -17,7 +17,12 @@ call. A graph fixes every shape and address, so `GraphedForward` runs the step o
   come out of the graph's static output, copied (`clone`) before the next replay can overwrite it.
 
 Only decode layouts (`is_decode_layout`: AR steps and TiDAR steps of any draft length) on a whole
-cache are graphed, each captured on first use. A prefill (one row view, a prompt-length layout)
+cache are graphed, each captured on first use, or all at once ahead of use: `prepare(cache,
+layouts)` captures every (bucket, layout) of a cache, largest bucket first (as vLLM captures its
+batch sizes at start-up: the largest graph sizes the shared pool, the smaller ones fit in it), and
+`freeze()` then stops capturing: a step without a graph runs eagerly (`uncaptured_steps` counts
+them), so a server that prepared its graphs before reporting ready never captures while serving
+(serving/requests.py `build_scheduler`). A prefill (one row view, a prompt-length layout)
 stays eager. The graphs of a cache are dropped when its storage is reallocated (`KVCache.grow`
 bumps `allocations`) or when the cache is garbage collected; all graphs are dropped when the model
 changes (attention implementation, dtype, device or weight storage; weights overwritten in place
@@ -176,12 +181,51 @@ class GraphedForward:
         """Steps captured (one per (cache storage, batch bucket, layout) used)."""
         self.replays = 0
         """Forwards run through a captured step."""
+        self.frozen = False
+        """No capture any more (`freeze`): steps without a graph run eagerly."""
+        self.uncaptured_steps = 0
+        """Decode steps run eagerly after `freeze` because no graph of theirs was prepared."""
         self._model_state = self._model_signature()
         self._caches: weakref.WeakKeyDictionary[KVCache, _CacheGraphs] = weakref.WeakKeyDictionary()
 
     def handles(self, layout: Layout, cache: KVCache | None) -> bool:
-        """Whether a forward of `layout` on `cache` runs here (else the caller runs it eagerly)."""
-        return cache is not None and not cache.is_view and cache.batch > 0 and is_decode_layout(layout)
+        """Whether a forward of `layout` on `cache` runs here (else the caller runs it eagerly):
+        a decode layout on a whole, non-empty cache; once frozen, only one with a graph."""
+        if cache is None or cache.is_view or cache.batch == 0 or not is_decode_layout(layout):
+            return False
+        if self.frozen and (batch_bucket(cache.batch, cache.max_rows), layout) not in self._graphs_of(cache):
+            self.uncaptured_steps += 1
+            return False
+        return True
+
+    def freeze(self) -> None:
+        """Capture nothing from now on (see the module docstring)."""
+        self.frozen = True
+
+    @torch.inference_mode()
+    def prepare(self, cache: KVCache, layouts) -> int:
+        """Capture the step of every decode layout of `layouts` at every batch bucket of `cache`
+        (`batch_buckets(cache.max_rows)`), largest bucket first, before any row joins it; returns
+        how many graphs were captured (those already there are kept). The capture runs on free
+        storage rows with past length 0 (what a padded row does), so the cache's contents do not
+        matter and nothing is committed."""
+        if cache.is_view:
+            raise ValueError("graphs are prepared on a whole cache, not a view")
+        if self.frozen:
+            raise ValueError("prepare() after freeze(): the graphs of a served model are all captured before it is")
+        layouts = list(dict.fromkeys(layouts))
+        refused = [layout for layout in layouts if not is_decode_layout(layout)]
+        if refused:
+            raise ValueError(f"only decode layouts are graphed; not {refused[0]}")
+        if any(layout.num_new > cache.capacity for layout in layouts):
+            raise ValueError(f"KV cache capacity {cache.capacity} is too small for a step of "
+                             f"{max(layout.num_new for layout in layouts)} tokens")
+        graphs, before = self._graphs_of(cache), self.captures
+        for bucket in reversed(batch_buckets(cache.max_rows)):
+            for layout in layouts:
+                if (bucket, layout) not in graphs:
+                    graphs[(bucket, layout)] = self._capture(cache, bucket, layout, None)
+        return self.captures - before
 
     def invalidate(self) -> None:
         """Drop every graph (they are captured again on next use)."""
@@ -220,6 +264,9 @@ class GraphedForward:
         graphs = self._graphs_of(cache)
         graph = graphs.get((bucket, layout))
         if graph is None:
+            if self.frozen:
+                raise ValueError(f"no graph of batch bucket {bucket}, {layout} was prepared and capture is frozen; "
+                                 "ask handles() first (it sends such a step to the eager path)")
             graph = graphs[(bucket, layout)] = self._capture(cache, bucket, layout, input_ids)
         else:
             self._load(graph, input_ids, cache)
@@ -228,15 +275,20 @@ class GraphedForward:
         return hidden[:batch].clone()
 
     @staticmethod
-    def _load(graph: _Graph, input_ids: torch.Tensor, cache: KVCache) -> None:
+    def _load(graph: _Graph, input_ids: torch.Tensor | None, cache: KVCache) -> None:
         """Copy the step's inputs into the static buffers: the padded rows get a past of 0 (their
-        input ids are whatever is there: valid ids, never read back)."""
+        input ids are whatever is there: valid ids, never read back). None: a step prepared ahead
+        of use, every row padded (ids 0, past 0)."""
+        if input_ids is None:
+            graph.input_ids.zero_()
+            graph.past_lens.zero_()
+            return
         batch = cache.batch
         graph.input_ids[:batch].copy_(input_ids)
         graph.past_lens[:batch].copy_(cache.lengths)
         graph.past_lens[batch:].zero_()
 
-    def _capture(self, cache: KVCache, bucket: int, layout: Layout, input_ids: torch.Tensor) -> _Graph:
+    def _capture(self, cache: KVCache, bucket: int, layout: Layout, input_ids: torch.Tensor | None) -> _Graph:
         device = cache.device
         graph = _Graph(torch.zeros(bucket, layout.num_new, dtype=torch.long, device=device),
                        torch.zeros(bucket, dtype=torch.long, device=device), replay=None)

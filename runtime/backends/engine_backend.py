@@ -138,32 +138,42 @@ class EngineBackend(BackendBase):
 
     @classmethod
     def open(cls, engine_path: Path, config: TiDARConfig, name: str,
-             head_weight: Callable[[], torch.Tensor]) -> "EngineBackend":
-        """Deserialize `engine_path` on the current CUDA device; `head_weight` reads the LM head."""
+             head_weight: Callable[[], torch.Tensor], device: torch.device | str = "cuda") -> "EngineBackend":
+        """Deserialize `engine_path` on the CUDA `device` ("cuda": the current one); `head_weight`
+        reads the LM head. TensorRT deserializes, makes the execution context and allocates on
+        the calling thread's current device, so all of it runs under `torch.cuda.device(device)`."""
         trt = _require("tensorrt", f"the {name} backend")
         if not torch.cuda.is_available():
             raise EngineUnavailable(f"the {name} backend runs on an NVIDIA GPU; torch sees no CUDA device")
+        device = torch.device(device)
+        if device.type != "cuda":
+            raise EngineUnavailable(f"the {name} backend runs on a CUDA device, not {device}")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         if not engine_path.is_file():
             raise EngineUnavailable(f"{engine_path}: no engine; build it with `tidar-export build --engine require` "
                                     "on a GPU host")
-        engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(engine_path.read_bytes())
-        if engine is None:
-            raise EngineUnavailable(f"{engine_path}: TensorRT cannot deserialize the engine (built for another "
-                                    "TensorRT version or GPU?)")
-        return cls(engine, config, name, head_weight())
+        with torch.cuda.device(device):
+            engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(engine_path.read_bytes())
+            if engine is None:
+                raise EngineUnavailable(f"{engine_path}: TensorRT cannot deserialize the engine (built for another "
+                                        "TensorRT version or GPU?)")
+            return cls(engine, config, name, head_weight(), device=device)
 
     @classmethod
-    def tensorrt(cls, folder: str | Path, config: TiDARConfig | None = None) -> "EngineBackend":
+    def tensorrt(cls, folder: str | Path, config: TiDARConfig | None = None,
+               device: torch.device | str = "cuda") -> "EngineBackend":
         _require("tensorrt", "the tensorrt backend")
         _require("onnx", "the tensorrt backend (its LM head is the weight of onnx/lm_head.onnx)")
         _require("tidar.plugins.tensorrt_plugin", "the tensorrt backend").register()  # before deserializing
         folder = Path(folder)
         config = config or TiDARConfig.from_file(folder)
         return cls.open(folder / TENSORRT_ENGINE, config, "tensorrt",
-                        lambda: onnx_head_weight(folder / HEAD_GRAPH, config))
+                        lambda: onnx_head_weight(folder / HEAD_GRAPH, config), device)
 
     @classmethod
-    def trtllm(cls, folder: str | Path, config: TiDARConfig | None = None) -> "EngineBackend":
+    def trtllm(cls, folder: str | Path, config: TiDARConfig | None = None,
+               device: torch.device | str = "cuda") -> "EngineBackend":
         _require("tensorrt_llm", "the trtllm backend")  # registers TensorRT-LLM's plugins
         _require("tidar.plugins.trtllm_plugin", "the trtllm backend")  # the Python plugin must be importable
         folder = Path(folder)
@@ -172,7 +182,7 @@ class EngineBackend(BackendBase):
                                     "tensor-parallel size > 1 is not supported (build with --tp 1 to serve)")
         config = config or TiDARConfig.from_file(folder)
         return cls.open(folder / TRTLLM_ENGINE, config, "trtllm",
-                        lambda: trtllm_head_weight(folder / TRTLLM_WEIGHTS, config))
+                        lambda: trtllm_head_weight(folder / TRTLLM_WEIGHTS, config), device)
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         c = self.config

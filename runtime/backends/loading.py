@@ -57,15 +57,15 @@ def load_onnxruntime(path: str | Path, dtype: str | None = None, attention: str 
 
 
 def load_engine(name: str, path: str | Path, dtype: str | None = None, attention: str = "eager",
-                mask_token_id: int | None = None, block_size: int | None = None, **_unused):
+                mask_token_id: int | None = None, block_size: int | None = None, device: str = "cuda", **_unused):
     """The TensorRT ("tensorrt") or TensorRT-LLM ("trtllm") engine of a `tidar-export build`
-    output (engine_backend.py); GPU hosts only. The engine fixes dtype and attention."""
+    output (engine_backend.py) on the CUDA `device`; GPU hosts only. The engine fixes dtype and attention."""
     from tidar.runtime.checkpoint import CheckpointError
     from .engine_backend import EngineBackend, EngineUnavailable
 
     config = TiDARConfig.from_file(path, mask_token_id=mask_token_id, block_size=block_size)
     try:
-        backend = getattr(EngineBackend, name)(path, config)
+        backend = getattr(EngineBackend, name)(path, config, device=device)
     except EngineUnavailable as exc:
         raise CheckpointError(str(exc)) from None
     if dtype is not None and backend.dtype != getattr(torch, dtype, None):

@@ -38,6 +38,11 @@ class TorchBackend(BackendBase):
         return cls(load_model(path, dtype=dtype, attention=attention, device=device, mask_token_id=mask_token_id,
                               block_size=block_size), cuda_graphs=cuda_graphs)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model and its caches are."""
+        return self.model.device
+
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         return self.model.new_cache(batch, capacity)
 
