@@ -466,7 +466,8 @@ def build(checkpoint: str | Path, out: str | Path, tp: int = 1, dtype: str | Non
             steps.done()
 
             steps.start(f"TensorRT-LLM checkpoint (tp={tp}, {dtype})")
-            convert(folder, partial / "trtllm", tp, dtype, progress=steps.note, source=source)
+            convert(folder, partial / "trtllm", tp, dtype, progress=steps.note, source=source, draft_len=draft_len,
+                    draft_blocks=draft_blocks)  # build_engine.sh's engine gets the profile of this draft shape
             script = partial / ENGINE_SCRIPT
             script.write_text(engine_script(config, tp, draft_len, draft_blocks))
             script.chmod(0o755)

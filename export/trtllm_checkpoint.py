@@ -69,8 +69,12 @@ def padded_vocab_size(vocab_size: int, tp_size: int) -> int:
     return -(-vocab_size // tp_size) * tp_size
 
 
-def trtllm_config(config: TiDARConfig, tp_size: int, dtype: str) -> dict:
-    """TRT-LLM checkpoint config.json for `config` split `tp_size` ways in `dtype`."""
+def trtllm_config(config: TiDARConfig, tp_size: int, dtype: str, draft_len: int | None = None,
+                  draft_blocks: int | None = None) -> dict:
+    """TRT-LLM checkpoint config.json for `config` split `tp_size` ways in `dtype`. `draft_len` b
+    and `draft_blocks` k (None: k = b), when given, are the decode step the engine is sized for
+    (tidar.draft_len / tidar.draft_blocks: trtllm_model.builder_ranges reads them, so a
+    `trtllm-build` of this folder gets the profile of `engine_shapes.dimension_ranges`)."""
     check_sharding(config, tp_size)
     if dtype not in DTYPES:
         raise ConversionError(f"field 'dtype' is {dtype!r}; supported: {', '.join(DTYPES)}")
@@ -98,7 +102,8 @@ def trtllm_config(config: TiDARConfig, tp_size: int, dtype: str) -> dict:
         "mapping": {"world_size": tp_size, "tp_size": tp_size, "pp_size": 1},
         "quantization": {"quant_algo": None, "kv_cache_quant_algo": None},
         "tidar": {"mask_token_id": config.mask_token_id, "block_size": config.block_size,
-                  "hf_config": config.to_dict()},
+                  "hf_config": config.to_dict(),
+                  **({"draft_len": draft_len, "draft_blocks": draft_blocks} if draft_len is not None else {})},
     }
 
 
@@ -214,11 +219,13 @@ def target_shape(target: Target, shapes: dict[str, tuple[int, ...]], tp_size: in
 
 
 def convert(checkpoint_dir: str | Path, out_dir: str | Path, tp_size: int = 1, dtype: str | None = None,
-            progress: Callable[[str], None] | None = None, source: CheckpointSource | None = None) -> Path:
+            progress: Callable[[str], None] | None = None, source: CheckpointSource | None = None,
+            draft_len: int | None = None, draft_blocks: int | None = None) -> Path:
     """Write the TRT-LLM checkpoint of the HF TiDAR checkpoint `checkpoint_dir` into `out_dir`:
     rank{r}.safetensors for each rank, then config.json last (a folder without it is incomplete).
     `dtype` defaults to the checkpoint's; `progress` receives one line per file written;
-    `source` is the already opened `CheckpointSource` of `checkpoint_dir`, if the caller has one.
+    `source` is the already opened `CheckpointSource` of `checkpoint_dir`, if the caller has one;
+    `draft_len` / `draft_blocks` the decode step an engine of it is sized for (`trtllm_config`).
     Each rank file is streamed: one TRT-LLM tensor at a time is in memory."""
     folder, out = Path(checkpoint_dir), Path(out_dir)
     try:
@@ -226,7 +233,7 @@ def convert(checkpoint_dir: str | Path, out_dir: str | Path, tp_size: int = 1, d
     except ConfigError as exc:
         raise CheckpointError(str(exc)) from None
     dtype = dtype or config.torch_dtype
-    trt_config = trtllm_config(config, tp_size, dtype)
+    trt_config = trtllm_config(config, tp_size, dtype, draft_len, draft_blocks)
     source = source or CheckpointSource(folder, config)
     targets = {target.name: target for target in layout(config, tp_size)}
     specs = [TensorSpec(name, DTYPES[dtype], target_shape(target, source.shapes, tp_size))
@@ -259,7 +266,8 @@ def reassemble(trtllm_dir: str | Path) -> tuple[TiDARConfig, dict[str, torch.Ten
         tp_size, dtype = raw["mapping"]["tp_size"], raw["dtype"]
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ConfigError) as exc:
         raise ConversionError(f"{folder / 'config.json'}: not a TiDAR TRT-LLM checkpoint config ({exc})") from None
-    if raw != trtllm_config(config, tp_size, dtype):
+    draft = raw.get("tidar", {})
+    if raw != trtllm_config(config, tp_size, dtype, draft.get("draft_len"), draft.get("draft_blocks")):
         raise ConversionError(f"{folder / 'config.json'}: fields disagree with its own tidar.hf_config")
     shapes = model_shapes(config)
     ranks = []

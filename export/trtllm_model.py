@@ -167,15 +167,19 @@ def output_specs(config: dict) -> list[InputSpec]:
 
 def builder_ranges(config: dict, max_batch_size: int, max_input_len: int, max_seq_len: int,
                    max_draft_len: int = 0) -> dict[str, DimRange]:
-    """Dimension ranges from the sizes `tensorrt_llm.builder.build` passes to `prepare_inputs`;
-    the decode step is tuned for `max_draft_len` (trtllm-build --max_draft_len, which
-    build_engine.sh passes), else the config's tidar.draft_len (set by `tidar-export build`),
-    else the model's block size; with the config's tidar.draft_blocks k mask blocks (None: k = b). `max_seq_len` covers the cached tokens plus one decode step
-    (`engine_shapes.engine_limits`), so the past ranges up to `max_past_for_seq_len`."""
+    """Dimension ranges from the sizes `tensorrt_llm.builder.build` passes to `prepare_inputs`.
+    The decode step is the config's tidar.draft_len b with tidar.draft_blocks k mask blocks
+    (None: k = b), which `tidar-export build` writes into trtllm/config.json and sets on the
+    model; a config without them takes `max_draft_len` (trtllm-build --max_draft_len; its default
+    0 cannot be told from "AR", so 0 there falls back to the block size). The config wins because
+    `builder.build` hands max_draft_len on unchanged without a speculative-decoding mode and a
+    draft length of 0 (an AR export) reads as "not given". `max_seq_len` covers the cached tokens
+    plus one decode step (`engine_shapes.engine_limits`), so the past ranges up to
+    `max_past_for_seq_len`."""
     tidar = config["tidar"]
-    draft_len = max_draft_len if max_draft_len else tidar.get("draft_len")
+    draft_len = tidar.get("draft_len")
     if draft_len is None:
-        draft_len = tidar["block_size"]
+        draft_len = max_draft_len or tidar["block_size"]
     blocks = tidar.get("draft_blocks")
     return ranges_for_limits(max_batch_size, max_input_len, max_past_for_seq_len(max_seq_len, draft_len, blocks),
                              draft_len, blocks)

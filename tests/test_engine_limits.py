@@ -137,3 +137,25 @@ def test_engine_backend_reads_its_batch_limit_from_the_profile():
 
     assert profile_batch_limit(Engine()) == 8
     assert profile_batch_limit(object()) is None
+
+
+@pytest.mark.parametrize("draft_len, draft_blocks", [(0, None), (4, None), (16, None), (16, 2), (4, 1)])
+def test_build_engine_script_gets_the_profile_of_the_export(tiny_checkpoints, tmp_path, draft_len, draft_blocks):
+    """build_engine.sh runs trtllm-build on trtllm/ with the flags `engine_script` writes; the
+    model's `builder_ranges` then sees trtllm/config.json as `convert` wrote it and the flags'
+    sizes (TensorRT-LLM's builder hands max_draft_len on unchanged). The engine's profile must be
+    the one the export is sized for: `dimension_ranges` of its (b, k)."""
+    from tidar.export.trtllm_checkpoint import convert
+    from tidar.export.trtllm_model import builder_ranges
+
+    checkpoint = tiny_checkpoints["qwen2"]
+    config = TiDARConfig.from_file(checkpoint)
+    folder = convert(checkpoint, tmp_path / "trtllm", 1, "float32", draft_len=draft_len, draft_blocks=draft_blocks)
+    written = json.loads((folder / "config.json").read_text())
+    script = build_module.engine_script(config, 1, draft_len, draft_blocks)
+    flags = {name: int(value) for name, value in re.findall(r"--(max_\w+) (\d+)", script)}
+    ranges = builder_ranges(written, flags["max_batch_size"], flags["max_input_len"], flags["max_seq_len"],
+                            flags["max_draft_len"])
+    assert ranges == engine_shapes.dimension_ranges(config, draft_len, draft_blocks=draft_blocks)
+    assert ranges["past"].max == config.max_position_embeddings
+    assert ranges["new"].opt == engine_shapes.step_tokens(draft_len, draft_blocks)
