@@ -6,7 +6,7 @@ backbone plus a `tidar` block (`mask_token_id`, `block_size`, optionally
 (`rope_theta` + `rope_scaling`) and the 5.x one (`rope_parameters`), validates every field with
 an error that names it, and writes the 4.x spelling back (both transformers generations read it).
 
-The TiDAR fields are resolved (docs/design.md, "Checkpoints users bring"):
+The TiDAR fields are resolved (docs/design.md §1.1):
 
 - from the `tidar` block when there is one ("config");
 - for the released TiDAR-LM layout (`architectures` TiDARForCausalLM or TiDARSmallForCausalLM and

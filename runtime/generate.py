@@ -282,7 +282,7 @@ class DecodeEngine:
         if bad:
             raise RequestError(f"prompt token {bad[0]!r} is outside the vocabulary [0, {vocab})")
         # The mask id is an ordinary token in the prompt (e.g. <|fim_pad|> of a FIM prompt): masks are
-        # the slots the layout places, never recognised by their id (docs/design.md, "Checkpoints users bring").
+        # the slots the layout places, never recognised by their id (docs/design.md §1.1).
         if isinstance(request.max_new_tokens, bool) or not isinstance(request.max_new_tokens, int) \
                 or request.max_new_tokens < 1:
             raise RequestError(f"max_new_tokens must be a positive integer, got {request.max_new_tokens!r}")

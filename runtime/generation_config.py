@@ -5,7 +5,7 @@
     values = defaults.apply({"temperature": None, "top_k": 5, "top_p": None})
     params = defaults.apply(params, explicitly_set={"temperature"})
 
-The rule (docs/design.md, "generation_config.json"), the one vLLM applies by default
+The rule (docs/design.md §1.1), the one vLLM applies by default
 (`--generation-config auto`):
 
 - **End ids.** `eos_token_id` (an id or a list) ends generation on any of its ids, in place of

@@ -2,7 +2,7 @@
 
     folder = write_released_checkpoint(tmp_path / "released", generation_eos=[...])
 
-What a downloaded TiDAR-LM checkpoint holds, at toy size (docs/design.md, "Checkpoints users bring"):
+What a downloaded TiDAR-LM checkpoint holds, at toy size (docs/design.md §1.1):
 
 - config.json: a Qwen3 config (transformers 4.x spelling, the fields Qwen3's own config.json
   has) whose `architectures` is `["TiDARForCausalLM"]`, and no `tidar` block;
