@@ -1,6 +1,6 @@
 """GPU acceptance: one command that checks the GPU paths on one H100/H200 in under 8 minutes.
 
-    bash benchmarks/gpu_acceptance.sh [-o OUT] [--sections a b c d e f g]
+    bash benchmarks/gpu_acceptance.sh [-o OUT] [--sections a b c d e f g h i]
     python benchmarks/gpu_acceptance.py [-o OUT] [--sections ...]
 
 Needs PyTorch with CUDA and Triton; nothing else, no network. Writes OUT/gpu_acceptance.json and
@@ -24,13 +24,25 @@ one more function in SECTIONS):
     batch 1 and 16. Random weights accept almost no drafts, so the TiDAR figure is the measured
     decode-step rate times the paper's tokens per forward (T/NFE 7.45 at b = 16): labelled
     "simulated acceptance". AR is measured as it is (one token per forward).
- f  where TensorRT / TensorRT-LLM are importable, the engines of the bundled model are built
-    (`tidar-export build --engine require`) and their greedy tokens compared with the torch
-    backend's; otherwise each is recorded as skipped with the reason.
+ f  where TensorRT / TensorRT-LLM are importable, the engines of the bundled model are built in
+    float32 (`tidar-export build --dtype float32`: like with like) and compared with the float32
+    torch backend (TF32 off): prefill logits within LOGIT_TOLERANCE (TensorRT may use TF32 in
+    float32 layers) and the same argmax wherever the reference's top-2 margin exceeds twice it;
+    greedy tokens at b = 0, 4, 16 are reported. Each engine is then served at its batch limit
+    (the rendered repository's options, `build_scheduler`: start-up autotune and max_batch_size
+    concurrent requests, all finished). Otherwise each is recorded as skipped with the reason.
  g  CUDA graphs of the torch backend (runtime/cuda_graphs.py): greedy tokens with graphs equal
     those without (bundled model, float32, SDPA and the Triton kernel) while requests join and
     leave a batch and the draft shape (b, k) changes, every decode step a replay; whole decode-step
     latency with and without graphs (random 1.5B shape, bf16) at batch 1, 8, 16 and b = 0, 4, 8, 16.
+
+ h  graphs captured at start-up: `build_scheduler` on the bundled model (torch, CUDA, graphs on)
+    captures every graph before it returns (start-up seconds and peak memory reported); serving
+    max_batch_size concurrent requests of varying lengths then captures none, runs no adaptive
+    step eagerly and never reallocates the cache.
+ i  a second device, where two GPUs exist (skipped with the reason on one): the same served run
+    on cuda:1 from a scheduler thread, tokens equal to cuda:0's, and no memory allocated on
+    cuda:0 meanwhile (the kernel launches and the scheduler thread's device are cuda:1's).
 
 The torch backend on CUDA runs its decode steps as CUDA graphs by default, so sections a and e
 measure and check the graphed path; g compares it with the eager one.
@@ -53,6 +65,9 @@ import torch
 HERE = Path(__file__).resolve().parent
 PAPER_TOKENS_PER_FORWARD = 7.45  # TiDAR 1.5B, b = 16 (the paper's T/NFE)
 PAPER_DRAFT_LEN = 16
+LOGIT_TOLERANCE = 5e-2
+"""Section f: largest |logit difference| allowed between a float32 engine and the float32 torch
+backend (logits of the bundled model are O(10); TF32 products carry about 1e-3 relative error)."""
 PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n", "class Stack:\n    def push(self, item):"]
 SECTIONS = {}
 
@@ -96,6 +111,69 @@ def verdict(report: dict) -> int:
 
 def within(error: float, baseline: float, floor: float) -> bool:
     return error <= 2 * baseline + floor
+
+
+def cache_with_past(model, batch: int, past: int, room: int):
+    """A cache of `batch` rows of random K/V with `past` committed tokens each (on the host and
+    the device, where `plan` and the kernels read them) and `room` free slots after them."""
+    cache = model.new_cache(batch, past + room)
+    cache.keys.normal_()
+    cache.values.normal_()
+    cache.lengths = [past] * batch
+    return cache
+
+
+def logits_agree(reference: torch.Tensor, candidate: torch.Tensor, tolerance: float = LOGIT_TOLERANCE) -> dict:
+    """Compare logits [..., vocab] of the same positions: the largest |difference| must be within
+    `tolerance` and the argmax the same wherever the reference's top-2 margin exceeds 2 x
+    `tolerance` (closer calls may flip within the tolerance)."""
+    reference, candidate = reference.float().reshape(-1, reference.shape[-1]), candidate.float().reshape(
+        -1, candidate.shape[-1])
+    error = (reference - candidate).abs().max().item()
+    top = reference.topk(2, dim=-1).values
+    clear = (top[:, 0] - top[:, 1]) > 2 * tolerance
+    flips = int((reference.argmax(-1) != candidate.argmax(-1))[clear].sum())
+    return {"max_abs_error": error, "tolerance": tolerance, "clear_positions": int(clear.sum()),
+            "argmax_flips": flips, "ok": error <= tolerance and flips == 0}
+
+
+def second_device_problem() -> str | None:
+    """Why section i cannot run here (None: it can)."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count < 2:
+        return f"one CUDA device here (torch.cuda.device_count() = {count}); the second-device check needs two"
+    return None
+
+
+def serve_all(scheduler, prompts: list[list[int]], lengths: list[int], timeout: float = 300.0) -> list[list[int]]:
+    """Submit every (prompt, max new tokens) to `scheduler` at once; the tokens of each, in order.
+    Raises RuntimeError naming a request that failed or did not finish."""
+    import threading
+
+    from tidar.runtime.generate import Request
+    from tidar.runtime.sampling import SamplingParams
+
+    outputs, errors, done = [[] for _ in prompts], [], threading.Semaphore(0)
+
+    def callbacks(index):
+        def on_delta(delta):
+            outputs[index].extend(delta.token_ids)
+            if delta.finished:
+                done.release()
+
+        def on_error(kind, message):
+            errors.append(f"request {index}: {kind}: {message}")
+            done.release()
+        return on_delta, on_error
+
+    for index, (prompt, length) in enumerate(zip(prompts, lengths)):
+        scheduler.submit(Request(prompt, length, SamplingParams(), eos_ids=()), *callbacks(index))
+    for index in range(len(prompts)):
+        if not done.acquire(timeout=timeout):
+            raise RuntimeError(f"{len(prompts) - index} requests did not finish within {timeout:g} s")
+    if errors:
+        raise RuntimeError("; ".join(errors))
+    return outputs
 
 
 def graph_speedups(latency: list[dict]) -> dict[str, float]:
@@ -276,10 +354,7 @@ def free_token_curve(context: dict) -> dict:
     model, past = backend.model, 1024
     layouts = [("causal", q, Layout.autoregressive(q)) for q in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)]
     layouts.append(("decode", PAPER_DRAFT_LEN, Layout.decode(PAPER_DRAFT_LEN)))
-    cache = model.new_cache(1, past + 512)
-    cache.keys.normal_()
-    cache.values.normal_()
-    cache.lengths.fill_(past)
+    cache = cache_with_past(model, 1, past, 512)  # the host copy of the lengths is what plan() reads
     results = []
     for attention in ("sdpa", "triton"):
         model.set_attention(attention)
@@ -358,17 +433,65 @@ def engines(context: dict) -> dict:
         return {"skipped": True, "reason": "; ".join(f"{names[s]}: {r}" for s, r in reasons.items()), **result}
     out = Path(context["workdir"]) / "export"
     started = time.perf_counter()
-    manifest = build(BUNDLED_MODEL, out, engine="auto", progress=False)
+    manifest = build(BUNDLED_MODEL, out, dtype="float32", engine="auto", progress=False)  # like with like
     result["build_seconds"] = time.perf_counter() - started
     reference = load_backend("torch", BUNDLED_MODEL, dtype="float32", device="cuda")
     tokenizer = Tokenizer(BUNDLED_MODEL)
     for step in buildable:
+        if step not in manifest["built"]:
+            result[names[step]] = {"built": False, "skipped": next(s["reason"] for s in manifest["skipped"]
+                                                                   if s["step"] == step)}
+            result["ok"] = False
+            continue
         backend = load_backend(names[step], out)
+        logits = _prefill_logits_agree(reference, backend, tokenizer)
         mismatch = greedy_mismatch(reference, backend, tokenizer, (0, 4, 16))
-        result[names[step]] = {"built": step in manifest["built"], "greedy_identical": mismatch is None,
-                               "first_mismatching_draft_len": mismatch, "record": manifest["engines"].get(step)}
-        result["ok"] = result["ok"] and mismatch is None
+        served = _serve_at_batch_limit(out, names[step], manifest["engines"][step], tokenizer)
+        result[names[step]] = {"built": True, "logits": logits, "greedy_identical": mismatch is None,
+                               "first_mismatching_draft_len": mismatch, "served_at_batch_limit": served,
+                               "record": manifest["engines"].get(step)}
+        result["ok"] = result["ok"] and logits["ok"] and served["ok"]
+        del backend
+        torch.cuda.empty_cache()
     return result
+
+
+def _prefill_logits_agree(reference, candidate, tokenizer) -> dict:
+    """`logits_agree` over a causal prefill of each prompt (one forward of each backend)."""
+    from tidar.runtime.layout import Layout
+
+    checks = []
+    for prompt in PROMPTS:
+        ids = torch.tensor([tokenizer.encode(prompt)], device="cuda")
+        layout = Layout.autoregressive(ids.shape[1])
+        logits = [backend.forward(ids, layout, backend.new_cache(1, ids.shape[1])) for backend in (reference, candidate)]
+        checks.append(logits_agree(*logits))
+    return {"ok": all(c["ok"] for c in checks), "max_abs_error": max(c["max_abs_error"] for c in checks),
+            "argmax_flips": sum(c["argmax_flips"] for c in checks), "tolerance": LOGIT_TOLERANCE}
+
+
+def _serve_at_batch_limit(out: Path, backend: str, record: dict, tokenizer) -> dict:
+    """Serve the export on `backend` with the options its rendered repository carries
+    (max_batch_size = the engine's limit) and that many concurrent requests."""
+    import re
+
+    from tidar.serving.options import ServingOptions
+    from tidar.serving.requests import build_scheduler
+
+    text = (out / "triton_repo" / "tidar" / "config.pbtxt").read_text()
+    parameters = dict(re.findall(r'key: "(\w+)" value: \{ string_value: "([^"]*)" \}', text))
+    options = ServingOptions.from_parameters(parameters)
+    options.backend, options.autotune_repeats = backend, 1  # the repository serves its best engine; a short autotune
+    scheduler, *_ = build_scheduler(out, options, device="cuda", progress=lambda line: None)
+    try:
+        rows = options.max_batch_size
+        prompts = [tokenizer.encode(PROMPTS[i % len(PROMPTS)]) for i in range(rows)]
+        outputs = serve_all(scheduler, prompts, [8 + 4 * (i % 5) for i in range(rows)])
+    finally:
+        scheduler.close()
+    return {"ok": rows == record["max_batch_size"] and all(outputs), "max_batch_size": rows,
+            "engine_max_batch_size": record["max_batch_size"], "autotune_batch_sizes": list(options.autotune_batch_sizes),
+            "tokens": sum(map(len, outputs))}
 
 
 @section("g")
@@ -409,6 +532,68 @@ def cuda_graphs(context: dict) -> dict:
             "eager_over_graphs": graph_speedups(latency),
             "note": "whole DecodeEngine.step (forward, verification, drafting), past about 128 tokens, median of 5; "
                     "latency reported, not enforced"}
+
+
+def _served_run(device: str, rows: int = 16) -> dict:
+    """Serve the bundled model on `device` through `build_scheduler` (torch backend, SDPA, CUDA
+    graphs on): start-up time and memory, captures at start-up and while `rows` concurrent
+    requests of varying lengths are served, the outputs."""
+    from tidar import BUNDLED_MODEL
+    from tidar.runtime.tokenizer import Tokenizer
+    from tidar.serving.options import ServingOptions
+    from tidar.serving.requests import build_scheduler
+
+    options = ServingOptions(model_dir=str(BUNDLED_MODEL), backend="torch", attention="sdpa", dtype="float32",
+                             max_batch_size=rows, autotune_repeats=1, autotune_budget=20.0)
+    on_cuda, index = torch.device(device).type == "cuda", torch.device(device).index or 0
+    if on_cuda:  # (the logic also runs on a CPU, with capture stood in: tests/test_gpu_acceptance.py)
+        torch.cuda.reset_peak_memory_stats(index)
+        before = torch.cuda.memory_allocated(index)
+    started = time.perf_counter()
+    scheduler, tokenizer, _, _ = build_scheduler(BUNDLED_MODEL, options, device=device, progress=lambda line: None)
+    startup = time.perf_counter() - started
+    graphs = scheduler.backend.graphs
+    prepared = graphs.captures
+    try:
+        prompts = [tokenizer.encode(PROMPTS[i % len(PROMPTS)] * (1 + i % 3)) for i in range(rows)]
+        outputs = serve_all(scheduler, prompts, [6 + 5 * (i % 7) for i in range(rows)])
+        cache = scheduler.engines["adaptive"].cache
+        result = {"startup_seconds": startup, "graphs_at_startup": prepared,
+                  "captures_while_serving": graphs.captures - prepared, "uncaptured_steps": graphs.uncaptured_steps,
+                  "replays": graphs.replays, "cache_allocations": cache.allocations,
+                  "cache": [cache.max_rows, cache.capacity],
+                  "outputs": outputs}
+        if on_cuda:
+            result["startup_peak_mib"] = (torch.cuda.max_memory_allocated(index) - before) / 2 ** 20
+    finally:
+        scheduler.close()
+    result["ok"] = (result["captures_while_serving"] == 0 and result["uncaptured_steps"] == 0
+                    and result["cache_allocations"] == 1 and result["replays"] > 0 and all(outputs))
+    return result
+
+
+@section("h")
+def graphs_at_startup(context: dict) -> dict:
+    result = _served_run("cuda:0")
+    context["served_cuda0"] = result.pop("outputs")
+    return result
+
+
+@section("i")
+def second_device(context: dict) -> dict:
+    problem = second_device_problem()
+    if problem:
+        return {"skipped": True, "reason": problem}
+    if "served_cuda0" not in context:
+        context["served_cuda0"] = _served_run("cuda:0")["outputs"]
+    torch.cuda.synchronize(0)
+    on_first = torch.cuda.memory_allocated(0)
+    result = _served_run("cuda:1")
+    torch.cuda.synchronize(0)
+    result["cuda0_allocated_meanwhile_bytes"] = torch.cuda.memory_allocated(0) - on_first
+    result["same_tokens_as_cuda0"] = result.pop("outputs") == context["served_cuda0"]
+    result["ok"] = result["ok"] and result["same_tokens_as_cuda0"] and result["cuda0_allocated_meanwhile_bytes"] == 0
+    return result
 
 
 # ---------------------------------------------------------------- report

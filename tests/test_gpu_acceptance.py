@@ -1,6 +1,9 @@
 """The GPU acceptance command (benchmarks/gpu_acceptance.py) where no GPU is: its refusal, its
-verdict, the simulated-acceptance arithmetic and its plot on a report of the real structure.
-The sections themselves need CUDA and run on a GPU host (`bash benchmarks/gpu_acceptance.sh`)."""
+verdict, the simulated-acceptance arithmetic and its plot on a report of the real structure, and
+the logic of its sections on a CPU: section d's cache holds its past where plan() reads it, section
+f's logit tolerance, section h's served run with CUDA-graph capture stood in, section i's skip
+with the reason on one device. The sections themselves need CUDA and run on a GPU host
+(`bash benchmarks/gpu_acceptance.sh`)."""
 
 from __future__ import annotations
 
@@ -36,9 +39,56 @@ def test_without_cuda_it_exits_2_at_once_with_the_reason(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_sections_are_a_to_g_in_order(acceptance):
-    assert list(acceptance.SECTIONS) == ["a", "b", "c", "d", "e", "f", "g"]
-    assert acceptance.parse_args([]).sections == ["a", "b", "c", "d", "e", "f", "g"]
+def test_sections_are_a_to_i_in_order(acceptance):
+    assert list(acceptance.SECTIONS) == ["a", "b", "c", "d", "e", "f", "g", "h", "i"]
+    assert acceptance.parse_args([]).sections == ["a", "b", "c", "d", "e", "f", "g", "h", "i"]
+
+
+def test_cache_with_past_sets_the_lengths_plan_reads(acceptance, tiny_backends):
+    """Section d's cache: the host copy of the lengths (what TiDARModel.plan reads) and the
+    device copy both hold the past, so the curve measures a forward over that past."""
+    model = tiny_backends["qwen2"].model
+    cache = acceptance.cache_with_past(model, 2, 24, 8)
+    assert cache.host_lengths == [24, 24] and cache.max_length() == 24
+    assert cache.lengths.tolist() == [24, 24] and cache.capacity == 32
+    assert cache.keys.abs().sum() > 0  # random K/V over the past
+
+
+def test_logits_agree(acceptance):
+    reference = torch.tensor([[5.0, 1.0, 0.0], [2.0, 1.99, 0.0]])
+    assert acceptance.logits_agree(reference, reference + 0.04)["ok"]
+    assert not acceptance.logits_agree(reference, reference + 0.06)["ok"]  # beyond the tolerance
+    close_call = reference.clone()
+    close_call[1, 1] = 2.01  # the second row's top-2 margin is within 2 x tolerance: a flip there is allowed
+    found = acceptance.logits_agree(reference, close_call)
+    assert found["ok"] and found["clear_positions"] == 1 and found["argmax_flips"] == 0
+    assert acceptance.logits_agree(torch.tensor([[5.0, 4.0, 0.0]]), torch.tensor([[4.99, 5.04, 0.0]]),
+                                   tolerance=0.05)["ok"] is False
+
+
+def test_second_device_is_skipped_with_the_reason_on_one_device(acceptance):
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    problem = acceptance.second_device_problem()
+    assert (problem is None) == (count >= 2)
+    if problem:
+        assert f"torch.cuda.device_count() = {count}" in problem
+
+
+def test_graphs_at_startup_logic_with_capture_stood_in(acceptance, monkeypatch):
+    """Section h's served run on a CPU: the bundled model's torch backend with a counting capture
+    layer in place of CUDA graph capture (backends/cuda_graphs.GraphedForward's `capture`)."""
+    from tidar import BUNDLED_MODEL
+    from tidar.runtime.backends import loading
+    from tidar.runtime.backends.cuda_graphs import GraphedForward
+    from tidar.runtime.backends.torch_backend import TorchBackend
+
+    backend = TorchBackend.load(BUNDLED_MODEL, dtype="float32", attention="sdpa", cuda_graphs=False)
+    backend.graphs = GraphedForward(backend.model, capture=lambda step: step)
+    monkeypatch.setattr(loading, "load_backend", lambda name, folder, **options: backend)
+    result = acceptance._served_run("cpu", rows=4)
+    assert result["ok"], result
+    assert result["graphs_at_startup"] > 0 and result["captures_while_serving"] == 0
+    assert result["cache"][0] == 4 and len(result["outputs"]) == 4 and all(result["outputs"])
 
 
 def test_graph_speedups_pair_each_graphed_step_with_its_eager_one(acceptance):
