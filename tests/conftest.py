@@ -1,8 +1,19 @@
-"""Shared fixtures: random-weight tiny TiDAR checkpoints of each family (written once per run)."""
+"""Shared fixtures (random-weight tiny TiDAR checkpoints of each family, written once per run) and
+the `uses_fake` marker.
+
+Stand-ins for what cannot run here (vendor code that needs a GPU or compiled libraries, test
+doubles of the runtime's executors) live in tests/fakes/. A test that uses one is marked
+`uses_fake` automatically: when its body, its fixtures, its parameters, or the functions and
+classes of its own module that these reach refer to anything defined in tests/fakes/ (a module,
+a class or a subclass of one, a function, an instance). A test that only reaches a stand-in in a
+subprocess is marked by hand. The terminal summary says how many tests that ran used one.
+"""
 
 from __future__ import annotations
 
+import inspect
 import os
+import types
 from pathlib import Path
 
 import pytest
@@ -44,3 +55,90 @@ def hf_models(tiny_checkpoints):
     return {family: transformers.AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.float32, attn_implementation="eager").eval()
         for family, path in tiny_checkpoints.items()}
+
+
+# ---------------------------------------------------------------- stand-ins are marked and counted
+FAKES = "fakes"
+MARKER = "uses_fake"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", f"{MARKER}: the test uses a stand-in from tests/fakes (set automatically)")
+
+
+def _from_fakes(value) -> bool:
+    """Whether `value` is defined in tests/fakes: a module, a class (or a subclass of one), a
+    function, or an instance of such a class."""
+    if isinstance(value, types.ModuleType):
+        name = value.__name__
+    elif isinstance(value, type):
+        return any(getattr(base, "__module__", "").split(".")[0] == FAKES for base in value.__mro__)
+    elif isinstance(value, (types.FunctionType, types.MethodType)):
+        name = getattr(value, "__module__", "") or ""
+    else:
+        return _from_fakes(type(value))
+    return name.split(".")[0] == FAKES
+
+
+def _code_objects(code: types.CodeType):
+    yield code
+    for constant in code.co_consts:
+        if isinstance(constant, types.CodeType):
+            yield from _code_objects(constant)
+
+
+def _reaches_fakes(function, seen: set) -> bool:
+    """Whether `function` refers to a stand-in, directly or through the functions and classes of
+    its own module that it names (followed transitively)."""
+    function = inspect.unwrap(function)
+    code = getattr(function, "__code__", None)
+    if code is None or function in seen:
+        return False
+    seen.add(function)
+    namespace = function.__globals__
+    for name in {name for block in _code_objects(code) for name in block.co_names}:
+        if name not in namespace:
+            continue
+        value = namespace[name]
+        if _from_fakes(value):
+            return True
+        if getattr(value, "__module__", None) != function.__module__:
+            continue
+        if isinstance(value, types.FunctionType) and _reaches_fakes(value, seen):
+            return True
+        if isinstance(value, type) and any(_reaches_fakes(member, seen) for member in vars(value).values()
+                                           if isinstance(member, types.FunctionType)):
+            return True
+    return False
+
+
+def _uses_fake(item) -> bool:
+    seen: set = set()
+    functions = [getattr(item, "function", None)]
+    functions += [definition.func for definitions in item._fixtureinfo.name2fixturedefs.values()
+                  for definition in definitions]
+    if any(function is not None and _reaches_fakes(function, seen) for function in functions):
+        return True
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return any(_from_fakes(value) for value in params.values())
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker(MARKER) is None and _uses_fake(item):
+            item.add_marker(MARKER)
+
+
+_ran_with_fakes: set[str] = set()
+
+
+def pytest_runtest_logreport(report):
+    """Runs where the reports arrive (the controller under xdist): count the tests that ran."""
+    if report.when == "call" and MARKER in report.keywords:
+        _ran_with_fakes.add(report.nodeid)
+
+
+def pytest_terminal_summary(terminalreporter):
+    count = len(_ran_with_fakes)
+    terminalreporter.write_line(f"{count} test{'s' if count != 1 else ''} used a stand-in from tests/fakes "
+                                f"(marker {MARKER}; -m 'not {MARKER}' runs the others)")

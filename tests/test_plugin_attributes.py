@@ -4,7 +4,7 @@
 builtin-typed attribute with `int(field.data)` on a one-element array, a TypeError from numpy 2.4
 on; the plugin declares its attributes as numpy arrays instead. Checked here: the scalars come
 back exactly, a malformed attribute is refused by name, and NVIDIA's creator (through the
-stand-in of tests/tensorrt_standin.py, in a fresh interpreter) declares the same plugin field
+stand-in of tests/fakes/tensorrt_standin.py, in a fresh interpreter) declares the same plugin field
 types builtin int / float had (INT64, FLOAT64), so engines serialize the same fields. The whole
 ahead-of-time build through NVIDIA's package runs in tests/test_plugins.py; run it with numpy
 >= 2.4 and with the pinned numpy to see both.
@@ -45,7 +45,7 @@ def test_malformed_attribute_is_refused_by_name(value, match):
 FIELD_TYPES = """
 import json, sys
 sys.path.insert(0, "tests")
-import tensorrt_standin
+from fakes import tensorrt_standin
 tensorrt_standin.install()
 from tidar.plugins import tensorrt_plugin
 tensorrt_plugin.register()
@@ -55,6 +55,7 @@ print(json.dumps({field.name: field.type.name for field in creator.field_names})
 """
 
 
+@pytest.mark.uses_fake  # the stand-in runs in the subprocess
 def test_plugin_field_types_are_those_of_builtin_int_and_float():
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", FIELD_TYPES], capture_output=True, text=True, env=env, cwd=ROOT,

@@ -21,6 +21,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from fakes import plugin_aot_check
 from tidar.plugins import contract, tensorrt_plugin, trtllm_plugin
 from tidar.runtime.layout import Layout
 
@@ -297,7 +298,7 @@ def _run(*command, timeout=900) -> str:
 
 
 def _aot_check(*options) -> dict:
-    return json.loads(_run(str(ROOT / "tests" / "plugin_aot_check.py"), *options).strip().splitlines()[-1])
+    return json.loads(_run(plugin_aot_check.__file__, *options).strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import json
 import pytest
 from safetensors import safe_open
 
+from fakes.tensorrt_llm_network import tensorrt_module
 from tidar.export.engine_shapes import DimRange, dimension_ranges, engine_limits
 from tidar.export.onnx_export import input_names
 from tidar.export.onnx_export import output_names as onnx_output_names
@@ -129,7 +130,7 @@ def test_outputs_declare_model_dtype_hidden_states_and_presents(trtllm_checkpoin
     assert list(specs) == output_names(config) and "logits" not in specs
     assert specs["hidden_states"].dtype == config["dtype"]
     assert specs["hidden_states"].dims == ("batch", "new", config["hidden_size"])
-    assert output_names(config) == onnx_output_names(config["num_hidden_layers"])  # the engines' one contract
+    assert output_names(config) == onnx_output_names(config["num_hidden_layers"], "plugin")  # both engines: one contract
     assert specs["present_value_1"].dtype == config["dtype"]
     assert specs["present_value_1"].dims == ("batch", 1, "kv", 32)
 
@@ -149,32 +150,23 @@ def test_one_definition_of_the_maximum_past(tiny_checkpoints, trtllm_checkpoints
         assert ranges["past"].max == config.max_position_embeddings
 
 
-class _LayerType:
-    PLUGIN_V2, PLUGIN_V3 = "PLUGIN_V2", "PLUGIN_V3"
-
-
-class _FakeTensorRT:
-    """tensorrt's LayerType and layer classes (TensorRT's compiled module does not load here)."""
-
-    LayerType = _LayerType
-    ILayer, IPluginV2Layer, IPluginV3Layer = type("ILayer", (), {}), type("IPluginV2Layer", (), {}), type("V3", (), {})
-
-
 def test_graph_rewriting_knows_the_python_plugin_layer():
     """tensorrt_llm.graph_rewriting.Layer.as_layer raises NotImplementedError for a layer type
     missing from TRT_LAYER_TYPE_TO_LAYER; TensorRT-LLM 1.2's table lacks PLUGIN_V3 (the layer
     type of Python plugins), so the model module adds it."""
-    class Layer:  # the table as TensorRT-LLM 1.2 ships it (the part that matters)
-        TRT_LAYER_TYPE_TO_LAYER = {_LayerType.PLUGIN_V2: _FakeTensorRT.IPluginV2Layer}
+    trt = tensorrt_module()  # TensorRT's compiled module does not load here
 
-    allow_plugin_v3_layers(Layer, _FakeTensorRT)
-    allow_plugin_v3_layers(Layer, _FakeTensorRT)  # idempotent
-    assert Layer.TRT_LAYER_TYPE_TO_LAYER == {_LayerType.PLUGIN_V2: _FakeTensorRT.IPluginV2Layer,
-                                             _LayerType.PLUGIN_V3: _FakeTensorRT.IPluginV3Layer}
-    without_v3_binding = type("trt", (), {"LayerType": _LayerType, "ILayer": _FakeTensorRT.ILayer})
-    Layer.TRT_LAYER_TYPE_TO_LAYER.pop(_LayerType.PLUGIN_V3)
-    allow_plugin_v3_layers(Layer, without_v3_binding)
-    assert Layer.TRT_LAYER_TYPE_TO_LAYER[_LayerType.PLUGIN_V3] is _FakeTensorRT.ILayer
+    class Layer:  # the table as TensorRT-LLM 1.2 ships it (the part that matters)
+        TRT_LAYER_TYPE_TO_LAYER = {trt.LayerType.PLUGIN_V2: trt.IPluginV2Layer}
+
+    allow_plugin_v3_layers(Layer, trt)
+    allow_plugin_v3_layers(Layer, trt)  # idempotent
+    assert Layer.TRT_LAYER_TYPE_TO_LAYER == {trt.LayerType.PLUGIN_V2: trt.IPluginV2Layer,
+                                             trt.LayerType.PLUGIN_V3: trt.IPluginV3Layer}
+    del trt.IPluginV3Layer  # a tensorrt without that binding
+    Layer.TRT_LAYER_TYPE_TO_LAYER.pop(trt.LayerType.PLUGIN_V3)
+    allow_plugin_v3_layers(Layer, trt)
+    assert Layer.TRT_LAYER_TYPE_TO_LAYER[trt.LayerType.PLUGIN_V3] is trt.ILayer
 
 
 def test_model_class_needs_tensorrt_llm(trtllm_checkpoints):

@@ -1,7 +1,8 @@
-"""Run the project's TensorRT plugin through NVIDIA's real `tensorrt.plugin` (see
-tensorrt_standin.py), the way TensorRT's builder uses an ahead-of-time plugin; print JSON.
+"""Run the project's TensorRT plugin through NVIDIA's real `tensorrt.plugin` over the stand-in for
+TensorRT's compiled module (tensorrt_standin.py), the way TensorRT's builder uses an
+ahead-of-time plugin; print JSON.
 
-    python tests/plugin_aot_check.py [--defect no-return-annotation] [--triton-version 3.9.0]
+    python tests/fakes/plugin_aot_check.py [--defect no-return-annotation] [--triton-version 3.9.0]
 
 Needs a fresh interpreter without TRITON_INTERPRET. The kernel is compiled for sm_90 (standing in
 for "the building GPU" only: triton.compile's target). `--defect` re-introduces a known defect
@@ -16,11 +17,11 @@ import argparse
 import functools
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import tensorrt_standin  # noqa: E402
+if __package__:  # imported as fakes.plugin_aot_check (tests name the script by this module's file)
+    from . import tensorrt_standin
+else:  # run as a script: its folder is sys.path[0]
+    import tensorrt_standin
 
 CASES = [  # (query dtype, index dtype, num_heads, num_kv_heads, head_dim, sizes)
     ("BF16", "INT64", 12, 2, 128, {"B": 3, "Q": 20, "S": 532}),
