@@ -2,6 +2,7 @@
 
     tidar generate MODEL --prompt TEXT [--max-new-tokens N] [--mode tidar|ar] [--draft-len B]
                    [--temperature T] [--top-p P] [--top-k K] [--seed S] [--stop S ...]
+                   [--mask-token-id ID] [--block-size B]
                    [--backend NAME] [--attention IMPL] [--dtype D] [--device cpu|cuda[:N]]
                    [--cuda-graphs | --no-cuda-graphs] [--beta X] [--json]
     tidar init OUT [--family qwen2|qwen3|llama] [--block-size B] [--seed S]
@@ -34,6 +35,7 @@ def _generate(args: argparse.Namespace) -> int:
     from tidar.runtime.backends.loading import load_backend
     from tidar.runtime.backends.cuda_graphs import GRAPHABLE_ATTENTION
     from tidar.runtime.generate import DecodeEngine, Request
+    from tidar.runtime.generation_config import GenerationDefaults
     from tidar.runtime.sampling import SamplingParams
     from tidar.runtime.tokenizer import Tokenizer
 
@@ -57,10 +59,12 @@ def _generate(args: argparse.Namespace) -> int:
             raise CLIError("--draft-blocks needs a fixed --draft-len in tidar mode (auto chooses the blocks too)")
         if not 1 <= draft_blocks <= draft_len:
             raise CLIError(f"--draft-blocks must be in [1, --draft-len = {draft_len}], got {draft_blocks}")
-    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    defaults = GenerationDefaults.from_folder(args.model)  # generation_config.json: end ids, sampling defaults
+    chosen = defaults.apply({"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k})
+    sampling = SamplingParams(seed=args.seed, **{name: value for name, value in chosen.items() if value is not None})
     if args.prompt == "":
         raise CLIError("--prompt is empty: at least one token is needed")
-    options = {}
+    options = {"mask_token_id": args.mask_token_id, "block_size": args.block_size}
     if args.device != "cpu" or args.cuda_graphs is not None:
         if args.backend != "torch":
             raise CLIError("--device and --cuda-graphs are options of the torch backend")
@@ -78,7 +82,7 @@ def _generate(args: argparse.Namespace) -> int:
         draft_len, draft_blocks = _auto_draft_shape(backend, tokenizer, args.model)
     engine = DecodeEngine(backend, tokenizer, draft_len=draft_len, beta=args.beta, draft_blocks=draft_blocks)
     prompt_ids = tokenizer.encode(args.prompt)
-    request = Request(prompt_ids, args.max_new_tokens, sampling, stop=tuple(args.stop or ()))
+    request = Request(prompt_ids, args.max_new_tokens, sampling, stop=tuple(args.stop or ()), eos_ids=defaults.eos_ids)
     engine.check(request)
     started = time.perf_counter()
     result = None
@@ -334,13 +338,24 @@ def build_parser() -> argparse.ArgumentParser:
                      help="mask blocks k in 1..draft length (default: k = the draft length, the paper's step of "
                           "b(b+1) query tokens); k < b pre-drafts only the outcomes 'up to k tokens committed' "
                           "(b + k*b query tokens), still lossless")
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1)")
-    gen.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens; 0 = all (default)")
+    gen.add_argument("--temperature", type=float, default=None,
+                     help="0 = greedy; > 0 samples (default: the checkpoint's generation_config.json, else 0)")
+    gen.add_argument("--top-p", type=float, default=None,
+                     help="nucleus sampling mass in (0, 1] (default: the checkpoint's generation_config.json, "
+                          "else 1)")
+    gen.add_argument("--top-k", type=int, default=None,
+                     help="keep the k likeliest tokens; 0 = all (default: the checkpoint's generation_config.json, "
+                          "else 0)")
     gen.add_argument("--seed", type=int, default=None,
                      help="random seed for sampling; the same seed and the same --draft-len give the same output "
                           "(with --draft-len auto the chosen length, and so the random stream, may vary)")
     gen.add_argument("--stop", action="append", help="stop string (repeatable); the text ends before it")
+    gen.add_argument("--mask-token-id", type=int, default=None,
+                     help="token id of [MASK]: supplies or overrides config.json's tidar.mask_token_id (default: "
+                          "the config's; for a released TiDAR-LM checkpoint, the tokenizer's <|fim_pad|>)")
+    gen.add_argument("--block-size", type=int, default=None,
+                     help="block size b the model was trained with: supplies or overrides tidar.block_size "
+                          "(default: the config's; 16 for a released TiDAR-LM checkpoint)")
     gen.add_argument("--beta", type=float, default=1.0,
                      help="weight of AR logits in verification; 1 (default) is lossless")
     gen.add_argument("--backend", default="torch", help="executor (default torch)")
@@ -482,6 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     from tidar.runtime.config import ConfigError
 
     from tidar.runtime.generate import RequestError
+    from tidar.runtime.generation_config import GenerationConfigError
     from tidar.runtime.sampling import SamplingError
     from tidar.runtime.tokenizer import TokenizerError
 
@@ -491,7 +507,8 @@ def main(argv: list[str] | None = None) -> int:
         args.model = str(BUNDLED_MODEL)
     try:
         return args.run(args)
-    except (CLIError, CheckpointError, ConfigError, RequestError, SamplingError, TokenizerError) as exc:
+    except (CLIError, CheckpointError, ConfigError, GenerationConfigError, RequestError, SamplingError,
+            TokenizerError) as exc:
         print(f"tidar {args.command}: error: {exc}", file=sys.stderr)
         return USAGE_ERROR
     except ModuleNotFoundError as exc:
