@@ -30,6 +30,20 @@ the ONNX -> TensorRT engine takes int64 indices and writes those of the graph's 
 outside the engine's optimization profile is refused with its name and shape. `bind` does all
 of this and is tested on CPU against the I/O each exporter declares (tests/test_engine_io.py).
 
+Addresses: TensorRT's `setTensorAddress` wants every address non-null and 256-byte aligned
+(NvInferRuntime.h), and returns false otherwise; a view of the cache (an empty past at prefill, a
+row of a cache whose row size is not a multiple of 256 bytes) may be neither, so `aligned` gives
+such a tensor an aligned copy and every `set_tensor_address` result is checked.
+
+The step on a GPU: the engine runs on a stream of its own (never the legacy default stream, on
+which TensorRT adds a device synchronization), ordered after the work already queued on the
+caller's stream and before what the caller queues next, with no host synchronization; the
+layout scalars are device tensors made once per layout (no host-to-device copy per step, the
+lengths and ids are already on the device); and only the slots the step can change are copied
+back from `present` (from the shortest row's past on: slots before it are the past, unchanged).
+The past itself is still copied into a dense input per layer (the explicit-cache interface takes
+[batch, heads, past, head_dim] tensors; a cache slice of fewer slots than its capacity is not dense).
+
 tensorrt / tensorrt_llm are imported only when a backend is opened; without them (or without
 CUDA) opening raises EngineUnavailable with the reason.
 """
@@ -97,6 +111,36 @@ def engine_io(engine) -> dict[str, TensorIO]:
     return found
 
 
+ADDRESS_ALIGNMENT = 256
+"""Bytes every address bound to a TensorRT engine must be a multiple of (NvInferRuntime.h,
+IExecutionContext::setTensorAddress)."""
+
+
+def tensor_address(tensor: torch.Tensor) -> int:
+    """The address a tensor's data starts at, also for a tensor of no elements (whose `data_ptr()`
+    is 0, while TensorRT wants a non-null address for every input): its storage's address plus
+    its offset."""
+    if tensor.numel():
+        return tensor.data_ptr()
+    return tensor.untyped_storage().data_ptr() + tensor.storage_offset() * tensor.element_size()
+
+
+def aligned(tensor: torch.Tensor, alignment: int = ADDRESS_ALIGNMENT) -> torch.Tensor:
+    """`tensor` when it is dense, its address non-null and a multiple of `alignment`; otherwise a
+    dense copy at an aligned address (a tensor of no elements gets an aligned address with one
+    element's bytes behind it)."""
+    pointer = tensor_address(tensor)
+    if pointer and pointer % alignment == 0 and tensor.is_contiguous():
+        return tensor
+    size = max(tensor.numel(), 1) * tensor.element_size()
+    raw = torch.empty(size + alignment, dtype=torch.uint8, device=tensor.device)
+    start = (-raw.data_ptr()) % alignment
+    copy = raw[start:start + size].view(tensor.dtype)[:tensor.numel()].view(tensor.shape)
+    if tensor.numel():
+        copy.copy_(tensor)
+    return copy
+
+
 def profile_batch_limit(engine) -> int | None:
     """The batch dimension's maximum in optimization profile 0 of `engine` (ICudaEngine
     `get_tensor_profile_shape(name, profile_index)` -> [min, opt, max] shapes) for `input_ids`;
@@ -135,6 +179,9 @@ class EngineBackend(BackendBase):
         self.head_weight = head_weight.to(self.device, self.io["hidden_states"].dtype)
         self.max_batch_size = profile_batch_limit(engine)
         """The most rows of a step the engine's optimization profile takes (None: not known)."""
+        self._layout_scalars: dict[Layout, dict[str, torch.Tensor]] = {}
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        """The stream the engine runs on (see the module docstring); None off the GPU (stand-ins)."""
 
     @classmethod
     def open(cls, engine_path: Path, config: TiDARConfig, name: str,
@@ -194,9 +241,7 @@ class EngineBackend(BackendBase):
         past = cache.max_length()  # host-side copy of the lengths: no device sync
         lengths = cache.lengths.to(self.device, torch.long)
         values = {"input_ids": input_ids.to(self.device), "past_lens": lengths,
-                  "position_ids": layout.position_ids(lengths)}
-        values.update({name: torch.tensor(value, device=self.device)
-                       for name, value in layout.kernel_scalars().items()})
+                  "position_ids": layout.position_ids(lengths), **self.layout_scalars(layout)}
         for layer in range(self.config.num_hidden_layers):
             values[f"past_key_{layer}"] = cache.keys[layer, :, :, :past]
             values[f"past_value_{layer}"] = cache.values[layer, :, :, :past]
@@ -205,6 +250,14 @@ class EngineBackend(BackendBase):
             raise EngineUnavailable(f"the {self.name} engine wants inputs the runtime does not have: "
                                     f"{', '.join(missing)}")
         return {name: values[name].to(self.device, self.io[name].dtype).contiguous() for name in self.inputs}
+
+    def layout_scalars(self, layout: Layout) -> dict[str, torch.Tensor]:
+        """The five layout scalars of `layout` as 0-d device tensors, made once per layout."""
+        found = self._layout_scalars.get(layout)
+        if found is None:
+            found = self._layout_scalars[layout] = {
+                name: torch.tensor(value, device=self.device) for name, value in layout.kernel_scalars().items()}
+        return found
 
     def bind(self, input_ids: torch.Tensor, layout: Layout, cache: KVCache) -> dict[str, torch.Tensor]:
         """{name: tensor} of every engine I/O for one forward: the feeds with their shapes set on
@@ -221,7 +274,7 @@ class EngineBackend(BackendBase):
             if any(d < 0 for d in shape):
                 raise RuntimeError(f"{self.name} engine: output {name!r} has unresolved shape {shape}")
             bound[name] = torch.empty(shape, dtype=self.io[name].dtype, device=self.device)
-        return bound
+        return {name: aligned(tensor) for name, tensor in bound.items()}
 
     def hidden_states(self, input_ids: torch.Tensor, layout: Layout, cache: KVCache) -> torch.Tensor:
         """Final-norm hidden states [B, layout.num_new, hidden] in the engine's dtype (its output
@@ -238,18 +291,27 @@ class EngineBackend(BackendBase):
                 raise RuntimeError(f"{self.name} engine: output {name!r} has shape {tuple(bound[name].shape)}, "
                                    f"expected {shape}")
         for name, tensor in bound.items():
-            self.context.set_tensor_address(name, tensor.data_ptr())
-        if self.device.type == "cuda":
-            stream = torch.cuda.current_stream(self.device)
-            ok = self.context.execute_async_v3(stream.cuda_stream)
-            stream.synchronize()
+            pointer = tensor_address(tensor)
+            if not pointer or pointer % ADDRESS_ALIGNMENT:
+                raise RuntimeError(f"{self.name} engine: tensor {name!r} at address {pointer:#x} is not a non-null "
+                                   f"multiple of {ADDRESS_ALIGNMENT} bytes (TensorRT's setTensorAddress rule)")
+            if not self.context.set_tensor_address(name, pointer):
+                raise RuntimeError(f"{self.name} engine: TensorRT refused the address {pointer:#x} of tensor {name!r}")
+        if self.stream is not None:
+            caller = torch.cuda.current_stream(self.device)
+            self.stream.wait_stream(caller)  # the feeds were written on the caller's stream
+            for tensor in bound.values():
+                tensor.record_stream(self.stream)  # not reused by the allocator before the engine is done
+            ok = self.context.execute_async_v3(self.stream.cuda_stream)
+            caller.wait_stream(self.stream)  # what the caller queues next sees the outputs; no host sync
         else:  # only stand-in engines run off the GPU (tests)
             ok = self.context.execute_async_v3(0)
         if not ok:
             raise RuntimeError(f"{self.name} engine execution failed")
+        first = min(cache.host_lengths, default=0)  # slots before the shortest row's past are unchanged
         for layer in range(c.num_hidden_layers):
-            cache.keys[layer, :, :, :past + num_new] = bound[f"present_key_{layer}"]
-            cache.values[layer, :, :, :past + num_new] = bound[f"present_value_{layer}"]
+            cache.keys[layer, :, :, first:past + num_new] = bound[f"present_key_{layer}"][:, :, first:]
+            cache.values[layer, :, :, first:past + num_new] = bound[f"present_value_{layer}"][:, :, first:]
         return bound["hidden_states"]
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:

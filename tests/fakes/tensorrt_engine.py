@@ -85,14 +85,15 @@ class DeclaredEngine:
         sizes = self._sizes()
         return tuple(sizes[d] if isinstance(d, str) else d for d in self.declared[name][2])
 
-    def set_tensor_address(self, name, pointer):
+    def set_tensor_address(self, name, pointer) -> bool:
         self.addresses[name] = pointer
+        return True  # as TensorRT's does for a name of the engine
 
     def execute_async_v3(self, stream) -> bool:
         assert set(self.addresses) == set(self.declared), "every I/O tensor needs an address"
         for name, (_, dtype, _) in self.declared.items():
             tensor = self.bound[name]
-            assert tensor.data_ptr() == self.addresses[name], f"{name}: bound address is not the buffer"
+            assert engine_backend.tensor_address(tensor) == self.addresses[name], f"{name}: bound address is not the buffer"
             assert tensor.dtype == engine_backend.TORCH_DTYPES[dtype], \
                 f"{name}: a {tensor.dtype} buffer bound to an engine tensor declared {dtype}"
             assert tuple(tensor.shape) == tuple(self.get_tensor_shape(name)), \
