@@ -32,8 +32,10 @@ Meaning of tensorrtllm_backend's inputs here (docs/design.md §3):
 - what would change the model input or the outputs beyond that (embedding bias, logits outputs,
   LoRA, prompt tables, guided decoding, multimodal and encoder inputs, an external draft model)
   is refused with INVALID_ARG naming the input, unless the value is the neutral one.
-Beyond the contract: `draft_len`, `mode` (tidar | ar) and `timeout` (seconds; the request ends with
-finish reason "timeout" and the output so far).
+Beyond the contract: `draft_len`, `mode` (tidar | ar), `timeout` (seconds; the request ends with
+finish reason "timeout" and the output so far) and `input_ids` (the prompt as token ids, taken as
+they are instead of tokenising `text_input`, which is then only the prompt's text, the one a
+non-streaming response repeats).
 """
 
 from __future__ import annotations
@@ -161,6 +163,21 @@ def _unsupported(inputs) -> None:
             raise RequestError(f"input '{name}' is not supported: {reason}")
 
 
+def _prompt_ids(inputs, config: TiDARConfig) -> list[int] | None:
+    """The `input_ids` input (the prompt as token ids), checked; None when absent."""
+    array = _per_request(inputs, "input_ids")
+    if array is None:
+        return None
+    ids = [int(token) for token in np.asarray(array).reshape(-1)]
+    if not ids:
+        raise RequestError("input 'input_ids' is empty: at least one token is needed")
+    for position, token in enumerate(ids):
+        if not 0 <= token < config.vocab_size:
+            raise RequestError(f"input 'input_ids' must hold token ids in [0, {config.vocab_size}), got {token} at "
+                               f"position {position}")
+    return ids
+
+
 def parse_request(inputs: dict[str, np.ndarray], tokenizer: Tokenizer, config: TiDARConfig,
                   max_tokens_limit: int, defaults: GenerationDefaults | None = None) -> ServingRequest:
     """The runtime requests of one Triton request's inputs; RequestError names what is wrong.
@@ -171,7 +188,8 @@ def parse_request(inputs: dict[str, np.ndarray], tokenizer: Tokenizer, config: T
     if "text_input" not in inputs:
         raise RequestError("input 'text_input' is missing")
     text = _text(_scalar(inputs, "text_input"), "text_input")
-    if not text:
+    prompt_ids = _prompt_ids(inputs, config)
+    if not text and prompt_ids is None:
         raise RequestError("input 'text_input' is empty: at least one token is needed")
     max_tokens = _scalar(inputs, "max_tokens")
     if max_tokens is None:
@@ -246,7 +264,8 @@ def parse_request(inputs: dict[str, np.ndarray], tokenizer: Tokenizer, config: T
     if not 1 <= count <= MAX_RETURN_SEQUENCES:
         raise RequestError(f"input 'num_return_sequences' must be in [1, {MAX_RETURN_SEQUENCES}], got {count}")
 
-    prompt_ids = tokenizer.encode(text)
+    if prompt_ids is None:
+        prompt_ids = tokenizer.encode(text)
     flag = lambda name: bool(_scalar(inputs, name)) if name in inputs else False  # noqa: E731
     log_probs = flag("return_log_probs")
     requests = []

@@ -81,11 +81,17 @@ def check_repository(repo: Path) -> None:
                 raise ServeError(str(error)) from None
 
 
-def port_is_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+API_KEY_ENV = "TIDAR_API_KEY"
+"""Environment variable holding the OpenAI front's API key when `tidar serve` gets no --api-key
+(vLLM's VLLM_API_KEY)."""
+
+
+def port_is_free(port: int, host: str = "0.0.0.0") -> bool:
+    """Whether `port` can be bound on `host` (an IPv4 or IPv6 address or a host name)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.bind(("0.0.0.0", port))
+            sock.bind((host or "0.0.0.0", port))
         except OSError:
             return False
     return True
@@ -401,17 +407,19 @@ def _group_alive(pgid: int) -> bool:
 
 def serve(repo: str | Path, grpc_port: int, http_port: int, metrics_port: int, command: list[str] | None = None,
           verbose: bool = False, policy=None, openai_port: int | None = None,
-          ready_timeout: float = DEFAULT_READY_TIMEOUT) -> int:
+          ready_timeout: float = DEFAULT_READY_TIMEOUT, openai_host: str = "0.0.0.0",
+          api_key: str | None = None) -> int:
     """Run the server until SIGINT/SIGTERM (0), supervised: a dead model process or server is
     restarted per `policy` (a supervisor.RestartPolicy), and 1 is returned once it gives up. With
     `command`, run it once the server is ready, stop the server when it ends and return its status. With
-    `openai_port`, an OpenAI-compatible HTTP front (openai_server.py) forwards to the `tidar` model over gRPC."""
+    `openai_port`, an OpenAI-compatible HTTP front (openai_front.py) on `openai_host` forwards to the
+    `tidar` model over gRPC; with `api_key`, its /v1 routes need `Authorization: Bearer API_KEY`."""
 
     if openai_port is not None:
         import tidar.serving.openai_front  # noqa: F401  (the openai extra; cli.py names it if missing, before any start)
 
-        if openai_port != 0 and not port_is_free(openai_port):
-            raise ServeError(f"OpenAI port {openai_port} is already in use")
+        if openai_port != 0 and not port_is_free(openai_port, openai_host):
+            raise ServeError(f"OpenAI port {openai_port} is already in use on {openai_host}")
     server = TritonServer(repo, grpc_port, http_port, metrics_port, verbose=verbose, ready_timeout=ready_timeout)
     supervisor = Supervisor(server, policy or RestartPolicy())
     front = None
@@ -435,7 +443,7 @@ def serve(repo: str | Path, grpc_port: int, http_port: int, metrics_port: int, c
             raise
         endpoints = f"gRPC {server.grpc_url}  HTTP {server.http_url}  metrics {server.metrics_url}"
         if openai_port is not None:
-            front = _start_openai_front(server, openai_port)
+            front = _start_openai_front(server, openai_port, openai_host, api_key)
             endpoints += f"  OpenAI {front.url}"
         print(f"ready: {endpoints}", file=sys.stderr, flush=True)
         if command:
@@ -465,10 +473,10 @@ def serve(repo: str | Path, grpc_port: int, http_port: int, metrics_port: int, c
         print(f"tritonserver stopped (status {code})", file=sys.stderr, flush=True)
 
 
-def _start_openai_front(server: TritonServer, port: int):
+def _start_openai_front(server: TritonServer, port: int, host: str = "0.0.0.0", api_key: str | None = None):
     from tidar.serving.openai_front import OpenAIFront, model_dir_of  # the openai extra (cli.py names it if missing)
 
     try:
-        return OpenAIFront(server.grpc_url, model_dir_of(server.repo), port=port).start()
+        return OpenAIFront(server.grpc_url, model_dir_of(server.repo), port=port, host=host, api_key=api_key).start()
     except OSError as exc:
-        raise ServeError(f"cannot serve the OpenAI front on port {port}: {exc.strerror or exc}") from None
+        raise ServeError(f"cannot serve the OpenAI front on {host} port {port}: {exc.strerror or exc}") from None

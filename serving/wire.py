@@ -18,7 +18,9 @@ Names, types and shapes are those of NVIDIA tensorrtllm_backend's `ensemble` and
 model is configured with `max_batch_size: MAX_BATCH_SIZE` = 1, so every tensor carries a leading
 batch dimension of 1 ([1, 1] for a scalar). `text_output` is sent as shape [1] (one string per
 request), as the backend's postprocessing model does and its clients read it. TiDAR's own inputs
-(`draft_len`, `mode`, `timeout`) and outputs (`output_ids`, `finish_reason`, `num_*`) come on top.
+(`draft_len`, `mode`, `timeout`; `input_ids`, the prompt as token ids, which the model then takes
+as they are, `text_input` being only its text) and outputs (`output_ids`, `finish_reason`,
+`num_*`) come on top.
 Left out: tensorrt_llm_bls's `num_draft_tokens` input (the draft length of a separate draft model;
 TiDAR drafts itself, see `draft_len`), whose name is TiDAR's per-response draft-token counter.
 """
@@ -87,6 +89,7 @@ INPUTS = _inputs(
     ("random_seed", "TYPE_UINT64", _SCALAR),
     # TiDAR's own
     ("draft_len", "TYPE_INT32", _SCALAR), ("mode", "TYPE_STRING", _SCALAR), ("timeout", "TYPE_FP32", _SCALAR),
+    ("input_ids", "TYPE_INT32", (-1,)),
 )
 OUTPUTS = tuple(TensorSpec(name, kind, dims) for name, kind, dims in (
     ("text_output", "TYPE_STRING", (-1,)), ("cum_log_probs", "TYPE_FP32", (-1,)),

@@ -1,11 +1,12 @@
-"""The OpenAI-compatible front (openai_server.py) on the real tritonserver, driven with the official
-`openai` Python client.
+"""The OpenAI-compatible front (openai_front.py) on the real tritonserver, driven with the official
+`openai` Python client, and with raw HTTP for what that client cannot send.
 
 Oracles: greedy outputs are AR decoding of the same weights in this process (float32, as the
-server); chat prompts are rendered by `transformers`' apply_chat_template from the same
-tokenizer_config.json; a seeded sampled completion equals the same request sent to the Triton
-model directly. Two fronts share one server: one reads a copy of the bundled checkpoint with a
-chat template added, the other the bundled checkpoint itself, which has none.
+server), on the same token ids; chat prompts are rendered by `transformers`' apply_chat_template
+from the same tokenizer_config.json; a seeded sampled completion equals the same request sent to
+the Triton model directly. The fronts share one server: one reads a copy of the bundled checkpoint
+with a chat template added, another the bundled checkpoint itself, which has none, and a third
+(the copy, bound to 127.0.0.1) needs an API key.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import json
 import shutil
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 
 import openai
 import pytest
@@ -160,7 +163,7 @@ def test_penalties_and_log_probs(setup, greedy):
     (dict(max_tokens=0), openai.BadRequestError, "max_tokens"),
     (dict(n=20), openai.BadRequestError, "n"),
     (dict(model="gpt-4"), openai.NotFoundError, "model"),
-    (dict(max_tokens=5000), openai.BadRequestError, None),  # refused by the Triton model, which names max_tokens
+    (dict(max_tokens=5000), openai.BadRequestError, "max_tokens"),  # refused by the Triton model, which names it
 ])
 def test_bad_requests_get_openai_errors(setup, options, error, param):
     _, chat, _, _ = setup
@@ -169,8 +172,153 @@ def test_bad_requests_get_openai_errors(setup, options, error, param):
         client_of(chat).completions.create(**body)
     detail = caught.value.body
     assert set(detail) >= {"message", "type", "param"} and detail["param"] == param
-    if param is None:
+    if options.get("max_tokens") == 5000:
         assert "'max_tokens' must be in [1, 2048], got 5000" in detail["message"]
+
+
+API_KEY = "sk-tidar-test"
+
+
+@pytest.fixture(scope="module")
+def keyed(setup):
+    server, _, _, chat_model = setup
+    with OpenAIFront(server.grpc_url, chat_model, port=0, host="127.0.0.1", api_key=API_KEY) as front:
+        yield front
+
+
+def http(front, method: str, route: str, body=None, key: str | None = API_KEY, raw: bytes | None = None,
+         scheme: str = "Bearer"):
+    """(status, parsed JSON body or None) of one raw HTTP request to the front."""
+    data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"{scheme} {key}"
+    url = front.url.removesuffix("/v1") + route
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data, headers, method=method), timeout=120) as reply:
+            status, text = reply.status, reply.read()
+    except urllib.error.HTTPError as error:
+        status, text = error.code, error.read()
+    return status, json.loads(text) if text.strip().startswith(b"{") else None
+
+
+def test_prompts_as_token_ids_and_lists(setup, greedy):
+    """OpenAI's four prompt forms. Token ids reach the model as they are: a split the tokenizer
+    would never make gives AR decoding of exactly those ids. A list of prompts with n = 2 answers
+    choices[i * n + j] for prompt i, streamed or not, and the usage sums the prompts."""
+    _, chat, _, _ = setup
+    client, engine = client_of(chat), greedy.engine
+    tokenizer = engine.tokenizer
+    prompts = ["def main():\n", "import os\n"]
+    ids = tokenizer.encode(prompts[0])
+    by_id = client.completions.create(model=chat.served_name, prompt=ids, max_tokens=12, temperature=0)
+    assert by_id.choices[0].text == greedy(prompts[0], 12).text and by_id.usage.prompt_tokens == len(ids)
+    split = [token for char in "def main" for token in tokenizer.encode(char)]  # one token per character
+    assert split != tokenizer.encode("def main")
+    expected = engine.generate([Request(split, 10)])[0]
+    answer = client.completions.create(model=chat.served_name, prompt=split, max_tokens=10, temperature=0, echo=True)
+    assert answer.choices[0].text == "def main" + expected.text and answer.usage.prompt_tokens == len(split)
+
+    oracles = [greedy(p, 8).text for p in prompts]
+    for form in (prompts, [tokenizer.encode(p) for p in prompts]):
+        listed = client.completions.create(model=chat.served_name, prompt=form, max_tokens=8, temperature=0, n=2)
+        assert [c.index for c in listed.choices] == [0, 1, 2, 3]
+        assert [c.text for c in listed.choices] == [oracles[0], oracles[0], oracles[1], oracles[1]]
+        assert listed.usage.prompt_tokens == sum(len(tokenizer.encode(p)) for p in prompts)
+        assert listed.usage.completion_tokens == 4 * 8
+    chunks = list(client.completions.create(model=chat.served_name, prompt=prompts, max_tokens=8, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    texts = {}
+    for chunk in chunks[:-1]:
+        assert chunk.usage is None and len(chunk.choices) == 1
+        texts[chunk.choices[0].index] = texts.get(chunk.choices[0].index, "") + chunk.choices[0].text
+    assert texts == {0: oracles[0], 1: oracles[1]}
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 16
+    assert chunks[-1].usage.total_tokens == 16 + sum(len(tokenizer.encode(p)) for p in prompts)
+    plain = list(client.completions.create(model=chat.served_name, prompt=prompts[1], max_tokens=4, temperature=0,
+                                           stream=True))
+    assert all(chunk.usage is None and chunk.choices for chunk in plain)  # no usage chunk unless asked
+
+
+def test_api_key_guards_every_v1_route(keyed, greedy):
+    """As vLLM: with a key, /v1/models and the generation routes need `Authorization: Bearer KEY`
+    (401 otherwise, OpenAI's error body); /health stays open; the front binds the address given."""
+    assert keyed.url.startswith("http://127.0.0.1:")
+    good = openai.OpenAI(base_url=keyed.url, api_key=API_KEY, max_retries=0)
+    assert [m.id for m in good.models.list().data] == [keyed.served_name]
+    done = good.completions.create(model=keyed.served_name, prompt="import os\n", max_tokens=6, temperature=0)
+    assert done.choices[0].text == greedy("import os\n", 6).text
+    wrong = openai.OpenAI(base_url=keyed.url, api_key="sk-wrong", max_retries=0)
+    for call in (wrong.models.list, lambda: wrong.completions.create(model=keyed.served_name, prompt="x",
+                                                                      max_tokens=2),
+                 lambda: wrong.chat.completions.create(model=keyed.served_name, max_tokens=2,
+                                                       messages=[{"role": "user", "content": "x"}])):
+        with pytest.raises(openai.AuthenticationError) as caught:
+            call()
+        assert caught.value.status_code == 401 and "'Authorization'" in caught.value.body["message"]
+    assert http(keyed, "GET", "/health", key=None) == (200, None)
+
+
+BAD_REQUESTS = [  # (route, body, changes to the request, status, param, fragment of the message)
+    ("/v1/models", None, {"key": None}, 401, None, "Authorization: Bearer"),
+    ("/v1/completions", {"prompt": "x"}, {"key": None}, 401, None, "Authorization: Bearer"),
+    ("/v1/completions", {"prompt": "x"}, {"key": "sk-wrong"}, 401, None, "incorrect API key"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}, {"scheme": "Basic"}, 401, None,
+     "Authorization: Bearer"),
+    ("/v1/completions", None, {"raw": b"{not json"}, 400, None, "not valid JSON"),
+    ("/v1/completions", {"prompt": []}, {}, 400, "prompt", "non-empty"),
+    ("/v1/completions", {"prompt": [[]]}, {}, 400, "prompt", "'prompt[0]' is an empty token list"),
+    ("/v1/completions", {"prompt": [1, -5]}, {}, 400, "prompt", "'prompt[1]' must be a token id in [0, 4096), got -5"),
+    ("/v1/completions", {"prompt": [[1, 2], [3, 10 ** 9]]}, {}, 400, "prompt", "got 1000000000"),
+    ("/v1/completions", {"prompt": ["ok", 7]}, {}, 400, "prompt", "'prompt[1]' must be a string or a list of token"),
+    ("/v1/completions", {"prompt": ""}, {}, 400, "prompt", "'prompt' is empty"),
+    ("/v1/completions", {"prompt": {"text": "x"}}, {}, 400, "prompt", "'prompt' must be a string"),
+    ("/v1/completions", {"prompt": "x", "stream": True, "stream_options": {"include_usage": "yes"}}, {}, 400,
+     "stream_options.include_usage", "must be a boolean, got 'yes'"),
+    ("/v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}}, {}, 400, "stream_options",
+     "only be given with 'stream': true"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 2 ** 31}, {}, 400, "max_tokens", "got 2147483648"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": "10"}, {}, 400, "max_tokens", "must be an integer, got '10'"),
+    ("/v1/completions", {"prompt": "x", "temperature": -1}, {}, 400, "temperature", "got -1"),
+    ("/v1/completions", {"prompt": "x", "top_p": 1.5}, {}, 400, "top_p", "got 1.5"),
+    ("/v1/completions", {"prompt": "x", "top_k": -2}, {}, 400, "top_k", "got -2"),
+    ("/v1/completions", {"prompt": "x", "n": 0}, {}, 400, "n", "got 0"),
+    ("/v1/completions", {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, {}, 400, "stop", "at most 4"),
+    ("/v1/completions", {"prompt": "x", "echo": "yes"}, {}, 400, "echo", "must be a boolean"),
+    ("/v1/completions", {"prompt": "x", "stream": 1}, {}, 400, "stream", "must be a boolean, got 1"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 10}}, {}, 400, "logit_bias", "not supported"),
+    ("/v1/chat/completions", {"messages": []}, {}, 400, "messages", "non-empty list"),
+    ("/v1/chat/completions", {"messages": [{"content": "x"}]}, {}, 400, "messages", "'messages[0].role'"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 42}]}, {}, 400, "messages",
+     "'messages[0].content' must be a string"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, {}, 400,
+     "messages", "'messages[0].content[0]' must be a text part"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 2 ** 31},
+     {}, 400, "max_completion_tokens", "got 2147483648"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": "true"}, {}, 400,
+     "logprobs", "must be a boolean"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": [1]}, {}, 400,
+     "chat_template_kwargs", "must be an object"),
+    ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, {}, 404, "model", "'gpt-4' does not exist"),
+]
+
+
+def test_bad_requests_each_get_a_clean_error_and_the_front_keeps_serving(keyed, greedy):
+    """Every malformed request (the API key, OpenAI's four prompt forms, stream_options, int32
+    overflow, the chat messages, ...) gets OpenAI's error body with the status, the parameter and
+    the value it names; afterwards the same front answers a good request."""
+    assert len(BAD_REQUESTS) >= 20
+    for route, body, change, status, param, fragment in BAD_REQUESTS:
+        if body is not None:
+            body = {"max_tokens": 4, **body}
+        got, reply = http(keyed, "GET" if body is None and "raw" not in change else "POST", route, body, **change)
+        assert got == status, (route, body, change, reply)
+        error = reply["error"]
+        assert (error["param"], set(error)) == (param, {"message", "type", "param", "code"}), (body, error)
+        assert fragment in error["message"], (body, error)
+    status, reply = http(keyed, "POST", "/v1/completions", {"prompt": "import os\n", "max_tokens": 6,
+                                                            "temperature": 0})
+    assert status == 200 and reply["choices"][0]["text"] == greedy("import os\n", 6).text
 
 
 def test_thirty_two_concurrent_streams_some_disconnecting(setup, greedy):
