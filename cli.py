@@ -6,9 +6,10 @@
                    [--backend NAME] [--attention IMPL] [--dtype D] [--device cpu|cuda[:N]]
                    [--cuda-graphs | --no-cuda-graphs] [--beta X] [--json]
     tidar init OUT [--family qwen2|qwen3|llama] [--block-size B] [--seed S]
-    tidar train --files GLOB [GLOB ...] --out OUT [--init-from CHECKPOINT] [--steps N] [--self-distill F] ... [--resume]
     tidar calibrate MODEL [--prompts default|heldout|FILE] [--max-new-tokens N] [-o FILE]
-    tidar serve REPO [--grpc-port P] [--http-port P] [--metrics-port P] [--max-restarts N] [-- COMMAND ...]
+    tidar train --files GLOB [GLOB ...] --out OUT [--init-from CHECKPOINT] [--steps N] [--self-distill F] ... [--resume]
+    tidar serve REPO [--grpc-port P] [--http-port P] [--metrics-port P] [--max-restarts N]
+                [--openai-port P [--openai-host ADDR] [--api-key KEY]] [-- COMMAND ...]
     tidar client [--url HOST:PORT] [--max-tokens N] [--no-stream] TEXT
 
 Bad input exits with status 2 and one line on stderr that names the problem; no traceback.
@@ -142,6 +143,11 @@ def _auto_draft_shape(backend, tokenizer, model: str) -> tuple[int, int]:
     tokens per step where MODEL/acceptance.json has them, else the start-up estimate (said on
     stderr)."""
     from tidar.runtime import autotune
+    from tidar.runtime.calibrate import startup_estimate
+
+    acceptance, replayed, source = startup_estimate(backend, tokenizer, model, budget_s=30.0)
+    print(f"draft shape: expected tokens per step from {source}", file=sys.stderr)
+    return autotune.choose_draft_len(backend, acceptance, replayed=replayed, tokenizer=tokenizer, budget_s=30.0).shape
 
 
 def _calibrate(args: argparse.Namespace) -> int:
@@ -175,11 +181,6 @@ def _calibrate(args: argparse.Namespace) -> int:
           f"{result.replayed.get(f'b{b}k{b}', 1.0):.2f} tokens/step; written to {path}", file=sys.stderr)
     return 0
 
-    from tidar.runtime.calibrate import startup_estimate
-
-    acceptance, replayed, source = startup_estimate(backend, tokenizer, model, budget_s=30.0)
-    print(f"draft shape: expected tokens per step from {source}", file=sys.stderr)
-    return autotune.choose_draft_len(backend, acceptance, replayed=replayed, tokenizer=tokenizer, budget_s=30.0).shape
 
 def _bench(args: argparse.Namespace) -> int:
     from tidar.runtime.bench import bench, table
@@ -234,21 +235,24 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from tidar.serving.serve import ServeError, serve
+    from tidar.serving.serve import API_KEY_ENV, ServeError, serve
     from tidar.serving.supervisor import RestartPolicy
 
+    if args.ready_timeout is not None and not args.ready_timeout > 0:
+        raise CLIError(f"--ready-timeout must be a positive number of seconds, got {args.ready_timeout}")
     if min(args.max_restarts, args.restart_backoff, args.stable_after) < 0:
         raise CLIError(f"--max-restarts, --restart-backoff and --stable-after must be >= 0, got "
                        f"{args.max_restarts}, {args.restart_backoff} and {args.stable_after}")
 
+    if args.api_key is not None and (args.openai_port is None or not args.api_key):
+        raise CLIError("--api-key protects the OpenAI front: give a non-empty key, and --openai-port")
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     try:
         policy = RestartPolicy(max_restarts=args.max_restarts, backoff=args.restart_backoff,
                                stable_after=args.stable_after)
         return serve(args.repo, args.grpc_port, args.http_port, args.metrics_port,
                      command=args.command_after or None, verbose=args.verbose, policy=policy,
-    if args.ready_timeout is not None and not args.ready_timeout > 0:
-        raise CLIError(f"--ready-timeout must be a positive number of seconds, got {args.ready_timeout}")
-                     openai_port=args.openai_port,
+                     openai_port=args.openai_port, openai_host=args.openai_host, api_key=api_key,
                      **({} if args.ready_timeout is None else {"ready_timeout": args.ready_timeout}))
     except ServeError as exc:
         raise CLIError(str(exc)) from None
@@ -403,6 +407,25 @@ def build_parser() -> argparse.ArgumentParser:
                           "in MODEL/acceptance.json for the draft-shape autotuner")
     ben.set_defaults(run=_bench)
 
+    cal = sub.add_parser("calibrate", help="measure a checkpoint's acceptance for the draft-shape autotuner",
+                         description="Greedy replay of a prompt set through MODEL (a checkpoint or a `tidar-export "
+                                     "build` output): the acceptance and the tokens per step of every trained draft "
+                                     "shape (b, k), written to acceptance.json beside the model, where `tidar "
+                                     "generate --draft-len auto` and `tidar serve` read them (an export copies "
+                                     "the checkpoint's).")
+    cal.add_argument("model", help="checkpoint folder or export output folder")
+    cal.add_argument("--prompts", default="default",
+                     help="prompt set: default (shipped with tidar: code, prose, instructions), heldout (the held-out "
+                          "split of the model's train_config.json) or a file (a JSON list of strings, or JSON Lines "
+                          "of strings or {\"prompt\": ...} objects)")
+    cal.add_argument("--count", type=int, default=None, help="use at most this many prompts (default all; heldout 8)")
+    cal.add_argument("--max-new-tokens", type=int, default=64, help="tokens replayed per prompt (default 64)")
+    cal.add_argument("--draft-lens", type=int, nargs="+", default=None,
+                     help="draft lengths b to replay, each with k = 1..b (default: the trained ones)")
+    cal.add_argument("--backend", default="torch", help="executor: torch (default) or onnxruntime (an export)")
+    cal.add_argument("-o", "--out", default=None, help="file to write (default MODEL/acceptance.json)")
+    cal.set_defaults(run=_calibrate)
+
     train = sub.add_parser("train", help="train a TiDAR model with the full-mask objective",
                            description="Train (or convert an AR checkpoint into) a TiDAR model with the full-mask "
                                        "objective on plain-text files; resumable, with held-out AR and diffusion "
@@ -423,25 +446,6 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(in-flight requests end with UNAVAILABLE) and restarted with backoff.")
     srv.add_argument("repo", help="rendered model repository (OUT/triton_repo)")
     srv.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001; 0 = any free port)")
-    cal = sub.add_parser("calibrate", help="measure a checkpoint's acceptance for the draft-shape autotuner",
-                         description="Greedy replay of a prompt set through MODEL (a checkpoint or a `tidar-export "
-                                     "build` output): the acceptance and the tokens per step of every trained draft "
-                                     "shape (b, k), written to acceptance.json beside the model, where `tidar "
-                                     "generate --draft-len auto` and `tidar serve` read them (an export copies "
-                                     "the checkpoint's).")
-    cal.add_argument("model", help="checkpoint folder or export output folder")
-    cal.add_argument("--prompts", default="default",
-                     help="prompt set: default (shipped with tidar: code, prose, instructions), heldout (the held-out "
-                          "split of the model's train_config.json) or a file (a JSON list of strings, or JSON Lines "
-                          "of strings or {\"prompt\": ...} objects)")
-    cal.add_argument("--count", type=int, default=None, help="use at most this many prompts (default all; heldout 8)")
-    cal.add_argument("--max-new-tokens", type=int, default=64, help="tokens replayed per prompt (default 64)")
-    cal.add_argument("--draft-lens", type=int, nargs="+", default=None,
-                     help="draft lengths b to replay, each with k = 1..b (default: the trained ones)")
-    cal.add_argument("--backend", default="torch", help="executor: torch (default) or onnxruntime (an export)")
-    cal.add_argument("-o", "--out", default=None, help="file to write (default MODEL/acceptance.json)")
-    cal.set_defaults(run=_calibrate)
-
     srv.add_argument("--http-port", type=int, default=8000, help="HTTP port (default 8000; 0 = any free port)")
     srv.add_argument("--metrics-port", type=int, default=8002,
                      help="Prometheus metrics port (default 8002; 0 = any free port)")
@@ -454,8 +458,18 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--openai-port", type=int, default=None,
                      help="also serve an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
                           "/v1/models) on this port (0 = any free port); needs the openai extra")
+    srv.add_argument("--openai-host", default="0.0.0.0",
+                     help="address the OpenAI front binds (default 0.0.0.0: every interface; 127.0.0.1: this "
+                          "machine only)")
+    srv.add_argument("--api-key", default=None,
+                     help="API key of the OpenAI front: every /v1 route, /v1/models included, then needs "
+                          "'Authorization: Bearer KEY' and answers 401 otherwise, as vLLM's --api-key (default: "
+                          "the TIDAR_API_KEY environment variable; neither: no key)")
     srv.add_argument("--stable-after", type=float, default=60.0,
                      help="seconds of serving after which a fault starts a new row of restarts (default 60)")
+    srv.add_argument("--ready-timeout", type=float, default=None,
+                     help="seconds to wait for every model to load and finish its start-up autotune before giving "
+                          "up (default 900; the models print their progress meanwhile)")
     srv.add_argument("--verbose", action="store_true", help="verbose server log")
     srv.set_defaults(run=_serve)
 
@@ -476,9 +490,6 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_argument("--seed", type=int, default=None)
     cli.add_argument("--stop", action="append", help="stop string (repeatable)")
     cli.add_argument("--timeout", type=float, default=None, help="seconds before the server ends the request")
-    srv.add_argument("--ready-timeout", type=float, default=None,
-                     help="seconds to wait for every model to load and finish its start-up autotune before giving "
-                          "up (default 900; the models print their progress meanwhile)")
     cli.add_argument("--model-name", default="tidar", help="Triton model name (default tidar)")
     cli.add_argument("--json", action="store_true", help="print one JSON object with the output and statistics")
     cli.set_defaults(run=_client)
