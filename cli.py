@@ -58,8 +58,6 @@ def _generate(args: argparse.Namespace) -> int:
     if draft_blocks is not None:
         if draft_len is None or draft_len == 0:
             raise CLIError("--draft-blocks needs a fixed --draft-len in tidar mode (auto chooses the blocks too)")
-        if not 1 <= draft_blocks <= draft_len:
-            raise CLIError(f"--draft-blocks must be in [1, --draft-len = {draft_len}], got {draft_blocks}")
     defaults = GenerationDefaults.from_folder(args.model)  # generation_config.json: end ids, sampling defaults
     chosen = defaults.apply({"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k})
     sampling = SamplingParams(seed=args.seed, **{name: value for name, value in chosen.items() if value is not None})
@@ -81,6 +79,13 @@ def _generate(args: argparse.Namespace) -> int:
     tokenizer = Tokenizer(args.model)
     if draft_len is None:
         draft_len, draft_blocks = _auto_draft_shape(backend, tokenizer, args.model)
+    else:
+        from tidar.runtime.draft_shape import DraftShapeError, validate_draft_shape
+
+        try:
+            validate_draft_shape(backend.config, draft_len, draft_blocks, names=("--draft-len", "--draft-blocks"))
+        except DraftShapeError as error:
+            raise CLIError(str(error)) from None
     engine = DecodeEngine(backend, tokenizer, draft_len=draft_len, beta=args.beta, draft_blocks=draft_blocks)
     prompt_ids = tokenizer.encode(args.prompt)
     request = Request(prompt_ids, args.max_new_tokens, sampling, stop=tuple(args.stop or ()), eos_ids=defaults.eos_ids)
