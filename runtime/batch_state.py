@@ -27,6 +27,7 @@ import torch
 from . import logits_processor
 from .counters import Stats
 from .logits_processor import LogitsProcessor, ProcessorState
+from .ngram import NgramIndex, SourceEstimate
 from .sampling import SamplingBatch, SamplingParams
 from .tokenizer import IncrementalDetokenizer
 
@@ -53,6 +54,15 @@ class Row:
     """The engine's number for the request (`Delta.admission`)."""
     proposal_count: int = 0
     """Real proposals among the pending drafts d_1.. (host copy of `BatchState.proposal_counts`)."""
+    proposal_source: str = "tidar"
+    """Where the pending proposals came from (docs/design.md §3.9)."""
+    ngram: NgramIndex | None = None
+    """The row's text for n-gram proposals (hybrid and ngram drafters only)."""
+    estimates: dict[str, SourceEstimate] = field(default_factory=dict)
+    """Per source, the row's acceptance hazards (hybrid and ngram drafters only)."""
+    candidates: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    """Per source, the proposals it offered for the pending step, placed or not (scored when the
+    step commits)."""
 
     def finish(self, reason: str) -> None:
         """End the row with `reason` and record its decode time."""
@@ -147,6 +157,28 @@ class BatchState:
         if self.draft_probs is not None:
             point_masses = torch.nn.functional.one_hot(pads, self.draft_probs.shape[-1]).float()
             self.draft_probs = torch.cat([self.draft_probs, point_masses], dim=1)
+
+    def place_proposals(self, indices: Sequence[int], proposals: Sequence[Sequence[int]], pad_id: int) -> None:
+        """Replace the pending proposals d_1.. of the rows `indices` by `proposals` (at most b - 1
+        tokens each; the slots after them hold `pad_id`, padding), with point-mass distributions
+        for rows that verify by residual sampling (docs/design.md §3.9). One host->device copy."""
+        if not indices:
+            return
+        width = self.drafts.shape[1]
+        device = self.drafts.device
+        if any(len(tokens) > width - 1 for tokens in proposals):
+            raise ValueError(f"a proposal is longer than the {width - 1} proposal slots of the drafts")
+        host = [[row, len(tokens), *tokens, *[pad_id] * (width - 1 - len(tokens))]
+                for row, tokens in zip(indices, proposals)]
+        packed = torch.tensor(host, dtype=torch.long).to(device)
+        index, tokens = packed[:, 0], packed[:, 2:].to(self.drafts.dtype)
+        self.drafts[index, 1:] = tokens
+        self.proposal_counts[index] = packed[:, 1].to(self.proposal_counts.dtype)
+        for row, proposal in zip(indices, proposals):
+            self.rows[row].proposal_count = len(proposal)
+        if self.draft_probs is not None:
+            self.draft_probs[index] = torch.nn.functional.one_hot(packed[:, 2:], self.draft_probs.shape[-1]).to(
+                self.draft_probs.dtype)
 
     def clear(self) -> None:
         """No rows."""

@@ -5,7 +5,10 @@ The same struct counts one forward of one request (a `Delta`'s `step_stats`: the
 a request's totals (`Result.stats`: the sum of its deltas' increments plus its decode time), and
 the replay's totals over prompts (runtime/replay.py, which predicts what the engine counts).
 A proposal position i is d_{i+1}, the (i+1)-th draft after the step's d_0; the position lists
-are as long as the longest draft length counted so far (b - 1).
+are as long as the longest draft length counted so far (b - 1). Steps, proposals and accepted
+proposals are also counted per source of the proposals (docs/design.md §3.9: "tidar", TiDAR's
+block, or "ngram", a continuation found in the text); the engine counts them, the sums over
+sources are the totals.
 """
 
 from __future__ import annotations
@@ -49,6 +52,12 @@ class Stats:
     """accepted_per_position[i]: how often proposal d_{i+1} was accepted."""
     proposed_per_position: list[int] = field(default_factory=list)
     """proposed_per_position[i]: how often there was a proposal d_{i+1} to verify."""
+    drafts_by_source: dict[str, int] = field(default_factory=dict)
+    """Per proposal source: steps that verified its proposals (sum: `drafts`)."""
+    proposed_by_source: dict[str, int] = field(default_factory=dict)
+    """Per proposal source: its proposals verified (sum: `draft_tokens`)."""
+    accepted_by_source: dict[str, int] = field(default_factory=dict)
+    """Per proposal source: its proposals accepted (sum: `accepted_tokens`)."""
     prefill_seconds: float = 0.0
     """The prefill's wall time (in a request's first delta and its totals)."""
     decode_seconds: float = 0.0
@@ -61,12 +70,16 @@ class Stats:
         return cls(accepted_per_position=[0] * width, proposed_per_position=[0] * width, **counts)
 
     @classmethod
-    def of_step(cls, draft_len: int, proposed: int, accepted: int) -> "Stats":
+    def of_step(cls, draft_len: int, proposed: int, accepted: int, source: str | None = None) -> "Stats":
         """The increments of one step at draft length b = `draft_len` that verified `proposed`
-        proposals (0: none) and accepted the first `accepted` of them."""
+        proposals (0: none) and accepted the first `accepted` of them; counted for `source` too
+        when given (where the proposals came from)."""
         if not proposed:
             return cls(forward_passes=1)
         step = cls.positions(draft_len, forward_passes=1, drafts=1, draft_tokens=proposed, accepted_tokens=accepted)
+        if source is not None:
+            step.drafts_by_source, step.proposed_by_source = {source: 1}, {source: proposed}
+            step.accepted_by_source = {source: accepted}
         step.proposed_per_position[:proposed] = [1] * proposed
         step.accepted_per_position[:accepted] = [1] * accepted
         return step
@@ -79,6 +92,11 @@ class Stats:
         self.accepted_tokens += other.accepted_tokens
         add_per_position(self.accepted_per_position, other.accepted_per_position)
         add_per_position(self.proposed_per_position, other.proposed_per_position)
+        for mine, theirs in ((self.drafts_by_source, other.drafts_by_source),
+                             (self.proposed_by_source, other.proposed_by_source),
+                             (self.accepted_by_source, other.accepted_by_source)):
+            for source, count in theirs.items():
+                mine[source] = mine.get(source, 0) + count
         self.prefill_seconds += other.prefill_seconds
         self.decode_seconds += other.decode_seconds
 
@@ -88,9 +106,12 @@ class Stats:
         add_per_position(self.proposed_per_position, [0] * (draft_len - 1))
 
     def copy(self) -> "Stats":
-        """A copy that shares no list with this one."""
+        """A copy that shares no list or dict with this one."""
         return dataclasses.replace(self, accepted_per_position=list(self.accepted_per_position),
-                                   proposed_per_position=list(self.proposed_per_position))
+                                   proposed_per_position=list(self.proposed_per_position),
+                                   drafts_by_source=dict(self.drafts_by_source),
+                                   proposed_by_source=dict(self.proposed_by_source),
+                                   accepted_by_source=dict(self.accepted_by_source))
 
     @property
     def acceptance(self) -> list[float]:

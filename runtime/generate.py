@@ -40,6 +40,11 @@ conditions and counters; finished rows leave the batch, new rows may join betwee
 (`add`), rows may be ended early (`finish`: cancellation, timeout) and the draft shape (b, k)
 may change between steps (`set_draft_len`), which is how a server adapts it to the batch. The
 KV cache is allocated once (`max_rows` x `max_len` when given) and rows take and return slots.
+
+Hybrid drafts (docs/design.md §3.9, `drafter="hybrid"`): after the step's transfer, which then
+also carries TiDAR's next proposals, each row places either those or an n-gram continuation of
+its text (runtime/ngram.py), whichever is expected to commit more (`_place_proposals`); the next
+step's mask blocks see the placed proposals, and verification is unchanged.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ from .counters import Stats, StepStats, add_per_position  # noqa: F401  (the las
 from .draft_shape import DraftShapeError, validate_draft_shape
 from .layout import Layout, next_proposals
 from .logits_processor import LogitsProcessor, ProcessorState
+from .ngram import MAX_NGRAM, MIN_MATCH, NgramIndex, SourceEstimate, check_drafter, choose_source, score
 from .sampling import SamplingBatch, SamplingParams
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -195,6 +201,8 @@ class HostStep:
     """Each row's committed tokens (exactly `committed` of them)."""
     log_probs: list[list[float]]
     """Each row's tokens' log probs (empty lists when no row asked for them)."""
+    next_drafts: list[list[int]] | None = None
+    """Each row's next drafts d_0..d_{b-1} when `to_host` was given them (the hybrid drafter)."""
 
 
 @dataclass
@@ -209,16 +217,20 @@ class StepOutput:
     log_probs: torch.Tensor | None
     """[B, max(b, 1)]: their log probs, None when no row asked for them."""
 
-    def to_host(self) -> HostStep:
-        """The step's one device->host transfer: counts, tokens and log probs packed in one tensor."""
+    def to_host(self, next_drafts: torch.Tensor | None = None) -> HostStep:
+        """The step's one device->host transfer: counts, tokens, log probs and, when given, the
+        next drafts [B, max(b, 1)] packed in one tensor."""
         width = self.tokens.shape[1]
-        parts = [self.committed[:, None], self.tokens]
+        parts = [self.committed[:, None], self.tokens] + ([next_drafts] if next_drafts is not None else [])
         if self.log_probs is not None:
             parts = [part.double() for part in parts] + [self.log_probs.double()]
         host = torch.cat(parts, dim=1).tolist()
         committed = [int(row[0]) for row in host]
+        drafts = next_drafts.shape[1] if next_drafts is not None else 0
+        probs = 1 + width + drafts
         return HostStep(committed, [[int(t) for t in row[1:1 + count]] for row, count in zip(host, committed)],
-                        [row[1 + width:1 + width + count] for row, count in zip(host, committed)])
+                        [row[probs:probs + count] for row, count in zip(host, committed)],
+                        [[int(t) for t in row[1 + width:probs]] for row in host] if drafts else None)
 
 
 # ---------------------------------------------------------------------- the engine
@@ -227,11 +239,13 @@ class DecodeEngine:
 
     def __init__(self, backend: Backend, tokenizer: Tokenizer | None = None, draft_len: int | None = None,
                  beta: float = 1.0, max_rows: int | None = None, max_len: int | None = None,
-                 draft_blocks: int | None = None):
+                 draft_blocks: int | None = None, drafter: str = "tidar", max_ngram: int = MAX_NGRAM,
+                 min_match: int = MIN_MATCH):
         """`max_rows` x `max_len` sizes the KV cache once (slots per row: prompt + new tokens
         + one step's new tokens); without them the cache is sized by the first requests and
         grows (doubling) when a later one does not fit. `draft_blocks` k: mask blocks per step
-        (1..b; None: k = b)."""
+        (1..b; None: k = b). `drafter`: where proposals come from, "tidar" (TiDAR's block),
+        "hybrid" or "ngram" (docs/design.md §3.9; `max_ngram`, `min_match`: the n-gram match)."""
         config = backend.config
         self.backend, self.config, self.tokenizer = backend, config, tokenizer
         if draft_len is None:
@@ -242,6 +256,14 @@ class DecodeEngine:
         for name, value in (("max_rows", max_rows), ("max_len", max_len)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise RequestError(f"{name} must be a positive integer, got {value!r}")
+        try:
+            self.drafter = check_drafter(drafter)
+        except ValueError as error:
+            raise RequestError(str(error)) from None
+        for name, value in (("max_ngram", max_ngram), ("min_match", min_match)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise RequestError(f"{name} must be a positive integer, got {value!r}")
+        self.max_ngram, self.min_match = max_ngram, min_match
         self.draft_len, self.draft_blocks, self.beta = draft_len, draft_blocks, beta
         self.max_rows, self.max_len = max_rows, max_len
         self.layout = Layout.decode(draft_len, draft_blocks)
@@ -362,11 +384,15 @@ class DecodeEngine:
             new.drafts.append(prefill.drafts)
             new.draft_probs.append(prefill.draft_probs)
             new.processor_states.append(prefill.processor_state)
-            firsts.append(prefill.first)
+            firsts.append(torch.cat([prefill.first, prefill.drafts.double()], dim=1))
         self.batch.add(new, self.cache.device)
-        firsts = torch.cat(firsts).tolist()  # the first tokens and their log probs: one device->host transfer
-        deltas = [self._emit(row, prefill, [int(first[0])], first[1:])
+        # the first tokens, their log probs and the drafts: one device->host transfer
+        firsts = torch.cat(firsts).tolist()
+        deltas = [self._emit(row, prefill, [int(first[0])], first[1:2])
                   for row, prefill, first in zip(new.rows, prefills, firsts)]
+        if self.hybrid:
+            joined = range(len(self.rows) - len(new.rows), len(self.rows))
+            self._place_proposals(joined, [[int(t) for t in first[2:]] for first in firsts])
         self._drop_finished()
         return deltas
 
@@ -378,6 +404,8 @@ class DecodeEngine:
         if (draft_len, draft_blocks) == (self.draft_len, self.draft_blocks):
             return
         self.draft_blocks, self.layout = draft_blocks, Layout.decode(draft_len, draft_blocks)
+        for row in self.rows:
+            row.candidates = {}  # the pending proposals change: nothing to score against the next step
         if draft_len != self.draft_len:
             self.draft_len = draft_len
             self.batch.resize(draft_len)
@@ -456,17 +484,72 @@ class DecodeEngine:
         forward = self._forward()
         verification = self._verify(forward)
         output = self._commit(verification)
-        self._set_drafts(self._draft(forward, verification, output))
-        host = output.to_host()
+        drafts = self._draft(forward, verification, output)
+        self._set_drafts(drafts)
+        host = output.to_host(drafts.tokens if self.hybrid else None)
         self.cache.commit(output.committed, host.committed)
         b, k = self.draft_len, self.draft_blocks
         deltas = []
         for row, committed, tokens, log_probs in zip(self.rows, host.committed, host.tokens, host.log_probs):
-            step = Stats.of_step(b, proposed=row.proposal_count, accepted=committed - 1)
+            step = Stats.of_step(b, proposed=row.proposal_count, accepted=committed - 1, source=row.proposal_source)
             row.proposal_count = max(next_proposals(committed - 1, b, k)[2], 0)
+            row.proposal_source = "tidar"
             deltas.append(self._emit(row, step, tokens, log_probs))
+        if self.hybrid:
+            for row, tokens in zip(self.rows, host.tokens):
+                if row.finish_reason is None:
+                    self._learn(row, tokens)
+            self._place_proposals(range(len(self.rows)), host.next_drafts)
         self._drop_finished()
         return deltas
+
+    # ------------------------------------------------------------------ hybrid drafts
+    @property
+    def hybrid(self) -> bool:
+        """Whether proposals may come from the n-gram proposer (docs/design.md §3.9): a drafter
+        other than "tidar" and proposals to place (b >= 2)."""
+        return self.drafter != "tidar" and self.draft_len > 1
+
+    def _learn(self, row: Row, committed: list[int]) -> None:
+        """Score every source's candidate for the step that committed `committed` (t_1..t_a, at the
+        positions of d_1..d_a), placed or not, and extend the row's text with them."""
+        for source, candidate in row.candidates.items():
+            row.estimates[source].observe(*score(candidate, committed))
+        if row.ngram is not None and len(row.ngram.tokens) + len(committed) == len(row.prompt_ids) + len(row.tokens):
+            row.ngram.extend(committed)
+
+    def _start_hybrid(self, row: Row) -> None:
+        """The row's n-gram index over its text so far and its estimates (at its first placement:
+        the prefill, or the first step after a draft length of 1 or less made it stop)."""
+        text = row.prompt_ids + row.tokens
+        if row.ngram is None or len(row.ngram.tokens) != len(text):
+            row.ngram = NgramIndex(text, self.max_ngram, row.eos_ids)
+        if not row.estimates:
+            row.estimates = {"tidar": SourceEstimate(), "ngram": SourceEstimate()}
+
+    def _place_proposals(self, indices: Sequence[int], next_drafts: list[list[int]]) -> None:
+        """For each unfinished row of `indices`, with TiDAR's next drafts `next_drafts` (d_0..,
+        the proposals first among d_1..), the source of its next proposals (`ngram.choose_source`);
+        rows that take the n-gram's continuation get it written into the batch's drafts."""
+        width = self.draft_len - 1
+        changed, proposals = [], []
+        for index, drafts in zip(indices, next_drafts):
+            row = self.rows[index]
+            if row.finish_reason is not None:
+                continue
+            self._start_hybrid(row)
+            tidar = tuple(drafts[1:1 + row.proposal_count])
+            proposal = row.ngram.propose(width)
+            row.candidates = {"tidar": tidar}
+            if proposal.match_len >= self.min_match:
+                row.candidates["ngram"] = proposal.tokens
+            source = choose_source(self.drafter, row.estimates["tidar"], row.estimates["ngram"], len(tidar),
+                                   proposal, self.min_match)
+            row.proposal_source = source
+            if source == "ngram":
+                changed.append(index)
+                proposals.append(proposal.tokens)
+        self.batch.place_proposals(changed, proposals, self.config.mask_token_id)
 
     def _forward(self) -> StepForward:
         """Run the model on every row's drafts d_0..d_{b-1} and the step's mask blocks."""
