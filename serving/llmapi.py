@@ -11,7 +11,10 @@ model.py and helpers.py, which hand the inputs to the LLM API's SamplingParams:
 - `text_input`: one prompt (the model reads element 0; more than one is refused here).
 - `sampling_param_*`: as SamplingParams reads them. Greedy unless `top_k` > 1 or `top_p` > 0
   (SamplingParams._greedy_decoding; `tidar`'s `wire.sampling_choice` is the same rule), so a
-  request that sends only a temperature is greedy; `max_tokens` defaults to 32 (SamplingParams);
+  request that sends only a temperature is greedy, unless the checkpoint's generation_config.json
+  gives defaults: those fill the temperature, top_k and top_p a request leaves unset (applied by
+  the `tidar` model, which gets only the inputs sent; a temperature of 0 stays greedy);
+  `max_tokens` defaults to 32 (SamplingParams);
   `stop` strings end the output before them (include_stop_str_in_output false);
   `best_of` must be 1 (more needs beam search or n-best selection: refused).
 - `sampling_param_exclude_input_from_output` (default false, helpers.py): a non-streaming
