@@ -167,12 +167,21 @@ def _pow2_at_least(value: int, floor: int = 16) -> int:
     return max(floor, 1 << max(0, value - 1).bit_length())
 
 
+def default_num_warps(head_dim: int) -> int:
+    """Warps per program: eight from head_dim 128 on, where with four the kernel needs more than
+    255 registers per thread and spills (ptxas -v of the sm_80 and sm_90 kernels:
+    benchmarks/kernel_ptx.py), four below. The just-in-time and the ahead-of-time kernel share it."""
+    return 8 if _pow2_at_least(head_dim) >= 128 else 4
+
+
 def launch_config(head_dim: int, dtype: str, num_new: int | None = None, block_m: int | None = None,
-                  block_n: int | None = None, num_stages: int | None = None, num_warps: int = 4) -> LaunchConfig:
+                  block_n: int | None = None, num_stages: int | None = None,
+                  num_warps: int | None = None) -> LaunchConfig:
     """Tile sizes for a head width and activation dtype. `num_new` (when known, as in the torch
     launcher) shrinks the query tile for short query runs (AR and small-draft decode steps); the
     ahead-of-time kernel, compiled for any number of new tokens, leaves it None. `block_m` and
-    `block_n` override the defaults (powers of two >= 16; tests use small tiles)."""
+    `block_n` override the defaults (powers of two >= 16; tests use small tiles); `num_warps`
+    defaults to `default_num_warps`."""
     if dtype not in ACTIVATION_DTYPES:
         raise ValueError(f"dtype {dtype} is not one of {', '.join(ACTIVATION_DTYPES)}")
     block_d = _pow2_at_least(head_dim)
@@ -191,15 +200,15 @@ def launch_config(head_dim: int, dtype: str, num_new: int | None = None, block_m
             raise ValueError(f"{name}={value} must be a power of two >= 16")
     if num_stages is None:
         num_stages = 1 if dtype == "float32" else 2
-    return LaunchConfig(block_m, block_n, block_d, num_warps=num_warps, num_stages=num_stages)
+    return LaunchConfig(block_m, block_n, block_d, num_warps=num_warps or default_num_warps(head_dim),
+                        num_stages=num_stages)
 
 
 def aot_configs(head_dim: int, dtype: str, num_stages: int) -> list[LaunchConfig]:
     """Tile sizes for the ahead-of-time kernel, in order of preference: the defaults, then a
     halved key tile, then halved query and key tiles (down to 16); the first whose compiled kernel
-    fits the shared-memory limit is used (hybrid_attention.aot_kernel). Eight warps from
-    head_dim 128 on: with four, the sm_80 kernel needs more than 255 registers and spills."""
-    warps = 8 if _pow2_at_least(head_dim) >= 128 else 4
+    fits the shared-memory limit is used (hybrid_attention.aot_kernel). Warps: `default_num_warps`."""
+    warps = default_num_warps(head_dim)
     first = launch_config(head_dim, dtype, num_stages=num_stages, num_warps=warps)
     found = [first]
     for block_m, block_n in ((first.block_m, first.block_n // 2), (first.block_m // 2, first.block_n // 2)):

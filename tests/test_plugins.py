@@ -125,7 +125,8 @@ def test_dtype_rules():
 def test_launch_config(head_dim, dtype, num_new, expected):
     config = contract.launch_config(head_dim, dtype, num_new=num_new)
     assert (config.block_m, config.block_n, config.block_d) == expected
-    assert (config.num_warps, config.num_stages) == (4, 1 if dtype == "float32" else 2)
+    # eight warps from a 128-wide head tile on (four spill at the register limit: benchmarks/kernel_ptx.py --jit)
+    assert (config.num_warps, config.num_stages) == (8 if config.block_d >= 128 else 4, 1 if dtype == "float32" else 2)
 
 
 def test_launch_config_overrides_and_errors():
