@@ -1,5 +1,11 @@
 """Load benchmark of the served `tidar` model: TiDAR against AR under concurrent gRPC streams.
 
+The serving figures (TTFT, ITL, output tokens/s, tokens/s per user) come from NVIDIA's AIPerf
+through the OpenAI front: benchmarks/serve_aiperf.py. This script is kept for what AIPerf cannot
+measure: both modes on one server through the Triton contract's per-request `mode` input (the
+OpenAI front has no such field), tokens per forward (T/NFE) from the responses' counters, the
+server's tidar_* counters over each scenario, and per-response (per decode step) ITL.
+
 Renders a Triton model repository for MODEL (default: the bundled checkpoint on the torch
 backend; `--backend onnxruntime --model OUT` serves a `tidar-export build` output) into a
 temporary folder, starts the real tritonserver on free ports (`tidar.serving.serve.TritonServer`) and
