@@ -2,7 +2,7 @@
 
     tidar generate MODEL --prompt TEXT [--max-new-tokens N] [--mode tidar|ar] [--draft-len B]
                    [--temperature T] [--top-p P] [--top-k K] [--seed S] [--stop S ...]
-                   [--mask-token-id ID] [--block-size B]
+                   [--drafter tidar|hybrid|ngram] [--mask-token-id ID] [--block-size B]
                    [--backend NAME] [--attention IMPL] [--dtype D] [--device cpu|cuda[:N]]
                    [--cuda-graphs | --no-cuda-graphs] [--beta X] [--json]
     tidar init OUT [--family qwen2|qwen3|llama] [--block-size B] [--seed S]
@@ -54,6 +54,8 @@ def _generate(args: argparse.Namespace) -> int:
         if draft_len < 1:
             raise CLIError(f"--draft-len must be at least 1 in tidar mode, got {draft_len} "
                            "(use --mode ar for AR decoding)")
+    if args.mode == "ar" and args.drafter != "tidar":
+        raise CLIError(f"--drafter {args.drafter} applies to --mode tidar only (AR decoding drafts nothing)")
     draft_blocks = args.draft_blocks
     if draft_blocks is not None:
         if draft_len is None or draft_len == 0:
@@ -86,7 +88,8 @@ def _generate(args: argparse.Namespace) -> int:
             validate_draft_shape(backend.config, draft_len, draft_blocks, names=("--draft-len", "--draft-blocks"))
         except DraftShapeError as error:
             raise CLIError(str(error)) from None
-    engine = DecodeEngine(backend, tokenizer, draft_len=draft_len, beta=args.beta, draft_blocks=draft_blocks)
+    engine = DecodeEngine(backend, tokenizer, draft_len=draft_len, beta=args.beta, draft_blocks=draft_blocks,
+                          drafter=args.drafter)
     prompt_ids = tokenizer.encode(args.prompt)
     request = Request(prompt_ids, args.max_new_tokens, sampling, stop=tuple(args.stop or ()), eos_ids=defaults.eos_ids)
     engine.check(request)
@@ -118,6 +121,10 @@ def _generate(args: argparse.Namespace) -> int:
             "draft_tokens": stats.draft_tokens,
             "accepted_tokens": stats.accepted_tokens,
             "accepted_per_position": stats.accepted_per_position,
+            "drafter": engine.drafter,
+            "drafts_by_source": stats.drafts_by_source,
+            "proposed_by_source": stats.proposed_by_source,
+            "accepted_by_source": stats.accepted_by_source,
         }))
     else:
         print()
@@ -378,6 +385,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run the torch backend's decode steps as CUDA graphs, one per (batch bucket, draft "
                           "length), captured on first use (default: on with --device cuda and eager, sdpa or "
                           "triton attention)")
+    from tidar.runtime.ngram import DRAFTERS
+
+    gen.add_argument("--drafter", choices=DRAFTERS, default="tidar",
+                     help="where each step's proposals come from: tidar (default), TiDAR's pre-drafted block; "
+                          "hybrid, TiDAR's block or a continuation found earlier in the prompt and output (prompt "
+                          "lookup), whichever is expected to commit more; ngram, the continuation whenever one "
+                          "matches (docs/design.md §3.9). Output is the same: greedy equals AR, a seed gives the "
+                          "same text")
     gen.add_argument("--json", action="store_true", help="print one JSON object with the output and statistics")
     gen.set_defaults(run=_generate)
 

@@ -15,6 +15,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from tidar.runtime.backends.base import BACKENDS
+from tidar.runtime.ngram import DRAFTERS
 
 REPOSITORY_FORMAT = "2"
 """Layout version of a rendered repository (config.pbtxt parameter `repository_format`)."""
@@ -40,6 +41,10 @@ class ServingOptions:
     """Runtime backend: torch or onnxruntime (tensorrt and trtllm on GPU hosts with those packages)."""
     draft_len: int | None = None
     """Draft length of requests that set none; "auto" (None) adapts it to the batch size."""
+    drafter: str = "tidar"
+    """Where proposals come from (docs/design.md §3.9): tidar (TiDAR's block), hybrid (TiDAR's block
+    or an n-gram continuation of the prompt and output, whichever is expected to commit more) or
+    ngram (the continuation whenever one matches). Output is the same with each."""
     max_batch_size: int = 16
     """Most requests decoded together in one step."""
     max_queue_size: int = 64
@@ -113,6 +118,8 @@ class ServingOptions:
             raise OptionsError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.draft_len is not None and (not isinstance(self.draft_len, int) or self.draft_len < 0):
             raise OptionsError(f"draft_len must be 'auto' or a non-negative integer, got {self.draft_len!r}")
+        if self.drafter not in DRAFTERS:
+            raise OptionsError(f"drafter must be one of {', '.join(DRAFTERS)}, got {self.drafter!r}")
         for name in ("max_batch_size", "autotune_repeats"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

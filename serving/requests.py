@@ -438,7 +438,7 @@ def build_scheduler(folder, options: ServingOptions, device: str = "cpu", progre
     graphed = getattr(backend, "graphs", None) is not None  # CUDA graphs: a cache that never grows
     scheduler = Scheduler(backend, tokenizer, SchedulerConfig(
         max_batch_size=options.max_batch_size, max_queue_size=options.max_queue_size,
-        draft_len=options.draft_len, default_timeout=options.default_timeout,
+        draft_len=options.draft_len, default_timeout=options.default_timeout, drafter=options.drafter,
         max_len=DecodeEngine(backend).max_slots() if graphed else None), policy=policy)
     if graphed:  # every graph before the server reports ready; none captured while serving
         started = time.monotonic()

@@ -57,6 +57,8 @@ class SchedulerConfig:
     """Most requests waiting for a row; more are refused with `Overloaded`."""
     draft_len: int | None = None
     """Draft length of requests that do not ask for one; None = adapt to the batch size."""
+    drafter: str = "tidar"
+    """Where the engines' proposals come from (`DecodeEngine`'s drafter, docs/design.md §3.9)."""
     default_timeout: float | None = None
     """Seconds a request may take from submission (None = no limit) unless it sets its own."""
     max_len: int | None = None
@@ -133,7 +135,8 @@ class Scheduler:
         rows = self.config.max_batch_size if self.config.max_len is not None else None
         self.engines: dict[object, DecodeEngine] = {ADAPTIVE: DecodeEngine(backend, tokenizer, draft_len=b,
                                                                            draft_blocks=k, max_rows=rows,
-                                                                           max_len=self.config.max_len)}
+                                                                           max_len=self.config.max_len,
+                                                                           drafter=self.config.drafter)}
         self._shape_for_rows: dict[int, tuple[int, int]] = {}  # `_adapt`: policy.best per batch size
         self._queue: collections.deque[_Submission] = collections.deque()
         self._running: dict[object, _Submission] = {}  # request_id -> submission
@@ -323,7 +326,7 @@ class Scheduler:
     # ------------------------------------------------------------------ plumbing
     def _engine(self, key: object) -> DecodeEngine:
         if key not in self.engines:
-            self.engines[key] = DecodeEngine(self.backend, self.tokenizer, draft_len=key)
+            self.engines[key] = DecodeEngine(self.backend, self.tokenizer, draft_len=key, drafter=self.config.drafter)
         return self.engines[key]
 
     def _dispatch(self, deltas: list[Delta]) -> None:

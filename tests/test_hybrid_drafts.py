@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import random
+import threading
 from collections import Counter
 
 import pytest
@@ -283,3 +284,44 @@ def test_i2_test_rejects_n_gram_proposals_verified_with_the_wrong_q(model, monke
     pvalue = chi_square_pvalue(Counter(tuple(r.token_ids) for r in results), exact, impossible_ok=True)
     print(f"\nI2 power, n-gram proposals with TiDAR's q: p = {pvalue:.3g}")
     assert pvalue < ALPHA, f"the I2 test did not detect a wrong q for n-gram proposals (p = {pvalue:.3g})"
+
+
+# ---------------------------------------------------------------------------- serving
+def test_serving_option_reaches_the_scheduler_engines(bundled, transformers_greedy):
+    """ServingOptions.drafter (a config.pbtxt parameter) -> SchedulerConfig.drafter -> every
+    engine of the scheduler; served greedy output still equals transformers'."""
+    from tidar.serving.options import OptionsError, ServingOptions
+    from tidar.serving.scheduler import ADAPTIVE, Scheduler, SchedulerConfig
+
+    options = ServingOptions.from_parameters({"drafter": "hybrid"})
+    assert options.drafter == "hybrid" and options.to_parameters()["drafter"] == "hybrid"
+    assert ServingOptions().drafter == "tidar"
+    with pytest.raises(OptionsError, match="drafter must be one of tidar, hybrid, ngram, got 'lookup'"):
+        ServingOptions.from_parameters({"drafter": "lookup"})
+    backend, tokenizer, prompts = bundled
+    scheduler = Scheduler(backend, tokenizer, SchedulerConfig(draft_len=4, drafter=options.drafter), policy=None)
+    try:
+        assert scheduler.engines[ADAPTIVE].drafter == "hybrid"
+        results, done = {}, threading.Event()
+
+        def submit(index, prompt, draft_len=None):
+            def on_delta(delta):
+                if delta.result is not None:
+                    results[index] = delta.result
+                    if len(results) == len(prompts) + 1:
+                        done.set()
+
+            scheduler.submit(Request(prompt, NEW_TOKENS, eos_ids=()), on_delta, lambda kind, message: done.set(),
+                             draft_len=draft_len)
+
+        for index, prompt in enumerate(prompts):
+            submit(index, prompt)
+        submit(len(prompts), prompts[-2], draft_len=8)  # a request's own draft length: an engine of its own
+        assert done.wait(600), "the served requests did not finish"
+        assert [results[i].token_ids for i in range(len(prompts))] == transformers_greedy
+        assert results[len(prompts)].token_ids == transformers_greedy[-2]
+        assert all(engine.drafter == "hybrid" for engine in scheduler.engines.values())
+        assert len(scheduler.engines) == 2
+        assert sum(r.stats.proposed_by_source.get("ngram", 0) for r in results.values()) > 0
+    finally:
+        scheduler.close()
