@@ -33,8 +33,9 @@ Steps, in order (each is an existing function; this module only sequences and re
               be built, or whose build fails, is recorded as skipped with the reason
               (engine="auto"), or the build fails with the reasons (engine="require").
 6. triton_repo/  the Triton Inference Server repository rendered from triton_repo/
-              (`export.triton_repo`), serving OUT on the TensorRT-LLM engine, else the TensorRT
-              engine, else ONNX Runtime; `tidar serve OUT/triton_repo` runs it.
+              (`export.triton_repo`), serving OUT on the TensorRT engine, else the TensorRT-LLM
+              engine, else ONNX Runtime, with the engine's batch limit (`render_triton`);
+              `tidar serve OUT/triton_repo` runs it.
 7. manifest.json  inputs and their sha256, library versions, options, every artifact's size and
               sha256, skipped steps and why, the TiDAR config summary, and the resolved TiDAR
               fields with their sources (`tidar`).
@@ -327,12 +328,13 @@ def build_tensorrt(folder: Path, config: TiDARConfig, draft_len: int, draft_bloc
 
 
 def render_triton(folder: Path, built: list[str], engines: dict[str, dict] | None = None) -> dict:
-    """OUT/triton_repo for the best backend that was built: the TensorRT-LLM engine, else the
-    TensorRT engine (one instance per GPU), else the ONNX graph on ONNX Runtime (CPU). An engine
+    """OUT/triton_repo for the best backend that was built: the TensorRT engine (its attention
+    plugin is ahead-of-time, no Python per layer: docs/design.md §3.8), else the TensorRT-LLM
+    engine (one instance per GPU), else the ONNX graph on ONNX Runtime (CPU). An engine
     repository takes its batch limits from the engine's manifest record (`engines[step]`): no
     more rows than the engine was built for, start-up autotune up to that batch, so it never asks
     the engine for a shape outside its profile."""
-    step = "engine" if "engine" in built else "tensorrt" if "tensorrt" in built else None
+    step = "tensorrt" if "tensorrt" in built else "engine" if "engine" in built else None
     backend = {"engine": "trtllm", "tensorrt": "tensorrt", None: "onnxruntime"}[step]
     kind = "KIND_CPU" if backend == "onnxruntime" else "KIND_GPU"
     limits = {}

@@ -67,32 +67,35 @@ def engine_export(tiny_checkpoints, tmp_path_factory):
 
 
 def test_rendered_engine_repository_fits_the_engine_profile(engine_export):
+    """Both engines built: the repository serves the TensorRT engine (no Python per layer,
+    docs/design.md §3.8) with the rows of its profile, the shapes TensorRT was given."""
     out, manifest = engine_export
-    assert manifest["triton_repo"]["backend"] == "trtllm"
+    assert manifest["triton_repo"]["backend"] == "tensorrt"
     config = TiDARConfig.from_file(out)
-    record = manifest["engines"]["engine"]
+    record = manifest["engines"]["tensorrt"]
     assert record["max_batch_size"] == engine_shapes.ENGINE_MAX_BATCH_SIZE
-    profile_rows = engine_shapes.dimension_ranges(config, record["draft_len"], record["max_batch_size"],
-                                                  record["draft_blocks"])["batch"].max
+    shapes = tensorrt_engine.optimization_profile(config, record["draft_len"], record["max_batch_size"],
+                                                  record["draft_blocks"])
     options = rendered_options(out / "triton_repo")
-    assert options.backend == "trtllm"
-    assert max(batches_served(options)) == profile_rows == 8  # the whole profile is served, nothing beyond
+    assert options.backend == "tensorrt"
+    # the whole profile is served, nothing beyond
+    assert max(batches_served(options)) == shapes["input_ids"][2][0] == record["profile"]["batch"][2] == 8
     assert options.autotune_batch_sizes == (1, 4, 8)  # the defaults (1, 4, 16) cut to the engine, up to its limit
     assert manifest["triton_repo"]["max_batch_size"] == 8
 
 
-def test_tensorrt_repository_fits_the_tensorrt_profile(engine_export, tmp_path):
+def test_trtllm_repository_fits_the_trtllm_profile(engine_export, tmp_path):
     out, manifest = engine_export
     config = TiDARConfig.from_file(out)
-    record = manifest["engines"]["tensorrt"]
+    record = manifest["engines"]["engine"]
     folder = tmp_path / "export"
     folder.mkdir()
-    triton = build_module.render_triton(folder, ["onnx", "tensorrt"], {"tensorrt": record})
+    triton = build_module.render_triton(folder, ["onnx", "engine"], {"engine": record})
     options = rendered_options(folder / "triton_repo")
-    assert triton["backend"] == options.backend == "tensorrt"
-    shapes = tensorrt_engine.optimization_profile(config, record["draft_len"], record["max_batch_size"],
-                                                  record["draft_blocks"])
-    assert max(batches_served(options)) == shapes["input_ids"][2][0] == record["profile"]["batch"][2]
+    assert triton["backend"] == options.backend == "trtllm"
+    profile_rows = engine_shapes.dimension_ranges(config, record["draft_len"], record["max_batch_size"],
+                                                  record["draft_blocks"])["batch"].max
+    assert max(batches_served(options)) == profile_rows == record["max_batch_size"] == 8
 
 
 @pytest.mark.parametrize("record, rows, autotune", [
