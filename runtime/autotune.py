@@ -34,6 +34,10 @@ forward, verification, drafting, stop checks and detokenization of a representat
   4. `pick`: among the candidates tied with the best (its rate inside the best one's
      confidence interval or within `TIE_TOLERANCE` of it), the one with the fewest query tokens.
 `tidar bench` checks the choice against measured tokens/s.
+
+The drafter (docs/design.md §3.9: TiDAR's block alone, or the hybrid that may place an n-gram
+continuation instead) is chosen after the shape, at that shape, by measured tokens/s
+(`choose_drafter`, ties to TiDAR alone); `tidar bench` measures both.
 """
 
 from __future__ import annotations
@@ -621,3 +625,14 @@ def choose_draft_len(backend: Backend, acceptance: list[float], batch: int = 1,
         best = pick(expected, {c: step_seconds[c] for c in candidates})
     b, k = as_shape(best)
     return DraftChoice(b, expected, step_seconds, acceptance, k, measured)
+
+
+def choose_drafter(tokens_per_second: dict[str, float], tie: float = TIE_TOLERANCE) -> str:
+    """The drafter (docs/design.md §3.9: "tidar", "hybrid", "ngram") to use at the chosen draft
+    shape, from each one's measured tokens/s there: the fastest, except that a drafter within `tie`
+    of it is tied, and a tie goes to "tidar" (no n-gram lookups on the host)."""
+    if not tokens_per_second:
+        raise ValueError("choose_drafter needs the measured tokens/s of at least one drafter")
+    best = max(tokens_per_second.values())
+    tied = [name for name, rate in tokens_per_second.items() if rate >= (1.0 - tie) * best]
+    return "tidar" if "tidar" in tied else max(tied, key=tokens_per_second.get)

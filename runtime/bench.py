@@ -5,14 +5,17 @@ Methods, all on the same weights in fp32 and the same held-out prompts:
   tidar-b{N}          TiDAR at draft length N (k = N mask blocks, the paper's step)
   tidar-b{N}k{K}      TiDAR at draft length N with K < N mask blocks (docs/design.md §3.4)
   tidar-auto          TiDAR at the draft shape (b, k) the runtime picks itself (runtime/autotune.py)
-  (RUNTIME_VARIANTS)  further drafting methods of this runtime, e.g. the hybrid drafter
+  (RUNTIME_VARIANTS)  further drafting methods of this runtime at the autotuned shape:
+                      tidar-hybrid, the hybrid drafter (TiDAR's block or an n-gram continuation,
+                      docs/design.md §3.9); the drafter is then chosen by measured tokens/s
+                      (`autotune.choose_drafter`)
   hf-greedy           transformers generate(), greedy
   hf-prompt-lookup    transformers generate() with prompt-lookup speculation
                       (prompt_lookup_num_tokens = PROMPT_LOOKUP_TOKENS)
 Per method: tokens/s (each prompt's median over repeats; total tokens / total seconds),
 T/NFE, committed tokens per decode step, median step latency, query tokens per step and row,
-acceptance per position (accepted / proposed there), and whether every output equals the AR
-output token for token. Only draft lengths the checkpoint was trained with run. The greedy
+acceptance per position (accepted / proposed there), proposals verified and accepted per source
+(TiDAR's block, n-gram), and whether every output equals the AR output token for token. Only draft lengths the checkpoint was trained with run. The greedy
 replay (runtime/calibrate.py, runtime/replay.py) gives the tokens per step of every trained
 shape (b, k), k = 1..b, on the same prompts without running the engine per shape. The
 autotuner's view is reported beside it: for every candidate shape (AR included) what its race
@@ -45,6 +48,7 @@ from tidar.runtime import autotune, replay
 from tidar.runtime.backends.torch_backend import TorchBackend
 from tidar.runtime.calibrate import calibrate, heldout_prompts
 from tidar.runtime.calibrate import write_acceptance as write_acceptance_file
+from tidar.runtime.counters import Stats
 from tidar.runtime.generate import DecodeEngine, Request
 from tidar.runtime.tokenizer import Tokenizer
 
@@ -54,11 +58,11 @@ PROMPT_LOOKUP_TOKENS = 10
 
 
 def run_runtime(backend, tokenizer, draft_len: int, prompts, max_new_tokens: int, repeats: int,
-                draft_blocks: int | None = None) -> dict:
+                draft_blocks: int | None = None, drafter: str = "tidar") -> dict:
     """One request at a time (batch 1, as the paper measures), `repeats` times each."""
-    engine = DecodeEngine(backend, tokenizer, draft_len=draft_len, draft_blocks=draft_blocks)
+    engine = DecodeEngine(backend, tokenizer, draft_len=draft_len, draft_blocks=draft_blocks, drafter=drafter)
     engine.generate([Request(prompts[0], 8, eos_ids=())])  # warm-up, untimed
-    outputs, seconds, forwards, steps_seconds, decode_steps = [], [], 0, [], 0
+    outputs, seconds, forwards, steps_seconds, decode_steps, by_source = [], [], 0, [], 0, Stats()
     accepted = [0] * max(draft_len - 1, 0)
     proposed = [0] * max(draft_len - 1, 0)
     for prompt in prompts:
@@ -70,6 +74,7 @@ def run_runtime(backend, tokenizer, draft_len: int, prompts, max_new_tokens: int
         seconds.append(statistics.median(times))
         outputs.append(result.token_ids)
         stats = result.stats
+        by_source.add(stats)
         forwards += stats.forward_passes
         accepted = [a + b for a, b in zip(accepted, stats.accepted_per_position)]
         proposed = [a + b for a, b in zip(proposed, stats.proposed_per_position)]
@@ -83,7 +88,8 @@ def run_runtime(backend, tokenizer, draft_len: int, prompts, max_new_tokens: int
             "tokens_per_step": replay.tokens_per_decode_step(tokens, len(prompts), decode_steps),
             "step_ms_median": 1000 * statistics.median(steps_seconds) if steps_seconds else None,
             "draft_len": b, "draft_blocks": k, "query_tokens": autotune.query_tokens((b, k)),
-            "acceptance_per_position": autotune.acceptance_from_stats(accepted, proposed)}
+            "acceptance_per_position": autotune.acceptance_from_stats(accepted, proposed), "drafter": drafter,
+            "proposed_by_source": by_source.proposed_by_source, "accepted_by_source": by_source.accepted_by_source}
 
 
 def run_transformers(model_dir: Path, prompts, max_new_tokens: int, repeats: int, prompt_lookup: int | None) -> dict:
@@ -150,11 +156,15 @@ def method_name(shape: tuple[int, int]) -> str:
     return "ar" if b == 0 else f"tidar-b{b}" if k == b else f"tidar-b{b}k{k}"
 
 
-RUNTIME_VARIANTS: dict[str, Callable[..., dict]] = {}
+def run_hybrid(backend, tokenizer, prompts, max_new_tokens: int, repeats: int, shape: tuple[int, int]) -> dict:
+    """The hybrid drafter (docs/design.md §3.9) at the autotuned `shape`."""
+    return run_runtime(backend, tokenizer, shape[0], prompts, max_new_tokens, repeats, shape[1], drafter="hybrid")
+
+
+RUNTIME_VARIANTS: dict[str, Callable[..., dict]] = {"tidar-hybrid": run_hybrid}
 """Further decoding methods of this runtime that `bench` runs after tidar-auto and reports beside
 it (table, plot, equal-to-AR check): name -> function(backend, tokenizer, prompts, max_new_tokens,
-repeats) returning `run_runtime`'s fields. The place of the hybrid drafter (TiDAR's block or an
-n-gram continuation, whichever is expected to commit more) once it exists."""
+repeats, shape) returning `run_runtime`'s fields, `shape` the autotuned (b, k)."""
 
 
 def chosen_vs_best(methods: dict) -> dict:
@@ -208,8 +218,11 @@ def bench(model: str | Path, out: str | Path, prompts: int = 8, prompt_tokens: i
     methods["tidar-auto"] = run_runtime(backend, tokenizer, chosen[0], prompt_ids, max_new_tokens, repeats, chosen[1])
     for name, run in RUNTIME_VARIANTS.items():
         progress(name)
-        methods[name] = run(backend, tokenizer, prompt_ids, max_new_tokens, repeats)
-    ran = {(r["draft_len"], r["draft_blocks"]): r for n, r in methods.items() if "draft_len" in r and n != "tidar-auto"}
+        methods[name] = run(backend, tokenizer, prompt_ids, max_new_tokens, repeats, chosen)
+    drafter_rates = {r["drafter"]: r["tokens_per_second"] for n, r in methods.items()
+                     if n == "tidar-auto" or n in RUNTIME_VARIANTS}
+    ran = {(r["draft_len"], r["draft_blocks"]): r for n, r in methods.items()
+           if "draft_len" in r and n != "tidar-auto" and n not in RUNTIME_VARIANTS}
     expected_rate = choice.expected_tokens_per_second
     race = choice.race.to_json()["candidates"]
 
@@ -253,6 +266,8 @@ def bench(model: str | Path, out: str | Path, prompts: int = 8, prompt_tokens: i
     for result in methods.values():
         result["speedup_vs_ar"] = result["tokens_per_second"] / ar_speed
     autotune_view["chosen_vs_best"] = chosen_vs_best(methods)
+    autotune_view["drafter"] = {"chosen": autotune.choose_drafter(drafter_rates),
+                                "tokens_per_second": {name: round(rate, 2) for name, rate in drafter_rates.items()}}
     report = {
         "benchmark": "tidar bench", "model": model.name, "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cpus", "torch": torch.__version__,
@@ -290,6 +305,15 @@ def table(report: dict) -> str:
             lines += ["", f"Chosen shape {view['chosen']}: {gap['chosen_tokens_per_second']:.1f} tokens/s, "
                           f"{gap['chosen_over_best']:.3f} x the best measured ({gap['best_method']}, "
                           f"{gap['best_tokens_per_second']:.1f} tokens/s)"]
+        drafter = view.get("drafter")
+        if drafter:
+            rates = ", ".join(f"{name} {rate:.1f}" for name, rate in drafter["tokens_per_second"].items())
+            lines += ["", f"Drafter at the chosen shape (tokens/s: {rates}): {drafter['chosen']}"]
+        sources = [(name, r) for name, r in report["methods"].items() if r.get("proposed_by_source", {}).get("ngram")]
+        for name, r in sources:
+            counts = ", ".join(f"{source} {r['accepted_by_source'].get(source, 0)}/{proposed}"
+                               for source, proposed in r["proposed_by_source"].items())
+            lines += ["", f"{name}: proposals accepted/verified per source: {counts}"]
         race = view.get("race", {})
         lines += ["", f"Autotune race of whole decode steps at batch 1 ({race.get('rounds', '?')} rounds, "
                       f"{race.get('seconds', '?')} s, stopped: {race.get('stop', '?')}); expected tokens/step: "

@@ -325,3 +325,33 @@ def test_serving_option_reaches_the_scheduler_engines(bundled, transformers_gree
         assert sum(r.stats.proposed_by_source.get("ngram", 0) for r in results.values()) > 0
     finally:
         scheduler.close()
+
+
+# ---------------------------------------------------------------------------- the drafter's choice
+def test_choose_drafter_takes_the_fastest_and_ties_go_to_tidar():
+    from tidar.runtime.autotune import TIE_TOLERANCE, choose_drafter
+
+    assert choose_drafter({"tidar": 100.0, "hybrid": 120.0}) == "hybrid"
+    assert choose_drafter({"tidar": 120.0, "hybrid": 100.0}) == "tidar"
+    assert choose_drafter({"tidar": 100.0, "hybrid": 100.0 / (1 - TIE_TOLERANCE / 2)}) == "tidar"
+    with pytest.raises(ValueError, match="at least one drafter"):
+        choose_drafter({})
+
+
+def test_bench_runs_the_hybrid_at_the_chosen_shape(tiny_checkpoints, tmp_path):
+    """`tidar bench`'s tidar-hybrid method: the autotuned shape, output equal to AR, per-source
+    counters, and the drafter choice in the report and its table."""
+    from tidar.runtime.bench import bench, table
+
+    report = bench(tiny_checkpoints["qwen2"], tmp_path, prompts=2, prompt_tokens=16, max_new_tokens=24, repeats=1,
+                   draft_lens=(4,), peers=False, progress=lambda _: None, draft_blocks=(1,), autotune_budget_s=5)
+    hybrid, auto = report["methods"]["tidar-hybrid"], report["methods"]["tidar-auto"]
+    assert (hybrid["draft_len"], hybrid["draft_blocks"]) == (auto["draft_len"], auto["draft_blocks"])
+    assert hybrid["drafter"] == "hybrid" and auto["drafter"] == "tidar"
+    assert hybrid["equals_ar"] and auto["equals_ar"]
+    drafter = report["autotune"]["drafter"]
+    assert set(drafter["tokens_per_second"]) == {"tidar", "hybrid"}
+    assert drafter["chosen"] in ("tidar", "hybrid")
+    assert "Drafter at the chosen shape" in table(report)
+    if auto["draft_len"] > 1:
+        assert sum(hybrid["proposed_by_source"].values()) > 0

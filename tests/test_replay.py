@@ -249,7 +249,7 @@ def test_bench_writes_replayed_tokens_per_step_equal_to_its_measured(tiny_checkp
     replayed = autotune.load_replayed(folder, 16)
     assert replayed is not None and len(replayed) == 16 * 17 // 2
     for name, method in report["methods"].items():
-        if method["draft_len"]:
+        if method["draft_len"] and method["drafter"] == "tidar":  # the hybrid's n-gram drafts are not replayed
             shape = autotune.shape_name((method["draft_len"], method["draft_blocks"]))
             assert replayed[shape] == method["tokens_per_step"], name
     candidate = report["autotune"]["candidates"]["b4k1"]
