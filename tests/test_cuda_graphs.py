@@ -252,7 +252,8 @@ def test_graphs_of_a_grown_cache_are_captured_again():
     assert got == expected
     entry = backend.graphs._caches[engine.cache]  # on the cache's second storage
     assert entry.allocation == 2
-    assert {bucket for bucket, _ in entry.graphs} <= set(batch_buckets(5)) and (5, Layout.decode(3)) in entry.graphs
+    assert {bucket for bucket, _, _ in entry.graphs} <= set(batch_buckets(5))  # keys: (bucket, layout, KV slots)
+    assert (5, Layout.decode(3)) in {key[:2] for key in entry.graphs}
     assert backend.graphs.captures == 1 + len(entry.graphs)  # the first storage's one graph was dropped
 
 
@@ -268,7 +269,7 @@ def test_grow_drops_the_old_graphs():
     cache.grow(4, 128)
     eager = clone_cache(cache)
     got = forward(ids, layout, cache)
-    assert forward.captures == 2 and list(forward._caches[cache].graphs) == [(2, layout)]
+    assert forward.captures == 2 and list(forward._caches[cache].graphs) == [(2, layout, 128)]  # 128 slots: one KV bucket
     with torch.inference_mode():
         expected = model.hidden_states(ids, layout, eager)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

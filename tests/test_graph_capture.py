@@ -11,7 +11,9 @@ padding and full-capacity attention are the real ones. Checked:
   the cache is allocated once (no growth drops the graphs), every step of the adaptive engine
   replays a graph, and each request's output equals the same request decoded alone without graphs
   (the eager model, itself tested against transformers in tests/test_model.py);
-- the policy's shapes for 1..max_batch_size rows are the ones prepared.
+- the policy's shapes for 1..max_batch_size rows are the ones prepared;
+- a dense-attention graph attends over the smallest KV bucket that holds the step, not the
+  cache's whole capacity (the capacity is now sized for the longest request).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import pytest
 import torch
 
 from tidar.runtime.backends import loading
-from tidar.runtime.backends.cuda_graphs import GraphedForward, batch_buckets
+from tidar.runtime.backends.cuda_graphs import GraphedForward, batch_buckets, kv_buckets
 from tidar.runtime.backends.torch_backend import TorchBackend
 from tidar.runtime.generate import DecodeEngine, Request
 from tidar.runtime.layout import Layout
@@ -82,7 +84,7 @@ def test_policy_shapes_are_prepared(tiny_checkpoints):
         cache = scheduler.engines["adaptive"].cache
         assert (cache.max_rows, cache.capacity) == (5, 64)
         graphs = backend.graphs._graphs_of(cache)
-        assert {layout for _, layout in graphs} == {Layout.decode(3), Layout.decode(2, 1), Layout.decode(0)}
+        assert {layout for _, layout, _ in graphs} == {Layout.decode(3), Layout.decode(2, 1), Layout.decode(0)}
         assert backend.graphs.frozen
     finally:
         scheduler.close()
@@ -101,13 +103,24 @@ def test_no_capture_after_the_server_is_ready(tiny_checkpoints, monkeypatch):
     backend, capture = graphed_backend(checkpoint)
     monkeypatch.setattr(loading, "load_backend", lambda name, folder, **options: backend)
     options = ServingOptions(model_dir=str(checkpoint), backend="torch", draft_len=2, max_batch_size=4)
+    attended = []
+    hidden_states = backend.model.hidden_states
+
+    def recording(*args, kv_len=None, **kwargs):
+        attended.append(kv_len)
+        return hidden_states(*args, kv_len=kv_len, **kwargs)
+    backend.model.hidden_states = recording
     scheduler, _, config, _ = build_scheduler(checkpoint, options, progress=lambda line: None)
     try:
         prepared = backend.graphs.captures
-        assert prepared == len(batch_buckets(4)) == 3 and capture.buckets == [4, 2, 1]
         cache = scheduler.engines["adaptive"].cache
         assert (cache.max_rows, cache.capacity) == (4, DecodeEngine(backend).max_slots())
+        widths = kv_buckets(cache.capacity)
+        assert len(widths) > 1 and widths[0] == 256
+        assert prepared == len(batch_buckets(4)) * len(widths)
+        assert capture.buckets == [rows for rows in (4, 2, 1) for _ in widths]  # largest first
         capture.ready = True  # the Triton model reports ready once build_scheduler returns
+        attended.clear()
 
         generator = torch.Generator().manual_seed(0)
         prompts = [torch.randint(1, config.vocab_size, (int(n),), generator=generator).tolist()
@@ -130,6 +143,9 @@ def test_no_capture_after_the_server_is_ready(tiny_checkpoints, monkeypatch):
         assert capture.after_ready == 0 and backend.graphs.captures == prepared
         assert backend.graphs.uncaptured_steps == 0 and backend.graphs.replays > 0
         assert cache.allocations == 1 and scheduler.engines["adaptive"].cache is cache
+        # eager attention: every graphed step attends over the smallest KV bucket, not the capacity
+        # (prompts < 12 tokens + at most 30 new + one step fit in 256 slots)
+        assert set(attended) - {None} == {256}
     finally:
         scheduler.close()
     eager = TorchBackend.load(checkpoint, dtype="float32", attention="eager", cuda_graphs=False)

@@ -1,4 +1,5 @@
-"""CUDA graphs for the torch backend's decode steps: one captured forward per (batch bucket, layout).
+"""CUDA graphs for the torch backend's decode steps: one captured forward per (batch bucket,
+layout, attended KV width).
 
 A decode step on a GPU launches a few hundred small kernels; at small batches the host's time to
 launch them is most of the step. A CUDA graph records the launches once and replays them with one
@@ -9,10 +10,14 @@ call. A graph fixes every shape and address, so `GraphedForward` runs the step o
   layout while a padded step does less than twice its rows' work; a bucket never exceeds
   `max_rows` because the padded rows need storage rows of their own (`KVCache.padded`): they have
   a past length of 0, write their K/V into free storage rows, and their outputs are dropped;
-- attention spans the whole cache capacity instead of the longest row (`TiDARModel.plan`'s
+- attention spans a fixed number of slots instead of the longest row (`TiDARModel.plan`'s
   `kv_len`), so the step's shape does not change as rows grow; the mask hides every slot after a
-  row's new tokens, so the output is the same (dense lowerings do more work over the wider window;
-  the Triton kernel skips the hidden tiles);
+  row's new tokens, so the output is the same. The Triton kernel skips the hidden tiles, so its
+  graphs span the whole capacity (one graph per batch bucket and layout); the dense lowerings
+  (eager, SDPA) do the work of every attended slot, so theirs span a *KV bucket*: the powers of
+  two from KV_BUCKET_FLOOR below the capacity, then the capacity (`kv_buckets`), the smallest
+  that holds the longest row's past and new tokens — at most twice the slots needed, one graph
+  more per doubling of the capacity;
 - input ids and past lengths are copied into static tensors before each replay; the hidden states
   come out of the graph's static output, copied (`clone`) before the next replay can overwrite it.
 
@@ -75,6 +80,29 @@ def batch_buckets(max_rows: int) -> list[int]:
         buckets.append(size)
         size *= 2
     return buckets + [max_rows]
+
+
+KV_BUCKET_FLOOR = 256
+"""The smallest KV bucket of the dense lowerings' graphs (slots)."""
+
+
+def kv_buckets(capacity: int) -> list[int]:
+    """The attended widths of a cache of `capacity` slots: powers of two from KV_BUCKET_FLOOR below
+    it, then the capacity itself."""
+    if capacity < 1:
+        raise ValueError(f"capacity must be at least 1, got {capacity}")
+    buckets, size = [], KV_BUCKET_FLOOR
+    while size < capacity:
+        buckets.append(size)
+        size *= 2
+    return buckets + [capacity]
+
+
+def kv_bucket(needed: int, capacity: int) -> int:
+    """The smallest of `kv_buckets(capacity)` that holds `needed` slots."""
+    if not 1 <= needed <= capacity:
+        raise ValueError(f"{needed} slots are outside [1, capacity = {capacity}]")
+    return next(size for size in kv_buckets(capacity) if size >= needed)
 
 
 def batch_bucket(batch: int, max_rows: int) -> int:
@@ -165,11 +193,13 @@ class _CacheGraphs:
     """The graphs of one cache, valid while its storage allocation is `allocation`."""
 
     allocation: int
-    graphs: dict[tuple[int, Layout], _Graph] = field(default_factory=dict)
+    graphs: dict[tuple[int, Layout, int], _Graph] = field(default_factory=dict)
+    """(batch bucket, layout, attended slots) -> graph."""
 
 
 class GraphedForward:
-    """`TiDARModel.hidden_states` of decode steps, run as one graph per (batch bucket, layout)."""
+    """`TiDARModel.hidden_states` of decode steps, run as one graph per (batch bucket, layout,
+    attended KV width)."""
 
     def __init__(self, model: TiDARModel, capture: Capture | None = None):
         """`capture` defaults to `CudaGraphCapture` on the model's device; `call_directly` runs the
@@ -193,10 +223,22 @@ class GraphedForward:
         a decode layout on a whole, non-empty cache; once frozen, only one with a graph."""
         if cache is None or cache.is_view or cache.batch == 0 or not is_decode_layout(layout):
             return False
-        if self.frozen and (batch_bucket(cache.batch, cache.max_rows), layout) not in self._graphs_of(cache):
+        if self.frozen and self._key(cache, layout) not in self._graphs_of(cache):
             self.uncaptured_steps += 1
             return False
         return True
+
+    def attended_widths(self, capacity: int) -> list[int]:
+        """The slots a graph of a cache of `capacity` may attend over (see the module docstring)."""
+        return [capacity] if self.model.attention == "triton" else kv_buckets(capacity)
+
+    def _key(self, cache: KVCache, layout: Layout) -> tuple[int, Layout, int]:
+        """(batch bucket, layout, attended slots) of a step of `layout` on `cache` now."""
+        needed = cache.max_length() + layout.num_new  # host-side, as the eager plan checks it
+        if needed > cache.capacity:
+            raise ValueError(f"KV cache capacity {cache.capacity} is too small for {needed} slots")
+        width = cache.capacity if self.model.attention == "triton" else kv_bucket(needed, cache.capacity)
+        return batch_bucket(cache.batch, cache.max_rows), layout, width
 
     def freeze(self) -> None:
         """Capture nothing from now on (see the module docstring)."""
@@ -205,7 +247,8 @@ class GraphedForward:
     @torch.inference_mode()
     def prepare(self, cache: KVCache, layouts) -> int:
         """Capture the step of every decode layout of `layouts` at every batch bucket of `cache`
-        (`batch_buckets(cache.max_rows)`), largest bucket first, before any row joins it; returns
+        (`batch_buckets(cache.max_rows)`) and attended width (`attended_widths`), largest first,
+        before any row joins it; returns
         how many graphs were captured (those already there are kept). The capture runs on free
         storage rows with past length 0 (what a padded row does), so the cache's contents do not
         matter and nothing is committed."""
@@ -222,9 +265,10 @@ class GraphedForward:
                              f"{max(layout.num_new for layout in layouts)} tokens")
         graphs, before = self._graphs_of(cache), self.captures
         for bucket in reversed(batch_buckets(cache.max_rows)):
-            for layout in layouts:
-                if (bucket, layout) not in graphs:
-                    graphs[(bucket, layout)] = self._capture(cache, bucket, layout, None)
+            for width in reversed(self.attended_widths(cache.capacity)):
+                for layout in layouts:
+                    if layout.num_new <= width and (bucket, layout, width) not in graphs:
+                        graphs[(bucket, layout, width)] = self._capture(cache, bucket, layout, None, width)
         return self.captures - before
 
     def invalidate(self) -> None:
@@ -235,7 +279,7 @@ class GraphedForward:
         weight = self.model.model.embed_tokens.weight
         return self.model.attention, weight.dtype, weight.device, weight.data_ptr()
 
-    def _graphs_of(self, cache: KVCache) -> dict[tuple[int, Layout], _Graph]:
+    def _graphs_of(self, cache: KVCache) -> dict[tuple[int, Layout, int], _Graph]:
         state = self._model_signature()
         if state != self._model_state:
             check_graphable(self.model)
@@ -257,17 +301,14 @@ class GraphedForward:
         if tuple(input_ids.shape) != (batch, layout.num_new):
             raise ValueError(f"input_ids of shape {tuple(input_ids.shape)}; the batch of {batch} rows and the layout "
                              f"need ({batch}, {layout.num_new})")
-        needed = cache.max_length() + layout.num_new  # host-side, as the eager plan checks it
-        if needed > cache.capacity:
-            raise ValueError(f"KV cache capacity {cache.capacity} is too small for {needed} slots")
-        bucket = batch_bucket(batch, cache.max_rows)
+        key = self._key(cache, layout)
         graphs = self._graphs_of(cache)
-        graph = graphs.get((bucket, layout))
+        graph = graphs.get(key)
         if graph is None:
             if self.frozen:
-                raise ValueError(f"no graph of batch bucket {bucket}, {layout} was prepared and capture is frozen; "
-                                 "ask handles() first (it sends such a step to the eager path)")
-            graph = graphs[(bucket, layout)] = self._capture(cache, bucket, layout, input_ids)
+                raise ValueError(f"no graph of batch bucket {key[0]}, {layout}, {key[2]} slots was prepared and capture "
+                                 "is frozen; ask handles() first (it sends such a step to the eager path)")
+            graph = graphs[key] = self._capture(cache, key[0], layout, input_ids, key[2])
         else:
             self._load(graph, input_ids, cache)
         hidden = graph.replay()
@@ -288,7 +329,8 @@ class GraphedForward:
         graph.past_lens[:batch].copy_(cache.lengths)
         graph.past_lens[batch:].zero_()
 
-    def _capture(self, cache: KVCache, bucket: int, layout: Layout, input_ids: torch.Tensor | None) -> _Graph:
+    def _capture(self, cache: KVCache, bucket: int, layout: Layout, input_ids: torch.Tensor | None,
+                 width: int) -> _Graph:
         device = cache.device
         graph = _Graph(torch.zeros(bucket, layout.num_new, dtype=torch.long, device=device),
                        torch.zeros(bucket, dtype=torch.long, device=device), replay=None)
@@ -297,12 +339,13 @@ class GraphedForward:
         static_ids, static_past = graph.input_ids, graph.past_lens
 
         def step() -> torch.Tensor:
-            return model.hidden_states(static_ids, layout, padded, past_lens=static_past, kv_len=padded.capacity)
+            return model.hidden_states(static_ids, layout, padded, past_lens=static_past, kv_len=width)
 
         try:
             graph.replay = self.capture(step)
         except Exception as error:
-            raise RuntimeError(f"capturing the decode step (batch bucket {bucket}, {layout}) in a CUDA graph failed: "
+            raise RuntimeError(f"capturing the decode step (batch bucket {bucket}, {layout}, {width} slots) in a CUDA "
+                               f"graph failed: "
                                f"{error}; turn CUDA graphs off (tidar generate --no-cuda-graphs, serving parameter "
                                f"cuda_graphs=false)") from error
         self.captures += 1
