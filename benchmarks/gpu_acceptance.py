@@ -31,7 +31,7 @@ one more function in SECTIONS):
     greedy tokens at b = 0, 4, 16 are reported. Each engine is then served at its batch limit
     (the rendered repository's options, `build_scheduler`: start-up autotune and max_batch_size
     concurrent requests, all finished). Otherwise each is recorded as skipped with the reason.
- g  CUDA graphs of the torch backend (runtime/cuda_graphs.py): greedy tokens with graphs equal
+ g  CUDA graphs of the torch backend (runtime/backends/cuda_graphs.py): greedy tokens with graphs equal
     those without (bundled model, float32, SDPA and the Triton kernel) while requests join and
     leave a batch and the draft shape (b, k) changes, every decode step a replay; whole decode-step
     latency with and without graphs (random 1.5B shape, bf16) at batch 1, 8, 16 and b = 0, 4, 8, 16.

@@ -18,7 +18,7 @@ hybrid-mask plugin `tidar.plugins.trtllm_plugin.hybrid_attention_trtllm`:
 
 The LM head is not part of the network. The decode loop needs logits of 2b - 1 rows per step,
 and which b - 1 of them depends on the step's verification, so the runtime applies the head to
-the rows it picks from `hidden_states` (runtime/engine_backend.py; docs/design.md §3.8). The model
+the rows it picks from `hidden_states` (runtime/backends/engine_backend.py; docs/design.md §3.8). The model
 still declares and loads `lm_head` (the checkpoint keeps TensorRT-LLM's causal-LM layout, and the
 runtime reads lm_head.weight from rank0.safetensors), but `forward` never uses it, so the engine
 holds no copy.

@@ -3,7 +3,7 @@
     result = request("localhost:8001", "def main():", max_tokens=48, on_text=print)
 
 `request` builds the input tensors of the `tidar` model from the wire contract
-(runtime/wire.py: tensorrtllm_backend's names and shapes; it asks for the generated text only,
+(serving/wire.py: tensorrtllm_backend's names and shapes; it asks for the generated text only,
 `exclude_input_in_output`), opens a gRPC stream, collects one response per decode step (text, token ids, counters, arrival times)
 and returns a `ClientResult` with the whole output, the finish reason and timing (time to
 first token, inter-token gaps). An error response raises `ClientError` with the server's

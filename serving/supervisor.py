@@ -11,7 +11,7 @@ endpoints stop answering until the new server has loaded every model.
 
 Faults are logged with their cause (one line each, on stderr) and counted; the counts reach
 the new server in the environment variable RESTARTS_ENV, from which the model publishes them as
-`tidar_server_restarts_total{cause}` (triton_repo/tidar/1/model.py). Kept free of heavy imports:
+`tidar_server_restarts_total{cause}` (serving/triton_model.py). Kept free of heavy imports:
 the model process imports this module.
 """
 
@@ -36,7 +36,7 @@ class ModelProcessDied(ServeError):
 
 RESTARTS_ENV = "TIDAR_SERVER_RESTARTS"
 # A folder where a model keeps its start-up autotune measurement for the restarts of one
-# `tidar serve` (runtime/serving.py): a restart then skips the measurement.
+# `tidar serve` (serving/requests.py): a restart then skips the measurement.
 AUTOTUNE_CACHE_ENV = "TIDAR_AUTOTUNE_CACHE"
 # The metric's `cause` label: a model process died, or tritonserver died (or failed to restart).
 CAUSES = ("model_process", "tritonserver")

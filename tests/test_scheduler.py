@@ -1,4 +1,4 @@
-"""The serving scheduler (runtime/scheduler.py) on CPU, without a server.
+"""The serving scheduler (serving/scheduler.py) on CPU, without a server.
 
 - Continuous batching is lossless: requests submitted at different times, sharing steps whose
   draft length the policy changes as the batch grows and shrinks, each get exactly the AR
