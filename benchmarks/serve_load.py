@@ -71,11 +71,12 @@ from tidar.serving.client import request
 
 MODES = {"tidar": {}, "ar": {"mode": "ar"}}
 GAUGES = ("tidar_queue_depth", "tidar_active_rows", "tidar_draft_len")
-SERIES = re.compile(r"^(tidar_\w+)(?:\{(.*)\})?\s+(\S+)$")
+SERIES = re.compile(r"^((?:tidar_|vllm:)[\w:]+)(?:\{(.*)\})?\s+(\S+)$")
 
 
 def scrape(metrics_url: str) -> dict[str, float]:
-    """The server's tidar_* series (model/version labels dropped; histogram buckets skipped)."""
+    """The server's tidar_* and vllm:* series (model/version/model_name labels dropped; histogram
+    buckets skipped)."""
     with urllib.request.urlopen(metrics_url, timeout=10) as response:
         text = response.read().decode()
     series = {}
@@ -84,7 +85,7 @@ def scrape(metrics_url: str) -> dict[str, float]:
         if not match or match[1].endswith("_bucket"):
             continue
         labels = [label for label in (match[2] or "").split(",")
-                  if label and not label.startswith(("model=", "version="))]
+                  if label and not label.startswith(("model=", "version=", "model_name="))]
         key = match[1] + (f"{{{','.join(labels)}}}" if labels else "")
         series[key] = series.get(key, 0.0) + float(match[3])
     return series
@@ -102,9 +103,9 @@ def server_delta(metrics_url: str, before: dict[str, float], tokens: int, wait: 
         time.sleep(0.1)
     delta = {key: value - before.get(key, 0.0) for key, value in after.items() if not key.startswith(GAUGES)}
     delta = {key: round(value, 3) for key, value in delta.items() if value}
-    count, draft_tokens = delta.get("tidar_tokens_per_forward_count", 0), delta.get("tidar_draft_tokens_total", 0)
+    count, draft_tokens = delta.get("tidar_tokens_per_forward_count", 0), delta.get("vllm:spec_decode_num_draft_tokens_total", 0)
     delta["tokens_per_forward_mean"] = delta.get("tidar_tokens_per_forward_sum", 0) / count if count else None
-    delta["acceptance_rate"] = delta.get("tidar_accepted_tokens_total", 0) / draft_tokens if draft_tokens else None
+    delta["acceptance_rate"] = delta.get("vllm:spec_decode_num_accepted_tokens_total", 0) / draft_tokens if draft_tokens else None
     return delta
 
 
@@ -191,7 +192,7 @@ def table(report: dict) -> str:
         lines.append(f"{name:<10} {r['tokens_per_second']:>7.1f} {r['request_tokens_per_second_median']:>9.1f} "
                      f"{ms(r['ttft_ms']):>18} {ms(r['itl_ms_per_response']):>22} {tpot:>7} "
                      f"{r['tokens_per_forward_mean']:>5.2f} {'–' if srv is None else f'{srv:.2f}':>7} "
-                     f"{r['server'].get('tidar_drafts_total', 0):>6.0f} {equal:>9}")
+                     f"{r['server'].get('vllm:spec_decode_num_drafts_total', 0):>6.0f} {equal:>9}")
     ratios = report["ratios"]
     lines.append("TiDAR/AR tokens/s: " + "  ".join(f"C={c}: {v:.2f}x" for c, v in ratios["tidar_vs_ar"].items()))
     top = report["options"]["concurrency"][-1]

@@ -14,9 +14,11 @@ Only the Triton plumbing lives here; the rest is tidar's runtime:
   response names its `sequence_index`; the final flag comes with the last one;
 - a full queue gives an UNAVAILABLE "overloaded" error; a cancelled request or a closed
   stream frees its row at the next step;
-- scheduler counters are published as `tidar_*` metrics on Triton's metrics endpoint by a
-  thread of their own every PUBLISH_SECONDS (each metric update is an IPC call to the server;
-  the decode loop never waits for them).
+- scheduler counters, and each returned sequence's time to first token and inter-token
+  latencies, are published on Triton's metrics endpoint (`Metrics`: vLLM's names for the
+  speculative-decoding counters and the latency histograms, `tidar_*` for the rest) by a thread of
+  their own every PUBLISH_SECONDS (each metric update is an IPC call to the server; the decode
+  loop never waits for them).
 """
 
 import json
@@ -85,7 +87,7 @@ class TritonPythonModel:
         except RequestError as error:
             self.metrics.rejected("invalid")
             return _send_error(sender, str(error), pb_utils.TritonError.INVALID_ARG)
-        reply = Reply(sender, parsed, arrival, self.tokenizer)
+        reply = Reply(sender, parsed, arrival, self.tokenizer, self.metrics)
         for index, row in enumerate(parsed.requests):
             try:
                 self.scheduler.submit(row, reply.callbacks(index), reply.on_error, draft_len=parsed.draft_len,
@@ -108,8 +110,8 @@ class Reply:
     """Sends one request's responses (called from the scheduler's thread); with several returned
     sequences, the final flag goes with the last sequence to finish, and a failure of one ends all."""
 
-    def __init__(self, sender, parsed, arrival_ns: int, tokenizer=None):
-        self.sender, self.parsed, self.tokenizer = sender, parsed, tokenizer
+    def __init__(self, sender, parsed, arrival_ns: int, tokenizer=None, metrics=None):
+        self.sender, self.parsed, self.tokenizer, self.metrics = sender, parsed, tokenizer, metrics
         count = len(parsed.requests)
         self.text = [[] for _ in range(count)]  # per sequence, the text and tokens of its output so far
         self.token_ids = [[] for _ in range(count)]
@@ -135,6 +137,10 @@ class Reply:
                 timing.first_token_ns = now
                 prefill = stats.prefill_seconds
                 timing.first_scheduled_ns = max(timing.arrival_ns, now - int(prefill * 1e9))
+                if self.metrics is not None:
+                    self.metrics.observe("ttft", (now - timing.arrival_ns) / 1e9)
+            elif self.metrics is not None:
+                self.metrics.observe("itl", (now - timing.last_token_ns) / 1e9)
             timing.last_token_ns = now
         self.log_probs[index].extend(delta.log_probs or ())
         self.text[index].append(delta.text)
@@ -187,43 +193,64 @@ def _send_error(sender, message, code):
 
 
 class Metrics:
-    """Scheduler counters as Triton custom metrics (`tidar_*`), in the style of vLLM's
-    speculative-decoding metrics. Counters are incremented by what changed since the last publish."""
+    """Scheduler counters as Triton custom metrics (docs/serving.md, "Metrics"). The speculative-
+    decoding counters and the latency histograms carry vLLM's names (`vllm:spec_decode_*`,
+    `vllm:time_to_first_token_seconds`, `vllm:inter_token_latency_seconds`: Triton takes ':' in a
+    metric name), so vLLM's dashboards read them; the rest are `tidar_*`. Counters are incremented
+    by what changed since the last publish; the latencies observed by the request threads are
+    queued here and handed to Triton by the publishing thread."""
 
-    COUNTERS = {
-        "forward_passes": "Model forwards (prefills and decode steps)",
-        "row_forwards": "Rows summed over model forwards",
-        "generated_tokens": "Tokens generated",
-        "drafts": "Row steps that verified drafts (vllm: spec_decode_num_drafts)",
-        "draft_tokens": "Draft tokens verified (vllm: spec_decode_num_draft_tokens)",
-        "accepted_tokens": "Draft tokens accepted (vllm: spec_decode_num_accepted_tokens)",
+    COUNTERS = {  # SchedulerCounters field: (metric name, help)
+        "forward_passes": ("tidar_forward_passes_total", "Model forwards (prefills and decode steps)"),
+        "row_forwards": ("tidar_row_forwards_total", "Rows summed over model forwards"),
+        "generated_tokens": ("tidar_generated_tokens_total", "Tokens generated"),
+        "drafts": ("vllm:spec_decode_num_drafts_total", "Row steps that verified drafts"),
+        "draft_tokens": ("vllm:spec_decode_num_draft_tokens_total", "Draft tokens verified"),
+        "accepted_tokens": ("vllm:spec_decode_num_accepted_tokens_total", "Draft tokens accepted"),
     }
+    TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                    20.0, 40.0, 80.0, 160.0, 640.0, 2560.0]
+    """vLLM's buckets of vllm:time_to_first_token_seconds."""
+    ITL_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                   40.0, 80.0]
+    """vLLM's buckets of vllm:inter_token_latency_seconds."""
 
     def __init__(self, labels):
         self.labels = labels
+        vllm_labels = {**labels, "model_name": labels["model"]}  # vLLM's dashboards select on model_name
         self.lock = threading.Lock()
-        counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
+        counter, gauge, histogram = (pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE,
+                                     pb_utils.MetricFamily.HISTOGRAM)
         self.families = []  # a MetricFamily must outlive its Metric objects
 
         def family(name, text, kind):
             self.families.append(pb_utils.MetricFamily(name, text, kind))
             return self.families[-1]
 
-        self.counters = {name: family(f"tidar_{name}_total", text, counter).Metric(labels=labels)
-                         for name, text in self.COUNTERS.items()}
+        self.counters = {field: family(name, text, counter).Metric(
+                             labels=vllm_labels if name.startswith("vllm:") else labels)
+                         for field, (name, text) in self.COUNTERS.items()}
         self.requests_family = family(
             "tidar_requests_total", "Finished requests by outcome (stop, length, cancelled, timeout, invalid, "
             "overloaded, error)", counter)
         self.position_family = family(
-            "tidar_accepted_tokens_per_pos_total",
-            "Accepted draft tokens by draft position (vllm: spec_decode_num_accepted_tokens_per_pos)", counter)
+            "vllm:spec_decode_num_accepted_tokens_per_pos_total",
+            "Accepted draft tokens by draft position (0 = the first drafted token)", counter)
         self.gauges = {name: family(f"tidar_{name}", text, gauge).Metric(labels=labels)
                        for name, text in (("queue_depth", "Requests waiting for a row"),
                                           ("active_rows", "Rows in the decode batch"),
                                           ("draft_len", "Current draft length of the adaptive batch"))}
         self.histogram = family(
-            "tidar_tokens_per_forward", "Tokens committed per row per forward", pb_utils.MetricFamily.HISTOGRAM,
+            "tidar_tokens_per_forward", "Tokens committed per row per forward", histogram,
         ).Metric(labels=labels, buckets=TOKENS_PER_FORWARD_BUCKETS)
+        self.latency = {
+            "ttft": family("vllm:time_to_first_token_seconds", "Time from a request's arrival to its first "
+                           "token, per returned sequence", histogram).Metric(labels=vllm_labels,
+                                                                             buckets=self.TTFT_BUCKETS),
+            "itl": family("vllm:inter_token_latency_seconds", "Time between two decode steps that give a returned "
+                          "sequence new tokens", histogram).Metric(labels=vllm_labels, buckets=self.ITL_BUCKETS)}
+        self.vllm_labels = vllm_labels
+        self.latencies: list[tuple[str, float]] = []  # (ttft | itl, seconds) not yet handed to Triton
         self.labelled = {}
         self.published = {}
         restarts = family("tidar_server_restarts_total", "Restarts of this server by `tidar serve` after a dead "
@@ -234,7 +261,8 @@ class Metrics:
     def _labelled(self, family, key, value):
         metric = self.labelled.get((key, value))
         if metric is None:
-            metric = self.labelled[(key, value)] = family.Metric(labels={**self.labels, key: str(value)})
+            base = self.vllm_labels if family is self.position_family else self.labels
+            metric = self.labelled[(key, value)] = family.Metric(labels={**base, key: str(value)})
         return metric
 
     def _advance(self, key, metric, total):
@@ -247,16 +275,23 @@ class Metrics:
         with self.lock:
             self._labelled(self.requests_family, "outcome", outcome).increment(1)
 
+    def observe(self, kind: str, seconds: float) -> None:
+        """Queue a latency ("ttft" or "itl"); no call to Triton here (the decode loop calls this)."""
+        with self.lock:
+            self.latencies.append((kind, seconds))
+
     def publish(self, counters):
         with self.lock:
+            latencies, self.latencies = self.latencies, []
             for name, metric in self.counters.items():
                 self._advance(name, metric, getattr(counters, name))
             for outcome, total in counters.requests.items():
                 self._advance(("requests", outcome), self._labelled(self.requests_family, "outcome", outcome), total)
             for index, total in enumerate(counters.accepted_per_position):
-                self._advance(("position", index + 1),
-                              self._labelled(self.position_family, "position", index + 1), total)
+                self._advance(("position", index), self._labelled(self.position_family, "position", index), total)
             for name, metric in self.gauges.items():
                 metric.set(getattr(counters, name))
             for value in counters.drain_observations():
                 self.histogram.observe(value)
+        for kind, seconds in latencies:
+            self.latency[kind].observe(seconds)

@@ -1,4 +1,5 @@
-"""Helpers of the tests that run the real tritonserver: its tidar_* metrics, waiting for a condition."""
+"""Helpers of the tests that run the real tritonserver: the `tidar` model's metrics (tidar_* and
+vllm:*), waiting for a condition."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ import urllib.request
 
 
 def metrics(server) -> dict[str, float]:
-    """tidar_* samples summed over label sets; labelled ones also under name{label="value"}."""
+    """The `tidar` model's tidar_* and vllm:* samples summed over label sets; labelled ones also
+    under name{label="value"}."""
     with urllib.request.urlopen(server.metrics_url, timeout=10) as response:
         text = response.read().decode()
     values: dict[str, float] = {}
     for line in text.splitlines():
-        match = re.match(r'(tidar_\w+)\{([^}]*)\} (\S+)', line)
+        match = re.match(r'((?:tidar_|vllm:)[\w:]+)\{([^}]*)\} (\S+)', line)
         if not match:
             continue
         name, labels, value = match.group(1), match.group(2), float(match.group(3))

@@ -13,6 +13,7 @@ overload test.
 from __future__ import annotations
 
 import json
+import queue
 import re
 import shutil
 import subprocess
@@ -202,13 +203,105 @@ def test_metric_counters_agree_with_response_statistics(server):
     def delta(name):
         return after.get(name, 0) - before.get(name, 0)
 
-    assert delta("tidar_draft_tokens_total") == sum(r.draft_tokens for r in results) > 0
-    assert delta("tidar_accepted_tokens_total") == sum(r.accepted_draft_tokens for r in results)
-    assert delta("tidar_drafts_total") * 3 == delta("tidar_draft_tokens_total")
+    assert delta("vllm:spec_decode_num_draft_tokens_total") == sum(r.draft_tokens for r in results) > 0
+    assert delta("vllm:spec_decode_num_accepted_tokens_total") == sum(r.accepted_draft_tokens for r in results)
+    assert delta("vllm:spec_decode_num_drafts_total") * 3 == delta("vllm:spec_decode_num_draft_tokens_total")
     assert delta("tidar_tokens_per_forward_sum") == 120
     assert delta('tidar_requests_total{outcome="length"}') == 4
-    positions = sum(delta(f'tidar_accepted_tokens_per_pos_total{{position="{i}"}}') for i in (1, 2, 3))
-    assert positions == delta("tidar_accepted_tokens_total")
+    per_position = [delta(f'vllm:spec_decode_num_accepted_tokens_per_pos_total{{position="{i}"}}') for i in range(3)]
+    assert sum(per_position) == delta("vllm:spec_decode_num_accepted_tokens_total")
+    assert per_position == sorted(per_position, reverse=True)  # position i+1 is accepted only after position i
+    # one time to first token per request, one inter-token latency per later forward (each commits tokens)
+    assert delta("vllm:time_to_first_token_seconds_count") == 4
+    assert delta("vllm:inter_token_latency_seconds_count") == sum(r.forward_passes - 1 for r in results)
+    assert delta("vllm:time_to_first_token_seconds_sum") > 0 and delta("vllm:inter_token_latency_seconds_sum") > 0
+
+
+def refusal(url: str, inputs: list, model: str = "tidar") -> str:
+    """The error message the server answers a streamed gRPC request with (Triton's stream
+    response carries the message only, not the code)."""
+    client = grpcclient.InferenceServerClient(url)
+    answers: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    try:
+        client.async_stream_infer(model, inputs)
+        result, error = answers.get(timeout=120)
+    finally:
+        client.stop_stream(cancel_requests=False)
+        client.close()
+    assert error is not None, f"the request was answered: {result.get_response()}"
+    return error.message()
+
+
+def generate_status(server, body: dict, model: str = "tidar") -> tuple[int, str]:
+    """(HTTP status, error message) of Triton's generate endpoint for `body` (INVALID_ARG -> 400)."""
+    call = urllib.request.Request(f"{server.http_url}/v2/models/{model}/generate", json.dumps(body).encode(),
+                                  {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(call, timeout=120) as reply:
+            return reply.status, ""
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read()).get("error", "")
+
+
+def raw_input(name: str, array: np.ndarray, wire_type: str):
+    tensor = grpcclient.InferInput(name, list(array.shape), wire_type)
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
+BAD_GRPC_REQUESTS = [  # (max_tokens, optional inputs, fragment of the error message)
+    (0, {}, "'max_tokens' must be in [1, 2048], got 0"),
+    (-1, {}, "'max_tokens' must be in [1, 2048], got -1"),
+    (2 ** 31 - 1, {}, "'max_tokens' must be in [1, 2048], got 2147483647"),
+    (4, {"temperature": -0.5}, "'temperature' must be a finite number >= 0 (0 = greedy), got -0.5"),
+    (4, {"temperature": float("nan")}, "'temperature' must be a finite number >= 0"),
+    (4, {"top_p": 1.5}, "'top_p' must be <= 1 (<= 0 = unset), got 1.5"),
+    (4, {"num_return_sequences": 0}, "'num_return_sequences' must be in [1, 16], got 0"),
+    (4, {"num_return_sequences": 99}, "'num_return_sequences' must be in [1, 16], got 99"),
+    (4, {"beam_width": 2}, "'beam_width' = 2 is not supported"),
+    (4, {"mode": "fast"}, "'mode' must be one of tidar, ar, got 'fast'"),
+    (4, {"draft_len": 99}, "draft_len"),
+    (4, {"draft_len": 2, "mode": "ar"}, "'draft_len' = 2 contradicts mode 'ar'"),
+    (4, {"end_id": -1}, "'end_id' must be a token id in [0, 4096), got -1"),
+    (4, {"pad_id": 10 ** 6}, "'pad_id' must be a token id in [0, 4096), got 1000000"),
+    (4, {"seed": 1, "random_seed": 2}, "'seed' = 1 and 'random_seed' = 2 disagree"),
+    (4, {"timeout": -1.0}, "'timeout' must be positive seconds, got -1.0"),
+    (4, {"repetition_penalty": 0.0}, "repetition_penalty must be a finite number > 0, got 0.0"),
+    (4, {"min_tokens": -3}, "min_tokens must be an integer >= 0, got -3"),
+    (4, {"lora_task_id": 3}, "'lora_task_id' = 3 is not supported"),
+    (4, {"input_ids": [1, 99999]}, "'input_ids' must hold token ids in [0, 4096), got 99999 at position 1"),
+    (4, {"input_ids": []}, "'input_ids' is empty"),
+    (4, {"image_url_input": "http://x/y.png"}, "'image_url_input' is not supported"),
+]
+
+
+def test_bad_requests_each_get_invalid_arg_naming_the_input_and_the_server_keeps_serving(server, ar_oracle):
+    """Bad values of the contract's inputs (TiDAR's `input_ids` included), an empty or non-UTF-8
+    prompt, a wrong type and a missing input, sent over gRPC as NVIDIA's clients send them: each
+    an error naming the input (by the model, or by Triton for the type and the missing input).
+    The same values through Triton's HTTP generate endpoint, which maps the error's code, get 400:
+    the model's code is INVALID_ARG. Then a good request is answered."""
+    for max_tokens, options, fragment in BAD_GRPC_REQUESTS:
+        if any(isinstance(value, float) and value != value for value in options.values()):
+            continue  # NaN has no JSON spelling
+        status, message = generate_status(server, {"text_input": "def main():\n", "max_tokens": max_tokens,
+                                                   **options})
+        assert status == 400 and fragment in message, (options, status, message)
+    cases = [(build_inputs("def main():\n", max_tokens, **options), fragment)
+             for max_tokens, options, fragment in BAD_GRPC_REQUESTS]
+    cases += [
+        (build_inputs("", 4), "input 'text_input' is empty"),
+        (build_inputs(b"\xff\xfe", 4), "input 'text_input' is not valid UTF-8"),
+        ([raw_input("text_input", np.array([[b"x"]], dtype=np.object_), "BYTES"),
+          raw_input("max_tokens", np.array([[4.0]], dtype=np.float32), "FP32")], "max_tokens"),
+        ([raw_input("text_input", np.array([[b"x"]], dtype=np.object_), "BYTES")], "max_tokens"),
+    ]
+    assert len(cases) >= 20
+    for inputs, fragment in cases:
+        message = refusal(server.grpc_url, inputs)
+        assert fragment in message, (fragment, message)
+    assert request(server.grpc_url, "import os\n", 12).token_ids == ar_oracle("import os\n", 12).token_ids
 
 
 def test_full_queue_is_overloaded_and_timeouts_end_requests(server):
