@@ -413,7 +413,8 @@ def serve(repo: str | Path, grpc_port: int, http_port: int, metrics_port: int, c
     restarted per `policy` (a supervisor.RestartPolicy), and 1 is returned once it gives up. With
     `command`, run it once the server is ready, stop the server when it ends and return its status. With
     `openai_port`, an OpenAI-compatible HTTP front (openai_front.py) on `openai_host` forwards to the
-    `tidar` model over gRPC; with `api_key`, its /v1 routes need `Authorization: Bearer API_KEY`."""
+    `tidar` model over gRPC; with `api_key`, its /v1 routes need `Authorization: Bearer API_KEY`
+    (the command gets OPENAI_BASE_URL, and OPENAI_API_KEY then, as the openai client reads them)."""
 
     if openai_port is not None:
         import tidar.serving.openai_front  # noqa: F401  (the openai extra; cli.py names it if missing, before any start)
@@ -449,6 +450,7 @@ def serve(repo: str | Path, grpc_port: int, http_port: int, metrics_port: int, c
         if command:
             env = dict(os.environ, TIDAR_GRPC_URL=server.grpc_url, TIDAR_METRICS_URL=server.metrics_url,
                        **({"OPENAI_BASE_URL": front.url} if front else {}),
+                       **({"OPENAI_API_KEY": api_key} if front and api_key else {}),
                        PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
             child = subprocess.Popen(command, env=env)
         code = supervisor.run(keep_going)
