@@ -79,6 +79,10 @@ def _generate(args: argparse.Namespace) -> int:
                            f"{', '.join(GRAPHABLE_ATTENTION)}")
     backend = load_backend(args.backend, args.model, dtype=args.dtype, attention=args.attention, **options)
     tokenizer = Tokenizer(args.model)
+    prompt_ids = tokenizer.encode(args.prompt)
+    request = Request(prompt_ids, args.max_new_tokens, sampling, stop=tuple(args.stop or ()), eos_ids=defaults.eos_ids)
+    # a bad request or --beta fails before the draft shape is measured
+    DecodeEngine(backend, tokenizer, draft_len=0, beta=args.beta).check(request)
     if draft_len is None:
         draft_len, draft_blocks = _auto_draft_shape(backend, tokenizer, args.model)
     else:
@@ -90,9 +94,6 @@ def _generate(args: argparse.Namespace) -> int:
             raise CLIError(str(error)) from None
     engine = DecodeEngine(backend, tokenizer, draft_len=draft_len, beta=args.beta, draft_blocks=draft_blocks,
                           drafter=args.drafter)
-    prompt_ids = tokenizer.encode(args.prompt)
-    request = Request(prompt_ids, args.max_new_tokens, sampling, stop=tuple(args.stop or ()), eos_ids=defaults.eos_ids)
-    engine.check(request)
     started = time.perf_counter()
     result = None
     for deltas in engine.stream([request]):
@@ -277,7 +278,7 @@ def _client(args: argparse.Namespace) -> int:
 
     top_p = args.top_p
     if args.temperature and top_p is None and args.top_k is None:
-        top_p = 1.0  # a temperature alone is greedy in tensorrtllm_backend's contract (runtime/wire.py)
+        top_p = 1.0  # a temperature alone is greedy in tensorrtllm_backend's contract (serving/wire.py)
     options = dict(temperature=args.temperature, top_p=top_p, top_k=args.top_k, seed=args.seed,
                    stop_words=args.stop, mode=args.mode, draft_len=args.draft_len, timeout=args.timeout)
     printer = None if (args.json or args.no_stream) else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
