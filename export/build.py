@@ -316,15 +316,38 @@ def trtllm_engine_record(config: TiDARConfig, tp: int, draft_len: int, draft_blo
             **engine_limits(config, draft_len, draft_blocks=draft_blocks)}
 
 
-def build_tensorrt(folder: Path, config: TiDARConfig, draft_len: int, draft_blocks: int | None = None) -> dict:
-    """The TensorRT engine of the plugin ONNX graph into folder/TENSORRT_ENGINE."""
+TENSORRT_GRAPH = "tensorrt/graph/decode_step_plugin.onnx"
+"""Where the plugin graph in the export's dtype is traced for the TensorRT build when that dtype is
+not ONNX_DTYPE (an intermediate: removed once the engine is built)."""
+
+
+def build_tensorrt(folder: Path, config: TiDARConfig, draft_len: int, draft_blocks: int | None = None,
+                   source: CheckpointSource | None = None, dtype: str = ONNX_DTYPE) -> dict:
+    """The TensorRT engine of the plugin ONNX graph into folder/TENSORRT_ENGINE, computing in
+    `dtype` (the export's, by default the checkpoint's): TensorRT builds a strongly typed network,
+    so the engine computes in the graph's dtype; onnx/ holds the float32 graph (ONNX Runtime's CPU
+    provider has no bfloat16 kernels), so for another dtype the plugin graph is traced again in it
+    from `source` into TENSORRT_GRAPH's folder, built, and removed."""
+    from .onnx_export import export_decode_steps
     from .tensorrt_engine import TensorRTEngineError, build_tensorrt_engine
 
+    graph = folder / ONNX_GRAPHS["plugin"]
+    scratch = None
+    if dtype != ONNX_DTYPE:
+        if source is None:
+            raise ExportError(f"a {dtype} TensorRT engine needs the checkpoint source to trace its graph")
+        graph = folder / TENSORRT_GRAPH
+        scratch = graph.parent
+        export_decode_steps(config, lambda name: source.row_chunks(name, DTYPES[dtype]), {"plugin": graph},
+                            scratch / "decode_step.weights", scratch / "lm_head.onnx", dtype=DTYPES[dtype])
     try:
-        return build_tensorrt_engine(folder / ONNX_GRAPHS["plugin"], folder / TENSORRT_ENGINE, config, draft_len,
-                                     draft_blocks=draft_blocks)
+        record = build_tensorrt_engine(graph, folder / TENSORRT_ENGINE, config, draft_len, draft_blocks=draft_blocks)
     except (TensorRTEngineError, RuntimeError) as exc:
         raise ExportError(f"TensorRT engine build failed: {exc}") from exc
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return {**record, "dtype": dtype}
 
 
 def render_triton(folder: Path, built: list[str], engines: dict[str, dict] | None = None) -> dict:
@@ -488,7 +511,7 @@ def build(checkpoint: str | Path, out: str | Path, tp: int = 1, dtype: str | Non
                     try:
                         engines[step] = (build_trtllm_engine(partial, config, tp, draft_len, draft_blocks)
                                          if step == "engine" else build_tensorrt(partial, config, draft_len,
-                                                                                 draft_blocks))
+                                                                                 draft_blocks, source, dtype))
                         built.append(step)
                         continue
                     except ExportError as exc:

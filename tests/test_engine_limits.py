@@ -52,7 +52,7 @@ def engine_export(tiny_checkpoints, tmp_path_factory):
         (folder / "engine").mkdir()
         return build_module.trtllm_engine_record(config, tp, draft_len, draft_blocks)
 
-    def tensorrt(folder, config, draft_len, draft_blocks=None):
+    def tensorrt(folder, config, draft_len, draft_blocks=None, source=None, dtype=None):
         return tensorrt_engine.engine_record(config, draft_len, engine_shapes.ENGINE_MAX_BATCH_SIZE, draft_blocks,
                                              "stand-in", "decode_step_plugin.onnx", [])
 
