@@ -93,16 +93,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start(server: Server, work: Path, threads: int, ready_timeout: float) -> None:
+def start(server: Server, work: Path, threads: int, ready_timeout: float, checkpoint: Path) -> None:
     """Render the server's repository with its own `tidar` and start `tidar serve` on it; return
-    once the OpenAI front answers /v1/models."""
+    once the OpenAI front answers /v1/models. The torch backend serves `checkpoint` (the export's
+    source), the others the export."""
     server.repo = work / server.name.replace("/", "-") / "repo"
     server.repo.parent.mkdir(parents=True)
     draft_len = MODES[server.mode]
     render = ("from tidar.serving.repository import render_repository; import sys; "
               "render_repository(sys.argv[1], model_dir=sys.argv[2], backend=sys.argv[3], "
               "draft_len=None if sys.argv[4] == 'auto' else int(sys.argv[4]), threads=int(sys.argv[5]))")
-    subprocess.run([sys.executable, "-c", render, str(server.repo), str(server.export), server.backend,
+    model_dir = checkpoint if server.backend == "torch" else server.export
+    subprocess.run([sys.executable, "-c", render, str(server.repo), str(model_dir), server.backend,
                     "auto" if draft_len is None else str(draft_len), str(threads)],
                    env=server.env(), check=True)
     if server.source is not None:  # Triton's Python stub ignores PYTHONPATH: the model file puts SRC first itself
@@ -253,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-tokens", type=int, default=96)
     parser.add_argument("--prompts", type=int, default=64, help="synthetic prompts in AIPerf's dataset")
     parser.add_argument("--seed", type=int, default=0, help="AIPerf's --random-seed: the same prompts for every run")
+    parser.add_argument("--checkpoint", type=Path, default=Path(__file__).resolve().parent.parent / "models"
+                        / "tidar-stdlib-qwen2", help="what the torch backend serves: the exports' source checkpoint "
+                        "(default: the bundled model)")
     parser.add_argument("--threads", type=int, default=0, help="the servers' intra-op threads (0: library default)")
     parser.add_argument("--aiperf", default=shutil.which("aiperf") or "aiperf", help="the aiperf executable")
     parser.add_argument("--ready-timeout", type=float, default=900)
@@ -297,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         for server in servers:
             began = time.monotonic()
             print(f"starting {server.name} ...", flush=True)
-            start(server, work, args.threads, args.ready_timeout)
+            start(server, work, args.threads, args.ready_timeout, args.checkpoint)
             result["servers"].append({"server": server.name, "model": server.model, "url": server.url,
                                       "start_seconds": round(time.monotonic() - began, 1)})
         for round_ in range(args.rounds):
@@ -346,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         run["outputs"] = len(run.get("outputs", {}))  # counted; the texts are compared above
     result["summary"] = summarize(result["runs"], servers, args.concurrency)
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=1) + "\n")
+    args.output.write_text(json.dumps(result, indent=1, default=str) + "\n")
     plot(result["summary"], servers, args.concurrency, args.output.with_suffix(".png"),
          f"AIPerf through the OpenAI front: {args.input_tokens}-token prompts, {args.output_tokens} new tokens, "
          f"greedy; median of {args.rounds} rounds. {args.note}")
