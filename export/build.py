@@ -33,7 +33,7 @@ Steps, in order (each is an existing function; this module only sequences and re
               be built, or whose build fails, is recorded as skipped with the reason
               (engine="auto"), or the build fails with the reasons (engine="require").
 6. triton_repo/  the Triton Inference Server repository rendered from triton_repo/
-              (`export.triton_repo`), serving OUT on the TensorRT engine, else the TensorRT-LLM
+              (`tidar.serving.repository`), serving OUT on the TensorRT engine, else the TensorRT-LLM
               engine, else ONNX Runtime, with the engine's batch limit (`render_triton`);
               `tidar serve OUT/triton_repo` runs it.
 7. manifest.json  inputs and their sha256, library versions, options, every artifact's size and

@@ -1,10 +1,10 @@
 """The `tidar` Triton model's requests and responses: parsing and building them (no Triton import).
 
-The wire contract itself (names, types, shapes) is runtime/wire.py; this module gives it its
+The wire contract itself (names, types, shapes) is serving/wire.py; this module gives it its
 meaning. `parse_request` turns the input tensors of one request (name -> numpy array, batch
 dimension of 1 included) into runtime `Request`s plus the serving options, or raises
 RequestError naming the input and the value; `response_tensors` turns what a response reports
-into output tensors. The model (triton_repo/tidar/1/model.py) only moves these between Triton
+into output tensors. The model (serving/triton_model.py) only moves these between Triton
 and the scheduler.
 
 Meaning of tensorrtllm_backend's inputs here (docs/design.md §3):

@@ -1,6 +1,6 @@
-"""The serving pieces that need no server: the wire contract (runtime/wire.py, against the
+"""The serving pieces that need no server: the wire contract (serving/wire.py, against the
 published tensorrtllm_backend contract and TensorRT-LLM's sampling defaults), request parsing
-(runtime/serving.py), the model's parameters, repository rendering (export/triton_repo.py) and
+(serving/requests.py), the model's parameters, repository rendering (serving/repository.py) and
 `tidar serve`'s checks."""
 
 from __future__ import annotations
