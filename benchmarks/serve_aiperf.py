@@ -71,10 +71,11 @@ class Server:
     process: subprocess.Popen | None = None
     model: str = ""
     log: Path | None = None
+    name: str = field(init=False)
+    """variant/backend/mode: how the results name this server."""
 
-    @property
-    def name(self) -> str:
-        return f"{self.variant}/{self.backend}/{self.mode}"
+    def __post_init__(self):
+        self.name = f"{self.variant}/{self.backend}/{self.mode}"
 
     @property
     def url(self) -> str:

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .wire import text_value
 from .wire import (INPUT_SPECS, LLMAPI_DEFAULT_MAX_TOKENS, LLMAPI_FORWARDED, LLMAPI_INPUT_SPECS,
                    LLMAPI_OUTPUT_SPECS, PERF_METRIC_LLMAPI_OUTPUTS)
 
@@ -92,14 +93,7 @@ def _value(inputs: dict, name: str):
 
 
 def _text(value, name: str) -> str:
-    if isinstance(value, (bytes, np.bytes_)):
-        try:
-            return bytes(value).decode("utf-8")
-        except UnicodeDecodeError:
-            raise LlmapiRequestError(f"input '{name}' is not valid UTF-8") from None
-    if isinstance(value, str):
-        return value
-    raise LlmapiRequestError(f"input '{name}' must be a UTF-8 string, got {type(value).__name__}")
+    return text_value(value, name, LlmapiRequestError)
 
 
 def _given(inputs: dict, name: str) -> bool:

@@ -20,7 +20,7 @@ import threading
 import triton_python_backend_utils as pb_utils
 
 from .llmapi import TIDAR_OUTPUTS, LlmapiReply, LlmapiRequestError, llmapi_message, parse_llmapi_request
-from .wire import LLMAPI_INPUTS
+from .wire import LLMAPI_INPUTS, request_inputs
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -39,11 +39,7 @@ class TritonPythonModel:
 
     def _serve(self, request):
         sender = request.get_response_sender()
-        inputs = {}
-        for spec in LLMAPI_INPUTS:
-            tensor = pb_utils.get_input_tensor_by_name(request, spec.name)
-            if tensor is not None:
-                inputs[spec.name] = tensor.as_numpy()
+        inputs = request_inputs(request, LLMAPI_INPUTS, pb_utils.get_input_tensor_by_name)
         try:
             parsed = parse_llmapi_request(inputs, _parameters(request))
         except LlmapiRequestError as error:

@@ -59,7 +59,7 @@ from tidar.runtime.generation_config import GenerationDefaults
 from tidar.runtime.sampling import SamplingError, SamplingParams
 from tidar.runtime.tokenizer import Tokenizer
 from .options import OptionsError, ServingOptions
-from .wire import INPUT_SPECS, MODES, OUTPUT_SPECS, PERF_METRIC_OUTPUTS, sampling_choice
+from .wire import INPUT_SPECS, MODES, OUTPUT_SPECS, PERF_METRIC_OUTPUTS, sampling_choice, text_value
 
 MAX_RETURN_SEQUENCES = 16
 
@@ -104,14 +104,7 @@ def _scalar(inputs: dict[str, np.ndarray], name: str):
 
 
 def _text(value, name: str) -> str:
-    if isinstance(value, (bytes, np.bytes_)):
-        try:
-            return bytes(value).decode("utf-8")
-        except UnicodeDecodeError:
-            raise RequestError(f"input '{name}' is not valid UTF-8") from None
-    if isinstance(value, str):
-        return value
-    raise RequestError(f"input '{name}' must be a UTF-8 string, got {type(value).__name__}")
+    return text_value(value, name, RequestError)
 
 
 def _words(inputs, name: str) -> list[str]:

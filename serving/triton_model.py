@@ -34,7 +34,7 @@ from .options import ServingOptions
 from .requests import Timing, build_scheduler, matched_stop, parse_request, response_tensors
 from .scheduler import Overloaded
 from .supervisor import restarts_from_environment
-from .wire import INPUTS
+from .wire import INPUTS, request_inputs
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 TOKENS_PER_FORWARD_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16]
@@ -77,11 +77,7 @@ class TritonPythonModel:
     def _submit(self, request):
         arrival = time.time_ns()
         sender = request.get_response_sender()
-        inputs = {}
-        for spec in INPUTS:
-            tensor = pb_utils.get_input_tensor_by_name(request, spec.name)
-            if tensor is not None:
-                inputs[spec.name] = tensor.as_numpy()
+        inputs = request_inputs(request, INPUTS, pb_utils.get_input_tensor_by_name)
         try:
             parsed = parse_request(inputs, self.tokenizer, self.config, self.max_tokens_limit, self.defaults)
         except RequestError as error:

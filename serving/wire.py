@@ -28,6 +28,7 @@ TiDAR drafts itself, see `draft_len`), whose name is TiDAR's per-response draft-
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -183,3 +184,27 @@ def request_arrays(text: str, max_tokens: int, **values) -> dict[str, np.ndarray
             items = [item.encode("utf-8") if isinstance(item, str) else item for item in items]
         arrays[name] = np.array([items], dtype=spec.numpy_dtype)
     return arrays
+
+
+def text_value(value, name: str, error: Callable[[str], Exception]) -> str:
+    """The UTF-8 text of a BYTES input element `value` of input `name`; `error(message)` is raised
+    (naming the input) for anything else."""
+    if isinstance(value, (bytes, np.bytes_)):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            raise error(f"input '{name}' is not valid UTF-8") from None
+    if isinstance(value, str):
+        return value
+    raise error(f"input '{name}' must be a UTF-8 string, got {type(value).__name__}")
+
+
+def request_inputs(request, specs, get_input_tensor_by_name) -> dict[str, np.ndarray]:
+    """The inputs of `specs` that a Triton request carries, as numpy arrays (name -> array);
+    `get_input_tensor_by_name` is triton_python_backend_utils' (only the model process has it)."""
+    inputs = {}
+    for spec in specs:
+        tensor = get_input_tensor_by_name(request, spec.name)
+        if tensor is not None:
+            inputs[spec.name] = tensor.as_numpy()
+    return inputs

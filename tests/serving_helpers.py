@@ -1,11 +1,36 @@
-"""Helpers of the tests that run the real tritonserver: the `tidar` model's metrics (tidar_* and
-vllm:*), waiting for a condition."""
+"""Helpers of the tests that run the real tritonserver: a module's server that must stop cleanly,
+the greedy AR oracle, the `tidar` model's metrics (tidar_* and vllm:*), waiting for a condition."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 import urllib.request
+
+from tidar import BUNDLED_MODEL
+from tidar.runtime.backends.torch_backend import TorchBackend
+from tidar.runtime.generate import DecodeEngine, Request
+from tidar.runtime.tokenizer import Tokenizer
+from tidar.serving.serve import TritonServer
+
+
+@contextlib.contextmanager
+def running_server(repo):
+    """tritonserver on `repo` (free ports). On exit it must stop with status 0: every stream ended,
+    finished or cancelled, so the models unload (docs/design.md §6.1)."""
+    server = TritonServer(repo, grpc_port=0, http_port=0, metrics_port=0).start()
+    try:
+        yield server
+    finally:
+        status = server.stop()
+    assert status == 0, f"tritonserver did not stop cleanly (status {status}); its log: {server.log_file}"
+
+
+def greedy_oracle(model=BUNDLED_MODEL):
+    """`run(text, max_tokens)`: the fp32 greedy AR result of this runtime's reference backend."""
+    engine = DecodeEngine(TorchBackend.load(model, dtype="float32"), Tokenizer(model), draft_len=0)
+    return lambda text, max_tokens: engine.generate([Request(engine.tokenizer.encode(text), max_tokens)])[0]
 
 
 def metrics(server) -> dict[str, float]:

@@ -22,12 +22,10 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import np_to_triton_dtype
 
 from tidar import BUNDLED_MODEL
-from tidar.runtime.backends.torch_backend import TorchBackend
-from tidar.runtime.generate import DecodeEngine, Request
-from tidar.runtime.tokenizer import Tokenizer
 from tidar.serving.repository import render_repository
-from tidar.serving.serve import TritonServer
 from tidar.serving.wire import LLMAPI_MODEL, PERF_METRIC_LLMAPI_OUTPUTS
+
+from serving_helpers import greedy_oracle, running_server
 
 QUICK_START = '{"text_input": "The future of AI is", "sampling_param_max_tokens":10}'
 """tensorrtllm_backend docs/llmapi.md's request, with the max_tokens input as the template names it."""
@@ -37,18 +35,13 @@ QUICK_START = '{"text_input": "The future of AI is", "sampling_param_max_tokens"
 def server(tmp_path_factory):
     repo = render_repository(tmp_path_factory.mktemp("llmapi") / "repo", model_dir=str(BUNDLED_MODEL),
                              backend="torch", dtype="float32", attention="eager", threads=1, draft_len="16")
-    running = TritonServer(repo, grpc_port=0, http_port=0, metrics_port=0).start()
-    try:
+    with running_server(repo) as running:
         yield running
-    finally:
-        status = running.stop()
-    assert status == 0, f"tritonserver did not stop cleanly (status {status}); its log: {running.log_file}"
 
 
 @pytest.fixture(scope="module")
 def greedy():
-    engine = DecodeEngine(TorchBackend.load(BUNDLED_MODEL, dtype="float32"), Tokenizer(BUNDLED_MODEL), draft_len=0)
-    return lambda text, max_tokens: engine.generate([Request(engine.tokenizer.encode(text), max_tokens)])[0]
+    return greedy_oracle()
 
 
 def generate(server, body: str, model: str = LLMAPI_MODEL) -> tuple[int, dict | str]:

@@ -31,9 +31,8 @@ from tidar.runtime.backends.torch_backend import TorchBackend
 from tidar.runtime.generate import DecodeEngine, Request
 from tidar.runtime.sampling import SamplingParams
 from tidar.runtime.tokenizer import Tokenizer
-from tidar.serving.serve import TritonServer
 
-from serving_helpers import metrics, settled_metrics, wait_for
+from serving_helpers import metrics, running_server, settled_metrics, wait_for
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -47,15 +46,10 @@ def setup(tmp_path_factory):
     (chat_model / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHATML}))
     repo = render_repository(root / "repo", model_dir=str(BUNDLED_MODEL), backend="torch", dtype="float32",
                              attention="eager", threads=1, draft_len="2", max_batch_size=16)
-    server = TritonServer(repo, grpc_port=0, http_port=0, metrics_port=0).start()
-    try:
-        with OpenAIFront(server.grpc_url, chat_model, port=0) as chat, \
-                OpenAIFront(server.grpc_url, BUNDLED_MODEL, port=0) as plain:
-            yield server, chat, plain, chat_model
-    finally:
-        status = server.stop()
-    # the front cancels only unfinished requests, so the models unload and the server exits 0 (docs/design.md §6.1)
-    assert status == 0, f"tritonserver did not stop cleanly (status {status}); its log: {server.log_file}"
+    # the front cancels only unfinished requests, so the server stops cleanly (running_server checks it)
+    with running_server(repo) as server, OpenAIFront(server.grpc_url, chat_model, port=0) as chat, \
+            OpenAIFront(server.grpc_url, BUNDLED_MODEL, port=0) as plain:
+        yield server, chat, plain, chat_model
 
 
 @pytest.fixture(scope="module")

@@ -36,9 +36,8 @@ from tidar.runtime.generate import DecodeEngine, Request
 from tidar.runtime.sampling import SamplingParams
 from tidar.runtime.tokenizer import Tokenizer
 from tidar.serving.wire import PERF_METRIC_OUTPUTS
-from tidar.serving.serve import TritonServer
 
-from serving_helpers import metrics, settled_metrics, wait_for
+from serving_helpers import metrics, running_server, settled_metrics, wait_for
 
 PROMPTS = ["def main():\n", "import os\nimport sys\n", "class Config:\n    def __init__(self", "# Copyright",
            "for key, value in", "    return self.", "if __name__ == '__main__':\n", "try:\n    import",
@@ -58,13 +57,8 @@ def server(tmp_path_factory):
     for key, value in (("max_batch_size", "1"), ("max_queue_size", "1"), ("draft_len", "2")):
         config = re.sub(rf'(key: "{key}" value: {{ string_value: )"[^"]*"', rf'\1"{value}"', config)
     (small / "config.pbtxt").write_text(config)
-    running = TritonServer(repo, grpc_port=0, http_port=0, metrics_port=0).start()
-    try:
+    with running_server(repo) as running:
         yield running
-    finally:
-        status = running.stop()
-    # every stream ended, finished or cancelled, the models unload and the server exits 0 (docs/design.md §6.1)
-    assert status == 0, f"tritonserver did not stop cleanly (status {status}); its log: {running.log_file}"
 
 
 @pytest.fixture(scope="module")
