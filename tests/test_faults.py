@@ -29,7 +29,7 @@ import tritonclient.grpc as grpcclient
 from tidar import BUNDLED_MODEL
 from tidar.serving.client import build_inputs, request
 from tidar.serving.repository import render_repository
-from tidar.serving.serve import ModelProcessDied, ServeError
+from tidar.serving.serve import ModelProcessDied, ServeError, model_processes
 from tidar.serving.supervisor import RESTARTS_ENV, RestartPolicy, Supervisor, describe_status, restarts_from_environment
 
 PROMPTS = ["def main():\n", "import os\nimport sys\n", "class Config:\n    def __init__(self", "for key, value in"]
@@ -229,8 +229,9 @@ class Serve:
 
     def stub(self, timeout: float = 10.0) -> int:
         server = self.tritonserver()
-        pids = wait_for(lambda: children_named(server, STUB), timeout)
-        assert pids and len(pids) == 1, f"model processes under tritonserver {server}: {pids}"
+        # the tidar model's stub (the tensorrt_llm model has one of its own, which holds no weights)
+        pids = wait_for(lambda: [p.pid for p in model_processes(server) if p.instance.startswith("tidar_")], timeout)
+        assert pids and len(pids) == 1, f"tidar model processes under tritonserver {server}: {pids}"
         return pids[0]
 
     def ready(self) -> bool:
