@@ -67,6 +67,7 @@ def test_layout_and_manifest(exported, tiny_checkpoints):
     assert files == ["config.json", "manifest.json", "onnx/decode_step.onnx", "onnx/decode_step.weights",
                      "onnx/decode_step_plugin.onnx", "onnx/lm_head.onnx",
                      "tokenizer.json", "tokenizer_config.json", "triton_repo/ensemble/config.pbtxt",
+                     "triton_repo/tensorrt_llm/1/model.py", "triton_repo/tensorrt_llm/config.pbtxt",
                      "triton_repo/tidar/1/model.py",
                      "triton_repo/tidar/config.pbtxt", "trtllm/build_engine.sh", "trtllm/config.json",
                      "trtllm/rank0.safetensors", "trtllm/rank1.safetensors"]
@@ -76,7 +77,8 @@ def test_layout_and_manifest(exported, tiny_checkpoints):
     assert manifest["inputs"]["checkpoint"] == str(source)
     assert set(manifest["inputs"]["sha256"]) >= {"config.json", WEIGHTS, "tokenizer.json"}
     assert manifest["options"] == {"tp": TP, "dtype": "float32", "draft_len": 16, "draft_blocks": None,
-                                   "engine": "auto", "onnx_dtype": "float32"}
+                                   "engine": "auto", "onnx_dtype": "float32",
+                                   "mask_token_id": None, "block_size": None}
     assert {"python", "torch", "safetensors", "onnx", "onnxruntime", "onnxscript"} <= manifest["versions"].keys()
     assert manifest["config"]["model_type"] == "qwen2" and manifest["config"]["block_size"] == 16
     assert manifest["config"]["mask_token_id"] == 2 and manifest["config"]["num_hidden_layers"] == 2
@@ -164,7 +166,9 @@ def test_verify_passes(exported, capsys):
     assert lines["triton_repo"] == "ok"
     if tensorrt_unavailable_reason():
         assert lines["tensorrt"] == "skipped"
-    assert "identical greedy tokens at draft shapes b=0, b=16, b=16,k=4" in out  # AR, the trained b, k-of-b
+    # AR, every trained b (the random-weight checkpoint declares 1..16), and k-of-b
+    shapes = ", ".join(["b=0", *(f"b={b}" for b in range(1, 17)), "b=16,k=4"])
+    assert f"identical greedy tokens at draft shapes {shapes}" in out
 
 
 def _tamper_rank(path: Path) -> None:
