@@ -382,7 +382,8 @@ def test_killed_tritonserver_is_restarted_then_gives_up_ending_the_command(repo)
         assert re.search(rf"fault: tritonserver \(pid {first}\) killed by signal 9 \(SIGKILL\)", serve.log)
         assert serve.greedy() == before and serve.restarts() == {"model_process": 0, "tritonserver": 1}
         tree = [serve.process.pid, *descendants(serve.process.pid)]
-        assert len(tree) == 4, tree  # tidar serve, COMMAND, tritonserver, its model process
+        # tidar serve, COMMAND, tritonserver, its two model processes (tidar, tensorrt_llm)
+        assert len(tree) == 5, tree
         regions = shared_memory(serve.tritonserver())
         os.kill(serve.tritonserver(), signal.SIGKILL)
         assert serve.process.wait(30) == 1
