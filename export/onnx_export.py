@@ -92,6 +92,12 @@ LAYOUT_SCALARS = ("causal_len", "num_blocks", "block_len", "first_visible", "vis
 PLUGIN_DOMAIN = "tidar"
 PLUGIN_OP = "hybrid_attention"
 DEFAULT_OPSET = 18
+"""The opset of the LM-head graph and of the plugin lowering (TensorRT's ONNX parser)."""
+LOWERING_OPSETS = {"standard": 23, "plugin": DEFAULT_OPSET}
+"""Each lowering's opset when none is given. The standard graph (ONNX Runtime) is opset 23, so
+onnxscript's ONNX fusions turn each RMS norm (7 nodes) into one RMSNormalization and each rotary
+embedding into one RotaryEmbedding: 79 fewer nodes in a 6-layer graph, whose steps on the CPU
+are dominated by per-node costs at small batches (docs/design.md §3.8)."""
 
 
 def input_names(num_layers: int) -> list[str]:
@@ -389,15 +395,17 @@ def _keep_weights_out_of_folding(weights: set[str]) -> Callable:
     return should_fold
 
 
-def trace_decode_step(config: TiDARConfig, attention: str = "standard", opset: int = DEFAULT_OPSET,
+def trace_decode_step(config: TiDARConfig, attention: str = "standard", opset: int | None = None,
                       dtype: torch.dtype = torch.float32):
-    """(onnx_ir Model, {weight initializer: (HF name, shape)}) of one forward of a `config` model.
+    """(onnx_ir Model, {weight initializer: (HF name, shape)}) of one forward of a `config` model
+    (`opset` None: the lowering's, `LOWERING_OPSETS`).
 
     The graph is traced from `placeholder_model`; its weight initializers are left without
     values (the caller attaches them as external data) and the graph is optimised (constant
     folding, common subexpressions) around them with onnxscript's optimizer, so no weight is
     ever folded into a derived constant: the weights in the file are the checkpoint's own."""
     step = DecodeStep(placeholder_model(config, dtype), attention).eval()
+    opset = LOWERING_OPSETS[attention] if opset is None else opset
     layers = config.num_hidden_layers
     batch, new, past = torch.export.Dim("batch"), torch.export.Dim("new"), torch.export.Dim("past")
     cache_shape = {0: batch, 2: past}
@@ -443,6 +451,10 @@ def _trace(module: nn.Module, inputs: tuple, inputs_named: list[str], outputs_na
         onnxscript.optimizer.optimize_ir(model, should_fold=_keep_weights_out_of_folding(set(weights)))
     finally:
         dedup_logger.setLevel(level)
+    if opset >= 23:  # RMSNormalization and RotaryEmbedding nodes for the matched subgraphs
+        from onnxscript.rewriter import onnx_fusions
+
+        onnx_fusions.fuse(model)
     return model, {name: weights[name] for name in model.graph.initializers if name in weights}
 
 
@@ -500,7 +512,7 @@ def _attach_and_save(model, weights: dict[str, tuple[str, tuple[int, ...]]], ext
 
 
 def export_decode_steps(config: TiDARConfig, chunks: WeightChunks, graphs: dict[str, str | Path],
-                        weights_path: str | Path, head_path: str | Path, opset: int = DEFAULT_OPSET,
+                        weights_path: str | Path, head_path: str | Path, opset: int | None = None,
                         dtype: torch.dtype = torch.float32,
                         progress: Callable[[str], None] | None = None) -> dict[str, Path]:
     """Write one graph per lowering of `graphs` ({attention: path}), the LM-head graph to
@@ -519,7 +531,7 @@ def export_decode_steps(config: TiDARConfig, chunks: WeightChunks, graphs: dict[
         if path.parent.resolve() != weights_path.parent.resolve():
             raise ValueError(f"{path}: a graph must sit in the folder of its weights file {weights_path}")
     weights_path.parent.mkdir(parents=True, exist_ok=True)
-    head, head_weights = trace_lm_head(config, opset, dtype)
+    head, head_weights = trace_lm_head(config, DEFAULT_OPSET if opset is None else opset, dtype)
     extents: dict[str, tuple[int, int]] | None = None
 
     def write(step_weights: dict) -> dict[str, tuple[int, int]]:
@@ -556,7 +568,7 @@ def default_head_path(path: str | Path) -> Path:
 
 
 def export_decode_step(model: TiDARModel, path: str | Path, attention: str = "standard",
-                       opset: int = DEFAULT_OPSET, weights_path: str | Path | None = None,
+                       opset: int | None = None, weights_path: str | Path | None = None,
                        head_path: str | Path | None = None) -> Path:
     """Write the ONNX graph of one forward of the in-memory `model` to `path` (see the module
     docstring), its LM-head graph to `head_path` (default: `default_head_path(path)`) and their

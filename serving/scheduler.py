@@ -64,7 +64,7 @@ class SchedulerConfig:
     max_len: int | None = None
     """KV slots per row of the adaptive engine's cache; set (with max_batch_size rows), the cache is
     allocated once at `prepare_graphs` and never grows; None: sized by requests, grown on demand."""
-    cancel_poll_seconds: float = 0.05
+    cancel_poll_seconds: float = 0.2
     """Least time between two calls of one submission's `is_cancelled`. In Triton's Python backend
     that call is a blocking round trip to the server process (python_backend `PbCancel::IsCancelled`),
     so asking every row at every step would cost a round trip per row per step; a cancelled row

@@ -9,7 +9,8 @@ Only the Triton plumbing lives here; the rest is tidar's runtime:
 - requests go to a `tidar.serving.scheduler.Scheduler`, whose thread batches them into shared
   decode steps and calls back with each step's delta;
 - a streaming request gets one response per decode step with its new text and the final
-  flag on the last; a non-streaming request gets one response with the whole output (the prompt
+  flag on the last, sent by a thread of their own (serving/responses.py): when responses queue up
+  faster than they are sent, one sequence's queued ones are merged into one; a non-streaming request gets one response with the whole output (the prompt
   first unless `exclude_input_in_output`); with `num_return_sequences` = n, n rows run and each
   response names its `sequence_index`; the final flag comes with the last one;
 - a full queue gives an UNAVAILABLE "overloaded" error; a cancelled request or a closed
@@ -21,6 +22,7 @@ Only the Triton plumbing lives here; the rest is tidar's runtime:
   loop never waits for them).
 """
 
+import dataclasses
 import json
 import threading
 import time
@@ -32,6 +34,7 @@ from tidar.runtime.generate import RequestError, Stats
 from tidar.runtime.generation_config import GenerationDefaults
 from .options import ServingOptions
 from .requests import Timing, build_scheduler, matched_stop, parse_request, response_tensors
+from .responses import Outgoing, ResponseQueue
 from .scheduler import Overloaded
 from .supervisor import restarts_from_environment
 from .wire import INPUTS, request_inputs
@@ -58,6 +61,7 @@ class TritonPythonModel:
         self.scheduler, self.tokenizer, self.config, self.max_tokens_limit = build_scheduler(
             folder.resolve(), options, device=device)
         self.defaults = GenerationDefaults.from_folder(folder.resolve())  # generation_config.json
+        self.responses = ResponseQueue(lambda item: item.reply.send(item))  # sends off the decode loop
         self.stop_publishing = threading.Event()
         self.publisher = threading.Thread(target=self._publish_loop, name="tidar-metrics", daemon=True)
         self.publisher.start()
@@ -83,7 +87,7 @@ class TritonPythonModel:
         except RequestError as error:
             self.metrics.rejected("invalid")
             return _send_error(sender, str(error), pb_utils.TritonError.INVALID_ARG)
-        reply = Reply(sender, parsed, arrival, self.tokenizer, self.metrics)
+        reply = Reply(sender, parsed, arrival, self.tokenizer, self.metrics, self.responses)
         for index, row in enumerate(parsed.requests):
             try:
                 self.scheduler.submit(row, reply.callbacks(index), reply.on_error, draft_len=parsed.draft_len,
@@ -98,16 +102,20 @@ class TritonPythonModel:
 
     def finalize(self):
         self.scheduler.close()
+        self.responses.close()
         self.stop_publishing.set()
         self.publisher.join(5)
 
 
 class Reply:
-    """Sends one request's responses (called from the scheduler's thread); with several returned
-    sequences, the final flag goes with the last sequence to finish, and a failure of one ends all."""
+    """One request's responses: updated from the scheduler's thread (`on_delta`), sent by the
+    model's `ResponseQueue` (serving/responses.py). With several returned sequences, the final flag
+    goes with the last sequence to finish, and a failure of one ends all."""
 
-    def __init__(self, sender, parsed, arrival_ns: int, tokenizer=None, metrics=None):
+    def __init__(self, sender, parsed, arrival_ns: int, tokenizer=None, metrics=None, queue=None):
         self.sender, self.parsed, self.tokenizer, self.metrics = sender, parsed, tokenizer, metrics
+        self.queue = queue
+        """Where the updates go (None: sent at once, on the caller's thread)."""
         count = len(parsed.requests)
         self.text = [[] for _ in range(count)]  # per sequence, the text and tokens of its output so far
         self.token_ids = [[] for _ in range(count)]
@@ -116,10 +124,13 @@ class Reply:
         self.timing = [Timing(arrival_ns) for _ in range(count)]
         self.open = count
         self.closed = False
+        """The final response or an error was queued: nothing more is."""
+        self.broken = False
+        """A send failed (the client is gone): the scheduler ends the rows at its next poll."""
         self.lock = threading.Lock()
 
     def is_cancelled(self) -> bool:
-        return self.closed or self.sender.is_cancelled()
+        return self.closed or self.broken or self.sender.is_cancelled()
 
     def callbacks(self, index: int):
         return lambda delta: self.on_delta(index, delta)
@@ -147,20 +158,20 @@ class Reply:
         if delta.finish_reason == "stop" and self.tokenizer is not None:
             stop_reason = matched_stop(self.tokenizer, self.token_ids[index], "".join(self.text[index]), request.stop)
         if self.parsed.stream:
-            text, token_ids = delta.text, delta.token_ids
+            text, token_ids = delta.text, list(delta.token_ids)
             log_probs = list(delta.log_probs or ())
         else:
             if not delta.finished:
                 return
-            text, token_ids, log_probs = "".join(self.text[index]), self.token_ids[index], self.log_probs[index]
+            text, token_ids, log_probs = "".join(self.text[index]), list(self.token_ids[index]), self.log_probs[index]
             if not self.parsed.exclude_input_in_output:
                 text = self.parsed.prompt + text
-        tensors = response_tensors(text, token_ids, delta.finish_reason, stats,
-                                   sequence_index=index if len(self.timing) > 1 else None,
-                                   timing=timing if self.parsed.return_perf_metrics else None,
-                                   log_probs=(log_probs, sum(self.log_probs[index])) if self.parsed.return_log_probs
-                                   else None, stop_reason=stop_reason)
-        response = pb_utils.InferenceResponse([pb_utils.Tensor(name, value) for name, value in tensors.items()])
+        # what response_tensors reads of the counters and timings, as they are now
+        state = {"finish_reason": delta.finish_reason, "stop_reason": stop_reason,
+                 "stats": Stats(forward_passes=stats.forward_passes, draft_tokens=stats.draft_tokens,
+                                accepted_tokens=stats.accepted_tokens),
+                 "timing": dataclasses.replace(timing) if self.parsed.return_perf_metrics else None,
+                 "cumulative_log_prob": sum(self.log_probs[index])}
         with self.lock:
             if self.closed:
                 return
@@ -168,7 +179,33 @@ class Reply:
                 self.open -= 1
             final = self.open == 0
             self.closed = final
-            self.sender.send(response, flags=FINAL if final else 0)
+        self._queue(Outgoing(self, index, text, token_ids, list(log_probs), state, final))
+
+    def send(self, item: Outgoing) -> None:
+        """Send one (possibly merged) update or error (the response queue's thread)."""
+        if item.error is not None:
+            message, code = item.error
+            _send_error(self.sender, message, code)
+            return
+        state = item.state
+        tensors = response_tensors(item.text, item.token_ids, state["finish_reason"], state["stats"],
+                                   sequence_index=item.index if len(self.timing) > 1 else None,
+                                   timing=state["timing"],
+                                   log_probs=(item.log_probs, state["cumulative_log_prob"])
+                                   if self.parsed.return_log_probs else None, stop_reason=state["stop_reason"])
+        response = pb_utils.InferenceResponse([pb_utils.Tensor(name, value) for name, value in tensors.items()])
+        try:
+            self.sender.send(response, flags=FINAL if item.final else 0)
+        except Exception:
+            self.broken = True
+
+    def _queue(self, item: Outgoing) -> None:
+        if self.queue is None:
+            self.send(item)
+            if self.broken:
+                raise RuntimeError("the response stream is closed")
+        else:
+            self.queue.put(item)
 
     def on_error(self, kind, message):
         self.fail(message, pb_utils.TritonError.INVALID_ARG if kind == "invalid" else pb_utils.TritonError.INTERNAL)
@@ -178,7 +215,7 @@ class Reply:
             if self.closed:
                 return
             self.closed = True
-        _send_error(self.sender, message, code)
+        self._queue(Outgoing(self, error=(message, code), final=True))
 
 
 def _send_error(sender, message, code):

@@ -207,6 +207,21 @@ def test_graph_axes_are_dynamic(onnx_backends):
     assert head_output.shape[2] == config.vocab_size
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_standard_graph_fuses_norms_and_rotary(family, onnx_backends):
+    """The standard graph is opset 23 with one RMSNormalization per norm (2 per layer + the final
+    one) and one RotaryEmbedding per layer for q and for k, and none of the pieces they replace
+    (Pow, Reciprocal, Neg of rotate_half) are left; the logits tests above check its numbers."""
+    backend = onnx_backends[family]
+    graph = onnx.load(str(backend.model_path), load_external_data=False)
+    layers = backend.config.num_hidden_layers
+    ops = [node.op_type for node in graph.graph.node]
+    assert {(o.domain, o.version) for o in graph.opset_import} == {("", 23)}
+    assert ops.count("RMSNormalization") == 2 * layers + 1 + (2 * layers if family == "qwen3" else 0)  # q/k norms
+    assert ops.count("RotaryEmbedding") == 2 * layers
+    assert not {"Pow", "Reciprocal", "Neg"} & set(ops)
+
+
 class _CountingSession:
     """An ONNX Runtime session that records the row count [batch * rows] of every run."""
 
