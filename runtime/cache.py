@@ -1,7 +1,7 @@
 """Key/value cache with fixed slots: allocated once, rows take and return slots.
 
 Storage: keys and values of shape [layers, max_rows, kv_heads, capacity, head_dim], allocated
-when the cache is made (and again only by an explicit `grow`; `allocations` counts them). The
+when the cache is made (and again only by an explicit `grow` or `fit`; `allocations` counts them). The
 active rows are the first `batch` rows of the storage; `keys`, `values` and `lengths` are views
 of them, so a forward over the batch never copies the cache. Slots [0, lengths[r]) of row r
 hold its committed tokens. A forward writes the new tokens' K/V into the slots right after
@@ -20,6 +20,9 @@ hole, never the whole cache) and the caller reorders its own per-row state the s
 from __future__ import annotations
 
 import torch
+
+FIT_GRANULARITY = 64
+"""Slots by which `KVCache.fit` grows and shrinks a cache."""
 
 
 class KVCache:
@@ -190,15 +193,33 @@ class KVCache:
         """Reallocate to at least `max_rows` rows of `capacity` slots, keeping the active rows
         (the one operation that copies the cache; `allocations` counts it)."""
         max_rows, capacity = max(max_rows, self.max_rows), max(capacity, self.capacity)
-        if (max_rows, capacity) == (self.max_rows, self.capacity):
-            return
+        if (max_rows, capacity) != (self.max_rows, self.capacity):
+            self._reallocate(max_rows, capacity)
+
+    def fit(self, need: int, granularity: int = FIT_GRANULARITY) -> bool:
+        """Keep the capacity near `need` slots (the most a row will hold after the next forward),
+        for a backend whose forward reads every slot: grow to `need` rounded up to `granularity`,
+        plus `granularity`, when `need` exceeds it; shrink to that when it is more than three
+        `granularity` above it (the committed slots are kept; the gap makes a row that keeps
+        growing reallocate once per `granularity` tokens, not at every step). Returns whether
+        the storage was reallocated."""
+        if need < self.max_length():
+            raise ValueError(f"cannot fit {need} slots: a row holds {self.max_length()}")
+        target = -(-need // granularity) * granularity + granularity
+        if need <= self.capacity <= target + 2 * granularity:
+            return False
+        self._reallocate(self.max_rows, target)
+        return True
+
+    def _reallocate(self, max_rows: int, capacity: int) -> None:
         layers, _, heads, old_capacity, dim = self._keys.shape
         shape = (layers, max_rows, heads, capacity, dim)
         active = slice(self._start, self._start + self._count)
+        kept = min(old_capacity, capacity)
         for name in ("_keys", "_values"):
             old = getattr(self, name)
             new = torch.zeros(shape, dtype=old.dtype, device=old.device)
-            new[:, :self._count, :, :old_capacity] = old[:, active]
+            new[:, :self._count, :, :kept] = old[:, active, :, :kept]
             setattr(self, name, new)
         lengths = torch.zeros(max_rows, dtype=torch.long, device=self.device)
         lengths[:self._count] = self._lengths[active]

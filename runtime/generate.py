@@ -349,9 +349,22 @@ class DecodeEngine:
             self.cache.clear()
         return self.cache
 
+    @property
+    def fits_cache(self) -> bool:
+        """Whether the cache's capacity follows what the rows use (`KVCache.fit` before every
+        forward): for a backend whose forward reads every slot, unless `max_len` fixed the cache."""
+        return self.backend.reads_whole_cache and self.max_len is None
+
+    def _fit_cache(self, need: int) -> None:
+        """Before a forward of a `fits_cache` engine: room for `need` slots in every row, and not
+        much more (the rows' views taken later see the new storage)."""
+        if self.fits_cache:
+            self.cache.fit(max(need, self.cache.max_length() + self.layout.num_new if self.rows else 0))
+
     def _reserve(self, requests: Sequence[Request]) -> None:
         """Make room for `requests` next to the active rows: the cache is made once, sized by
-        `max_rows` / `max_len` when given, and grows (doubling) only when they were not."""
+        `max_rows` / `max_len` when given, and grows (doubling) only when they were not; a
+        `fits_cache` engine's capacity follows the rows (`_fit_cache`)."""
         rows = len(self.rows) + len(requests)
         slots = max(self._capacity(r) for r in requests)
         if self.max_rows is not None and rows > self.max_rows:
@@ -359,12 +372,15 @@ class DecodeEngine:
         if self.max_len is not None and slots > self.max_len:
             raise RequestError(f"a request needs {slots} KV slots (prompt + max_new_tokens + one step), more than "
                                f"max_len = {self.max_len}")
+        if self.fits_cache:
+            slots = max(Layout.prefill(len(r.prompt_ids), self.draft_len).num_new for r in requests)
         if self.cache is None:
             self.cache = self.backend.new_cache(self.max_rows or rows, self.max_len or slots)
             self.cache.clear()
         elif rows > self.cache.max_rows or slots > self.cache.capacity:
             grow = lambda need, have: have if need <= have else max(need, 2 * have)  # noqa: E731
             self.cache.grow(grow(rows, self.cache.max_rows), grow(slots, self.cache.capacity))
+        self._fit_cache(slots)
 
     def add(self, requests: Sequence[Request]) -> list[Delta]:
         """Validate and prefill `requests`, join them to the batch; return their first deltas.
@@ -481,6 +497,7 @@ class DecodeEngine:
         """One forward for every active row; returns one delta per row."""
         if not self.rows:
             return []
+        self._fit_cache(0)
         forward = self._forward()
         verification = self._verify(forward)
         output = self._commit(verification)

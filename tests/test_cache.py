@@ -92,3 +92,30 @@ def test_grow_keeps_the_active_rows_and_counts_the_allocation():
     assert torch.equal(cache.keys[:, :, :, :6], keys)
     cache.grow(3, 8)  # already large enough
     assert cache.allocations == 2
+
+
+def test_fit_follows_the_rows_and_keeps_committed_slots():
+    """`fit` grows to need rounded up to the granularity plus one granularity, leaves a capacity
+    within [need, that + 2 granularities] alone, shrinks a larger one, and keeps every active row's
+    committed slots and lengths; a need below a row's length is refused."""
+    cache = filled_cache([5, 2, 9], capacity=12, max_rows=4)
+    cache.remove_rows([1])  # the last row moves into the hole: storage rows are not the first ones in order
+    committed = [(cache.keys[:, r, :, :n].clone(), cache.values[:, r, :, :n].clone())
+                 for r, n in enumerate(cache.host_lengths)]
+
+    def unchanged():
+        for r, n in enumerate(cache.host_lengths):
+            assert torch.equal(cache.keys[:, r, :, :n], committed[r][0])
+            assert torch.equal(cache.values[:, r, :, :n], committed[r][1])
+        assert cache.lengths.tolist() == cache.host_lengths == [5, 9]
+
+    assert cache.fit(12, granularity=8) is False and cache.capacity == 12  # need fits, not far above it
+    assert cache.fit(13, granularity=8) is True and cache.capacity == 24  # 16 + 8
+    unchanged()
+    assert cache.fit(9, granularity=8) is False and cache.capacity == 24  # within 16 + 2 * 8
+    cache.grow(4, 60)
+    assert cache.fit(10, granularity=8) is True and cache.capacity == 24  # 60 > 16 + 8 + 16: shrunk
+    unchanged()
+    assert cache.allocations == 4 and cache.max_rows == 4
+    with pytest.raises(ValueError, match="a row holds 9"):
+        cache.fit(8, granularity=8)

@@ -25,6 +25,7 @@ pytest.importorskip("onnxruntime")
 
 from tidar.export.onnx_export import (LAYOUT_SCALARS, PLUGIN_DOMAIN, PLUGIN_OP, default_head_path,  # noqa: E402
                                       export_decode_step, output_names)
+from tidar.runtime.cache import FIT_GRANULARITY  # noqa: E402
 from tidar.runtime.generate import DecodeEngine, Request  # noqa: E402
 from tidar.runtime.layout import Layout  # noqa: E402
 from tidar.runtime.model import gather_rows  # noqa: E402
@@ -265,6 +266,30 @@ def test_greedy_tokens_match_torch(family, tiny_backends, onnx_backends, tiny_ch
         actual = DecodeEngine(onnx_backends[family], tokenizer, draft_len, draft_blocks=blocks).generate(requests)
         assert [r.token_ids for r in actual] == [r.token_ids for r in expected], f"{family} b={draft_len} k={blocks}"
         assert [r.stats.forward_passes for r in actual] == [r.stats.forward_passes for r in expected]
+
+
+def test_cache_capacity_follows_the_rows(tiny_backends, onnx_backends, tiny_checkpoints):
+    """The ONNX Runtime graph attends over every slot of the cache, so the engine keeps the capacity
+    near what the rows use (KVCache.fit): a long AR decode grows it in steps of the granularity,
+    never to prompt + max_new_tokens + a (16, 16) step at once, and it shrinks when the long row
+    leaves; the tokens equal torch's (whose capacity is sized for the whole request) throughout."""
+    tokenizer = Tokenizer(tiny_checkpoints["qwen2"])
+    backend = onnx_backends["qwen2"]
+    assert backend.reads_whole_cache and not tiny_backends["qwen2"].reads_whole_cache
+    long, short = (Request(tokenizer.encode(prompt), max_new_tokens=n, eos_ids=()) for prompt, n in zip(PROMPTS, (260, 4)))
+    engine = DecodeEngine(backend, tokenizer, 0)
+    reference = DecodeEngine(tiny_backends["qwen2"], tokenizer, 0).generate([long])[0].token_ids
+    tokens, capacities = list(engine.add([long])[0].token_ids), []
+    while engine.rows:
+        tokens += engine.step()[0].token_ids
+        capacities.append(engine.cache.capacity)
+        if engine.rows:  # (the row leaves after its last step)
+            assert engine.cache.max_length() <= engine.cache.capacity <= engine.cache.max_length() + 4 * FIT_GRANULARITY
+    assert tokens == reference
+    assert sorted(set(capacities)) == capacities[:1] + sorted(set(capacities))[1:] and len(set(capacities)) > 1
+    assert max(capacities) < engine._capacity(long)  # what a cache sized by the request would hold
+    engine.generate([short])
+    assert engine.cache.capacity == 2 * FIT_GRANULARITY < max(capacities)  # shrunk for the short row
 
 
 def test_seeded_sampling_matches_torch(tiny_backends, onnx_backends, tiny_checkpoints):

@@ -43,6 +43,10 @@ class Backend(Protocol):
 
     name: str
     config: TiDARConfig
+    reads_whole_cache: bool
+    """Whether a forward's cost grows with the cache's capacity rather than with the rows' lengths
+    (it attends over every slot, masked): the decode loop then keeps the capacity close to what the
+    rows use (`KVCache.fit`) unless the cache was sized once for the server's lifetime."""
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         """An empty cache for `batch` rows of `capacity` slots."""
@@ -57,6 +61,8 @@ class Backend(Protocol):
 
 class BackendBase:
     """`forward` for an executor that has `hidden_states` and `head`: logits of every new token."""
+
+    reads_whole_cache = False
 
     def forward(self, input_ids: torch.Tensor, layout: Layout, cache: KVCache) -> torch.Tensor:
         """Logits [B, layout.num_new, vocab] (float32); the new K/V are written into `cache`,

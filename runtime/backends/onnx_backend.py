@@ -13,7 +13,8 @@ graph's `past` inputs, read in place; the graph masks the slots from each row's 
 returns the new tokens' K/V only (export/onnx_export.py), into buffers bound the same way, and
 one indexed store per K and V puts them at slots lengths[r] .. lengths[r] + num_new - 1 of
 every layer, uncommitted, exactly as the torch backend's `KVCache.write`. Host work per step is
-O(new tokens); attention reads the whole capacity, masked (as CUDA graphs do, cuda_graphs.py).
+O(new tokens); attention reads the whole capacity, masked (as CUDA graphs do, cuda_graphs.py), so
+the decode loop keeps the capacity near what the rows use (`reads_whole_cache`, `KVCache.fit`).
 
 onnxruntime is imported when a backend is created, so the rest of the runtime works without it.
 """
@@ -56,6 +57,7 @@ class OnnxRuntimeBackend(BackendBase):
     provider."""
 
     name = "onnxruntime"
+    reads_whole_cache = True
 
     def __init__(self, model_path: str | Path, head_path: str | Path, config: TiDARConfig, threads: int = 0):
         """`model_path`: a .onnx file of `export_decode_step(..., attention="standard")`;
