@@ -54,7 +54,7 @@ def _generate(args: argparse.Namespace) -> int:
         if draft_len < 1:
             raise CLIError(f"--draft-len must be at least 1 in tidar mode, got {draft_len} "
                            "(use --mode ar for AR decoding)")
-    if args.mode == "ar" and args.drafter != "tidar":
+    if args.mode == "ar" and args.drafter not in (None, "tidar"):
         raise CLIError(f"--drafter {args.drafter} applies to --mode tidar only (AR decoding drafts nothing)")
     draft_blocks = args.draft_blocks
     if draft_blocks is not None:
@@ -92,8 +92,10 @@ def _generate(args: argparse.Namespace) -> int:
             validate_draft_shape(backend.config, draft_len, draft_blocks, names=("--draft-len", "--draft-blocks"))
         except DraftShapeError as error:
             raise CLIError(str(error)) from None
+    from tidar.runtime.ngram import DEFAULT_DRAFTER
+
     engine = DecodeEngine(backend, tokenizer, draft_len=draft_len, beta=args.beta, draft_blocks=draft_blocks,
-                          drafter=args.drafter)
+                          drafter=args.drafter or DEFAULT_DRAFTER)
     started = time.perf_counter()
     result = None
     for deltas in engine.stream([request]):
@@ -388,10 +390,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "triton attention)")
     from tidar.runtime.ngram import DRAFTERS
 
-    gen.add_argument("--drafter", choices=DRAFTERS, default="tidar",
-                     help="where each step's proposals come from: tidar (default), TiDAR's pre-drafted block; "
-                          "hybrid, TiDAR's block or a continuation found earlier in the prompt and output (prompt "
-                          "lookup), whichever is expected to commit more; ngram, the continuation whenever one "
+    gen.add_argument("--drafter", choices=DRAFTERS, default=None,
+                     help="where each step's proposals come from: tidar, TiDAR's pre-drafted block; hybrid "
+                          "(default), TiDAR's block or a continuation found earlier in the prompt and output "
+                          "(prompt lookup), whichever is expected to commit more; ngram, the continuation whenever one "
                           "matches (docs/design.md §3.9). Output is the same: greedy equals AR, a seed gives the "
                           "same text")
     gen.add_argument("--json", action="store_true", help="print one JSON object with the output and statistics")

@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", type=Path, default=Path(__file__).resolve().parent.parent / "models"
                         / "tidar-stdlib-qwen2", help="what the torch backend serves: the exports' source checkpoint "
                         "(default: the bundled model)")
-    parser.add_argument("--threads", type=int, default=0, help="the servers' intra-op threads (0: library default)")
+    parser.add_argument("--threads", type=int, default=0, help="the servers' intra-op threads (0: the server's default, half the CPUs)")
     parser.add_argument("--aiperf", default=shutil.which("aiperf") or "aiperf", help="the aiperf executable")
     parser.add_argument("--ready-timeout", type=float, default=900)
     parser.add_argument("--artifacts", type=Path, default=None, help="AIPerf artifacts (default: a temporary folder)")

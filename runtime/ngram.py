@@ -21,6 +21,11 @@ from typing import Iterable, Sequence
 DRAFTERS = ("tidar", "hybrid", "ngram")
 """tidar: TiDAR's block only; hybrid: whichever source is expected to commit more; ngram: the
 n-gram continuation whenever one of at least `min_match` tokens matches, TiDAR's block otherwise."""
+DEFAULT_DRAFTER = "hybrid"
+"""The drafter of `tidar generate` and of a served model when none is chosen: lossless like the
+others, it places an n-gram continuation only where a row's own record says it commits more
+(`choose_source`), so it is never far below TiDAR's block alone and far above it on text that
+repeats (docs/design.md §3.9, "Default")."""
 SOURCES = ("tidar", "ngram")
 """Where a step's proposals came from (the keys of the per-source counters)."""
 MAX_NGRAM = 3

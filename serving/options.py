@@ -15,7 +15,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from tidar.runtime.backends.base import BACKENDS
-from tidar.runtime.ngram import DRAFTERS
+from tidar.runtime.ngram import DEFAULT_DRAFTER, DRAFTERS
 
 REPOSITORY_FORMAT = "2"
 """Layout version of a rendered repository (config.pbtxt parameter `repository_format`)."""
@@ -41,10 +41,10 @@ class ServingOptions:
     """Runtime backend: torch or onnxruntime (tensorrt and trtllm on GPU hosts with those packages)."""
     draft_len: int | None = None
     """Draft length of requests that set none; "auto" (None) adapts it to the batch size."""
-    drafter: str = "tidar"
-    """Where proposals come from (docs/design.md §3.9): tidar (TiDAR's block), hybrid (TiDAR's block
-    or an n-gram continuation of the prompt and output, whichever is expected to commit more) or
-    ngram (the continuation whenever one matches). Output is the same with each."""
+    drafter: str = DEFAULT_DRAFTER
+    """Where proposals come from (docs/design.md §3.9): tidar (TiDAR's block), hybrid (the default:
+    TiDAR's block or an n-gram continuation of the prompt and output, whichever is expected to
+    commit more) or ngram (the continuation whenever one matches). Output is the same with each."""
     max_batch_size: int = 16
     """Most requests decoded together in one step."""
     max_queue_size: int = 64
@@ -68,7 +68,7 @@ class ServingOptions:
     acceptance.json, then the race of step latencies): larger models get fewer candidates and
     batch sizes measured, not a later start."""
     threads: int = 0
-    """torch / ONNX Runtime intra-op threads; 0 = the library's default."""
+    """torch / ONNX Runtime intra-op threads; 0 = half the CPUs (`requests.default_threads`)."""
     attention: str = "sdpa"
     """Attention of the torch backend (eager, sdpa, flex, triton on CUDA); ignored by the others."""
     dtype: str | None = None

@@ -375,6 +375,17 @@ def startup_log(line: str) -> None:
     print(f"{STARTUP_PREFIX} {line}", file=sys.stderr, flush=True)
 
 
+def default_threads() -> int:
+    """Intra-op threads of a served model when the repository sets none (`threads` 0): half the
+    CPUs this process may run on, at least one. The other half stays for what serves the tokens
+    besides the model: tritonserver, the OpenAI front, the model's response thread. On the
+    2-CPU development machine, one ONNX Runtime thread instead of two took AIPerf's AR output at
+    concurrency 16 from 631 to 806 tokens/s (docs/serving.md, "Threads")."""
+    import os
+
+    return max(1, len(os.sched_getaffinity(0)) // 2)
+
+
 def build_scheduler(folder, options: ServingOptions, device: str = "cpu", progress=startup_log):
     """Load the model of `folder` on `options.backend` and start a scheduler for it; `progress`
     gets a line for each start-up stage (the draft-shape autotune's estimate and measurement).
@@ -387,14 +398,14 @@ def build_scheduler(folder, options: ServingOptions, device: str = "cpu", progre
     from tidar.runtime.generate import DecodeEngine
     from .scheduler import Scheduler, SchedulerConfig
 
-    if options.threads > 0:
-        torch.set_num_threads(options.threads)
+    threads = options.threads or default_threads()
+    torch.set_num_threads(threads)
     backend_options = {}
     if options.backend == "torch":
         backend_options.update(device=device, attention=options.attention, dtype=options.dtype,
                                cuda_graphs=options.cuda_graphs)
     elif options.backend == "onnxruntime":
-        backend_options["threads"] = options.threads
+        backend_options["threads"] = threads
     else:  # an engine: deserialized on this instance's GPU
         backend_options["device"] = device
     progress(f"loading {folder} on {options.backend}")

@@ -42,6 +42,7 @@ from tidar.runtime.autotune import BatchDraftPolicy, as_shape
 from tidar.runtime.backends.base import Backend
 from tidar.runtime.generate import DecodeEngine, Delta, Request, RequestError, add_per_position
 from tidar.runtime.layout import Layout
+from tidar.runtime.ngram import DEFAULT_DRAFTER
 from tidar.runtime.tokenizer import Tokenizer
 
 
@@ -57,7 +58,7 @@ class SchedulerConfig:
     """Most requests waiting for a row; more are refused with `Overloaded`."""
     draft_len: int | None = None
     """Draft length of requests that do not ask for one; None = adapt to the batch size."""
-    drafter: str = "tidar"
+    drafter: str = DEFAULT_DRAFTER
     """Where the engines' proposals come from (`DecodeEngine`'s drafter, docs/design.md §3.9)."""
     default_timeout: float | None = None
     """Seconds a request may take from submission (None = no limit) unless it sets its own."""

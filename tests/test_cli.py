@@ -26,8 +26,11 @@ def test_generate_json_contract_and_ar_parity(tiny_checkpoints, capsys):
     tidar = run_json(capsys, path, "--prompt", "def main():", "--max-new-tokens", 24, "--draft-len", 4)
     ar = run_json(capsys, path, "--prompt", "def main():", "--max-new-tokens", 24, "--mode", "ar")
     assert JSON_FIELDS <= tidar.keys()
-    assert (tidar["mode"], tidar["draft_len"], tidar["backend"]) == ("tidar", 4, "torch")
+    assert (tidar["mode"], tidar["draft_len"], tidar["backend"], tidar["drafter"]) == ("tidar", 4, "torch", "hybrid")
     assert (ar["mode"], ar["draft_len"]) == ("ar", 0)
+    alone = run_json(capsys, path, "--prompt", "def main():", "--max-new-tokens", 24, "--draft-len", 4,
+                     "--drafter", "tidar")
+    assert alone["drafter"] == "tidar" and alone["token_ids"] == tidar["token_ids"]
     assert tidar["token_ids"] == ar["token_ids"]  # greedy TiDAR is lossless
     k_of_b = run_json(capsys, path, "--prompt", "def main():", "--max-new-tokens", 24, "--draft-len", 4,
                       "--draft-blocks", 1)

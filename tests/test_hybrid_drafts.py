@@ -293,9 +293,10 @@ def test_serving_option_reaches_the_scheduler_engines(bundled, transformers_gree
     from tidar.serving.options import OptionsError, ServingOptions
     from tidar.serving.scheduler import ADAPTIVE, Scheduler, SchedulerConfig
 
+    options = ServingOptions.from_parameters({"drafter": "tidar"})
+    assert options.drafter == "tidar" and options.to_parameters()["drafter"] == "tidar"
+    assert ServingOptions().drafter == SchedulerConfig().drafter == "hybrid"  # the default (ngram.DEFAULT_DRAFTER)
     options = ServingOptions.from_parameters({"drafter": "hybrid"})
-    assert options.drafter == "hybrid" and options.to_parameters()["drafter"] == "hybrid"
-    assert ServingOptions().drafter == "tidar"
     with pytest.raises(OptionsError, match="drafter must be one of tidar, hybrid, ngram, got 'lookup'"):
         ServingOptions.from_parameters({"drafter": "lookup"})
     backend, tokenizer, prompts = bundled
