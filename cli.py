@@ -210,12 +210,13 @@ def _bench(args: argparse.Namespace) -> int:
                    max_new_tokens=args.max_new_tokens, repeats=args.repeats, draft_lens=tuple(args.draft_lens),
                    peers=not args.no_peers, write_acceptance=args.write_acceptance,
                    progress=lambda name: print(f"running {name}", file=sys.stderr),
-                   draft_blocks=tuple(args.draft_blocks))
+                   draft_blocks=tuple(args.draft_blocks), backend=args.backend)
     print(table(report))
     chosen = report["chosen_shape"]
     print(f"\nchosen shape: b = {chosen['draft_len']}, k = {chosen['draft_blocks']} "
           f"({chosen['query_tokens']} query tokens per step and row)")
-    print(f"\n{report['date']}, {report['machine']}, torch {report['torch']}, {report['threads']} threads; "
+    print(f"\n{report['date']}, {report['machine']}, {report['backend']}, torch {report['torch']}, "
+          f"{report['threads']} threads; "
           f"{report['prompts']} prompts x {report['max_new_tokens']} new tokens; "
           f"written to {Path(args.out) / 'bench.json'} and bench.png")
     return 0
@@ -425,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="mask block counts k run below k = b for each draft length, and tried by the "
                           "autotuner for every b (default 1 2; none: k = b only)")
     ben.add_argument("--no-peers", action="store_true", help="skip the transformers peers")
+    ben.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
+                     help="backend of this runtime's methods (default torch; onnxruntime exports the standard "
+                          "graph of the same fp32 weights into OUT/onnx first); the peers run on torch")
     ben.add_argument("--write-acceptance", action="store_true",
                      help="store the measured acceptance and the replayed tokens per step of every draft shape "
                           "in MODEL/acceptance.json for the draft-shape autotuner")

@@ -12,6 +12,10 @@ Methods, all on the same weights in fp32 and the same held-out prompts:
   hf-greedy           transformers generate(), greedy
   hf-prompt-lookup    transformers generate() with prompt-lookup speculation
                       (prompt_lookup_num_tokens = PROMPT_LOOKUP_TOKENS)
+The runtime methods run on torch (SDPA) or, with `backend="onnxruntime"`, on the standard ONNX
+graph of the same weights (the CPU serving path); the peers always on torch, with the same
+threads. The *default* method is what `tidar generate` does unasked: the autotuned shape with the
+default drafter (`default_method`); the report gives its tokens/s over AR's and the peers'.
 Per method: tokens/s (each prompt's median over repeats; total tokens / total seconds),
 T/NFE, committed tokens per decode step, median step latency, query tokens per step and row,
 acceptance per position (accepted / proposed there), proposals verified and accepted per source
@@ -50,6 +54,7 @@ from tidar.runtime.calibrate import calibrate, heldout_prompts
 from tidar.runtime.calibrate import write_acceptance as write_acceptance_file
 from tidar.runtime.counters import Stats
 from tidar.runtime.generate import DecodeEngine, Request
+from tidar.runtime.ngram import DEFAULT_DRAFTER
 from tidar.runtime.tokenizer import Tokenizer
 
 
@@ -177,16 +182,54 @@ def chosen_vs_best(methods: dict) -> dict:
             "chosen_over_best": round(auto / runtime[best]["tokens_per_second"], 3)}
 
 
+BACKENDS = ("torch", "onnxruntime")
+"""The runtime methods' backends: torch (the reference model, SDPA attention) or onnxruntime (the
+standard ONNX graph and LM head of the same fp32 weights, exported into OUT/onnx first)."""
+
+
+def load_runtime_backend(model: Path, out: Path, name: str):
+    """(the backend `name` (BACKENDS) of the fp32 checkpoint `model` with torch's thread count,
+    the torch backend of it)."""
+    torch_backend = TorchBackend.load(model, dtype="float32", attention="sdpa")
+    if name == "torch":
+        return torch_backend, torch_backend
+    if name != "onnxruntime":
+        raise ValueError(f"tidar bench runs on {' or '.join(BACKENDS)}, not {name!r}")
+    from tidar.export.onnx_export import export_decode_step
+    from tidar.runtime.backends.onnx_backend import OnnxRuntimeBackend
+
+    folder = out / "onnx"
+    folder.mkdir(exist_ok=True)
+    graph = export_decode_step(torch_backend.model, folder / "decode_step.onnx", head_path=folder / "lm_head.onnx")
+    return (OnnxRuntimeBackend(graph, folder / "lm_head.onnx", torch_backend.config, threads=torch.get_num_threads()),
+            torch_backend)
+
+
+def default_method() -> str:
+    """The method that decodes as `tidar generate` does by default: the autotuned shape with the
+    default drafter (ngram.DEFAULT_DRAFTER)."""
+    return "tidar-auto" if DEFAULT_DRAFTER == "tidar" else f"tidar-{DEFAULT_DRAFTER}"
+
+
+def goals(methods: dict) -> dict:
+    """The default method's tokens/s over AR's and over each transformers peer's that ran."""
+    default = methods[default_method()]["tokens_per_second"]
+    return {f"default_over_{name.replace('-', '_')}": round(default / methods[name]["tokens_per_second"], 3)
+            for name in ("ar", "hf-greedy", "hf-prompt-lookup") if name in methods}
+
+
 def bench(model: str | Path, out: str | Path, prompts: int = 8, prompt_tokens: int = 64, max_new_tokens: int = 128,
           repeats: int = 3, draft_lens: tuple[int, ...] = (4, 8, 16), peers: bool = True,
           write_acceptance: bool = False, progress=print,
-          draft_blocks: tuple[int, ...] = autotune.DEFAULT_DRAFT_BLOCKS, autotune_budget_s: float | None = None) -> dict:
+          draft_blocks: tuple[int, ...] = autotune.DEFAULT_DRAFT_BLOCKS, autotune_budget_s: float | None = None,
+          backend: str = "torch") -> dict:
     """`draft_lens` b (the trained ones among them) run with k = b and with each k of
     `draft_blocks` below b; the autotuner races every trained b with the same k's, AR included,
-    within `autotune_budget_s` (None: no limit but its round limit)."""
+    within `autotune_budget_s` (None: no limit but its round limit). The runtime methods run on
+    `backend` (BACKENDS); the transformers peers always on torch, with the same threads."""
     model, out = Path(model), Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    backend = TorchBackend.load(model, dtype="float32", attention="sdpa")
+    backend_name, (backend, reference) = backend, load_runtime_backend(model, out, backend)
     tokenizer = Tokenizer(model)
     block = backend.config.block_size
     trained = autotune.trained_draft_lens(backend.config)
@@ -204,7 +247,9 @@ def bench(model: str | Path, out: str | Path, prompts: int = 8, prompt_tokens: i
         progress(name)
         methods[name] = run_runtime(backend, tokenizer, shape[0], prompt_ids, max_new_tokens, repeats, shape[1])
     progress("replay: tokens per step of every trained shape (b, k), k = 1..b")
-    calibration = calibrate(backend, prompt_ids, max_new_tokens, trained)
+    # acceptance is a property of the weights: replayed on torch, whose batched block drafts are
+    # faster on the CPU than ONNX Runtime's (the engines' outputs are checked against AR below)
+    calibration = calibrate(reference, prompt_ids, max_new_tokens, trained)
     acceptance, replayed = calibration.acceptance, calibration.replayed
     if write_acceptance:
         write_acceptance_file(model, calibration, "tidar bench", source="held-out prompts of the training split")
@@ -271,11 +316,13 @@ def bench(model: str | Path, out: str | Path, prompts: int = 8, prompt_tokens: i
     report = {
         "benchmark": "tidar bench", "model": model.name, "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cpus", "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "dtype": "float32", "attention": "sdpa", "batch_size": 1,
+        "threads": torch.get_num_threads(), "dtype": "float32", "backend": backend_name,
+        "attention": "sdpa" if backend_name == "torch" else "standard ONNX graph", "batch_size": 1,
         "prompts": len(prompt_ids), "prompt_tokens": prompt_tokens, "max_new_tokens": max_new_tokens,
         "repeats": repeats, "prompt_lookup_num_tokens": PROMPT_LOOKUP_TOKENS if peers else None,
         "chosen_shape": {"draft_len": chosen[0], "draft_blocks": chosen[1],
                          "query_tokens": autotune.query_tokens(chosen)},
+        "default": {"method": default_method(), "drafter": DEFAULT_DRAFTER, **goals(methods)},
         "methods": methods, "autotune": autotune_view,
     }
     (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -298,6 +345,11 @@ def table(report: dict) -> str:
                      f"{number(r.get('tokens_per_forward'), 2)} | {number(r.get('tokens_per_step'), 2)} | "
                      f"{number(r.get('expected_tokens_per_step'), 2)} | {number(r.get('step_ms_median'))} | "
                      f"{'yes' if r['equals_ar'] else 'NO'} |")
+    default = report.get("default")
+    if default:
+        ratios = ", ".join(f"{value:.2f} x {name[len('default_over_'):].replace('_', '-')}"
+                           for name, value in default.items() if name.startswith("default_over_"))
+        lines += ["", f"Default ({default['method']}: the autotuned shape, drafter {default['drafter']}): {ratios}"]
     view = report.get("autotune")
     if view:
         gap = view.get("chosen_vs_best")
