@@ -26,6 +26,7 @@ from tidar import BUNDLED_MODEL
 from tidar.runtime.bench import heldout_prompts
 from tidar.runtime import autotune
 from tidar.runtime.backends.torch_backend import TorchBackend
+from tidar.runtime.ngram import DRAFTERS
 from tidar.runtime.generate import DecodeEngine, Request
 from tidar.runtime.sampling import SamplingParams
 from tidar.runtime.tokenizer import Tokenizer
@@ -41,10 +42,10 @@ def runtime_commit() -> str:
 
 
 def measure(backend, prompts, temperature: float, draft_len: int, max_new_tokens: int, seed: int,
-            seeded: bool = True) -> dict:
+            seeded: bool = True, drafter: str = "tidar") -> dict:
     """Requests carry seeds seed, seed + 1, ... (`seeded`), or none, with torch's generator
-    seeded with `seed` (the runtime then draws their noise keys)."""
-    engine = DecodeEngine(backend, draft_len=draft_len)
+    seeded with `seed` (the runtime then draws their noise keys); proposals from `drafter`."""
+    engine = DecodeEngine(backend, draft_len=draft_len, drafter=drafter)
     torch.manual_seed(seed)
     requests = [Request(p, max_new_tokens, SamplingParams(temperature=temperature, seed=seed + i if seeded else None),
                         eos_ids=()) for i, p in enumerate(prompts)]
@@ -53,8 +54,8 @@ def measure(backend, prompts, temperature: float, draft_len: int, max_new_tokens
     accepted = [sum(col) for col in zip(*(r.stats.accepted_per_position for r in results))]
     tokens = sum(len(r.token_ids) for r in results)
     forwards = sum(r.stats.forward_passes for r in results)
-    return {"temperature": temperature, "draft_len": draft_len, "seeded": seeded,
-            "steps": drafts,
+    return {"temperature": temperature, "draft_len": draft_len, "seeded": seeded, "drafter": drafter,
+            "steps": drafts, "outputs": [r.token_ids for r in results],
             "acceptance_per_position": [round(p, 4) for p in autotune.acceptance_from_stats(accepted, drafts)],
             "committed_per_step": round(1 + sum(accepted) / max(drafts, 1), 4),
             "tokens_per_forward": round(tokens / forwards, 4)}
@@ -70,14 +71,21 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--unseeded", action="store_true", help="requests without seeds")
+    parser.add_argument("--drafters", nargs="+", default=["tidar"], choices=DRAFTERS,
+                        help="drafters to measure (docs/design.md §3.9); seeded rows must give the same tokens")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
     model = Path(args.checkpoint)
     tokenizer = Tokenizer(model)
     backend = TorchBackend.load(model, dtype="float32")
     prompts = heldout_prompts(model, tokenizer, args.prompts, args.prompt_tokens)
-    rows = [measure(backend, prompts, t, b, args.max_new_tokens, args.seed, not args.unseeded)
-            for t in args.temperatures for b in args.draft_lens]
+    rows = [measure(backend, prompts, t, b, args.max_new_tokens, args.seed, not args.unseeded, drafter)
+            for t in args.temperatures for b in args.draft_lens for drafter in args.drafters]
+    for row in rows:  # a seeded row's tokens depend on its seed alone, not on where proposals came from
+        first = next(r for r in rows if (r["temperature"], r["draft_len"]) == (row["temperature"], row["draft_len"]))
+        row["same_tokens_as_" + first["drafter"]] = row["outputs"] == first["outputs"]
+    for row in rows:
+        del row["outputs"]
     report = {"benchmark": "sampled_acceptance", "runtime": runtime_commit(),
               "checkpoint": model.name, "date": datetime.date.today().isoformat(),
               "machine": f"{platform.machine()}, {os.cpu_count()} cpus", "torch": torch.__version__,

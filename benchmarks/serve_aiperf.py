@@ -177,6 +177,14 @@ def read_outputs(artifacts: Path) -> dict[str, str]:
             for record in json.loads((artifacts / "outputs.json").read_text())["data"]}
 
 
+def without_machine_paths(text: str, names: dict[str, str]) -> str:
+    """`text` with each path of `names` (this machine's folders: exports, checkouts, artifacts,
+    executables) replaced by its name, longest first, so a result file names no local path."""
+    for path in sorted(names, key=len, reverse=True):
+        text = text.replace(path, names[path])
+    return text
+
+
 def median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
@@ -352,7 +360,11 @@ def main(argv: list[str] | None = None) -> int:
         run["outputs"] = len(run.get("outputs", {}))  # counted; the texts are compared above
     result["summary"] = summarize(result["runs"], servers, args.concurrency)
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    args.output.write_text(without_machine_paths(json.dumps(result, indent=1, default=str), {
+        **{str(server.export): f"{server.variant.upper()}_EXPORT" for server in servers},
+        **{str(server.source): f"{server.variant.upper()}_SRC" for server in servers if server.source},
+        str(artifacts): "ARTIFACTS", str(work): "WORK", sys.executable: "python", args.aiperf: "aiperf",
+        str(args.checkpoint.resolve()): "CHECKPOINT"}) + "\n")
     plot(result["summary"], servers, args.concurrency, args.output.with_suffix(".png"),
          f"AIPerf through the OpenAI front: {args.input_tokens}-token prompts, {args.output_tokens} new tokens, "
          f"greedy; median of {args.rounds} rounds. {args.note}")
