@@ -17,6 +17,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -126,3 +127,36 @@ def test_tidar_serve_shows_the_start_up_and_its_estimate(tiny_checkpoints, tmp_p
     refused = subprocess.run([sys.executable, "-m", "tidar.cli", "serve", str(repo), "--ready-timeout", "0"],
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "--ready-timeout must be a positive number of seconds, got 0.0" in refused.stderr
+
+
+def test_an_estimate_that_overruns_leaves_the_race_half_the_budget(tiny_checkpoints, monkeypatch):
+    """A replay that cannot be cut short may take the whole autotune budget (a large model's one
+    prompt); the start-up race of draft shapes then still gets half of it, not the nothing left
+    over that timed AR alone (serving.requests.race_budget)."""
+    import time
+
+    from tidar.runtime import calibrate as calibrate_module
+    from tidar.serving import requests as serving_requests
+    from tidar.serving.options import ServingOptions
+    from tidar.serving.supervisor import AUTOTUNE_CACHE_ENV
+
+    real_estimate, budgets = calibrate_module.startup_estimate, []
+
+    def slow_estimate(*args, **kwargs):
+        time.sleep(2.5)  # more than the whole budget of 2 s
+        return real_estimate(*args, **kwargs)
+
+    def measure(*args, budget_s=None, **kwargs):
+        budgets.append(budget_s)
+        return real_measure(*args, budget_s=budget_s, **kwargs)
+
+    real_measure = autotune.BatchDraftPolicy.measure
+    monkeypatch.setattr(calibrate_module, "startup_estimate", slow_estimate)
+    monkeypatch.setattr(autotune.BatchDraftPolicy, "measure", staticmethod(measure))
+    monkeypatch.delenv(AUTOTUNE_CACHE_ENV, raising=False)  # no policy from an earlier start
+    options = ServingOptions(model_dir=str(tiny_checkpoints["qwen2"]), backend="torch", dtype="float32",
+                             attention="eager", threads=1, autotune_batch_sizes=(1,), autotune_draft_lens=(0, 2),
+                             autotune_repeats=2, autotune_budget=2.0)
+    scheduler = serving_requests.build_scheduler(Path(options.model_dir), options)[0]
+    scheduler.close()
+    assert budgets == [1.0]
