@@ -17,8 +17,8 @@ response is never merged; nothing of its reply is sent after it.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
+import queue
 import threading
 from dataclasses import dataclass, field
 from typing import Callable
@@ -82,11 +82,11 @@ class ResponseQueue:
     """Sends `Outgoing` updates on a thread of its own with `send(item)`, merged when they queue up.
     `send` raising marks nothing here: the caller's `send` handles its own failures."""
 
+    _CLOSE = object()
+
     def __init__(self, send: Callable[[Outgoing], None], name: str = "tidar-responses"):
         self._send = send
-        self._pending: collections.deque[Outgoing] = collections.deque()
-        self._cond = threading.Condition()
-        self._closing = False
+        self._pending: queue.SimpleQueue = queue.SimpleQueue()
         self.sent = 0
         """Responses sent (after merging)."""
         self.queued = 0
@@ -95,27 +95,25 @@ class ResponseQueue:
         self._thread.start()
 
     def put(self, item: Outgoing) -> None:
-        with self._cond:
-            self._pending.append(item)
-            self.queued += 1
-            self._cond.notify()
+        self.queued += 1  # (one producer: the decode thread)
+        self._pending.put(item)
 
     def close(self, timeout: float = 10.0) -> None:
         """Send what is queued, then stop the thread."""
-        with self._cond:
-            self._closing = True
-            self._cond.notify()
+        self._pending.put(self._CLOSE)
         self._thread.join(timeout)
 
     def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not (self._pending or self._closing):
-                    self._cond.wait()
-                if not self._pending:
-                    return
-                batch, self._pending = list(self._pending), collections.deque()
-            for item in coalesce(batch):
+        closing = False
+        while not closing:
+            batch = [self._pending.get()]  # wait for one, then take all that queued behind it
+            while True:
+                try:
+                    batch.append(self._pending.get_nowait())
+                except queue.Empty:
+                    break
+            closing = any(item is self._CLOSE for item in batch)
+            for item in coalesce([item for item in batch if item is not self._CLOSE]):
                 try:
                     self._send(item)
                 except Exception:  # a sender failing must not stop the others' responses
