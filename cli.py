@@ -197,6 +197,16 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_onnxruntime(reference, out: Path):
+    """`tidar bench --backend onnxruntime`: the standard graph of the reference's fp32 weights,
+    exported into OUT/onnx, with torch's thread count."""
+    import torch
+
+    from tidar.export.onnx_export import onnxruntime_backend
+
+    return onnxruntime_backend(reference.model, out / "onnx", threads=torch.get_num_threads())
+
+
 def _bench(args: argparse.Namespace) -> int:
     from tidar.runtime.bench import bench, table
 
@@ -206,11 +216,12 @@ def _bench(args: argparse.Namespace) -> int:
         except ImportError:
             raise CLIError("the transformers peers need `pip install transformers` (or pass --no-peers)") from None
 
+    factory = _bench_onnxruntime if args.backend == "onnxruntime" else None
     report = bench(args.model, args.out, prompts=args.prompts, prompt_tokens=args.prompt_tokens,
                    max_new_tokens=args.max_new_tokens, repeats=args.repeats, draft_lens=tuple(args.draft_lens),
                    peers=not args.no_peers, write_acceptance=args.write_acceptance,
                    progress=lambda name: print(f"running {name}", file=sys.stderr),
-                   draft_blocks=tuple(args.draft_blocks), backend=args.backend)
+                   draft_blocks=tuple(args.draft_blocks), backend_factory=factory)
     print(table(report))
     chosen = report["chosen_shape"]
     print(f"\nchosen shape: b = {chosen['draft_len']}, k = {chosen['draft_blocks']} "

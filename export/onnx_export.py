@@ -560,6 +560,17 @@ def export_decode_steps(config: TiDARConfig, chunks: WeightChunks, graphs: dict[
     return {**paths, "lm_head": head_path}
 
 
+def onnxruntime_backend(model: TiDARModel, folder: str | Path, threads: int = 0):
+    """An ONNX Runtime backend of `model`: its standard step graph and LM head exported into
+    `folder` (decode_step.onnx, lm_head.onnx), opened with `threads` intra-op threads."""
+    from ..runtime.backends.onnx_backend import OnnxRuntimeBackend
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    graph = export_decode_step(model, folder / "decode_step.onnx", head_path=folder / "lm_head.onnx")
+    return OnnxRuntimeBackend(graph, folder / "lm_head.onnx", model.config, threads=threads)
+
+
 def default_head_path(path: str | Path) -> Path:
     """Where `export_decode_step` writes the LM-head graph of the step graph `path` by default:
     beside it, named STEM.lm_head.onnx."""

@@ -12,8 +12,8 @@ Methods, all on the same weights in fp32 and the same held-out prompts:
   hf-greedy           transformers generate(), greedy
   hf-prompt-lookup    transformers generate() with prompt-lookup speculation
                       (prompt_lookup_num_tokens = PROMPT_LOOKUP_TOKENS)
-The runtime methods run on torch (SDPA) or, with `backend="onnxruntime"`, on the standard ONNX
-graph of the same weights (the CPU serving path); the peers always on torch, with the same
+The runtime methods run on torch (SDPA) or on a backend made from it (`backend_factory`; `tidar
+bench --backend onnxruntime`: the standard ONNX graph of the same weights, the CPU serving path); the peers always on torch, with the same
 threads. The *default* method is what `tidar generate` does unasked: the autotuned shape with the
 default drafter (`default_method`); the report gives its tokens/s over AR's and the peers'.
 Per method: tokens/s (each prompt's median over repeats; total tokens / total seconds),
@@ -182,27 +182,9 @@ def chosen_vs_best(methods: dict) -> dict:
             "chosen_over_best": round(auto / runtime[best]["tokens_per_second"], 3)}
 
 
-BACKENDS = ("torch", "onnxruntime")
-"""The runtime methods' backends: torch (the reference model, SDPA attention) or onnxruntime (the
-standard ONNX graph and LM head of the same fp32 weights, exported into OUT/onnx first)."""
-
-
-def load_runtime_backend(model: Path, out: Path, name: str):
-    """(the backend `name` (BACKENDS) of the fp32 checkpoint `model` with torch's thread count,
-    the torch backend of it)."""
-    torch_backend = TorchBackend.load(model, dtype="float32", attention="sdpa")
-    if name == "torch":
-        return torch_backend, torch_backend
-    if name != "onnxruntime":
-        raise ValueError(f"tidar bench runs on {' or '.join(BACKENDS)}, not {name!r}")
-    from tidar.export.onnx_export import export_decode_step
-    from tidar.runtime.backends.onnx_backend import OnnxRuntimeBackend
-
-    folder = out / "onnx"
-    folder.mkdir(exist_ok=True)
-    graph = export_decode_step(torch_backend.model, folder / "decode_step.onnx", head_path=folder / "lm_head.onnx")
-    return (OnnxRuntimeBackend(graph, folder / "lm_head.onnx", torch_backend.config, threads=torch.get_num_threads()),
-            torch_backend)
+BackendFactory = Callable[[TorchBackend, Path], object]
+"""(the fp32 torch reference backend, the output folder) -> the backend the runtime methods run
+on; `tidar bench --backend onnxruntime` passes `export.onnx_export.onnxruntime_backend`'s."""
 
 
 def default_method() -> str:
@@ -222,14 +204,17 @@ def bench(model: str | Path, out: str | Path, prompts: int = 8, prompt_tokens: i
           repeats: int = 3, draft_lens: tuple[int, ...] = (4, 8, 16), peers: bool = True,
           write_acceptance: bool = False, progress=print,
           draft_blocks: tuple[int, ...] = autotune.DEFAULT_DRAFT_BLOCKS, autotune_budget_s: float | None = None,
-          backend: str = "torch") -> dict:
+          backend_factory: BackendFactory | None = None) -> dict:
     """`draft_lens` b (the trained ones among them) run with k = b and with each k of
     `draft_blocks` below b; the autotuner races every trained b with the same k's, AR included,
     within `autotune_budget_s` (None: no limit but its round limit). The runtime methods run on
-    `backend` (BACKENDS); the transformers peers always on torch, with the same threads."""
+    the torch reference (fp32, SDPA) or on what `backend_factory` makes of it; the transformers
+    peers always on torch, with the same threads."""
     model, out = Path(model), Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    backend_name, (backend, reference) = backend, load_runtime_backend(model, out, backend)
+    reference = TorchBackend.load(model, dtype="float32", attention="sdpa")
+    backend = backend_factory(reference, out) if backend_factory is not None else reference
+    backend_name = backend.name
     tokenizer = Tokenizer(model)
     block = backend.config.block_size
     trained = autotune.trained_draft_lens(backend.config)

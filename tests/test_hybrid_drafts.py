@@ -354,5 +354,9 @@ def test_bench_runs_the_hybrid_at_the_chosen_shape(tiny_checkpoints, tmp_path):
     assert set(drafter["tokens_per_second"]) == {"tidar", "hybrid"}
     assert drafter["chosen"] in ("tidar", "hybrid")
     assert "Drafter at the chosen shape" in table(report)
+    default = report["default"]  # what `tidar generate` does unasked: the autotuned shape, hybrid drafts
+    assert (default["method"], default["drafter"], report["backend"]) == ("tidar-hybrid", "hybrid", "torch")
+    assert default["default_over_ar"] == round(hybrid["tokens_per_second"] / report["methods"]["ar"]["tokens_per_second"], 3)
+    assert "Default (tidar-hybrid" in table(report)
     if auto["draft_len"] > 1:
         assert sum(hybrid["proposed_by_source"].values()) > 0

@@ -348,3 +348,18 @@ def test_an_export_without_the_head_graph_is_named(tmp_path):
     (tmp_path / "onnx" / "decode_step.onnx").write_bytes(b"")
     with pytest.raises(CheckpointError, match=r"no onnx/lm_head\.onnx.*build it again"):
         load_backend("onnxruntime", tmp_path)
+
+
+def test_bench_runs_the_runtime_methods_on_onnxruntime(tiny_checkpoints, tmp_path):
+    """`tidar bench --backend onnxruntime`: the runtime's methods on the exported standard graph
+    (export.onnx_export.onnxruntime_backend), every output equal to AR's, the backend named."""
+    from tidar.export.onnx_export import onnxruntime_backend
+    from tidar.runtime.bench import bench
+
+    report = bench(tiny_checkpoints["qwen2"], tmp_path, prompts=2, prompt_tokens=16, max_new_tokens=16, repeats=1,
+                   draft_lens=(4,), peers=False, progress=lambda _: None, draft_blocks=(1,), autotune_budget_s=5,
+                   backend_factory=lambda reference, out: onnxruntime_backend(reference.model, out / "onnx", 1))
+    assert report["backend"] == "onnxruntime" and (tmp_path / "onnx" / "decode_step.onnx").is_file()
+    assert all(method["equals_ar"] for method in report["methods"].values())
+    assert report["default"]["method"] in report["methods"]
+

@@ -193,7 +193,8 @@ def test_fixed_draft_lengths_and_ar_run_beside_adaptive_rows(backend, hf_models,
 
 
 def test_counters_agree_with_request_statistics(backend, tokenizer):
-    scheduler = Scheduler(backend, tokenizer, SchedulerConfig(draft_len=4))
+    # TiDAR's block alone: every drafting step proposes b - 1 = 3 (an n-gram proposal may be shorter)
+    scheduler = Scheduler(backend, tokenizer, SchedulerConfig(draft_len=4, drafter="tidar"))
     try:
         collectors = []
         for text in PROMPTS[:5]:

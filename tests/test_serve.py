@@ -199,7 +199,9 @@ def test_metric_counters_agree_with_response_statistics(server):
 
     assert delta("vllm:spec_decode_num_draft_tokens_total") == sum(r.draft_tokens for r in results) > 0
     assert delta("vllm:spec_decode_num_accepted_tokens_total") == sum(r.accepted_draft_tokens for r in results)
-    assert delta("vllm:spec_decode_num_drafts_total") * 3 == delta("vllm:spec_decode_num_draft_tokens_total")
+    # b - 1 = 3 proposals per drafting step from TiDAR's block; an n-gram continuation (the default
+    # hybrid drafter) may propose fewer
+    assert 0 < delta("vllm:spec_decode_num_draft_tokens_total") <= delta("vllm:spec_decode_num_drafts_total") * 3
     assert delta("tidar_tokens_per_forward_sum") == 120
     assert delta('tidar_requests_total{outcome="length"}') == 4
     per_position = [delta(f'vllm:spec_decode_num_accepted_tokens_per_pos_total{{position="{i}"}}') for i in range(3)]
