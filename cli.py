@@ -95,7 +95,7 @@ def _generate(args: argparse.Namespace) -> int:
     from tidar.runtime.ngram import DEFAULT_DRAFTER
 
     engine = DecodeEngine(backend, tokenizer, draft_len=draft_len, beta=args.beta, draft_blocks=draft_blocks,
-                          drafter=args.drafter or DEFAULT_DRAFTER)
+                          drafter=args.drafter or (DEFAULT_DRAFTER if draft_len else "tidar"))  # AR drafts nothing
     started = time.perf_counter()
     result = None
     for deltas in engine.stream([request]):

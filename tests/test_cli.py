@@ -27,7 +27,7 @@ def test_generate_json_contract_and_ar_parity(tiny_checkpoints, capsys):
     ar = run_json(capsys, path, "--prompt", "def main():", "--max-new-tokens", 24, "--mode", "ar")
     assert JSON_FIELDS <= tidar.keys()
     assert (tidar["mode"], tidar["draft_len"], tidar["backend"], tidar["drafter"]) == ("tidar", 4, "torch", "hybrid")
-    assert (ar["mode"], ar["draft_len"]) == ("ar", 0)
+    assert (ar["mode"], ar["draft_len"], ar["drafter"]) == ("ar", 0, "tidar")  # AR drafts nothing
     alone = run_json(capsys, path, "--prompt", "def main():", "--max-new-tokens", 24, "--draft-len", 4,
                      "--drafter", "tidar")
     assert alone["drafter"] == "tidar" and alone["token_ids"] == tidar["token_ids"]
