@@ -381,12 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="random seed for sampling; the same seed and the same --draft-len give the same output "
                           "(with --draft-len auto the chosen length, and so the random stream, may vary)")
     gen.add_argument("--stop", action="append", help="stop string (repeatable); the text ends before it")
-    gen.add_argument("--mask-token-id", type=int, default=None,
-                     help="token id of [MASK]: supplies or overrides config.json's tidar.mask_token_id (default: "
-                          "the config's; for a released TiDAR-LM checkpoint, the tokenizer's <|fim_pad|>)")
-    gen.add_argument("--block-size", type=int, default=None,
-                     help="block size b the model was trained with: supplies or overrides tidar.block_size "
-                          "(default: the config's; 16 for a released TiDAR-LM checkpoint)")
+    from tidar.runtime.config import add_layout_options
+
+    add_layout_options(gen)
     gen.add_argument("--beta", type=float, default=1.0,
                      help="weight of AR logits in verification; 1 (default) is lossless")
     gen.add_argument("--backend", default="torch", help="executor (default torch)")

@@ -14,6 +14,8 @@ import argparse
 import json
 import sys
 
+from ..runtime.config import add_layout_options, non_negative_int
+
 USAGE_ERROR = 2
 VERIFY_FAILED = 1
 
@@ -98,16 +100,6 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tidar-export", description="Export a TiDAR checkpoint for "
                                      "deployment (TensorRT-LLM, ONNX, Triton) and verify the result.")
@@ -118,22 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("checkpoint", nargs="?", default=None,
                        help="TiDAR checkpoint folder (default: the bundled model in models/)")
     build.add_argument("-o", "--out", required=True, help="output folder to create (must not exist unless --force)")
-    build.add_argument("--tp", type=_count, default=1,
+    build.add_argument("--tp", type=non_negative_int, default=1,
                        help="tensor-parallel size of the TensorRT-LLM checkpoint: 1, 2, 4 or 8 (default 1)")
     build.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                        help="dtype of the TensorRT-LLM checkpoint and engine (default: the checkpoint's); "
                             "the ONNX graphs are float32")
-    build.add_argument("--draft-len", type=_count, default=None,
+    build.add_argument("--draft-len", type=non_negative_int, default=None,
                        help="draft length the engine is sized for, 0..block_size (default: the block size)")
-    build.add_argument("--draft-blocks", type=_count, default=None,
+    build.add_argument("--draft-blocks", type=non_negative_int, default=None,
                        help="mask blocks k of the decode step the engine is sized for, 1..draft length "
                             "(b + k*b tokens per row; default: k = the draft length)")
-    build.add_argument("--mask-token-id", type=_count, default=None,
-                       help="token id of [MASK]: supplies or overrides config.json's tidar.mask_token_id (default: "
-                            "the config's; for a released TiDAR-LM checkpoint, the tokenizer's <|fim_pad|>)")
-    build.add_argument("--block-size", type=_count, default=None,
-                       help="block size b the model was trained with: supplies or overrides tidar.block_size "
-                            "(default: the config's; 16 for a released TiDAR-LM checkpoint)")
+    add_layout_options(build)
     build.add_argument("--engine", choices=("auto", "skip", "require"), default="auto",
                        help="auto (default): build the engines (TensorRT-LLM; TensorRT from the plugin graph) "
                             "where their libraries and a GPU are available, else record why not; skip: do not "
@@ -147,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                            description=VERIFY_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     check.add_argument("out", help="output folder of `tidar-export build`")
     check.add_argument("--json", action="store_true", help="print the report as one JSON object")
-    check.add_argument("--threads", type=_count, default=0,
+    check.add_argument("--threads", type=non_negative_int, default=0,
                        help="ONNX Runtime intra-op threads (default 0: its own choice)")
     check.set_defaults(run=_verify)
     return parser

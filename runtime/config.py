@@ -415,3 +415,29 @@ def parse_trained_block_sizes(value: Any, source: str) -> tuple[int, ...]:
         raise ConfigError(f"{source}: field 'tidar.trained_block_sizes' must be a non-empty list of integers, "
                           f"got {value!r}")
     return tuple(value)
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: a command-line integer >= 0, refused by argparse with the value otherwise."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
+def add_layout_options(parser) -> None:
+    """The command-line options that supply or override a checkpoint's TiDAR layout (`tidar
+    generate`, `tidar-export build`): --mask-token-id and --block-size, read by
+    `released_layout_fields` as `mask_token_id` / `block_size` overrides (docs/design.md §1.1)."""
+    parser.add_argument("--mask-token-id", type=non_negative_int, default=None,
+                        help="token id of [MASK]: supplies or overrides config.json's tidar.mask_token_id "
+                             "(default: the config's; for a released TiDAR-LM checkpoint, the tokenizer's "
+                             "<|fim_pad|>)")
+    parser.add_argument("--block-size", type=non_negative_int, default=None,
+                        help="block size b the model was trained with: supplies or overrides tidar.block_size "
+                             "(default: the config's; 16 for a released TiDAR-LM checkpoint)")

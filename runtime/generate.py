@@ -377,9 +377,11 @@ class DecodeEngine:
         if self.cache is None:
             self.cache = self.backend.new_cache(self.max_rows or rows, self.max_len or slots)
             self.cache.clear()
-        elif rows > self.cache.max_rows or slots > self.cache.capacity:
+        elif rows > self.cache.max_rows or (slots > self.cache.capacity and not self.fits_cache):
             grow = lambda need, have: have if need <= have else max(need, 2 * have)  # noqa: E731
-            self.cache.grow(grow(rows, self.cache.max_rows), grow(slots, self.cache.capacity))
+            # (a fitted cache's capacity is set by _fit_cache alone: growing it here would allocate twice)
+            capacity = self.cache.capacity if self.fits_cache else grow(slots, self.cache.capacity)
+            self.cache.grow(grow(rows, self.cache.max_rows), capacity)
         self._fit_cache(slots)
 
     def add(self, requests: Sequence[Request]) -> list[Delta]:

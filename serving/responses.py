@@ -95,7 +95,7 @@ class ResponseQueue:
         self._thread.start()
 
     def put(self, item: Outgoing) -> None:
-        self.queued += 1  # (one producer: the decode thread)
+        self.queued += 1  # a statistic (the decode thread puts; a request refused at submission rarely does)
         self._pending.put(item)
 
     def close(self, timeout: float = 10.0) -> None:

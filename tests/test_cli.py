@@ -133,3 +133,19 @@ def test_console_script_runs_as_a_process(tiny_checkpoints):
     proc = subprocess.run([sys.executable, "-m", "tidar.cli", "generate", str(tiny_checkpoints["qwen2"]),
                            "--prompt", "x", "--top-p", "2"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "top_p" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("command", [["generate", "--prompt", "x"], ["export-build"]])
+@pytest.mark.parametrize("option,value,message", [("--mask-token-id", "-1", "expected a non-negative integer, got -1"),
+                                                  ("--block-size", "x", "expected an integer, got 'x'")])
+def test_layout_overrides_are_refused_by_name_on_both_commands(command, option, value, message, capsys):
+    """--mask-token-id / --block-size have one definition (runtime.config.add_layout_options) for
+    `tidar generate` and `tidar-export build`: a bad value exits 2 naming the option, before any work."""
+    from tidar.export.cli import main as export_main
+
+    run = (lambda args: export_main(["build", "-o", "unused", *args])) if command == ["export-build"] else \
+        (lambda args: main([*command, *args]))
+    with pytest.raises(SystemExit) as exit_info:
+        run([option, value])
+    assert exit_info.value.code == 2
+    assert f"argument {option}: {message}" in capsys.readouterr().err
