@@ -75,12 +75,50 @@ def test_draft_decay_weighs_each_mask_by_its_offset_in_the_block():
     assert weighted != pytest.approx(float(ce.mean()), rel=1e-3)
 
 
+def test_miss_weight_weighs_the_blocks_that_missed_their_start():
+    """S = 8, b = 4, prompt 2: block 0 (positions 0..3) has mask 0 right, block 1 (4..7) has it
+    wrong, so with miss weight 3 the masks at 4..7 weigh 3 and those at 2, 3 weigh 1."""
+    torch.manual_seed(1)
+    tokens = torch.tensor([[1, 2, 3, 4, 0, 1, 2, 3]])
+    logits = torch.randn(1, 16, 5)
+    logits[0, 8] = torch.nn.functional.one_hot(torch.tensor(1), 5) * 10.0  # mask 0 of block 0 says x_0
+    logits[0, 12] = torch.nn.functional.one_hot(torch.tensor(4), 5) * 10.0  # block 1 says 4, x_4 is 0
+    missed = distill.missed_block_starts(logits, tokens, 4)
+    assert missed.tolist() == [[False] * 4 + [True] * 4]
+    ce = torch.nn.functional.cross_entropy(logits[0, 10:], tokens[0, 2:], reduction="none")
+    weights = torch.tensor([1.0, 1.0, 3.0, 3.0, 3.0, 3.0])
+    losses = rollout_losses(logits, tokens, 2, alpha=1.0, ar_weight=0.0, block_size=4, miss_weight=3.0)
+    assert losses.total.item() == pytest.approx(float((ce * weights).sum() / weights.sum()) / 2.0, rel=1e-6)
+    assert losses.diffusion.item() == pytest.approx(float(ce.mean()), rel=1e-6)
+
+
+def test_the_runtime_acceptance_is_what_bench_counts(tiny_checkpoints):
+    """`runtime_acceptance` (batched) gives the per-position acceptance and tokens per step that
+    `tidar bench`'s `run_runtime` (one request at a time) reports at (b, b)."""
+    from tidar.runtime import bench
+
+    model = load_model(tiny_checkpoints["qwen2"], dtype="float32").eval()
+    prompts = torch.randint(3, model.config.vocab_size, (3, 7))
+    b = model.config.block_size
+    mine = distill.runtime_acceptance(model, prompts, 12, batch_size=2)
+    theirs = bench.run_runtime(TorchBackend(model), None, b, prompts.tolist(), 12, 1, draft_blocks=b)
+    assert mine["accept"] == [round(a, 4) for a in theirs["acceptance_per_position"]]
+    assert mine["tokens_per_step"] == round(theirs["tokens_per_step"], 4)
+
+
 @pytest.mark.parametrize("decay", [0.0, -0.5, float("nan"), float("inf")])
 def test_a_bad_draft_decay_is_refused_by_name_before_anything_is_written(tmp_path, decay):
     out = tmp_path / "out"
     with pytest.raises(ValueError, match=f"rollout_draft_decay must be a positive number.*got {decay}"):
         Trainer(TrainConfig(files=corpus(tmp_path), out=str(out), steps=2, rollout_draft_decay=decay, **DISTILL))
     assert not out.exists()
+
+
+def test_a_bad_miss_weight_is_refused_by_name(tmp_path):
+    with pytest.raises(ValueError, match="rollout_miss_weight must be a positive number.*got 0.0"):
+        Trainer(TrainConfig(files=corpus(tmp_path), out=str(tmp_path / "out"), steps=2, rollout_miss_weight=0.0,
+                            **DISTILL))
+    assert not (tmp_path / "out").exists()
 
 
 def test_mixed_batch_is_the_mean_of_its_rows_and_prompts_come_from_the_training_split(tmp_path):
@@ -164,3 +202,6 @@ def test_heldout_evaluation_of_a_saved_checkpoint_is_the_trainers(tmp_path):
     assert result["ar"] == pytest.approx(final["ar"], rel=1e-5)
     assert result["diffusion"] == pytest.approx(final["diffusion"], rel=1e-5)
     assert result["drafts"] == final["drafts"]
+    assert result["drafts_runtime"] == final["drafts_runtime"]
+    after = result["drafts"]["after_miss"]
+    assert after["blocks"] <= result["drafts"]["blocks"] and len(after["accept"]) == 3

@@ -91,25 +91,46 @@ def draft_weights(seq_len: int, block_size: int, decay: float) -> torch.Tensor:
     return decay ** (offsets - 1).abs().float()
 
 
+def missed_block_starts(logits: torch.Tensor, tokens: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[N, S] bool: whether the block holding each position missed its start, i.e. its mask 0's
+    argmax differs from x_p at the block's first position p (logits [N, 2S, V] of the full-mask
+    objective, tokens [N, S]).
+
+    Decode steps start right after a refused draft, so the blocks the runtime drafts from sit
+    mostly where a draft just missed; blocks that miss their own start stand in for those
+    (docs/design.md §2, "Where the runtime drafts")."""
+    seq_len = tokens.shape[1]
+    starts = torch.arange(0, seq_len, block_size, device=tokens.device)
+    missed = logits[:, seq_len + starts].argmax(-1) != tokens[:, starts]
+    return missed.repeat_interleave(block_size, dim=1)[:, :seq_len]
+
+
 def rollout_losses(logits: torch.Tensor, tokens: torch.Tensor, prompt_len: int, alpha: float,
-                   ar_weight: float, block_size: int = 1, draft_decay: float = 1.0) -> Losses:
+                   ar_weight: float, block_size: int = 1, draft_decay: float = 1.0,
+                   miss_weight: float = 1.0) -> Losses:
     """Losses of rollout rows on their continuation (positions >= prompt_len) only: diffusion
     (mask i predicts x_i) and AR (x_{i-1} predicts x_i). total = (ar_weight * AR + weighted
     diffusion) / (1 + alpha), the weighting of a real row with alpha replaced by ar_weight; the
-    diffusion term of total weighs mask i by `draft_weights` (block_size, draft_decay), while
-    `Losses.diffusion` reports the plain mean (comparable across decays)."""
+    diffusion term of total weighs mask i by `draft_weights` (block_size, draft_decay), times
+    `miss_weight` in blocks that missed their start (`missed_block_starts`), normalised by the
+    weights' sum, while `Losses.diffusion` reports the plain mean (comparable across settings)."""
     seq_len, vocab = tokens.shape[1], logits.shape[-1]
     ar = F.cross_entropy(logits[:, prompt_len - 1: seq_len - 1].reshape(-1, vocab).float(),
                          tokens[:, prompt_len:].reshape(-1))
     per_mask = F.cross_entropy(logits[:, seq_len + prompt_len:].reshape(-1, vocab).float(),
                                tokens[:, prompt_len:].reshape(-1), reduction="none").view(tokens.shape[0], -1)
-    weights = draft_weights(seq_len, block_size, draft_decay)[prompt_len:].to(per_mask.device)
-    weighted = (per_mask * weights).sum() / (weights.sum() * tokens.shape[0])
+    weights = draft_weights(seq_len, block_size, draft_decay)[prompt_len:].to(per_mask.device).expand_as(per_mask)
+    if miss_weight != 1.0:
+        with torch.no_grad():
+            missed = missed_block_starts(logits, tokens, block_size)[:, prompt_len:]
+        weights = weights * torch.where(missed, miss_weight, 1.0)
+    weighted = (per_mask * weights).sum() / weights.sum()
     return Losses((ar_weight * ar + weighted) / (1.0 + alpha), ar, per_mask.mean())
 
 
 @torch.no_grad()
-def accepted_drafts(model: TiDARModel, tokens: torch.Tensor, prompt_len: int) -> torch.Tensor:
+def accepted_drafts(model: TiDARModel, tokens: torch.Tensor, prompt_len: int,
+                    missed_start: bool = False) -> torch.Tensor:
     """[N, blocks] drafts greedy verification accepts along rollouts `tokens`, from one full-mask
     forward; -1 where a block does not count.
 
@@ -118,7 +139,8 @@ def accepted_drafts(model: TiDARModel, tokens: torch.Tensor, prompt_len: int) ->
     Its draft d_j (mask j, j >= 1) is accepted when it equals x_{p+j} and x_{p+j} is the model's
     AR choice there (so the trajectory is the model's own greedy one); acceptance stops at the
     first refusal, as in verification (docs/design.md §3). A block whose d_0 = x_p is not the AR choice
-    does not count (the model's greedy path leaves the rollout there)."""
+    does not count (the model's greedy path leaves the rollout there). With `missed_start`, a
+    counted block whose mask 0 (d_0) differs from x_p holds -2 - its count instead."""
     from .objective import full_mask_inputs
 
     was_training = model.training
@@ -136,20 +158,61 @@ def accepted_drafts(model: TiDARModel, tokens: torch.Tensor, prompt_len: int) ->
     blocks = []
     for p in range(first, seq_len - b + 1, b):
         leading = torch.cumprod(draft_ok[:, p + 1: p + b].long(), dim=1).sum(1)
-        blocks.append(torch.where(ar_ok[:, p], leading, torch.full_like(leading, -1)))
+        counted = ar_ok[:, p]
+        if missed_start:  # -2 marks a counted block whose mask 0 missed x_p
+            leading = torch.where(choice[:, seq_len + p] != tokens[:, p], -2 - leading, leading)
+        blocks.append(torch.where(counted, leading, torch.full_like(leading, -1)))
     return torch.stack(blocks, 1) if blocks else torch.zeros(tokens.shape[0], 0, dtype=torch.long)
 
 
-def draft_acceptance(model: TiDARModel, rollouts: Rollouts, batch_size: int) -> dict:
-    """Acceptance estimate over rollouts (`accepted_drafts`): the share of counted blocks that
-    accept at least j drafts (j = 1..b-1) and 1 + the mean accepted count, the tokens per
-    decode step at draft length b (prefill aside)."""
-    b = model.config.block_size
-    counts = torch.cat([accepted_drafts(model, rollouts.tokens[i: i + batch_size], rollouts.prompt_len).flatten()
-                        for i in range(0, rollouts.tokens.shape[0], batch_size)])
-    accepted = counts[counts >= 0]
+def _acceptance(accepted: torch.Tensor, b: int) -> dict:
     if accepted.numel() == 0:
         return {"blocks": 0, "accept": [0.0] * (b - 1), "tokens_per_step": 1.0}
     return {"blocks": int(accepted.numel()),
             "accept": [round(float((accepted >= j).float().mean()), 4) for j in range(1, b)],
             "tokens_per_step": round(1.0 + float(accepted.float().mean()), 4)}
+
+
+def draft_acceptance(model: TiDARModel, rollouts: Rollouts, batch_size: int) -> dict:
+    """Acceptance estimate over rollouts (`accepted_drafts`): the share of counted blocks that
+    accept at least j drafts (j = 1..b-1) and 1 + the mean accepted count, the tokens per
+    decode step at draft length b (prefill aside); `after_miss`: the same over the blocks whose
+    mask 0 missed their start, the kind the runtime mostly drafts from (docs/design.md §2)."""
+    b = model.config.block_size
+    counts = torch.cat([accepted_drafts(model, rollouts.tokens[i: i + batch_size], rollouts.prompt_len,
+                                        missed_start=True).flatten()
+                        for i in range(0, rollouts.tokens.shape[0], batch_size)])
+    missed = counts <= -2
+    accepted = torch.where(missed, -2 - counts, counts)
+    result = _acceptance(accepted[counts != -1], b)
+    result["after_miss"] = _acceptance(accepted[missed], b)
+    return result
+
+
+def runtime_acceptance(model: TiDARModel, prompts: torch.Tensor, new_tokens: int, batch_size: int) -> dict:
+    """What the runtime accepts: `DecodeEngine` at (b, k) = (b, b), TiDAR's drafts alone, greedy,
+    continuing each prompt by `new_tokens` (batched; rows are batch-invariant, docs/design.md I4).
+    {accept: P(d_1..d_j accepted) per step for j = 1..b-1, tokens_per_step}: the figure
+    `tidar bench` reports for the same shape."""
+    from tidar.runtime import autotune
+    from tidar.runtime.replay import tokens_per_decode_step
+
+    was_training = model.training
+    model.eval()
+    b = model.config.block_size
+    engine = DecodeEngine(TorchBackend(model), None, draft_len=b, draft_blocks=b, drafter="tidar")
+    accepted, proposed, tokens, steps = [0] * (b - 1), [0] * (b - 1), 0, 0
+    try:
+        for start in range(0, prompts.shape[0], batch_size):
+            chunk = prompts[start: start + batch_size].tolist()
+            for result in engine.generate([Request(p, new_tokens, eos_ids=()) for p in chunk]):
+                stats = result.stats
+                accepted = [a + n for a, n in zip(accepted, stats.accepted_per_position)]
+                proposed = [a + n for a, n in zip(proposed, stats.proposed_per_position)]
+                tokens += len(result.token_ids)
+                steps += stats.forward_passes - 1
+    finally:
+        model.train(was_training)
+    per_step = tokens_per_decode_step(tokens, prompts.shape[0], steps)
+    return {"accept": [round(a, 4) for a in autotune.acceptance_from_stats(accepted, proposed)],
+            "tokens_per_step": None if per_step is None else round(per_step, 4)}

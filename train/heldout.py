@@ -21,14 +21,15 @@ from tokenizers import Tokenizer
 from tidar.runtime.checkpoint import load_model
 
 from .data import Batches, expand_globs, split_files, token_stream
-from .distill import draft_acceptance, greedy_rollouts, spaced_windows
+from .distill import draft_acceptance, greedy_rollouts, runtime_acceptance, spaced_windows
 from .trainer import evaluate
 
 
 def heldout_losses(model_dir: str | Path, batches: int = 4, batch_size: int = 16, rollouts: int = 32,
                    prompt_len: int | None = None) -> dict:
-    """{model, ar, diffusion, drafts}: drafts estimated on `rollouts` greedy rollouts of held-out
-    prompts of `prompt_len` tokens (default: the run's rollout_prompt_len, else 96)."""
+    """{model, ar, diffusion, drafts, drafts_runtime}: drafts estimated on `rollouts` greedy rollouts of held-out
+    prompts of `prompt_len` tokens (default: the run's rollout_prompt_len, else 96), drafts_runtime
+    what the runtime accepts continuing the same prompts (`runtime_acceptance`)."""
     model_dir = Path(model_dir)
     settings = {"files": ["stdlib"], "heldout_percent": 5.0, "seq_len": 256, "rollout_prompt_len": 96}
     if (model_dir / "train_config.json").is_file():
@@ -44,6 +45,8 @@ def heldout_losses(model_dir: str | Path, batches: int = 4, batch_size: int = 16
         pool = greedy_rollouts(model, spaced_windows(stream, rollouts, prompt_len), settings["seq_len"] - prompt_len,
                                batch_size)
         result["drafts"] = draft_acceptance(model, pool, batch_size)
+        result["drafts_runtime"] = runtime_acceptance(model, pool.tokens[:, :prompt_len], pool.tokens.shape[1] - prompt_len,
+                                                      batch_size)
     return {"model": str(model_dir), **result}
 
 
@@ -59,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         drafts = r.get("drafts")
         print(f"{r['model']}: held-out AR loss {r['ar']:.4f}, diffusion loss {r['diffusion']:.4f}"
-              + (f", estimated tokens/step at b=16 {drafts['tokens_per_step']}, P(d1) {drafts['accept'][0]}"
+              + (f", estimated tokens/step at b=16 {drafts['tokens_per_step']}, P(d1) {drafts['accept'][0]} "
+                 f"(after a missed start {drafts['after_miss']['accept'][0]}); the runtime's P(d1) "
+                 f"{r['drafts_runtime']['accept'][0]}, tokens/step {r['drafts_runtime']['tokens_per_step']}"
                  if drafts else ""))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

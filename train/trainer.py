@@ -39,7 +39,8 @@ from tidar.runtime.model import TiDARModel
 from .checkpoint import EOS_TOKEN, MASK_TOKEN, PAD_TOKEN, save_checkpoint, save_tokenizer, train_tokenizer
 from .distributed import join
 from .data import Batches, expand_globs, split_files, token_stream
-from .distill import Rollouts, cached, draft_acceptance, greedy_rollouts, prompt_windows, rollout_losses, spaced_windows
+from .distill import (Rollouts, cached, draft_acceptance, greedy_rollouts, prompt_windows, rollout_losses,
+                      runtime_acceptance, spaced_windows)
 from .objective import full_mask_inputs, full_mask_loss, losses_from_logits
 
 
@@ -102,6 +103,10 @@ class TrainConfig:
     rollout_draft_decay: float = 1.0
     """Diffusion loss of rollout rows: mask j of a block weighs decay^|j-1| (1: all alike), so the
     early drafts, which decide acceptance, get most of the signal (`distill.draft_weights`)."""
+    rollout_miss_weight: float = 1.0
+    """Diffusion loss of rollout rows: blocks whose mask 0 misses the block's first token weigh
+    this much more; decode steps start where a draft just missed, so those are the blocks the
+    runtime drafts from (`distill.missed_block_starts`, docs/design.md §2)."""
     rollout_refresh: int = 0
     """Regenerate the rollouts with the current model every this many steps (0: never)."""
     rollout_batch: int = 32
@@ -228,6 +233,9 @@ class Trainer:
         if not (0.0 < config.rollout_draft_decay < float("inf")):
             raise ValueError(f"rollout_draft_decay must be a positive number (mask j of a block weighs "
                              f"decay^|j-1|), got {config.rollout_draft_decay}")
+        if not (0.0 < config.rollout_miss_weight < float("inf")):
+            raise ValueError(f"rollout_miss_weight must be a positive number (the weight of blocks that "
+                             f"missed their start), got {config.rollout_miss_weight}")
         if self.rollout_rows and not 0 < config.rollout_prompt_len < config.seq_len:
             raise ValueError(f"rollout_prompt_len {config.rollout_prompt_len} must be in (0, seq_len "
                              f"{config.seq_len}): the model continues the prompt to seq_len tokens")
@@ -351,7 +359,8 @@ class Trainer:
             return {"total": losses.total, "ar": losses.ar, "diffusion": losses.diffusion}
         rows = real.shape[0]
         mine = rollout_losses(logits[rows:], rollouts, config.rollout_prompt_len, config.alpha,
-                              config.rollout_ar_weight, model_config.block_size, config.rollout_draft_decay)
+                              config.rollout_ar_weight, model_config.block_size, config.rollout_draft_decay,
+                              config.rollout_miss_weight)
         result = {"rollout_ar": mine.ar, "rollout_diffusion": mine.diffusion}
         if rows:
             data = losses_from_logits(logits[:rows], real, config.alpha)
@@ -364,7 +373,11 @@ class Trainer:
     def evaluate(self) -> dict:
         result = evaluate(self.model, self.eval_batches, self.config.alpha)
         if self.rollout_rows:
-            result["drafts"] = draft_acceptance(self.model, self._pool("heldout"), self.config.batch_size)
+            pool = self._pool("heldout")
+            result["drafts"] = draft_acceptance(self.model, pool, self.config.batch_size)
+            result["drafts_runtime"] = runtime_acceptance(self.model, pool.tokens[:, : pool.prompt_len],
+                                                          pool.tokens.shape[1] - pool.prompt_len,
+                                                          self.config.rollout_batch)
         return result
 
     def save(self) -> None:
@@ -442,6 +455,7 @@ class Trainer:
         self.history.append({"kind": "eval", "step": self.step, **result})
         drafts = result.get("drafts")
         bar.write(f"step {self.step}: held-out AR loss {result['ar']:.4f}, diffusion loss {result['diffusion']:.4f}"
-                  + (f", draft acceptance {drafts['accept'][:4]}, tokens/step {drafts['tokens_per_step']}"
-                     if drafts else ""))
+                  + (f", draft acceptance {drafts['accept'][:4]} (after a miss {drafts['after_miss']['accept'][:2]}), "
+                     f"tokens/step {drafts['tokens_per_step']}; runtime {result['drafts_runtime']['accept'][:4]}, "
+                     f"tokens/step {result['drafts_runtime']['tokens_per_step']}" if drafts else ""))
         self.group.barrier()
