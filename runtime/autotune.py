@@ -64,6 +64,10 @@ REPLAY_FIELD = "replayed_tokens_per_step"
 
 DEFAULT_DRAFT_BLOCKS = (1, 2)
 """Block counts k tried below k = b for every candidate draft length b (`draft_shapes`)."""
+VERIFY_ONLY_LENS = (2, 3, 4, 6, 8)
+"""Draft lengths v of the verify-only shapes (v, 0) a server weighs at every step (docs/design.md
+§3.10): an n-gram continuation rarely holds past 7 proposals (`tidar bench`'s prompts), and each
+length is a step shape to capture on GPUs."""
 TIE_TOLERANCE = 0.02
 """Rates within this fraction of the best measured one are tied whatever the intervals say
 (differences a machine does not reproduce from run to run); ties go to fewer query tokens."""
@@ -77,11 +81,11 @@ MEDIAN_SE = 1.4826 * 1.2533
 
 def as_shape(candidate) -> tuple[int, int]:
     """(b, k) of a candidate, which is a draft length b (k = b, the paper's step) or a shape
-    (b, k); AR is (0, 0). Raises ValueError naming a bad k."""
+    (b, k); AR is (0, 0), a verify-only step (b, 0). Raises ValueError naming a bad k."""
     if isinstance(candidate, int) and not isinstance(candidate, bool):
         return candidate, check_draft_shape(candidate)
     b, k = candidate
-    return b, check_draft_shape(b, k)
+    return b, check_draft_shape(b, k, verify_only=True)
 
 
 def shape_name(candidate) -> str:
@@ -165,9 +169,10 @@ def expected_tokens(acceptance: list[float], draft_len: int, draft_blocks: int |
     with P(first j accepted) - P(first j+1 accepted) (`shifted_acceptance`) and commits j + 1.
     The states form a Markov chain started at s = 0 (the prefill drafts a full block); the
     answer is sum_s pi_s * E[j + 1 | s] over its stationary distribution pi. With k = b every
-    state is 0 and this is 1 + sum_{i=1}^{b-1} P(d_1..d_i all accepted)."""
+    state is 0 and this is 1 + sum_{i=1}^{b-1} P(d_1..d_i all accepted). A verify-only shape
+    (k = 0) drafts nothing from the blocks: 1."""
     b, k = as_shape((draft_len, draft_blocks) if draft_blocks is not None else draft_len)
-    if b <= 1:
+    if b <= 1 or k == 0:
         return 1.0
     states = b - k + 1  # shifts 0 .. b - k
     transition = numpy.zeros((states, states))
@@ -573,6 +578,44 @@ class BatchDraftPolicy:
         return pick({c: self.expected_tokens_per_step(c) for c in seconds}, seconds,
                     (self.intervals or {}).get(size))
 
+    def step_seconds_at(self, batch: int, candidate) -> float:
+        """Seconds of one step of `candidate` at `batch` rows: the table's (the smallest measured
+        batch size that holds them, as `best`), or for a shape it does not hold (a verify-only
+        (b, 0), which start-up does not race) `interpolate_seconds` over its shapes' query tokens."""
+        measured = sorted(self.step_seconds)
+        table = self.step_seconds[next((m for m in measured if m >= batch), measured[-1])]
+        shape = as_shape(candidate)
+        for key, seconds in table.items():
+            if as_shape(key) == shape:
+                return seconds
+        return interpolate_seconds({key: seconds for key, seconds in table.items()}, query_tokens(shape))
+
+    def with_verify_only(self, batch: int, shape, outlook: list[list[float]],
+                         lens: tuple[int, ...] = VERIFY_ONLY_LENS) -> tuple[int, int]:
+        """`shape` (this policy's pick for `batch` rows) or a verify-only shape (v, 0), v in `lens`,
+        whichever commits the most tokens per second given the rows' n-gram `outlook`
+        (`DecodeEngine.ngram_outlook`: per row, expected accepted n-gram proposals by count;
+        docs/design.md §3.10). At `shape` (b, k) a row commits 1 + the larger of its n-gram's
+        expected at b - 1 proposals and TiDAR's (`expected_tokens_per_step` - 1: in the long run,
+        its block drafts every step); at (v, 0), 1 + its n-gram's at v - 1. Ties keep `shape`."""
+        b, k = as_shape(shape)
+        if not outlook:
+            return b, k
+
+        def ngram(row: list[float], count: int) -> float:
+            return row[min(count, len(row) - 1)] if count > 0 else 0.0
+
+        tidar = self.expected_tokens_per_step((b, k)) - 1.0
+        best = (b, k)
+        best_rate = sum(1.0 + max(ngram(row, b - 1), tidar) for row in outlook) / self.step_seconds_at(batch, best)
+        for v in lens:
+            if not 2 <= v <= len(outlook[0]):
+                continue
+            rate = sum(1.0 + ngram(row, v - 1) for row in outlook) / self.step_seconds_at(batch, (v, 0))
+            if rate > best_rate:
+                best, best_rate = (v, 0), rate
+        return best
+
     def to_json(self) -> dict:
         """{"acceptance", "step_seconds": {batch: {"b,k": seconds}}, "step_seconds_interval" (same
         keys, [low, high]) when measured by a race, and REPLAY_FIELD when replayed} (`from_json`
@@ -602,6 +645,30 @@ class BatchDraftPolicy:
                     for batch, row in data[field_name].items()}
         return cls(data["acceptance"], table("step_seconds"), data.get(REPLAY_FIELD),
                    table("step_seconds_interval", tuple) if "step_seconds_interval" in data else None)
+
+
+def interpolate_seconds(seconds: dict, tokens: int) -> float:
+    """Step seconds at `tokens` query tokens per row from measured {candidate: seconds} of other
+    shapes at the same batch size: linear in query tokens between the two nearest measured
+    token counts (a count measured twice: the faster), along the last two beyond them, and in
+    proportion to the tokens with one. Step time at a batch size is close to linear in the query
+    tokens once they fill the device (docs/design.md §3.10)."""
+    points: dict[int, float] = {}
+    for candidate, value in seconds.items():
+        q = query_tokens(candidate)
+        points[q] = min(value, points.get(q, value))
+    xs = sorted(points)
+    if not xs:
+        raise ValueError("interpolate_seconds needs at least one measured shape")
+    if tokens in points:
+        return points[tokens]
+    if len(xs) == 1:
+        return points[xs[0]] * tokens / xs[0]
+    right = next((i for i, x in enumerate(xs) if x > tokens), len(xs) - 1)
+    right = min(max(right, 1), len(xs) - 1)
+    x0, x1 = xs[right - 1], xs[right]
+    value = points[x0] + (points[x1] - points[x0]) * (tokens - x0) / (x1 - x0)
+    return max(value, 0.0) or points[x0]
 
 
 def choose_draft_len(backend: Backend, acceptance: list[float], batch: int = 1,

@@ -30,25 +30,27 @@ def trained_block_sizes(config) -> tuple[int, ...]:
 
 
 def validate_draft_shape(config, draft_len, draft_blocks=None,
-                         names: tuple[str, str] = ("draft_len", "draft_blocks")) -> tuple[int, int]:
+                         names: tuple[str, str] = ("draft_len", "draft_blocks"),
+                         verify_only: bool = False) -> tuple[int, int]:
     """(b, k) of the step shape (`draft_len`, `draft_blocks`; None: k = b) when `config`'s model
     can decode with it; raises DraftShapeError naming the value otherwise. `names` are how the
     caller's user spells the two settings (e.g. ("--draft-len", "--draft-blocks")), used in the
     messages. Rules: b is an integer in [0, block_size] (0 = AR); k is in [1, b] (0 for AR);
-    b > 0 is one of `trained_block_sizes(config)`."""
+    b > 0 is one of `trained_block_sizes(config)`. With `verify_only`, k = 0 is also accepted for any
+    b (a verify-only step drafts nothing, so any b up to block_size will do; docs/design.md §3.10)."""
     length_name, blocks_name = names
     block_size = config.block_size
     if isinstance(draft_len, bool) or not isinstance(draft_len, int) or not 0 <= draft_len <= block_size:
         raise DraftShapeError(f"{length_name} must be an integer in [0, block_size = {block_size}] "
                               f"(0 = AR decoding), got {draft_len!r}")
     try:
-        draft_blocks = check_draft_shape(draft_len, draft_blocks)
+        draft_blocks = check_draft_shape(draft_len, draft_blocks, verify_only)
     except ValueError as error:
         raise DraftShapeError(str(error).replace("draft_blocks", blocks_name).replace("draft_len", length_name)) \
             from None
     trained = trained_block_sizes(config)
     # A config object without the field at all (a runtime older than `trained_block_sizes`) is not checked.
-    if draft_len and hasattr(config, "trained_block_sizes") and draft_len not in trained:
+    if draft_len and draft_blocks and hasattr(config, "trained_block_sizes") and draft_len not in trained:
         sizes = ", ".join(map(str, trained))
         masks = f"blocks of {trained[0]} masks only" if len(trained) == 1 else f"blocks of {sizes} masks"
         uses = " or ".join(f"{length_name} {b} ({blocks_name} k in 1..{b})" for b in trained)

@@ -63,7 +63,8 @@ from .counters import Stats, StepStats, add_per_position  # noqa: F401  (the las
 from .draft_shape import DraftShapeError, validate_draft_shape
 from .layout import Layout, next_proposals
 from .logits_processor import LogitsProcessor, ProcessorState
-from .ngram import MAX_NGRAM, MIN_MATCH, NgramIndex, SourceEstimate, check_drafter, choose_source, score
+from .ngram import (MAX_NGRAM, MIN_MATCH, NgramIndex, NgramProposal, SourceEstimate, check_drafter, choose_source,
+                    score)
 from .sampling import SamplingBatch, SamplingParams
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -240,17 +241,19 @@ class DecodeEngine:
     def __init__(self, backend: Backend, tokenizer: Tokenizer | None = None, draft_len: int | None = None,
                  beta: float = 1.0, max_rows: int | None = None, max_len: int | None = None,
                  draft_blocks: int | None = None, drafter: str = "tidar", max_ngram: int = MAX_NGRAM,
-                 min_match: int = MIN_MATCH):
+                 min_match: int = MIN_MATCH, verify_only: bool = False):
         """`max_rows` x `max_len` sizes the KV cache once (slots per row: prompt + new tokens
         + one step's new tokens); without them the cache is sized by the first requests and
         grows (doubling) when a later one does not fit. `draft_blocks` k: mask blocks per step
         (1..b; None: k = b). `drafter`: where proposals come from, "tidar" (TiDAR's block),
-        "hybrid" or "ngram" (docs/design.md §3.9; `max_ngram`, `min_match`: the n-gram match)."""
+        "hybrid" or "ngram" (docs/design.md §3.9; `max_ngram`, `min_match`: the n-gram match).
+        `verify_only`: a caller may set verify-only shapes (b, 0) (docs/design.md §3.10), so the
+        rows keep n-gram candidates (`ngram_outlook`) at every shape, AR included; needs a
+        drafter other than "tidar"."""
         config = backend.config
         self.backend, self.config, self.tokenizer = backend, config, tokenizer
         if draft_len is None:
             draft_len = config.block_size
-        draft_blocks = self.check_draft_len(draft_len, draft_blocks)
         if not 0.0 <= beta <= 1.0:
             raise RequestError(f"beta must be in [0, 1], got {beta!r}")
         for name, value in (("max_rows", max_rows), ("max_len", max_len)):
@@ -260,10 +263,15 @@ class DecodeEngine:
             self.drafter = check_drafter(drafter)
         except ValueError as error:
             raise RequestError(str(error)) from None
+        draft_blocks = self.check_draft_len(draft_len, draft_blocks)
         for name, value in (("max_ngram", max_ngram), ("min_match", min_match)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise RequestError(f"{name} must be a positive integer, got {value!r}")
         self.max_ngram, self.min_match = max_ngram, min_match
+        if verify_only and self.drafter == "tidar":
+            raise RequestError("verify-only steps verify n-gram proposals: they need drafter hybrid or ngram, "
+                               "not tidar")
+        self.verify_only = verify_only
         self.draft_len, self.draft_blocks, self.beta = draft_len, draft_blocks, beta
         self.max_rows, self.max_len = max_rows, max_len
         self.layout = Layout.decode(draft_len, draft_blocks)
@@ -287,9 +295,11 @@ class DecodeEngine:
 
     def check_draft_len(self, draft_len: int, draft_blocks: int | None = None) -> int:
         """Raise RequestError unless this model decodes with the draft shape (`draft_len` b,
-        `draft_blocks` k; None: k = b): `draft_shape.validate_draft_shape`. Returns k."""
+        `draft_blocks` k; None: k = b): `draft_shape.validate_draft_shape`, k = 0 (verify-only)
+        included when the drafter proposes n-grams. Returns k."""
         try:
-            return validate_draft_shape(self.config, draft_len, draft_blocks)[1]
+            return validate_draft_shape(self.config, draft_len, draft_blocks,
+                                        verify_only=self.drafter != "tidar")[1]
         except DraftShapeError as error:
             raise RequestError(str(error)) from None
 
@@ -408,7 +418,7 @@ class DecodeEngine:
         firsts = torch.cat(firsts).tolist()
         deltas = [self._emit(row, prefill, [int(first[0])], first[1:2])
                   for row, prefill, first in zip(new.rows, prefills, firsts)]
-        if self.hybrid:
+        if self.proposes_ngrams:
             joined = range(len(self.rows) - len(new.rows), len(self.rows))
             self._place_proposals(joined, [[int(t) for t in first[2:]] for first in firsts])
         self._drop_finished()
@@ -421,9 +431,9 @@ class DecodeEngine:
         draft_blocks = self.check_draft_len(draft_len, draft_blocks)
         if (draft_len, draft_blocks) == (self.draft_len, self.draft_blocks):
             return
+        # The rows' candidates stay: each is what a source offered for the positions after d_0,
+        # which a new shape does not move, so the next step still scores them fairly.
         self.draft_blocks, self.layout = draft_blocks, Layout.decode(draft_len, draft_blocks)
-        for row in self.rows:
-            row.candidates = {}  # the pending proposals change: nothing to score against the next step
         if draft_len != self.draft_len:
             self.draft_len = draft_len
             self.batch.resize(draft_len)
@@ -514,11 +524,11 @@ class DecodeEngine:
             row.proposal_count = max(next_proposals(committed - 1, b, k)[2], 0)
             row.proposal_source = "tidar"
             deltas.append(self._emit(row, step, tokens, log_probs))
-        if self.hybrid:
+        if self.proposes_ngrams:
             for row, tokens in zip(self.rows, host.tokens):
                 if row.finish_reason is None:
                     self._learn(row, tokens)
-            self._place_proposals(range(len(self.rows)), host.next_drafts)
+            self._place_proposals(range(len(self.rows)), host.next_drafts or [[] for _ in self.rows])
         self._drop_finished()
         return deltas
 
@@ -528,6 +538,24 @@ class DecodeEngine:
         """Whether proposals may come from the n-gram proposer (docs/design.md §3.9): a drafter
         other than "tidar" and proposals to place (b >= 2)."""
         return self.drafter != "tidar" and self.draft_len > 1
+
+    @property
+    def proposes_ngrams(self) -> bool:
+        """Whether the rows keep n-gram candidates after each step: when they can be placed
+        (`hybrid`) and, with `verify_only`, at every shape (the caller values them)."""
+        return self.hybrid or self.verify_only
+
+    def ngram_outlook(self) -> list[list[float]]:
+        """Per row, the expected accepted proposals of its pending n-gram candidate if a step
+        verified its first c = 0..block_size-1 of them (its `SourceEstimate`; zeros for a row
+        without one): what a verify-only step (docs/design.md §3.10) is worth to the row."""
+        width = self.config.block_size
+        outlook = []
+        for row in self.rows:
+            candidate = row.candidates.get("ngram", ())
+            curve = row.estimates["ngram"].expected_curve(len(candidate)) if candidate else [0.0]
+            outlook.append((curve + [curve[-1]] * width)[:width])
+        return outlook
 
     def _learn(self, row: Row, committed: list[int]) -> None:
         """Score every source's candidate for the step that committed `committed` (t_1..t_a, at the
@@ -549,7 +577,9 @@ class DecodeEngine:
     def _place_proposals(self, indices: Sequence[int], next_drafts: list[list[int]]) -> None:
         """For each unfinished row of `indices`, with TiDAR's next drafts `next_drafts` (d_0..,
         the proposals first among d_1..), the source of its next proposals (`ngram.choose_source`);
-        rows that take the n-gram's continuation get it written into the batch's drafts."""
+        rows that take the n-gram's continuation get it written into the batch's drafts. The
+        n-gram candidate is kept whole (up to block_size - 1 tokens, for `ngram_outlook`), its
+        first b - 1 placed; below b = 2 nothing is placed."""
         width = self.draft_len - 1
         changed, proposals = [], []
         for index, drafts in zip(indices, next_drafts):
@@ -558,10 +588,13 @@ class DecodeEngine:
                 continue
             self._start_hybrid(row)
             tidar = tuple(drafts[1:1 + row.proposal_count])
-            proposal = row.ngram.propose(width)
+            whole = row.ngram.propose(self.config.block_size - 1)
             row.candidates = {"tidar": tidar}
-            if proposal.match_len >= self.min_match:
-                row.candidates["ngram"] = proposal.tokens
+            if whole.match_len >= self.min_match:
+                row.candidates["ngram"] = whole.tokens
+            if width < 1:
+                continue
+            proposal = NgramProposal(whole.tokens[:width], whole.match_len)
             source = choose_source(self.drafter, row.estimates["tidar"], row.estimates["ngram"], len(tidar),
                                    proposal, self.min_match)
             row.proposal_source = source
@@ -630,6 +663,9 @@ class DecodeEngine:
         d0 = verification.next_token[:, None]
         if b <= 1:
             return Drafts(d0, None, None)
+        if self.draft_blocks == 0:  # verify-only (§3.10): no block drafted anything; n-grams are placed after
+            pads = torch.full((d0.shape[0], b - 1), self.config.mask_token_id, dtype=d0.dtype, device=d0.device)
+            return Drafts(torch.cat([d0, pads], dim=1), torch.zeros_like(verification.accepted), None)
         block, first_mask, count = next_proposals(verification.accepted, b, self.draft_blocks)
         slot = torch.arange(b - 1, device=d0.device)[None]
         masks = (first_mask[:, None] + slot).clamp(max=b - 1)

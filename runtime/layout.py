@@ -72,10 +72,13 @@ class Layout:
         """One TiDAR step (docs/design.md §3.2, §3.4): drafts d_0..d_{b-1}, then blocks j = 1..k of b
         masks, block j seeing d_0..d_{j-1} (the pre-drafts for the outcome "j tokens committed").
         k = `draft_blocks` (1..b; None: k = b, the paper's step of b(b+1) tokens); b + k*b new
-        tokens. Draft length 0 is AR decoding: d_0 alone, no blocks (k must be None or 0)."""
-        k = check_draft_shape(draft_len, draft_blocks)
+        tokens. Draft length 0 is AR decoding: d_0 alone, no blocks (k must be None or 0). k = 0
+        with b > 0 is a verify-only step (§3.10): the b drafts, no blocks."""
+        k = check_draft_shape(draft_len, draft_blocks, verify_only=True)
         if draft_len == 0:
             return cls.autoregressive(1)
+        if k == 0:
+            return cls.autoregressive(draft_len)
         return cls(causal_len=draft_len, num_blocks=k, block_len=draft_len,
                    first_visible=1, visible_stride=1)
 
@@ -155,16 +158,17 @@ class Layout:
 
 
 # ---------------------------------------------------------------- the draft shape
-def check_draft_shape(draft_len: int, draft_blocks: int | None = None) -> int:
+def check_draft_shape(draft_len: int, draft_blocks: int | None = None, verify_only: bool = False) -> int:
     """The number of mask blocks k of a decode step of `draft_len` b drafts: `draft_blocks`, or b
-    when it is None. Raises ValueError naming the value unless 1 <= k <= b (k = 0 when b = 0, AR)."""
+    when it is None. Raises ValueError naming the value unless 1 <= k <= b (k = 0 when b = 0, AR;
+    with `verify_only`, k = 0 for any b: a step that verifies drafts and drafts nothing, §3.10)."""
     if isinstance(draft_len, bool) or not isinstance(draft_len, int) or draft_len < 0:
         raise ValueError(f"draft_len must be a non-negative integer, got {draft_len!r}")
     if draft_blocks is None:
         return draft_len
     if isinstance(draft_blocks, bool) or not isinstance(draft_blocks, int):
         raise ValueError(f"draft_blocks must be an integer, got {draft_blocks!r}")
-    low = 1 if draft_len else 0
+    low = 1 if draft_len and not verify_only else 0
     if not low <= draft_blocks <= draft_len:
         raise ValueError(f"draft_blocks must be in [{low}, draft_len = {draft_len}], got {draft_blocks}")
     return draft_blocks
@@ -176,7 +180,10 @@ def next_proposals(accepted, draft_len: int, draft_blocks: int):
     Python int or an integer tensor, elementwise). Returns (block, first_mask, count): the
     proposals d_1..d_count are masks first_mask.. of block `block` (0-based: block j sees
     d_0..d_j). With accepted < k that is block `accepted`, masks 1..b-1; with accepted >= k the
-    block of the longest outcome, k-1, at its masks after the new d_0 (fewer proposals)."""
+    block of the longest outcome, k-1, at its masks after the new d_0 (fewer proposals). A
+    verify-only step (k = 0) has no blocks: count 0."""
+    if draft_blocks == 0:
+        return accepted * 0 - 1, accepted * 0 + 1, accepted * 0
     shift = (accepted >= draft_blocks) * (accepted - draft_blocks + 1)  # masks at or before the new d_0
     return accepted - shift, 1 + shift, draft_len - 1 - shift
 

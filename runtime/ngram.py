@@ -107,11 +107,15 @@ class SourceEstimate:
 
     def expected_accepted(self, count: int) -> float:
         """Expected accepted proposals of a candidate of `count` proposals."""
-        total, survive = 0.0, 1.0
+        return self.expected_curve(count)[-1]
+
+    def expected_curve(self, count: int) -> list[float]:
+        """`expected_accepted(c)` for c = 0..count, in one pass."""
+        curve, survive = [0.0], 1.0
         for position in range(count):
             survive *= self.hazard(position)
-            total += survive
-        return total
+            curve.append(curve[-1] + survive)
+        return curve
 
     def observe(self, matched: int, known: int) -> None:
         """Positions 1..min(matched + 1, known) were at risk, 1..matched accepted."""

@@ -45,6 +45,10 @@ class ServingOptions:
     """Where proposals come from (docs/design.md §3.9): tidar (TiDAR's block), hybrid (the default:
     TiDAR's block or an n-gram continuation of the prompt and output, whichever is expected to
     commit more) or ngram (the continuation whenever one matches). Output is the same with each."""
+    verify_only: bool = True
+    """With draft_len auto and a drafter that proposes n-grams (hybrid, ngram): weigh verify-only
+    steps at every step, which check the rows' n-gram continuations without drafting
+    (docs/design.md §3.10); false: the policy's shape alone."""
     max_batch_size: int = 16
     """Most requests decoded together in one step."""
     max_queue_size: int = 64
@@ -120,6 +124,8 @@ class ServingOptions:
             raise OptionsError(f"draft_len must be 'auto' or a non-negative integer, got {self.draft_len!r}")
         if self.drafter not in DRAFTERS:
             raise OptionsError(f"drafter must be one of {', '.join(DRAFTERS)}, got {self.drafter!r}")
+        if not isinstance(self.verify_only, bool):
+            raise OptionsError(f"verify_only must be true or false, got {self.verify_only!r}")
         for name in ("max_batch_size", "autotune_repeats"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -148,6 +154,8 @@ class ServingOptions:
             value = getattr(self, field.name)
             if field.name == "cuda_graphs":
                 out[field.name] = {None: "auto", True: "true", False: "false"}[value]
+            elif field.name == "verify_only":
+                out[field.name] = "true" if value else "false"
             elif field.name == "draft_len":
                 out[field.name] = "auto" if value is None else str(value)
             elif isinstance(value, tuple):
@@ -175,6 +183,8 @@ def _parse(name: str, raw: str):
         return tuple(int(v) for v in raw.split(",") if v.strip())
     if name == "dtype":
         return raw or None
+    if name == "verify_only":
+        return {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[raw.lower()]
     if name == "cuda_graphs":
         return CUDA_GRAPH_SETTINGS[raw.lower() or "auto"]
     return raw

@@ -453,6 +453,7 @@ def build_scheduler(folder, options: ServingOptions, device: str = "cpu", progre
     scheduler = Scheduler(backend, tokenizer, SchedulerConfig(
         max_batch_size=options.max_batch_size, max_queue_size=options.max_queue_size,
         draft_len=options.draft_len, default_timeout=options.default_timeout, drafter=options.drafter,
+        verify_only=options.verify_only,
         max_len=DecodeEngine(backend).max_slots() if graphed else None), policy=policy)
     if graphed:  # every graph before the server reports ready; none captured while serving
         started = time.monotonic()

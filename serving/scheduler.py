@@ -13,7 +13,8 @@ One background thread runs the loop. Between two steps it
      a bad one gets `on_error` and never touches the batch) and prefilled, then joins;
   3. adapts the draft shape (b, k) of the shared batch to its size (`BatchDraftPolicy`: the
      measured step latency per batch size and shape times the model's acceptance; 0 = AR is a
-     candidate);
+     candidate), and, when the drafter proposes n-grams, to the rows' n-gram continuations: a
+     verify-only step (v, 0) checks them without drafting (docs/design.md §3.10);
   4. runs one step of every engine that has rows and hands each row's delta to its caller.
 
 Requests that ask for a fixed draft length (or AR, `draft_len=0`) run in an engine of their
@@ -60,6 +61,10 @@ class SchedulerConfig:
     """Draft length of requests that do not ask for one; None = adapt to the batch size."""
     drafter: str = DEFAULT_DRAFTER
     """Where the engines' proposals come from (`DecodeEngine`'s drafter, docs/design.md §3.9)."""
+    verify_only: bool = True
+    """With an adaptive draft length and a drafter that proposes n-grams, weigh at every step the
+    verify-only shapes (v, 0) against the policy's shape (`BatchDraftPolicy.with_verify_only`,
+    docs/design.md §3.10). Off on a backend with CUDA graphs (they capture no verify-only step)."""
     default_timeout: float | None = None
     """Seconds a request may take from submission (None = no limit) unless it sets its own."""
     max_len: int | None = None
@@ -134,10 +139,14 @@ class Scheduler:
         b, k = as_shape(self.config.draft_len if self.config.draft_len is not None else policy.best(1))
         self.counters.draft_len, self.counters.draft_blocks = b, k
         rows = self.config.max_batch_size if self.config.max_len is not None else None
+        # Not with CUDA graphs: a verify-only layout is not one they capture (never run on a GPU yet).
+        self.verify_only = (self.config.verify_only and self.config.draft_len is None
+                            and self.config.drafter != "tidar" and getattr(backend, "graphs", None) is None)
         self.engines: dict[object, DecodeEngine] = {ADAPTIVE: DecodeEngine(backend, tokenizer, draft_len=b,
                                                                            draft_blocks=k, max_rows=rows,
                                                                            max_len=self.config.max_len,
-                                                                           drafter=self.config.drafter)}
+                                                                           drafter=self.config.drafter,
+                                                                           verify_only=self.verify_only)}
         self._shape_for_rows: dict[int, tuple[int, int]] = {}  # `_adapt`: policy.best per batch size
         self._queue: collections.deque[_Submission] = collections.deque()
         self._running: dict[object, _Submission] = {}  # request_id -> submission
@@ -310,7 +319,10 @@ class Scheduler:
             rows = sum(e.batch_size for e in self.engines.values())
             if rows not in self._shape_for_rows:  # the policy is fixed: score its candidates once per size
                 self._shape_for_rows[rows] = as_shape(self.policy.best(rows))
-            engine.set_draft_len(*self._shape_for_rows[rows])
+            shape = self._shape_for_rows[rows]
+            if self.verify_only:
+                shape = self.policy.with_verify_only(rows, shape, engine.ngram_outlook())
+            engine.set_draft_len(*shape)
         with self._cond:
             self.counters.draft_len, self.counters.draft_blocks = engine.draft_len, engine.draft_blocks
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tidar.runtime.layout import Layout
+from tidar.runtime.layout import Layout, check_draft_shape, next_proposals
 
 PASTS = (0, 1, 7)
 SLACK = 3  # extra KV slots after the longest row's new tokens: never visible
@@ -139,10 +139,21 @@ def test_decode_k_of_b_layout_matches_spec(b, k):
         assert layout == full
 
 
-@pytest.mark.parametrize("b,k", [(4, 0), (4, 5), (0, 1), (3, -1), (4, 2.0), (4, True)])
+@pytest.mark.parametrize("b,k", [(4, 5), (0, 1), (3, -1), (4, 2.0), (4, True)])
 def test_decode_rejects_bad_block_counts(b, k):
     with pytest.raises(ValueError, match="draft_blocks"):
         Layout.decode(b, k)
+
+
+def test_a_verify_only_step_is_its_drafts_alone_and_drafts_nothing():
+    """(b, 0): the b drafts, causal, no blocks (docs/design.md §3.10); the next step has no
+    block proposals whatever was accepted. A user's shape still needs k >= 1."""
+    assert Layout.decode(4, 0) == Layout.autoregressive(4)
+    for accepted in range(4):
+        assert next_proposals(accepted, 4, 0)[2] == 0
+    assert next_proposals(torch.tensor([0, 3]), 4, 0)[2].tolist() == [0, 0]
+    with pytest.raises(ValueError, match=r"draft_blocks must be in \[1, draft_len = 4\], got 0"):
+        check_draft_shape(4, 0)
 
 
 def test_decode_272_tokens_for_b16():
