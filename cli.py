@@ -83,8 +83,10 @@ def _generate(args: argparse.Namespace) -> int:
     request = Request(prompt_ids, args.max_new_tokens, sampling, stop=tuple(args.stop or ()), eos_ids=defaults.eos_ids)
     # a bad request or --beta fails before the draft shape is measured
     DecodeEngine(backend, tokenizer, draft_len=0, beta=args.beta).check(request)
+    policy = None
     if draft_len is None:
-        draft_len, draft_blocks = _auto_draft_shape(backend, tokenizer, args.model)
+        choice = _auto_draft_choice(backend, tokenizer, args.model)
+        (draft_len, draft_blocks), policy = choice.shape, choice.policy
     else:
         from tidar.runtime.draft_shape import DraftShapeError, validate_draft_shape
 
@@ -94,8 +96,10 @@ def _generate(args: argparse.Namespace) -> int:
             raise CLIError(str(error)) from None
     from tidar.runtime.ngram import DEFAULT_DRAFTER
 
+    drafter = args.drafter or (DEFAULT_DRAFTER if draft_len else "tidar")  # AR drafts nothing
+    verify_only = policy is not None and drafter != "tidar"  # auto: verify-only steps too (design §3.10)
     engine = DecodeEngine(backend, tokenizer, draft_len=draft_len, beta=args.beta, draft_blocks=draft_blocks,
-                          drafter=args.drafter or (DEFAULT_DRAFTER if draft_len else "tidar"))  # AR drafts nothing
+                          drafter=drafter, verify_only=verify_only, shape_policy=policy if verify_only else None)
     started = time.perf_counter()
     result = None
     for deltas in engine.stream([request]):
@@ -152,17 +156,17 @@ def _torch_device(name: str):
     return device
 
 
-def _auto_draft_shape(backend, tokenizer, model: str) -> tuple[int, int]:
-    """The draft shape (b, k) with the best expected tokens/s on this machine (may be AR, when
-    drafting does not pay, as with random weights), by a race of whole decode steps: replayed
-    tokens per step where MODEL/acceptance.json has them, else the start-up estimate (said on
-    stderr)."""
+def _auto_draft_choice(backend, tokenizer, model: str):
+    """The autotuner's choice: the draft shape (b, k) with the best expected tokens/s on this
+    machine (may be AR, when drafting does not pay, as with random weights), by a race of whole
+    decode steps, replayed tokens per step where MODEL/acceptance.json has them, else the start-up
+    estimate (said on stderr); its step seconds value verify-only steps as it decodes."""
     from tidar.runtime import autotune
     from tidar.runtime.calibrate import startup_estimate
 
     acceptance, replayed, source = startup_estimate(backend, tokenizer, model, budget_s=30.0)
     print(f"draft shape: expected tokens per step from {source}", file=sys.stderr)
-    return autotune.choose_draft_len(backend, acceptance, replayed=replayed, tokenizer=tokenizer, budget_s=30.0).shape
+    return autotune.choose_draft_len(backend, acceptance, replayed=replayed, tokenizer=tokenizer, budget_s=30.0)
 
 
 def _calibrate(args: argparse.Namespace) -> int:

@@ -139,6 +139,10 @@ class DraftChoice:
     """k of the chosen shape (= draft_len when the candidate was a plain draft length)."""
     race: "Race | None" = None
     """The measurement behind the choice (None when the step latencies were given)."""
+    replayed: dict | None = None
+    """The replayed tokens per step the expectations came from (None: from `acceptance`)."""
+    batch: int = 1
+    """The rows of the steps that were timed."""
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -147,6 +151,16 @@ class DraftChoice:
     @property
     def expected_tokens_per_second(self) -> dict:
         return {b: self.expected_tokens_per_step[b] / self.step_seconds[b] for b in self.step_seconds}
+
+    @property
+    def policy(self) -> "BatchDraftPolicy":
+        """This choice as a one-batch-size policy (its `best` is `shape`), e.g. for an engine that
+        weighs verify-only steps (`DecodeEngine(shape_policy=...)`, docs/design.md §3.10)."""
+        intervals = None
+        if self.race is not None:
+            intervals = {self.batch: {c: (self.race.interval(c)[0], self.race.interval(c)[2])
+                                      for c in self.race.samples}}
+        return BatchDraftPolicy(self.acceptance, {self.batch: dict(self.step_seconds)}, self.replayed, intervals)
 
 
 def shifted_acceptance(acceptance: list[float], shift: int, count: int) -> list[float]:
@@ -691,7 +705,7 @@ def choose_draft_len(backend: Backend, acceptance: list[float], batch: int = 1,
     else:
         best = pick(expected, {c: step_seconds[c] for c in candidates})
     b, k = as_shape(best)
-    return DraftChoice(b, expected, step_seconds, acceptance, k, measured)
+    return DraftChoice(b, expected, step_seconds, acceptance, k, measured, replayed, batch)
 
 
 def choose_drafter(tokens_per_second: dict[str, float], tie: float = TIE_TOLERANCE) -> str:

@@ -63,9 +63,13 @@ PROMPT_LOOKUP_TOKENS = 10
 
 
 def run_runtime(backend, tokenizer, draft_len: int, prompts, max_new_tokens: int, repeats: int,
-                draft_blocks: int | None = None, drafter: str = "tidar") -> dict:
-    """One request at a time (batch 1, as the paper measures), `repeats` times each."""
-    engine = DecodeEngine(backend, tokenizer, draft_len=draft_len, draft_blocks=draft_blocks, drafter=drafter)
+                draft_blocks: int | None = None, drafter: str = "tidar", shape_policy=None) -> dict:
+    """One request at a time (batch 1, as the paper measures), `repeats` times each; with
+    `shape_policy` (and a drafter other than tidar) the engine weighs verify-only steps before
+    each step (docs/design.md §3.10), starting from the given shape."""
+    verify_only = shape_policy is not None and drafter != "tidar"
+    engine = DecodeEngine(backend, tokenizer, draft_len=draft_len, draft_blocks=draft_blocks, drafter=drafter,
+                          verify_only=verify_only, shape_policy=shape_policy if verify_only else None)
     engine.generate([Request(prompts[0], 8, eos_ids=())])  # warm-up, untimed
     outputs, seconds, forwards, steps_seconds, decode_steps, by_source = [], [], 0, [], 0, Stats()
     accepted = [0] * max(draft_len - 1, 0)
@@ -161,15 +165,18 @@ def method_name(shape: tuple[int, int]) -> str:
     return "ar" if b == 0 else f"tidar-b{b}" if k == b else f"tidar-b{b}k{k}"
 
 
-def run_hybrid(backend, tokenizer, prompts, max_new_tokens: int, repeats: int, shape: tuple[int, int]) -> dict:
-    """The hybrid drafter (docs/design.md §3.9) at the autotuned `shape`."""
-    return run_runtime(backend, tokenizer, shape[0], prompts, max_new_tokens, repeats, shape[1], drafter="hybrid")
+def run_hybrid(backend, tokenizer, prompts, max_new_tokens: int, repeats: int, choice: autotune.DraftChoice) -> dict:
+    """The hybrid drafter (docs/design.md §3.9) at the autotuned shape, weighing verify-only steps
+    (§3.10) with the race's step seconds, as `tidar generate` decodes by default."""
+    shape = choice.shape
+    return run_runtime(backend, tokenizer, shape[0], prompts, max_new_tokens, repeats, shape[1], drafter="hybrid",
+                       shape_policy=choice.policy)
 
 
 RUNTIME_VARIANTS: dict[str, Callable[..., dict]] = {"tidar-hybrid": run_hybrid}
 """Further decoding methods of this runtime that `bench` runs after tidar-auto and reports beside
 it (table, plot, equal-to-AR check): name -> function(backend, tokenizer, prompts, max_new_tokens,
-repeats, shape) returning `run_runtime`'s fields, `shape` the autotuned (b, k)."""
+repeats, choice) returning `run_runtime`'s fields, `choice` the autotuner's `DraftChoice`."""
 
 
 def chosen_vs_best(methods: dict) -> dict:
@@ -248,7 +255,7 @@ def bench(model: str | Path, out: str | Path, prompts: int = 8, prompt_tokens: i
     methods["tidar-auto"] = run_runtime(backend, tokenizer, chosen[0], prompt_ids, max_new_tokens, repeats, chosen[1])
     for name, run in RUNTIME_VARIANTS.items():
         progress(name)
-        methods[name] = run(backend, tokenizer, prompt_ids, max_new_tokens, repeats, chosen)
+        methods[name] = run(backend, tokenizer, prompt_ids, max_new_tokens, repeats, choice)
     drafter_rates = {r["drafter"]: r["tokens_per_second"] for n, r in methods.items()
                      if n == "tidar-auto" or n in RUNTIME_VARIANTS}
     ran = {(r["draft_len"], r["draft_blocks"]): r for n, r in methods.items()

@@ -241,7 +241,7 @@ class DecodeEngine:
     def __init__(self, backend: Backend, tokenizer: Tokenizer | None = None, draft_len: int | None = None,
                  beta: float = 1.0, max_rows: int | None = None, max_len: int | None = None,
                  draft_blocks: int | None = None, drafter: str = "tidar", max_ngram: int = MAX_NGRAM,
-                 min_match: int = MIN_MATCH, verify_only: bool = False):
+                 min_match: int = MIN_MATCH, verify_only: bool = False, shape_policy=None):
         """`max_rows` x `max_len` sizes the KV cache once (slots per row: prompt + new tokens
         + one step's new tokens); without them the cache is sized by the first requests and
         grows (doubling) when a later one does not fit. `draft_blocks` k: mask blocks per step
@@ -249,7 +249,9 @@ class DecodeEngine:
         "hybrid" or "ngram" (docs/design.md §3.9; `max_ngram`, `min_match`: the n-gram match).
         `verify_only`: a caller may set verify-only shapes (b, 0) (docs/design.md §3.10), so the
         rows keep n-gram candidates (`ngram_outlook`) at every shape, AR included; needs a
-        drafter other than "tidar"."""
+        drafter other than "tidar". `shape_policy` (an `autotune.BatchDraftPolicy`): before every
+        step, `adapt_shape` to it (the policy's shape for the batch size, or with `verify_only` a
+        verify-only one)."""
         config = backend.config
         self.backend, self.config, self.tokenizer = backend, config, tokenizer
         if draft_len is None:
@@ -271,7 +273,7 @@ class DecodeEngine:
         if verify_only and self.drafter == "tidar":
             raise RequestError("verify-only steps verify n-gram proposals: they need drafter hybrid or ngram, "
                                "not tidar")
-        self.verify_only = verify_only
+        self.verify_only, self.shape_policy = verify_only, shape_policy
         self.draft_len, self.draft_blocks, self.beta = draft_len, draft_blocks, beta
         self.max_rows, self.max_len = max_rows, max_len
         self.layout = Layout.decode(draft_len, draft_blocks)
@@ -509,6 +511,8 @@ class DecodeEngine:
         """One forward for every active row; returns one delta per row."""
         if not self.rows:
             return []
+        if self.shape_policy is not None:
+            self.adapt_shape(self.shape_policy, len(self.rows))
         self._fit_cache(0)
         forward = self._forward()
         verification = self._verify(forward)
@@ -544,6 +548,16 @@ class DecodeEngine:
         """Whether the rows keep n-gram candidates after each step: when they can be placed
         (`hybrid`) and, with `verify_only`, at every shape (the caller values them)."""
         return self.hybrid or self.verify_only
+
+    def adapt_shape(self, policy, rows: int, shape=None) -> None:
+        """Use `shape` (default: `policy.best(rows)`) for the next step, or with `verify_only` the
+        verify-only shape that `policy.with_verify_only` values higher (docs/design.md §3.10)."""
+        from .autotune import as_shape
+
+        shape = as_shape(policy.best(rows) if shape is None else shape)
+        if self.verify_only:
+            shape = policy.with_verify_only(rows, shape, self.ngram_outlook())
+        self.set_draft_len(*shape)
 
     def ngram_outlook(self) -> list[list[float]]:
         """Per row, the expected accepted proposals of its pending n-gram candidate if a step

@@ -319,10 +319,7 @@ class Scheduler:
             rows = sum(e.batch_size for e in self.engines.values())
             if rows not in self._shape_for_rows:  # the policy is fixed: score its candidates once per size
                 self._shape_for_rows[rows] = as_shape(self.policy.best(rows))
-            shape = self._shape_for_rows[rows]
-            if self.verify_only:
-                shape = self.policy.with_verify_only(rows, shape, engine.ngram_outlook())
-            engine.set_draft_len(*shape)
+            engine.adapt_shape(self.policy, rows, self._shape_for_rows[rows])
         with self._cond:
             self.counters.draft_len, self.counters.draft_blocks = engine.draft_len, engine.draft_blocks
 

@@ -208,13 +208,15 @@ class StepsByQueryTokens:
 
 
 def test_generate_auto_reads_the_replay(model_with_replay, monkeypatch):
-    from tidar.cli import _auto_draft_shape
+    from tidar.cli import _auto_draft_choice
 
     monkeypatch.setattr(autotune, "EngineSteps", StepsByQueryTokens)
     backend = TorchBackend.load(model_with_replay, dtype="float32")
-    assert _auto_draft_shape(backend, None, str(model_with_replay)) == (2, 1)  # 1.9 / 1.4 beats AR's 1 / 1.1
+    choice = _auto_draft_choice(backend, None, str(model_with_replay))
+    assert choice.shape == (2, 1)  # 1.9 / 1.4 beats AR's 1 / 1.1
+    assert autotune.as_shape(choice.policy.best(1)) == (2, 1)  # what `tidar generate` adapts from
     (model_with_replay / autotune.ACCEPTANCE_FILE).write_text(json.dumps({"acceptance": [0.0] * 15}))
-    assert _auto_draft_shape(backend, None, str(model_with_replay)) == (0, 0)  # no replay: the estimate
+    assert _auto_draft_choice(backend, None, str(model_with_replay)).shape == (0, 0)  # no replay: the estimate
 
 
 def test_server_policy_reads_the_replay(model_with_replay, monkeypatch):

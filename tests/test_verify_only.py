@@ -218,3 +218,19 @@ def test_the_serving_option_parses_and_renders(tmp_path):
     repository = render_repository(tmp_path / "repo", off)
     text = (repository / "tidar" / "config.pbtxt").read_text()
     assert 'key: "verify_only" value: { string_value: "false" }' in text
+
+
+def test_an_engine_with_a_shape_policy_adapts_before_every_step(bundled, transformers_greedy, monkeypatch):  # noqa: F811
+    """`DecodeEngine(shape_policy=...)` (what `tidar generate` and `tidar bench`'s default method
+    use): before each step the policy's shape for the batch or a verify-only one; output unchanged."""
+    backend, tokenizer, prompts = bundled
+    policy = BatchDraftPolicy([0.5] + [0.0] * 14, {n: {0: 0.004, (4, 1): 0.003} for n in (1, 4)})
+    assert policy.best(4) == (4, 1)
+    shapes = []
+    set_draft_len = DecodeEngine.set_draft_len
+    monkeypatch.setattr(DecodeEngine, "set_draft_len",
+                        lambda self, b, k=None: (shapes.append((b, k)), set_draft_len(self, b, k))[1])
+    engine = DecodeEngine(backend, tokenizer, draft_len=0, drafter="hybrid", verify_only=True, shape_policy=policy)
+    results = engine.generate([Request(p, NEW_TOKENS, eos_ids=()) for p in prompts])
+    assert [r.token_ids for r in results] == transformers_greedy
+    assert (4, 1) in shapes and any(k == 0 and b > 0 for b, k in shapes)
