@@ -581,16 +581,19 @@ class BatchDraftPolicy:
         """`expected_tokens_per_step` of `candidate` with this policy's measurements."""
         return expected_tokens_per_step(self.acceptance, candidate, self.replayed)
 
-    def best(self, batch: int):
+    def best(self, batch: int, overhead: float = 0.0):
         """The candidate (as the table keys it) to use for `batch` rows (`pick`: the fewest query
         tokens among those tied with the best expected tokens per second), from the smallest
         measured batch size that holds them (the largest one beyond the table); `as_shape` of it
-        is the (b, k) to use."""
+        is the (b, k) to use. `overhead`: seconds every step costs beyond the engine's step (a
+        server's, measured as it serves: docs/design.md §3.10), added to each candidate's."""
         measured = sorted(self.step_seconds)
         size = next((m for m in measured if m >= batch), measured[-1])
-        seconds = self.step_seconds[size]
-        return pick({c: self.expected_tokens_per_step(c) for c in seconds}, seconds,
-                    (self.intervals or {}).get(size))
+        seconds = {c: s + overhead for c, s in self.step_seconds[size].items()}
+        intervals = (self.intervals or {}).get(size)
+        if intervals is not None and overhead:
+            intervals = {c: (low + overhead, high + overhead) for c, (low, high) in intervals.items()}
+        return pick({c: self.expected_tokens_per_step(c) for c in seconds}, seconds, intervals)
 
     def step_seconds_at(self, batch: int, candidate) -> float:
         """Seconds of one step of `candidate` at `batch` rows: the table's (the smallest measured
@@ -605,13 +608,14 @@ class BatchDraftPolicy:
         return interpolate_seconds({key: seconds for key, seconds in table.items()}, query_tokens(shape))
 
     def with_verify_only(self, batch: int, shape, outlook: list[list[float]],
-                         lens: tuple[int, ...] = VERIFY_ONLY_LENS) -> tuple[int, int]:
+                         lens: tuple[int, ...] = VERIFY_ONLY_LENS, overhead: float = 0.0) -> tuple[int, int]:
         """`shape` (this policy's pick for `batch` rows) or a verify-only shape (v, 0), v in `lens`,
         whichever commits the most tokens per second given the rows' n-gram `outlook`
         (`DecodeEngine.ngram_outlook`: per row, expected accepted n-gram proposals by count;
         docs/design.md §3.10). At `shape` (b, k) a row commits 1 + the larger of its n-gram's
         expected at b - 1 proposals and TiDAR's (`expected_tokens_per_step` - 1: in the long run,
-        its block drafts every step); at (v, 0), 1 + its n-gram's at v - 1. Ties keep `shape`."""
+        its block drafts every step); at (v, 0), 1 + its n-gram's at v - 1. Each shape's seconds are
+        its `step_seconds_at` plus `overhead` (as in `best`). Ties keep `shape`."""
         b, k = as_shape(shape)
         if not outlook:
             return b, k
@@ -621,11 +625,12 @@ class BatchDraftPolicy:
 
         tidar = self.expected_tokens_per_step((b, k)) - 1.0
         best = (b, k)
-        best_rate = sum(1.0 + max(ngram(row, b - 1), tidar) for row in outlook) / self.step_seconds_at(batch, best)
+        best_rate = sum(1.0 + max(ngram(row, b - 1), tidar) for row in outlook) / (
+            self.step_seconds_at(batch, best) + overhead)
         for v in lens:
             if not 2 <= v <= len(outlook[0]):
                 continue
-            rate = sum(1.0 + ngram(row, v - 1) for row in outlook) / self.step_seconds_at(batch, (v, 0))
+            rate = sum(1.0 + ngram(row, v - 1) for row in outlook) / (self.step_seconds_at(batch, (v, 0)) + overhead)
             if rate > best_rate:
                 best, best_rate = (v, 0), rate
         return best

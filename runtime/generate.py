@@ -549,14 +549,15 @@ class DecodeEngine:
         (`hybrid`) and, with `verify_only`, at every shape (the caller values them)."""
         return self.hybrid or self.verify_only
 
-    def adapt_shape(self, policy, rows: int, shape=None) -> None:
-        """Use `shape` (default: `policy.best(rows)`) for the next step, or with `verify_only` the
-        verify-only shape that `policy.with_verify_only` values higher (docs/design.md §3.10)."""
+    def adapt_shape(self, policy, rows: int, shape=None, overhead: float = 0.0) -> None:
+        """Use `shape` (default: `policy.best(rows, overhead)`) for the next step, or with
+        `verify_only` the verify-only shape that `policy.with_verify_only` values higher
+        (docs/design.md §3.10); `overhead`: seconds each step costs beyond the engine's."""
         from .autotune import as_shape
 
-        shape = as_shape(policy.best(rows) if shape is None else shape)
+        shape = as_shape(policy.best(rows, overhead) if shape is None else shape)
         if self.verify_only:
-            shape = policy.with_verify_only(rows, shape, self.ngram_outlook())
+            shape = policy.with_verify_only(rows, shape, self.ngram_outlook(), overhead=overhead)
         self.set_draft_len(*shape)
 
     def ngram_outlook(self) -> list[list[float]]:

@@ -12,7 +12,8 @@ One background thread runs the loop. Between two steps it
   2. admits queued requests while the batch has room: each is validated (`DecodeEngine.check`;
      a bad one gets `on_error` and never touches the batch) and prefilled, then joins;
   3. adapts the draft shape (b, k) of the shared batch to its size (`BatchDraftPolicy`: the
-     measured step latency per batch size and shape times the model's acceptance; 0 = AR is a
+     measured step latency per batch size and shape, plus the overhead a served step has beyond
+     it (`StepOverhead`, measured as it serves), times the model's acceptance; 0 = AR is a
      candidate), and, when the drafter proposes n-grams, to the rows' n-gram continuations: a
      verify-only step (v, 0) checks them without drafting (docs/design.md §3.10);
   4. runs one step of every engine that has rows and hands each row's delta to its caller.
@@ -45,6 +46,48 @@ from tidar.runtime.generate import DecodeEngine, Delta, Request, RequestError, a
 from tidar.runtime.layout import Layout
 from tidar.runtime.ngram import DEFAULT_DRAFTER
 from tidar.runtime.tokenizer import Tokenizer
+
+
+OVERHEAD_QUANTUM = 0.0005
+"""Seconds: the measured step overhead is rounded to a multiple of this before the policy weighs
+it, so the policy's pick is scored once per batch size and quantum."""
+
+
+class StepOverhead:
+    """Seconds a served step costs beyond the engines' own steps (docs/design.md §3.10): per
+    row, an exponential average over the loop's iterations that admitted nothing of (the time
+    from one iteration's start to the next's - the seconds inside the engines' steps) / rows.
+    It holds what the decode thread does besides stepping (delivering deltas, polling for
+    cancellation, the policy) and what it waits for (the GIL, while the response and metrics
+    threads run): what a step of more tokens saves per token. Idle waits are not counted."""
+
+    def __init__(self, weight: float = 0.05, clock: Callable[[], float] = time.perf_counter):
+        self.weight, self.clock = weight, clock
+        self.per_row = 0.0
+        """Current estimate, seconds per row per step."""
+        self.samples = 0
+        self._started: float | None = None
+        self._last: tuple[float, float, int] | None = None  # (start, engine seconds, rows) of the last iteration
+
+    def start(self) -> None:
+        now = self.clock()
+        if self._last is not None:
+            started, engine_seconds, rows = self._last
+            sample = max(now - started - engine_seconds, 0.0) / rows
+            self.per_row = sample if not self.samples else self.per_row + self.weight * (sample - self.per_row)
+            self.samples += 1
+        self._started, self._last = now, None
+
+    def end(self, engine_seconds: float, rows: int, admitted: bool) -> None:
+        if rows and not admitted and self._started is not None:
+            self._last = (self._started, engine_seconds, rows)
+
+    def pause(self) -> None:
+        """The loop waits for work: the iteration before it is not measured."""
+        self._last = None
+
+    def seconds(self, rows: int) -> float:
+        return self.per_row * rows
 
 
 class Overloaded(RuntimeError):
@@ -147,7 +190,9 @@ class Scheduler:
                                                                            max_len=self.config.max_len,
                                                                            drafter=self.config.drafter,
                                                                            verify_only=self.verify_only)}
-        self._shape_for_rows: dict[int, tuple[int, int]] = {}  # `_adapt`: policy.best per batch size
+        self._shape_for_rows: dict[tuple[int, int], tuple[int, int]] = {}  # `_adapt`: policy.best per
+        # (batch size, overhead in OVERHEAD_QUANTUM steps)
+        self.step_overhead = StepOverhead()
         self._queue: collections.deque[_Submission] = collections.deque()
         self._running: dict[object, _Submission] = {}  # request_id -> submission
         self._ids = itertools.count()
@@ -244,15 +289,17 @@ class Scheduler:
             with self._cond:
                 while not (self._closing or self._queue or self._running):
                     self._cond.wait()
+                    self.step_overhead.pause()
                 closing = self._closing
             try:
                 if closing:
                     self._end_all("cancelled")
                     return
+                self.step_overhead.start()
                 self._reap()
-                self._admit()
+                admitted = self._admit()
                 self._adapt()
-                self._step()
+                self.step_overhead.end(*self._step(), admitted)
             except Exception:  # a bug must not kill the server: fail the running requests, go on
                 self._end_all("error", traceback.format_exc(limit=3))
 
@@ -290,11 +337,13 @@ class Scheduler:
             for key, ids in by_engine.items():
                 self._dispatch(self.engines[key].finish(ids, why))
 
-    def _admit(self) -> None:
+    def _admit(self) -> bool:
+        """Admit queued requests while there is room; whether any was prefilled."""
+        admitted = False
         while len(self._running) < self.config.max_batch_size:
             with self._cond:
                 if not self._queue:
-                    return
+                    return admitted
                 sub = self._queue.popleft()
                 self.counters.queue_depth = len(self._queue)
             engine = self._engine(sub.engine_key)
@@ -310,6 +359,8 @@ class Scheduler:
                 self.counters.forward_passes += 1
                 self.counters.row_forwards += 1
             self._dispatch(engine.add([sub.request]))
+            admitted = True
+        return admitted
 
     def _adapt(self) -> None:
         if self.config.draft_len is not None:
@@ -317,21 +368,30 @@ class Scheduler:
         engine = self.engines[ADAPTIVE]
         if engine.batch_size:
             rows = sum(e.batch_size for e in self.engines.values())
-            if rows not in self._shape_for_rows:  # the policy is fixed: score its candidates once per size
-                self._shape_for_rows[rows] = as_shape(self.policy.best(rows))
-            engine.adapt_shape(self.policy, rows, self._shape_for_rows[rows])
+            overhead = self.step_overhead.seconds(rows)
+            key = (rows, round(overhead / OVERHEAD_QUANTUM))
+            if key not in self._shape_for_rows:  # the policy is fixed: score its candidates once per key
+                self._shape_for_rows[key] = as_shape(self.policy.best(rows, key[1] * OVERHEAD_QUANTUM))
+            engine.adapt_shape(self.policy, rows, self._shape_for_rows[key], key[1] * OVERHEAD_QUANTUM)
         with self._cond:
             self.counters.draft_len, self.counters.draft_blocks = engine.draft_len, engine.draft_blocks
 
-    def _step(self) -> None:
+    def _step(self) -> tuple[float, int]:
+        """One step of every engine with rows; (seconds inside the engines' steps, rows stepped)."""
+        seconds, rows = 0.0, 0
         for engine in list(self.engines.values()):
             if engine.batch_size:
                 with self._cond:
                     self.counters.forward_passes += 1
                     self.counters.row_forwards += engine.batch_size
-                self._dispatch(engine.step())
+                rows += engine.batch_size
+                started = time.perf_counter()
+                deltas = engine.step()
+                seconds += time.perf_counter() - started
+                self._dispatch(deltas)
         with self._cond:
             self.counters.active_rows = len(self._running)
+        return seconds, rows
 
     # ------------------------------------------------------------------ plumbing
     def _engine(self, key: object) -> DecodeEngine:

@@ -24,7 +24,7 @@ import torch
 from fakes.logits_backend import LogitsBackend
 from tidar.runtime.autotune import BatchDraftPolicy, as_shape
 from tidar.runtime.generate import DecodeEngine, Request, RequestError
-from tidar.serving.scheduler import Overloaded, Scheduler, SchedulerConfig
+from tidar.serving.scheduler import OVERHEAD_QUANTUM, Overloaded, Scheduler, SchedulerConfig
 from tidar.runtime.tokenizer import Tokenizer
 
 FAMILY = "qwen2"
@@ -115,16 +115,20 @@ def test_adaptive_engine_takes_the_policys_shape(backend, tokenizer):
 
 def test_the_policy_is_scored_once_per_batch_size(backend, tokenizer):
     """`BatchDraftPolicy.best` solves a Markov chain per candidate; the scheduler asks it once per
-    batch size, not at every step, and still uses its answer at every step."""
+    batch size and quantum of the measured step overhead (`StepOverhead`), not at every step, and
+    still uses its answer at every step."""
     policy, asked = changing_policy(), []
     best = policy.best
-    policy.best = lambda rows: asked.append(rows) or best(rows)
+    policy.best = lambda rows, overhead=0.0: asked.append((rows, overhead)) or best(rows, overhead)
     scheduler = Scheduler(backend, tokenizer, policy=policy)
     try:
         done = Collector()
         scheduler.submit(Request(tokenizer.encode(PROMPTS[0]), 40, eos_ids=()), done.on_delta, done.on_error)
         done.wait()
-        assert len(done.deltas) > 5 and sorted(asked) == [1, 1]  # the constructor's and _adapt's
+        keys = sorted(scheduler._shape_for_rows)
+        assert len(done.deltas) > 5 and len(asked) == 1 + len(keys) < len(done.deltas)  # the constructor's + one per key
+        assert [rows for rows, _ in asked] == [1] * len(asked)
+        assert sorted(asked[1:]) == [(rows, quanta * OVERHEAD_QUANTUM) for rows, quanta in keys]
         assert done.deltas[1].step_stats.draft_tokens <= 3  # steps ran at the policy's (4, 1)
     finally:
         scheduler.close()
@@ -147,7 +151,7 @@ def test_continuous_batching_equals_transformers_and_solo(backend, hf_models, to
     policy = changing_policy()
     chosen = []
     best = policy.best
-    policy.best = lambda batch: chosen.append(best(batch)) or chosen[-1]
+    policy.best = lambda batch, overhead=0.0: chosen.append(best(batch, overhead)) or chosen[-1]
     scheduler = Scheduler(backend, tokenizer, SchedulerConfig(max_batch_size=8), policy=policy)
     try:
         collectors, lengths = [], [30, 12, 25, 7, 18, 30, 9, 22]

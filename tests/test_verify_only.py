@@ -19,6 +19,7 @@ What is tested
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -234,3 +235,64 @@ def test_an_engine_with_a_shape_policy_adapts_before_every_step(bundled, transfo
     results = engine.generate([Request(p, NEW_TOKENS, eos_ids=()) for p in prompts])
     assert [r.token_ids for r in results] == transformers_greedy
     assert (4, 1) in shapes and any(k == 0 and b > 0 for b, k in shapes)
+
+
+# ---------------------------------------------------------------------------- a served step's overhead
+def test_step_overhead_is_the_loop_time_beyond_the_engines_per_row():
+    from tidar.serving.scheduler import StepOverhead
+
+    now = [0.0]
+    overhead = StepOverhead(weight=0.5, clock=lambda: now[0])
+    overhead.start()
+    overhead.end(0.010, 4, admitted=False)
+    now[0] = 0.030
+    overhead.start()  # (0.030 - 0.010) / 4 rows
+    assert overhead.per_row == pytest.approx(0.005) and overhead.samples == 1
+    overhead.end(0.010, 4, admitted=True)  # a prefill ran: not a step's overhead
+    now[0] = 0.100
+    overhead.start()
+    assert overhead.samples == 1
+    overhead.end(0.010, 2, admitted=False)
+    now[0] = 0.130
+    overhead.start()  # sample (0.030 - 0.010) / 2 = 0.010, averaged with weight 0.5
+    assert overhead.per_row == pytest.approx(0.0075) and overhead.seconds(4) == pytest.approx(0.030)
+    overhead.end(0.010, 2, admitted=False)
+    overhead.pause()  # the loop waited for work
+    now[0] = 5.0
+    overhead.start()
+    assert overhead.samples == 2
+
+
+def test_the_overhead_makes_steps_of_more_tokens_pay():
+    """AR 1 s, (4, 1) 1.6 s committing 4/3 tokens: AR alone; with 1 s of overhead on every step,
+    (4, 1) (4/3 / 2.6 against 1 / 2). A weak continuation (0.05 expected at one proposal) at (2, 0),
+    1 + 0.6 / 7 s by interpolation: 1.05 / 1.086 loses to AR's 1 / 1, 1.05 / 2.086 beats 1 / 2."""
+    policy = BatchDraftPolicy([0.5] + [0.0] * 14, {1: {0: 1.0, (4, 1): 1.6}})
+    assert policy.expected_tokens_per_step((4, 1)) == pytest.approx(4 / 3)
+    assert policy.best(1) == 0 and policy.best(1, overhead=1.0) == (4, 1)
+    row = [0.0, 0.05] + [0.06] * 14
+    assert policy.with_verify_only(1, (0, 0), [row]) == (0, 0)
+    assert policy.with_verify_only(1, (0, 0), [row], overhead=1.0) == (2, 0)
+
+
+def test_a_served_scheduler_measures_its_step_overhead(bundled):  # noqa: F811
+    from tidar.serving.scheduler import Scheduler, SchedulerConfig
+
+    backend, tokenizer, prompts = bundled
+    scheduler = Scheduler(backend, tokenizer, SchedulerConfig(draft_len=4))
+    done, finished = threading.Event(), []
+    try:
+        def slow_delivery(delta):  # a caller that takes 5 ms per delta, on the decode thread
+            time.sleep(0.005)
+            if delta.finished:
+                finished.append(delta)
+                if len(finished) == 2:
+                    done.set()
+
+        for prompt in prompts[:2]:
+            scheduler.submit(Request(prompt, NEW_TOKENS, eos_ids=()), slow_delivery, lambda kind, message: done.set())
+        assert done.wait(600)
+        assert scheduler.step_overhead.samples > 5
+        assert 0.004 < scheduler.step_overhead.per_row < 0.05
+    finally:
+        scheduler.close()
