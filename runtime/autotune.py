@@ -537,6 +537,8 @@ class BatchDraftPolicy:
     intervals: dict[int, dict] | None = None
     """intervals[batch][candidate]: (low, high) confidence interval of that median (`race`);
     None (a policy written before races, or given by hand): ties within `TIE_TOLERANCE` only."""
+    _memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    """Values a decode loop asks at every step, computed once: the measurements are fixed."""
 
     @classmethod
     def measure(cls, backend: Backend, acceptance: list[float], batch_sizes: list[int],
@@ -577,9 +579,15 @@ class BatchDraftPolicy:
             last = (batch, steps, done)
         return cls(acceptance, table, replayed, intervals)
 
+    def _remember(self, key, compute):
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
+
     def expected_tokens_per_step(self, candidate) -> float:
         """`expected_tokens_per_step` of `candidate` with this policy's measurements."""
-        return expected_tokens_per_step(self.acceptance, candidate, self.replayed)
+        return self._remember(("expected", as_shape(candidate)),
+                              lambda: expected_tokens_per_step(self.acceptance, candidate, self.replayed))
 
     def best(self, batch: int, overhead: float = 0.0):
         """The candidate (as the table keys it) to use for `batch` rows (`pick`: the fewest query
@@ -589,23 +597,30 @@ class BatchDraftPolicy:
         server's, measured as it serves: docs/design.md §3.10), added to each candidate's."""
         measured = sorted(self.step_seconds)
         size = next((m for m in measured if m >= batch), measured[-1])
-        seconds = {c: s + overhead for c, s in self.step_seconds[size].items()}
-        intervals = (self.intervals or {}).get(size)
-        if intervals is not None and overhead:
-            intervals = {c: (low + overhead, high + overhead) for c, (low, high) in intervals.items()}
-        return pick({c: self.expected_tokens_per_step(c) for c in seconds}, seconds, intervals)
+
+        def choose():
+            seconds = {c: s + overhead for c, s in self.step_seconds[size].items()}
+            intervals = (self.intervals or {}).get(size)
+            if intervals is not None and overhead:
+                intervals = {c: (low + overhead, high + overhead) for c, (low, high) in intervals.items()}
+            return pick({c: self.expected_tokens_per_step(c) for c in seconds}, seconds, intervals)
+        return self._remember(("best", size, overhead), choose)
 
     def step_seconds_at(self, batch: int, candidate) -> float:
         """Seconds of one step of `candidate` at `batch` rows: the table's (the smallest measured
         batch size that holds them, as `best`), or for a shape it does not hold (a verify-only
         (b, 0), which start-up does not race) `interpolate_seconds` over its shapes' query tokens."""
         measured = sorted(self.step_seconds)
-        table = self.step_seconds[next((m for m in measured if m >= batch), measured[-1])]
+        size = next((m for m in measured if m >= batch), measured[-1])
         shape = as_shape(candidate)
-        for key, seconds in table.items():
-            if as_shape(key) == shape:
-                return seconds
-        return interpolate_seconds({key: seconds for key, seconds in table.items()}, query_tokens(shape))
+
+        def lookup() -> float:
+            table = self.step_seconds[size]
+            for key, seconds in table.items():
+                if as_shape(key) == shape:
+                    return seconds
+            return interpolate_seconds(table, query_tokens(shape))
+        return self._remember(("seconds", size, shape), lookup)
 
     def with_verify_only(self, batch: int, shape, outlook: list[list[float]],
                          lens: tuple[int, ...] = VERIFY_ONLY_LENS, overhead: float = 0.0) -> tuple[int, int]:
