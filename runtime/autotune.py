@@ -606,6 +606,10 @@ class BatchDraftPolicy:
             return pick({c: self.expected_tokens_per_step(c) for c in seconds}, seconds, intervals)
         return self._remember(("best", size, overhead), choose)
 
+    def best_shape(self, batch: int, overhead: float = 0.0) -> tuple[int, int]:
+        """`as_shape` of `best`."""
+        return as_shape(self.best(batch, overhead))
+
     def step_seconds_at(self, batch: int, candidate) -> float:
         """Seconds of one step of `candidate` at `batch` rows: the table's (the smallest measured
         batch size that holds them, as `best`), or for a shape it does not hold (a verify-only

@@ -550,12 +550,10 @@ class DecodeEngine:
         return self.hybrid or self.verify_only
 
     def adapt_shape(self, policy, rows: int, shape=None, overhead: float = 0.0) -> None:
-        """Use `shape` (default: `policy.best(rows, overhead)`) for the next step, or with
+        """Use `shape` (b, k) (default: `policy.best_shape(rows, overhead)`) for the next step, or with
         `verify_only` the verify-only shape that `policy.with_verify_only` values higher
         (docs/design.md §3.10); `overhead`: seconds each step costs beyond the engine's."""
-        from .autotune import as_shape
-
-        shape = as_shape(policy.best(rows, overhead) if shape is None else shape)
+        shape = policy.best_shape(rows, overhead) if shape is None else shape
         if self.verify_only:
             shape = policy.with_verify_only(rows, shape, self.ngram_outlook(), overhead=overhead)
         self.set_draft_len(*shape)
