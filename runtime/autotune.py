@@ -706,7 +706,7 @@ def interpolate_seconds(seconds: dict, tokens: int) -> float:
     right = min(max(right, 1), len(xs) - 1)
     x0, x1 = xs[right - 1], xs[right]
     value = points[x0] + (points[x1] - points[x0]) * (tokens - x0) / (x1 - x0)
-    return max(value, 0.0) or points[x0]
+    return value if value > 0 else points[x0]
 
 
 def choose_draft_len(backend: Backend, acceptance: list[float], batch: int = 1,

@@ -190,8 +190,6 @@ class Scheduler:
                                                                            max_len=self.config.max_len,
                                                                            drafter=self.config.drafter,
                                                                            verify_only=self.verify_only)}
-        self._shape_for_rows: dict[tuple[int, int], tuple[int, int]] = {}  # `_adapt`: policy.best per
-        # (batch size, overhead in OVERHEAD_QUANTUM steps)
         self.step_overhead = StepOverhead()
         self._queue: collections.deque[_Submission] = collections.deque()
         self._running: dict[object, _Submission] = {}  # request_id -> submission
@@ -368,11 +366,9 @@ class Scheduler:
         engine = self.engines[ADAPTIVE]
         if engine.batch_size:
             rows = sum(e.batch_size for e in self.engines.values())
-            overhead = self.step_overhead.seconds(rows)
-            key = (rows, round(overhead / OVERHEAD_QUANTUM))
-            if key not in self._shape_for_rows:  # the policy is fixed: score its candidates once per key
-                self._shape_for_rows[key] = as_shape(self.policy.best(rows, key[1] * OVERHEAD_QUANTUM))
-            engine.adapt_shape(self.policy, rows, self._shape_for_rows[key], key[1] * OVERHEAD_QUANTUM)
+            # rounded, so that the policy (which remembers its picks) scores once per size and quantum
+            overhead = round(self.step_overhead.seconds(rows) / OVERHEAD_QUANTUM) * OVERHEAD_QUANTUM
+            engine.adapt_shape(self.policy, rows, overhead=overhead)
         with self._cond:
             self.counters.draft_len, self.counters.draft_blocks = engine.draft_len, engine.draft_blocks
 

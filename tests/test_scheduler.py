@@ -113,22 +113,23 @@ def test_adaptive_engine_takes_the_policys_shape(backend, tokenizer):
         scheduler.close()
 
 
-def test_the_policy_is_scored_once_per_batch_size(backend, tokenizer):
-    """`BatchDraftPolicy.best` solves a Markov chain per candidate; the scheduler asks it once per
-    batch size and quantum of the measured step overhead (`StepOverhead`), not at every step, and
-    still uses its answer at every step."""
-    policy, asked = changing_policy(), []
-    best = policy.best
-    policy.best = lambda rows, overhead=0.0: asked.append((rows, overhead)) or best(rows, overhead)
+def test_the_policy_is_scored_once_per_batch_size(backend, tokenizer, monkeypatch):
+    """`BatchDraftPolicy.best` solves a Markov chain per candidate; it remembers its picks and the
+    scheduler rounds the measured step overhead (`StepOverhead`), so candidates are scored once per
+    batch size and overhead quantum, not at every step, and the answer is used at every step."""
+    from tidar.runtime import autotune
+
+    policy, picks = changing_policy(), []
+    pick = autotune.pick
+    monkeypatch.setattr(autotune, "pick", lambda *args, **kwargs: picks.append(args) or pick(*args, **kwargs))
     scheduler = Scheduler(backend, tokenizer, policy=policy)
     try:
         done = Collector()
         scheduler.submit(Request(tokenizer.encode(PROMPTS[0]), 40, eos_ids=()), done.on_delta, done.on_error)
         done.wait()
-        keys = sorted(scheduler._shape_for_rows)
-        assert len(done.deltas) > 5 and len(asked) == 1 + len(keys) < len(done.deltas)  # the constructor's + one per key
-        assert [rows for rows, _ in asked] == [1] * len(asked)
-        assert sorted(asked[1:]) == [(rows, quanta * OVERHEAD_QUANTUM) for rows, quanta in keys]
+        keys = [key for key in policy._memo if key[0] == "best"]  # (batch size, overhead quantum) asked
+        assert len(done.deltas) > 5 and len(picks) == len(keys) < len(done.deltas)
+        assert all(size == 1 and round(overhead / OVERHEAD_QUANTUM, 6).is_integer() for _, size, overhead in keys)
         assert done.deltas[1].step_stats.draft_tokens <= 3  # steps ran at the policy's (4, 1)
     finally:
         scheduler.close()
