@@ -11,8 +11,12 @@ subprocess is marked by hand. The terminal summary says how many tests that ran 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import inspect
 import os
+import shutil
 import types
 from pathlib import Path
 
@@ -55,6 +59,49 @@ def hf_models(tiny_checkpoints):
     return {family: transformers.AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.float32, attn_implementation="eager").eval()
         for family, path in tiny_checkpoints.items()}
+
+
+@pytest.fixture(scope="session")
+def reused_onnx_export(tmp_path_factory):
+    """A context manager under which `tidar-export build` takes its ONNX step's output (both step
+    graphs, the LM-head graph, their weights: ~20 s per tiny checkpoint) from an earlier real
+    export of the same config and weights in this test run, shared by the xdist workers through a
+    locked folder. For tests of what a build does around that step (engines, the repository,
+    --force, the manifest); tests of the ONNX export itself do not use it."""
+    from tidar.export import build as build_module
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by every worker of this run
+    root = root / "onnx-exports"
+    root.mkdir(exist_ok=True)
+    real = build_module.export_onnx
+
+    def export_onnx(config, source, folder, steps):
+        digest = hashlib.sha256(repr((config, build_module.ONNX_DTYPE)).encode())
+        for path in sorted(set(source.files.values())):
+            digest.update(Path(path).read_bytes())
+        done = root / digest.hexdigest()
+        with open(root / f"{done.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not done.exists():
+                scratch = root / f"{done.name}.partial"
+                shutil.rmtree(scratch, ignore_errors=True)
+                scratch.mkdir()
+                real(config, source, scratch, steps)
+                scratch.rename(done)
+        shutil.copytree(done, folder, dirs_exist_ok=True)
+
+    @contextlib.contextmanager
+    def reused():
+        patch = pytest.MonkeyPatch()
+        patch.setattr(build_module, "export_onnx", export_onnx)
+        try:
+            yield
+        finally:
+            patch.undo()
+
+    return reused
 
 
 # ---------------------------------------------------------------- stand-ins are marked and counted

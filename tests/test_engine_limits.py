@@ -28,6 +28,13 @@ from tidar.serving.options import OptionsError, ServingOptions
 from tidar.serving.requests import check_backend_limits
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _onnx_step_exported_once(reused_onnx_export):
+    """The builds here test what surrounds the ONNX step: its output is reused (conftest)."""
+    with reused_onnx_export():
+        yield
+
+
 def rendered_options(repository: Path) -> ServingOptions:
     """The options the Triton model reads from repository/tidar/config.pbtxt."""
     text = (repository / "tidar" / "config.pbtxt").read_text()

@@ -23,6 +23,13 @@ from tidar.export.cli import main
 from tidar.export.onnx_export import PLUGIN_OP
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _onnx_step_exported_once(reused_onnx_export):
+    """The builds here test what surrounds the ONNX step: its output is reused (conftest)."""
+    with reused_onnx_export():
+        yield
+
+
 @pytest.mark.parametrize("dtype, elem_type", [("bfloat16", onnx.TensorProto.BFLOAT16),
                                               ("float32", onnx.TensorProto.FLOAT)])
 def test_tensorrt_engine_is_built_from_a_graph_in_the_export_dtype(tiny_checkpoints, tmp_path, monkeypatch, dtype,
