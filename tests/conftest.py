@@ -11,7 +11,6 @@ subprocess is marked by hand. The terminal summary says how many tests that ran 
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import hashlib
 import inspect
@@ -62,12 +61,9 @@ def hf_models(tiny_checkpoints):
 
 
 @pytest.fixture(scope="session")
-def reused_onnx_export(tmp_path_factory):
-    """A context manager under which `tidar-export build` takes its ONNX step's output (both step
-    graphs, the LM-head graph, their weights: ~20 s per tiny checkpoint) from an earlier real
-    export of the same config and weights in this test run, shared by the xdist workers through a
-    locked folder. For tests of what a build does around that step (engines, the repository,
-    --force, the manifest); tests of the ONNX export itself do not use it."""
+def _onnx_exports(tmp_path_factory):
+    """`export_onnx` of tidar.export.build, memoised on the config and the weights' bytes in a
+    folder this run's xdist workers share (locked): the first call of each exports for real."""
     from tidar.export import build as build_module
 
     root = tmp_path_factory.getbasetemp()
@@ -92,16 +88,22 @@ def reused_onnx_export(tmp_path_factory):
                 scratch.rename(done)
         shutil.copytree(done, folder, dirs_exist_ok=True)
 
-    @contextlib.contextmanager
-    def reused():
-        patch = pytest.MonkeyPatch()
-        patch.setattr(build_module, "export_onnx", export_onnx)
-        try:
-            yield
-        finally:
-            patch.undo()
+    return export_onnx
 
-    return reused
+
+@pytest.fixture(scope="module")
+def reused_onnx_export(_onnx_exports):
+    """For a module's tests (`pytestmark = pytest.mark.usefixtures("reused_onnx_export")`):
+    `tidar-export build` takes its ONNX step's output (both step graphs, the LM-head graph, their
+    weights: ~20 s per tiny checkpoint) from an earlier real export of the same config and weights
+    in this test run. For tests of what a build does around that step (engines, the repository,
+    --force, the manifest); tests of the ONNX export itself do not use it."""
+    from tidar.export import build as build_module
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(build_module, "export_onnx", _onnx_exports)
+    yield
+    patch.undo()
 
 
 # ---------------------------------------------------------------- stand-ins are marked and counted

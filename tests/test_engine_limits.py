@@ -28,11 +28,8 @@ from tidar.serving.options import OptionsError, ServingOptions
 from tidar.serving.requests import check_backend_limits
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _onnx_step_exported_once(reused_onnx_export):
-    """The builds here test what surrounds the ONNX step: its output is reused (conftest)."""
-    with reused_onnx_export():
-        yield
+# the builds here test what surrounds the ONNX step: its output is reused (conftest)
+pytestmark = pytest.mark.usefixtures("reused_onnx_export")
 
 
 def rendered_options(repository: Path) -> ServingOptions:

@@ -25,12 +25,8 @@ from tidar.export.build import engine_unavailable_reason, tensorrt_unavailable_r
 from tidar.export.cli import main
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _onnx_step_exported_once(reused_onnx_export):
-    """The builds here test what surrounds the ONNX step: its output is reused (conftest)."""
-    with reused_onnx_export():
-        yield
-
+# the builds here test what surrounds the ONNX step: its output is reused (conftest)
+pytestmark = pytest.mark.usefixtures("reused_onnx_export")
 
 Q_PROJ = "model.layers.1.self_attn.q_proj.weight"
 WEIGHTS = "model.safetensors"

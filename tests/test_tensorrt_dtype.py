@@ -23,11 +23,8 @@ from tidar.export.cli import main
 from tidar.export.onnx_export import PLUGIN_OP
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _onnx_step_exported_once(reused_onnx_export):
-    """The builds here test what surrounds the ONNX step: its output is reused (conftest)."""
-    with reused_onnx_export():
-        yield
+# the builds here test what surrounds the ONNX step: its output is reused (conftest)
+pytestmark = pytest.mark.usefixtures("reused_onnx_export")
 
 
 @pytest.mark.parametrize("dtype, elem_type", [("bfloat16", onnx.TensorProto.BFLOAT16),
